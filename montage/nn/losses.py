@@ -1,0 +1,119 @@
+"""Loss building blocks shared by tasks: VGG perceptual features, Gram style, Sobel edges, Dice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from montage.nn.unet import PretrainedWeightsError
+
+log = logging.getLogger(__name__)
+
+# indices of the ReLU outputs in torchvision's vgg16().features
+VGG16_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG16 feature taps for perceptual and style losses.
+
+    ``weights``: ``"imagenet"`` (torchvision download or cache), a path to a VGG16
+    ``state_dict`` file, or ``"random"`` (seeded random init: offline tests and demos).
+    Inputs are RGB in [0, 1]; ImageNet normalisation is applied here.
+    """
+
+    def __init__(self, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"), weights: str = "imagenet") -> None:
+        super().__init__()
+        import torchvision
+
+        unknown = [name for name in layers if name not in VGG16_LAYERS]
+        if unknown or not layers:
+            raise ValueError(f"unknown VGG16 layers {unknown}; valid: {', '.join(VGG16_LAYERS)}")
+        if weights == "imagenet":
+            w = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+            try:
+                vgg = torchvision.models.vgg16(weights=w)
+            except Exception as exc:
+                raise PretrainedWeightsError(
+                    f"cannot fetch VGG16 ImageNet weights ({w.url}): {exc}. Offline? Put the file at "
+                    f"{Path(torch.hub.get_dir()) / 'checkpoints' / Path(w.url).name}, or set the loss's "
+                    f"vgg_weights=/path/to/vgg16.pth, or vgg_weights=random for offline tests"
+                ) from exc
+        elif weights == "random":
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(0)  # the same "random VGG" on every rank and run
+            vgg = torchvision.models.vgg16(weights=None)
+            torch.random.set_rng_state(gen_state)
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise PretrainedWeightsError(f"VGG16 weights file not found: {path} (vgg_weights: imagenet | random | a path)")
+            vgg = torchvision.models.vgg16(weights=None)
+            vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.taps = sorted(VGG16_LAYERS[name] for name in layers)
+        self.features = vgg.features[: self.taps[-1] + 1].eval()
+        for p in self.features.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "VGGFeatures":
+        return super().train(False)  # always frozen, BN-free but keep eval semantics
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x.float() - self.mean) / self.std
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+
+def perceptual_loss(fa: list[torch.Tensor], fb: list[torch.Tensor]) -> torch.Tensor:
+    """Mean L1 distance between matching feature maps."""
+    return sum(F.l1_loss(a, b) for a, b in zip(fa, fb)) / len(fa)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of features (B, C, H, W) → (B, C, C), normalised by C·H·W."""
+    b, c, h, w = x.shape
+    f = x.reshape(b, c, h * w).float()
+    return f @ f.transpose(1, 2) / (c * h * w)
+
+
+def style_loss(fa: list[torch.Tensor], fb: list[torch.Tensor]) -> torch.Tensor:
+    """Mean squared distance between Gram matrices of matching feature maps."""
+    return sum(F.mse_loss(gram(a), gram(b)) for a, b in zip(fa, fb)) / len(fa)
+
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Sobel gradients of a (B, C, H, W) map → (B, 2C, H, W) [gx..., gy...], replicate padding."""
+    c = x.shape[1]
+    kx = _SOBEL_X.to(x)
+    k = torch.stack([kx, kx.t()]).unsqueeze(1)  # (2, 1, 3, 3)
+    k = k.repeat(c, 1, 1, 1)  # (2C, 1, 3, 3), grouped per channel
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+    return torch.cat([g[:, 0::2], g[:, 1::2]], dim=1)
+
+
+def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between Sobel gradients of ``pred`` and ``target``."""
+    return F.l1_loss(sobel(pred), sobel(target))
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − (2·Σpt + eps) / (Σp + Σt + eps), per sample, averaged over the batch."""
+    dims = tuple(range(1, prob.ndim))
+    inter = (prob * target).sum(dims)
+    denom = prob.sum(dims) + target.sum(dims)
+    return (1 - (2 * inter + eps) / (denom + eps)).mean()

@@ -1,0 +1,263 @@
+"""UNet parts shared by every task: encoders, attention gates, the decoder.
+
+A model is encoder + :class:`UNetDecoder` + a head, assembled by the task. Encoders
+return a list of feature maps from fine to coarse and expose ``channels`` (one per map)
+and ``strides`` (the downsampling of each map relative to the input).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from montage.platform.registry import Registry
+
+log = logging.getLogger(__name__)
+
+ENCODERS: Registry[Callable[..., nn.Module]] = Registry("encoder")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be found or downloaded."""
+
+
+def norm_layer(kind: str, ch: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(ch)
+    if kind == "instance":
+        return nn.InstanceNorm2d(ch, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, ch), ch)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm '{kind}'; valid: batch, instance, group, none")
+
+
+class ConvBlock(nn.Sequential):
+    """(conv3x3 → norm → ReLU) × 2."""
+
+    def __init__(self, cin: int, cout: int, norm: str = "batch", dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"),
+            norm_layer(norm, cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"),
+            norm_layer(norm, cout),
+            nn.ReLU(inplace=True),
+        ]
+        if dropout:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+
+
+class AttentionGate(nn.Module):
+    """Additive attention on a skip connection: α = σ(ψ(ReLU(W_g·g + W_x·x + b))), out = α·x.
+
+    ``g`` is the gating signal from the coarser decoder level, already upsampled to the
+    skip's resolution. ``last_alpha`` keeps the most recent coefficients for inspection.
+    """
+
+    def __init__(self, g_ch: int, x_ch: int, inter_ch: int) -> None:
+        super().__init__()
+        self.w_g = nn.Conv2d(g_ch, inter_ch, 1, bias=True)  # carries the bias b
+        self.w_x = nn.Conv2d(x_ch, inter_ch, 1, bias=False)
+        self.psi = nn.Conv2d(inter_ch, 1, 1, bias=True)
+        self.last_alpha: torch.Tensor | None = None
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.sigmoid(self.psi(F.relu(self.w_g(g) + self.w_x(x))))
+        self.last_alpha = alpha.detach()
+        return x * alpha
+
+
+class DecoderBlock(nn.Module):
+    """Upsample ×2, gate the skip (optional), concatenate, ConvBlock."""
+
+    def __init__(
+        self, cin: int, skip: int, cout: int, attention: bool = False, norm: str = "batch", dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.gate = AttentionGate(cin, skip, max(1, skip // 2)) if attention and skip else None
+        self.conv = ConvBlock(cin + skip, cout, norm=norm, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if skip is not None:
+            if self.gate is not None:
+                skip = self.gate(x, skip)
+            x = torch.cat([x, skip], dim=1)
+        return self.conv(x)
+
+
+class UNetDecoder(nn.Module):
+    """Decodes encoder features (fine → coarse) back to full resolution.
+
+    One block per skip from the coarsest up; when the finest feature is below full
+    resolution (ResNet stems are at /2), extra skip-less blocks reach stride 1.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        encoder_strides: Sequence[int],
+        decoder_channels: Sequence[int],
+        attention: bool = False,
+        norm: str = "batch",
+        checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        skips = list(encoder_channels[:-1])[::-1]  # coarse → fine, bottleneck excluded
+        extra = int(math.log2(encoder_strides[0]))  # skip-less blocks from the finest feature to stride 1
+        n_blocks = len(skips) + extra
+        if len(decoder_channels) != n_blocks:
+            raise ValueError(f"decoder needs {n_blocks} channel widths for these encoder features, got {len(decoder_channels)}")
+        blocks = []
+        cin = encoder_channels[-1]
+        for i, cout in enumerate(decoder_channels):
+            skip = skips[i] if i < len(skips) else 0
+            blocks.append(DecoderBlock(cin, skip, cout, attention=attention, norm=norm))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.out_channels = cin
+        self.checkpointing = checkpointing
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        skips = feats[:-1][::-1]
+        x = feats[-1]
+        for i, block in enumerate(self.blocks):
+            skip = skips[i] if i < len(skips) else None
+            if self.checkpointing and self.training:
+                x = checkpoint(block, x, skip, use_reentrant=False)
+            else:
+                x = block(x, skip)
+        return x
+
+    def attention_maps(self) -> list[torch.Tensor]:
+        return [b.gate.last_alpha for b in self.blocks if b.gate is not None and b.gate.last_alpha is not None]
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+class ResNetEncoder(nn.Module):
+    """A torchvision ResNet's stem and four stages as a feature pyramid (/2 … /32)."""
+
+    def __init__(self, resnet: nn.Module, channels: Sequence[int], in_channels: int = 3, dropout: float = 0.0, bottleneck_dropout: float = 0.0) -> None:
+        super().__init__()
+        if in_channels != 3:
+            old = resnet.conv1
+            resnet.conv1 = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu)
+        self.pool = resnet.maxpool
+        self.stages = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
+        self.drop = nn.Dropout2d(dropout) if dropout else nn.Identity()
+        self.bottleneck_drop = nn.Dropout2d(bottleneck_dropout) if bottleneck_dropout else nn.Identity()
+        self.channels = list(channels)
+        self.strides = [2, 4, 8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [self.stem(x)]
+        x = self.pool(feats[0])
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            x = self.bottleneck_drop(x) if i == len(self.stages) - 1 else self.drop(x)
+            feats.append(x)
+        return feats
+
+
+def _load_resnet(name: str, pretrained: bool, weights_path: str | None) -> nn.Module:
+    import torchvision
+
+    ctor = getattr(torchvision.models, name)
+    if weights_path:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"encoder weights file not found: {path}")
+        model = ctor(weights=None)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log.info("loaded %s weights from %s", name, path)
+        return model
+    if not pretrained:
+        return ctor(weights=None)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return ctor(weights=weights)
+    except Exception as exc:  # URLError, HTTPError, OSError when offline
+        raise PretrainedWeightsError(
+            f"cannot fetch ImageNet weights for {name} ({weights.url}): {exc}. Offline? Put the file at "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints' / Path(weights.url).name}, or set "
+            f"model.weights_path=/path/to/{Path(weights.url).name}, or model.pretrained=false"
+        ) from exc
+
+
+def _torchvision_encoder(name: str, channels: Sequence[int]) -> Callable[..., nn.Module]:
+    def build(in_channels: int = 3, pretrained: bool = False, weights_path: str | None = None, dropout: float = 0.0, bottleneck_dropout: float = 0.0) -> nn.Module:
+        return ResNetEncoder(_load_resnet(name, pretrained, weights_path), channels, in_channels, dropout, bottleneck_dropout)
+
+    return build
+
+
+ENCODERS.register("resnet18")(_torchvision_encoder("resnet18", [64, 64, 128, 256, 512]))
+ENCODERS.register("resnet34")(_torchvision_encoder("resnet34", [64, 64, 128, 256, 512]))
+ENCODERS.register("resnet50")(_torchvision_encoder("resnet50", [64, 256, 512, 1024, 2048]))
+
+
+class _TinyResNet(nn.Module):
+    """A ResNet of torchvision BasicBlocks at tiny widths (tests, CPU demos)."""
+
+    def __init__(self, widths: Sequence[int]) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = widths[0]
+        for i, w in enumerate(widths[1:], start=1):
+            stride = 1 if i == 1 else 2
+            down = None
+            if stride != 1 or cin != w:
+                down = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
+            setattr(self, f"layer{i}", BasicBlock(cin, w, stride, down))
+            cin = w
+
+
+@ENCODERS.register("tiny")
+def tiny_encoder(in_channels: int = 3, pretrained: bool = False, weights_path: str | None = None, dropout: float = 0.0, bottleneck_dropout: float = 0.0) -> nn.Module:
+    if pretrained or weights_path:
+        raise PretrainedWeightsError("the 'tiny' encoder has no pretrained weights; use resnet18/34/50")
+    widths = [8, 8, 16, 16, 32]
+    return ResNetEncoder(_TinyResNet(widths), widths, in_channels, dropout, bottleneck_dropout)
+
+
+class ConvEncoder(nn.Module):
+    """A plain UNet encoder: ConvBlock at full resolution, then (maxpool → ConvBlock) per level."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], norm: str = "batch", bottleneck_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        cin = in_channels
+        for i, w in enumerate(widths):
+            drop = bottleneck_dropout if i == len(widths) - 1 else 0.0
+            self.blocks.append(ConvBlock(cin, w, norm=norm, dropout=drop))
+            cin = w
+        self.channels = list(widths)
+        self.strides = [2**i for i in range(len(widths))]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, block in enumerate(self.blocks):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            feats.append(x)
+        return feats

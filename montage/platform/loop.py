@@ -1,0 +1,383 @@
+"""The one generic training loop.
+
+It knows nothing of Ray or of any task: a :class:`Task` supplies the steps, hooks add
+behaviour (checkpoints, tracking, reporting), and ``torch.distributed`` — when a launcher
+has initialised it — is only used to average metrics across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from montage.platform.config import ExperimentConfig, OptimConfig, SchedConfig, to_dict
+from montage.platform.task import Batch, Modules, Task
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------ building blocks
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, **overrides: Any) -> torch.optim.Optimizer:
+    lr = overrides.get("lr", cfg.lr)
+    wd = overrides.get("weight_decay", cfg.weight_decay)
+    betas = tuple(overrides.get("betas", cfg.betas))
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int) -> Any:
+    """A per-epoch scheduler (``step()`` once after each epoch), or None."""
+    if cfg.name == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.eta_min)
+    if cfg.name == "linear_decay":
+        hold = cfg.constant_epochs
+        decay = max(1, epochs - hold)
+        # a picklable-free LambdaLR: state_dict() keeps no function objects
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 - max(0, e - hold) / float(decay))
+    return None
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device``, or None for full precision."""
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy in each DataLoader worker (torch and ``random`` are seeded by torch)."""
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def make_loader(dataset: Dataset, cfg: ExperimentConfig, train: bool, device: torch.device) -> DataLoader:
+    workers = cfg.train.loader_workers
+    gen = torch.Generator()
+    gen.manual_seed(cfg.train.seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > cfg.train.batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=seed_worker,
+        generator=gen,
+    )
+
+
+def build_modules(
+    task: Task,
+    device: torch.device,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> Modules:
+    """Networks on ``device`` (wrapped, e.g. in DDP), one optimizer + scheduler per group."""
+    cfg = task.cfg
+    nets = task.build_nets()
+    for name, net in nets.items():
+        net.to(device)
+        if cfg.train.channels_last:
+            net.to(memory_format=torch.channels_last)
+    optimizers = {
+        name: make_optimizer(params, cfg.optim, **over) for name, (params, over) in task.param_groups(nets).items()
+    }
+    if wrap is not None:
+        nets = {name: wrap(net) if any(p.requires_grad for p in net.parameters()) else net for name, net in nets.items()}
+    schedulers = {name: make_scheduler(opt, cfg.sched, cfg.train.epochs) for name, opt in optimizers.items()}
+    return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None})
+
+
+# -------------------------------------------------------------------------------- hooks
+
+
+class Hook:
+    """Behaviour added to the loop: override what you need. ``state_dict`` goes into checkpoints."""
+
+    key: str = ""
+
+    def before_train(self, loop: "Loop") -> None: ...
+
+    def after_epoch(self, loop: "Loop", metrics: dict[str, float]) -> None: ...
+
+    def after_train(self, loop: "Loop") -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Best:
+    metric: str
+    mode: str
+    value: float | None = None
+    epoch: int = -1
+
+    def better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if self.mode == "max" else value < self.value
+
+
+# --------------------------------------------------------------------------------- loop
+
+
+class _Stepper:
+    def __init__(self, loop: "Loop") -> None:
+        self.loop = loop
+        self.boundary = True
+        self.stepped: set[str] = set()
+
+    def autocast(self) -> Any:
+        return self.loop.autocast()
+
+    def optimize(self, loss: torch.Tensor, name: str = "main") -> None:
+        loop = self.loop
+        if name not in loop.m.optimizers:
+            raise KeyError(f"no optimizer '{name}'; this task has {sorted(loop.m.optimizers)}")
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"non-finite loss for optimizer '{name}' at epoch {loop.epoch}: {loss.item()}")
+        opt, scaler = loop.m.optimizers[name], loop.scalers[name]
+        scaler.scale(loss / loop.cfg.train.accumulate).backward()
+        if not self.boundary:
+            return
+        if loop.cfg.train.grad_clip > 0:
+            scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, loop.cfg.train.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        self.stepped.add(name)
+
+
+@dataclass
+class Loop:
+    """Epochs of ``task.train_step`` / ``task.eval_step`` with hooks around them."""
+
+    task: Task
+    m: Modules
+    train_loader: Iterable[Batch]
+    val_loader: Iterable[Batch]
+    device: torch.device
+    hooks: list[Hook] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.cfg = self.task.cfg
+        self.amp_dtype = resolve_amp(self.cfg.train.amp, self.device)
+        fp16 = self.amp_dtype == torch.float16
+        self.scalers = {n: torch.amp.GradScaler(self.device.type, enabled=fp16) for n in self.m.optimizers}
+        self.epoch = 0  # epochs completed
+        self.best = Best(*self.task.monitor)
+        self.last_metrics: dict[str, float] = {}
+        self.is_best = False
+        self.sample_image: np.ndarray | None = None
+        self.should_stop = False
+        self.stop_reason = ""
+
+    # -- context -----------------------------------------------------------------------
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _to_device(self, batch: Batch) -> Batch:
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, non_blocking=True)
+                if self.cfg.train.channels_last and v.ndim == 4 and v.is_floating_point():
+                    v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        return out
+
+    def _reduce(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            t = torch.tensor([[sums[k], counts[k]] for k in keys], dtype=torch.float64, device=self._reduce_device())
+            dist.all_reduce(t)
+            return {k: (t[i, 0] / t[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
+        return {k: sums[k] / max(counts[k], 1) for k in keys}
+
+    def _reduce_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _progress(self, loader: Iterable[Any], desc: str, total: int | None) -> Iterable[Any]:
+        if not (self.is_main and self.cfg.train.progress and sys.stderr.isatty()):
+            return loader
+        from tqdm import tqdm
+
+        return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+    # -- epochs ------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        for net in self.m.nets.values():
+            net.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        total = _len_or_none(self.train_loader)
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps) if total else cfg.max_steps
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        stepper = _Stepper(self)
+        for opt in self.m.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        for i, batch in enumerate(self._progress(self.train_loader, f"epoch {self.epoch + 1}", total)):
+            if cfg.max_steps and i >= cfg.max_steps:
+                break
+            batch = self._to_device(batch)
+            last = total is not None and i + 1 >= total
+            stepper.boundary = (i + 1) % cfg.accumulate == 0 or last
+            with contextlib.ExitStack() as stack:
+                if not stepper.boundary:
+                    for net in self.m.nets.values():
+                        if hasattr(net, "no_sync"):
+                            stack.enter_context(net.no_sync())
+                terms = self.task.train_step(self.m, batch, stepper)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                counts[k] = counts.get(k, 0.0) + 1
+        for sched in self.m.schedulers.values():
+            sched.step()
+        return {f"train/{k}": v for k, v in self._reduce(sums, counts).items()}
+
+    @torch.no_grad()
+    def evaluate(self, sample: bool = False) -> dict[str, float]:
+        for net in self.m.nets.values():
+            net.eval()
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        self.sample_image = None
+        for i, batch in enumerate(self.val_loader):
+            if self.cfg.train.max_val_steps and i >= self.cfg.train.max_val_steps:
+                break
+            batch = self._to_device(batch)
+            with self.autocast():
+                values = self.task.eval_step(self.m, batch)
+                if sample and i == 0 and self.is_main:
+                    self.sample_image = self.task.samples(self.m, batch)
+            for k, v in values.items():
+                v = v.detach().float()
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+                counts[k] = counts.get(k, 0.0) + v.numel()
+        return {f"val/{k}": v for k, v in self._reduce(sums, counts).items()}
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        for hook in self.hooks:
+            hook.before_train(self)
+        if self.epoch >= cfg.epochs:
+            log.info("nothing to do: %d of %d epochs already done", self.epoch, cfg.epochs)
+        while self.epoch < cfg.epochs and not self.should_stop:
+            t0 = time.perf_counter()
+            metrics = self.train_epoch()
+            sample = bool(cfg.sample_every) and (self.epoch + 1) % cfg.sample_every == 0
+            metrics.update(self.evaluate(sample=sample))
+            metrics["epoch"] = self.epoch + 1
+            metrics["lr"] = next(iter(self.m.optimizers.values())).param_groups[0]["lr"] if self.m.optimizers else 0.0
+            metrics["time/epoch_s"] = time.perf_counter() - t0
+            self._update_best(metrics)
+            self.epoch += 1
+            self.last_metrics = metrics
+            if self.is_main:
+                log.info(self.describe(metrics))
+            for hook in self.hooks:
+                hook.after_epoch(self, metrics)
+        for hook in self.hooks:
+            hook.after_train(self)
+        return self.last_metrics
+
+    def _update_best(self, metrics: dict[str, float]) -> None:
+        name = self.best.metric
+        if name not in metrics:
+            raise KeyError(f"monitored metric '{name}' was not produced; metrics are {sorted(metrics)}")
+        value = metrics[name]
+        self.is_best = self.best.better(value)
+        if self.is_best:
+            self.best.value, self.best.epoch = value, self.epoch + 1
+        metrics[f"best/{name}"] = self.best.value if self.best.value is not None else float("nan")
+        patience = self.cfg.train.early_stop
+        if patience and self.epoch + 1 - self.best.epoch >= patience:
+            self.should_stop = True
+            self.stop_reason = f"early stop: no {name} improvement for {patience} epochs"
+            log.info(self.stop_reason)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        monitor = self.best.metric
+        keys = [k for k in ("train/total", "val/loss", monitor) if k in metrics]
+        parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
+        mark = " *" if self.is_best else ""
+        return f"[{self.task.name}] epoch {self.epoch}/{self.cfg.train.epochs} {parts} ({metrics['time/epoch_s']:.1f}s){mark}"
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task.name,
+            "config": to_dict(self.cfg),
+            "epoch": self.epoch,
+            "best": {"metric": self.best.metric, "mode": self.best.mode, "value": self.best.value, "epoch": self.best.epoch},
+            "metrics": {k: float(v) for k, v in self.last_metrics.items()},
+            "nets": {n: self.m.unwrap(n).state_dict() for n in self.m.nets},
+            "optimizers": {n: o.state_dict() for n, o in self.m.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in self.m.schedulers.items()},
+            "scalers": {n: s.state_dict() for n, s in self.scalers.items()},
+            "hooks": {h.key: h.state_dict() for h in self.hooks if h.key},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n in self.m.nets:
+            self.m.unwrap(n).load_state_dict(state["nets"][n])
+        for n, o in self.m.optimizers.items():
+            o.load_state_dict(state["optimizers"][n])
+        for n, s in self.m.schedulers.items():
+            s.load_state_dict(state["schedulers"][n])
+        for n, s in self.scalers.items():
+            if n in state.get("scalers", {}):
+                s.load_state_dict(state["scalers"][n])
+        self.epoch = int(state["epoch"])
+        best = state["best"]
+        self.best.value, self.best.epoch = best["value"], best["epoch"]
+        self.last_metrics = dict(state.get("metrics", {}))
+        for h in self.hooks:
+            if h.key and h.key in state.get("hooks", {}):
+                h.load_state_dict(state["hooks"][h.key])
+
+
+def _len_or_none(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None

@@ -1,0 +1,141 @@
+"""Assemble a :class:`Loop` for a config, and run it in-process (no Ray).
+
+The Ray Train adapter (``train.py``) calls :func:`build_loop` inside each worker with DDP
+wrappers; :func:`fit_local` calls it in the current process for debugging and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from montage.platform.config import ExperimentConfig, build_config, save_config, to_dict
+from montage.platform.loop import Hook, Loop, build_modules, make_loader
+from montage.platform.registry import TASKS
+from montage.platform.task import Task
+
+log = logging.getLogger(__name__)
+
+
+def make_task(cfg: ExperimentConfig) -> Task:
+    return TASKS.get(cfg.task)(cfg)
+
+
+def config_from_tree(tree: dict[str, Any]) -> ExperimentConfig:
+    task_cls = TASKS.get(tree["task"])
+    return build_config(task_cls.name, task_cls.spec, tree)
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    return cfg.run.name or f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class CheckpointHook(Hook):
+    """Rank 0 writes ``best.pt`` when the monitor improves, ``latest.pt`` (optional) every
+    epoch and ``epoch_XXX.pt`` every ``every`` epochs into ``folder``."""
+
+    def __init__(self, folder: str | Path, latest: bool = True, every: int = 0) -> None:
+        self.folder = Path(folder)
+        self.latest = latest
+        self.every = every
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.pt"
+
+    def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
+        if not loop.is_main:
+            return
+        state = None
+        if loop.is_best:
+            state = loop.state_dict()
+            save_checkpoint(state, self.best_path)
+        if self.latest:
+            save_checkpoint(state or loop.state_dict(), self.folder / "latest.pt")
+        if self.every and loop.epoch % self.every == 0:
+            save_checkpoint(state or loop.state_dict(), self.folder / f"epoch_{loop.epoch:03d}.pt")
+
+
+@dataclass
+class WorkerEnv:
+    """Where and how this process trains (filled in by the launcher)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None
+    wrap_loader: Callable[[DataLoader], Any] | None = None
+
+
+def build_loop(cfg: ExperimentConfig, env: WorkerEnv, hooks: list[Hook]) -> Loop:
+    seed_everything(cfg.train.seed + env.rank)
+    task = make_task(cfg)
+    modules = build_modules(task, env.device, env.wrap_model)
+    train_ds, val_ds = task.datasets()
+    train_loader = make_loader(train_ds, cfg, train=True, device=env.device)
+    val_loader = make_loader(val_ds, cfg, train=False, device=env.device)
+    if env.wrap_loader is not None:
+        train_loader, val_loader = env.wrap_loader(train_loader), env.wrap_loader(val_loader)
+    return Loop(task, modules, train_loader, val_loader, env.device, hooks, env.rank, env.world_size)
+
+
+def resume_state(path: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The latest state of a run folder (or a checkpoint file) for ``cfg``'s task and model."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "latest.pt"
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: {path} does not exist")
+    return load_checkpoint(path, task=cfg.task, model_config=to_dict(cfg.model))
+
+
+def fit_local(cfg: ExperimentConfig, resume: str | Path | None = None, device: str | None = None, extra_hooks: list[Hook] | None = None) -> dict[str, Any]:
+    """Train in this process: same loop, hooks and files as under Ray, one rank, no DDP.
+
+    Writes ``<run.storage>/<run.name>/{config.yaml,latest.pt,best.pt}``; returns a summary.
+    """
+    from montage.platform.tracking import MlflowHook, prepare_tracking
+
+    if resume is not None:
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        cfg.run.name, cfg.run.storage = run_dir.name, str(run_dir.parent)
+    cfg.run.name = default_run_name(cfg)
+    run_dir = Path(cfg.run.storage) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    dev = torch.device(device or ("cuda" if cfg.scaling.gpus and torch.cuda.is_available() else "cpu"))
+    ckpt = CheckpointHook(run_dir, latest=True, every=cfg.train.checkpoint_every)
+    hooks: list[Hook] = [ckpt]
+    if cfg.tracking.enabled:
+        prepare_tracking(cfg)
+        hooks.append(MlflowHook(cfg, best_path=ckpt.best_path))
+    hooks += extra_hooks or []
+    loop = build_loop(cfg, WorkerEnv(device=dev), hooks)
+    if resume is not None:
+        loop.load_state_dict(resume_state(resume, cfg))
+        log.info("resumed %s at epoch %d (best %s=%s)", run_dir, loop.epoch, loop.best.metric, loop.best.value)
+    metrics = loop.fit()
+    mlflow_hook = next((h for h in hooks if getattr(h, "key", "") == "mlflow"), None)
+    return {
+        "run_dir": str(run_dir),
+        "metrics": metrics,
+        "best": {"metric": loop.best.metric, "value": loop.best.value, "epoch": loop.best.epoch},
+        "best_checkpoint": str(ckpt.best_path) if ckpt.best_path.is_file() else None,
+        "mlflow_run_id": getattr(mlflow_hook, "run_id", None),
+    }

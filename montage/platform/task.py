@@ -1,0 +1,117 @@
+"""The one seam between the platform and a task.
+
+A task says what to build (networks, optimizers, datasets) and what one step is; the
+platform's loop (``loop.py``) owns epochs, devices, AMP, accumulation, clipping,
+distribution, checkpoints and tracking. Every task optimizes through
+:meth:`Stepper.optimize`, so a GAN stepping D then G needs no special case.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from montage.platform.config import ExperimentConfig, SectionSpec
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Modules:
+    """The task's networks (possibly DDP-wrapped), optimizers and schedulers, by name."""
+
+    nets: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    schedulers: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.nets[name]
+
+    def unwrap(self, name: str) -> nn.Module:
+        """The bare module behind a DDP/compile wrapper (for eval, export and state)."""
+        net = self.nets[name]
+        while hasattr(net, "module") and isinstance(net.module, nn.Module):
+            net = net.module
+        return getattr(net, "_orig_mod", net)
+
+
+class Stepper(Protocol):
+    """What the loop lends a task's ``train_step``."""
+
+    def optimize(self, loss: torch.Tensor, name: str = "main") -> None:
+        """Backward ``loss`` (scaled under fp16) and, on an accumulation boundary, clip
+        and step optimizer ``name``."""
+
+    def autocast(self) -> Any:
+        """The loop's autocast context (a no-op when AMP is off)."""
+
+
+class Task(ABC):
+    """Base class of every task. Subclasses set the class attributes and the abstract steps."""
+
+    name: ClassVar[str]
+    spec: ClassVar[SectionSpec]
+    monitor: ClassVar[tuple[str, str]]  # (metric, "max" | "min"), e.g. ("val/iou", "max")
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    # -- building ------------------------------------------------------------------
+    @abstractmethod
+    def build_nets(self, pretrained: bool = True) -> dict[str, nn.Module]:
+        """Networks by name; the single-network convention is ``{"net": model}``.
+        ``pretrained=False`` skips loading pretrained weights (a checkpoint follows)."""
+
+    def param_groups(self, nets: dict[str, nn.Module]) -> dict[str, tuple[Iterable[nn.Parameter], dict[str, Any]]]:
+        """Optimizer name → (parameters, overrides of ``optim`` fields such as ``lr``)."""
+        return {"main": (nets["net"].parameters(), {})}
+
+    @abstractmethod
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, val) datasets yielding dicts of tensors."""
+
+    # -- steps -----------------------------------------------------------------------
+    @abstractmethod
+    def train_step(self, m: Modules, batch: Batch, stepper: Stepper) -> dict[str, torch.Tensor]:
+        """One training step; returns named loss terms (``total`` included) for logging."""
+
+    @abstractmethod
+    def eval_step(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-sample validation metrics: name → tensor of shape (B,)."""
+
+    @abstractmethod
+    def samples(self, m: Modules, batch: Batch) -> np.ndarray:
+        """An HxWx3 uint8 grid (input | prediction | target rows) for the tracker."""
+
+    # -- inference ---------------------------------------------------------------------
+    def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> Any:
+        """A callable: list of inputs → list of outputs at each input's own size."""
+        raise NotImplementedError(f"task '{self.name}' has no predictor")
+
+    @classmethod
+    def add_predict_args(cls, parser: Any) -> None:
+        """Task-specific ``montage predict <task>`` arguments."""
+        raise NotImplementedError(f"task '{cls.name}' has no predict command")
+
+    def predict_cli(self, nets: dict[str, nn.Module], args: Any, device: torch.device) -> list[Any]:
+        """Run ``montage predict <task>``; returns the files written."""
+        raise NotImplementedError(f"task '{self.name}' has no predict command")
+
+    # -- helpers -------------------------------------------------------------------
+    @staticmethod
+    def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+        """Σ weight·term over the terms with a non-zero weight."""
+        total = None
+        for key, value in terms.items():
+            w = weights.get(key, 0.0)
+            if w:
+                total = value * w if total is None else total + value * w
+        if total is None:
+            raise ValueError("every loss weight is zero: nothing to optimize")
+        return total

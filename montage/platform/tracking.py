@@ -1,0 +1,158 @@
+"""MLflow tracking: one run per training (a child of the sweep's parent run under Tune).
+
+Only the reporting rank logs. The run holds the flattened resolved config as params,
+per-epoch metrics, sample grids, the resolved config file and the best checkpoint as an
+MLflow pyfunc model (checkpoint as an artifact, loaded back with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from montage.platform.config import ExperimentConfig, flatten, to_dict
+from montage.platform.loop import Hook, Loop
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """Config value → $MLFLOW_TRACKING_URI → ``sqlite:///mlruns.db``; local paths made absolute
+    so Ray workers in other working directories write to the same store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    elif "://" not in uri:  # a plain folder: file store
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:"))
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def get_experiment_id(client: Any, name: str, artifacts: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = Path(artifacts).resolve().as_uri() if is_local_store(uri) and artifacts else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another trial
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def prepare_tracking(cfg: ExperimentConfig) -> None:
+    """Driver side: resolve the URI and artifact root in place, before workers start."""
+    cfg.tracking.uri = resolve_tracking_uri(cfg.tracking.uri)
+    if cfg.tracking.artifacts and "://" not in cfg.tracking.artifacts:
+        cfg.tracking.artifacts = str(Path(cfg.tracking.artifacts).resolve())
+    if not cfg.tracking.experiment:
+        cfg.tracking.experiment = f"montage-{cfg.task}"
+
+
+def _param_value(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+class MlflowHook(Hook):
+    """Logs a training run to MLflow (attach to ``run_id`` when resuming)."""
+
+    key = "mlflow"
+
+    def __init__(self, cfg: ExperimentConfig, tags: dict[str, str] | None = None, best_path: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.tags = dict(tags or {})
+        self.best_path = Path(best_path) if best_path else None
+        self.run_id: str | None = None
+        self.client: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id or ""}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id") or None
+
+    def before_train(self, loop: Loop) -> None:
+        import mlflow
+        from mlflow.entities import Param, RunTag
+
+        t = self.cfg.tracking
+        uri = resolve_tracking_uri(t.uri)
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        if self.run_id:
+            self.client.update_run(self.run_id, status="RUNNING")
+            log.info("resuming MLflow run %s", self.run_id)
+            return
+        exp_id = get_experiment_id(self.client, t.experiment or f"montage-{self.cfg.task}", t.artifacts, uri)
+        tags = {"montage.task": self.cfg.task, "mlflow.source.git.commit": git_commit(), **self.tags}
+        if t.parent_run_id:
+            tags["mlflow.parentRunId"] = t.parent_run_id
+        run = self.client.create_run(exp_id, run_name=self.cfg.run.name or None, tags={k: v for k, v in tags.items() if v})
+        self.run_id = run.info.run_id
+        params = [Param(k, _param_value(v)) for k, v in flatten(to_dict(self.cfg)).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        with tempfile.TemporaryDirectory() as tmp:
+            from montage.platform.config import save_config
+
+            path = Path(tmp) / "config.yaml"
+            save_config(self.cfg, path)
+            self.client.log_artifact(self.run_id, str(path))
+        log.info("MLflow run %s in experiment '%s' (%s)", self.run_id, t.experiment, uri)
+
+    def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, loop.epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=ms)
+        if loop.sample_image is not None:
+            self.client.log_image(self.run_id, loop.sample_image, artifact_file=f"samples/epoch_{loop.epoch:03d}.png")
+
+    def after_train(self, loop: Loop) -> None:
+        if self.cfg.tracking.log_model and self.best_path is not None and self.best_path.is_file():
+            self.log_model(self.best_path, loop.best.metric, loop.best.value)
+        if loop.stop_reason:
+            self.client.set_tag(self.run_id, "montage.stop_reason", loop.stop_reason)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def log_model(self, checkpoint: Path, metric: str, value: float | None) -> None:
+        log_checkpoint_model(self.cfg.tracking.uri, self.run_id, checkpoint, self.cfg.task, {metric: value})
+
+
+def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, task: str, metrics: dict[str, Any], registered_name: str | None = None) -> Any:
+    """Log ``checkpoint`` as a pyfunc model of run ``run_id`` (models-from-code: nothing pickled)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(uri))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"checkpoint": str(checkpoint)},
+            pip_requirements=["montage"],
+            registered_model_name=registered_name,
+            tags={"montage.task": task, **{f"montage.{k}": str(v) for k, v in metrics.items()}},
+        )
+    return info

@@ -1,0 +1,151 @@
+"""Ray Train adapter: the generic loop inside ``TorchTrainer`` workers (DDP over N workers).
+
+Resuming follows Ray Train V2: running again with the same ``RunConfig(name, storage_path)``
+makes ``ray.train.get_checkpoint()`` return the run's latest checkpoint, from which every
+worker restores model, optimizers, schedulers, scalers, epoch and best-so-far.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
+from montage.platform.config import ExperimentConfig, to_dict
+from montage.platform.loop import Hook, Loop
+from montage.platform.runner import CheckpointHook, WorkerEnv, build_loop, config_from_tree, default_run_name
+from montage.platform.tracking import MlflowHook, git_commit, prepare_tracking
+
+log = logging.getLogger(__name__)
+
+
+class RayReportHook(Hook):
+    """Every worker reports each epoch's metrics; rank 0 attaches the full-state checkpoint."""
+
+    def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not loop.is_main:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="montage-ckpt-") as tmp:
+            save_checkpoint(loop.state_dict(), Path(tmp) / FILENAME)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The function every TorchTrainer worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from montage.platform.cli import setup_logging
+
+    setup_logging(quiet_ray=True)
+    cfg = config_from_tree(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    env = WorkerEnv(
+        device=ray.train.torch.get_device(),
+        rank=rank,
+        world_size=world,
+        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        wrap_loader=lambda dl: ray.train.torch.prepare_data_loader(dl, move_to_device=False),
+    )
+    hooks: list[Hook] = []
+    if rank == 0:
+        staging = CheckpointHook(tempfile.mkdtemp(prefix="montage-best-"), latest=False)
+        hooks.append(staging)
+        if cfg.tracking.enabled:
+            hooks.append(MlflowHook(cfg, tags=config.get("tags"), best_path=staging.best_path))
+    hooks.append(RayReportHook())
+    loop = build_loop(cfg, env, hooks)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            loop.load_state_dict(load_checkpoint(folder, task=cfg.task, model_config=to_dict(cfg.model)))
+        if rank == 0:
+            log.info("resumed at epoch %d (best %s=%s)", loop.epoch, loop.best.metric, loop.best.value)
+    loop.fit()
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / $RAY_ADDRESS, or start a local Ray, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING, configure_logging=True)
+
+
+def storage_path(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def make_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None, tags: dict[str, str] | None = None) -> Any:
+    """A configured ``TorchTrainer`` for ``cfg`` (name and storage already final)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    metric, mode = _monitor(cfg)
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.gpus:
+        resources["GPU"] = sc.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "tags": tags or {}},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.gpus, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path(cfg.run.storage),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=sc.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` with a TorchTrainer of ``scaling.workers`` DDP workers.
+
+    ``resume``: a run folder ``<storage>/<name>`` (or just a run name under ``run.storage``)
+    to continue from its latest checkpoint. Returns a summary of the result.
+    """
+    if resume:
+        if "/" in resume.rstrip("/"):
+            cfg.run.storage, cfg.run.name = resume.rstrip("/").rsplit("/", 1)
+        else:
+            cfg.run.name = resume
+    cfg.run.name = default_run_name(cfg)
+    run_dir = Path(storage_path(cfg.run.storage)) / cfg.run.name
+    if "://" not in cfg.run.storage:
+        if resume and not run_dir.is_dir():
+            raise FileNotFoundError(f"nothing to resume: run folder {run_dir} does not exist")
+        if not resume and run_dir.exists():
+            raise FileExistsError(f"run folder {run_dir} exists: pass --resume {run_dir} to continue it, or choose another run.name")
+    if cfg.tracking.enabled:
+        prepare_tracking(cfg)
+    ensure_ray(address)
+    trainer = make_trainer(cfg, tags={"mlflow.source.git.commit": git_commit()})
+    result = trainer.fit()
+    best = result.get_best_checkpoint(*_monitor(cfg)) if result.best_checkpoints else None
+    return {
+        "run_dir": str(run_dir),
+        "metrics": dict(result.metrics or {}),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "best_checkpoint": best.path if best else None,
+        "error": repr(result.error) if result.error else None,
+    }
+
+
+def _monitor(cfg: ExperimentConfig) -> tuple[str, str]:
+    from montage.platform.registry import TASKS
+
+    return TASKS.get(cfg.task).monitor

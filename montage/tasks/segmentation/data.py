@@ -1,0 +1,166 @@
+"""Segmentation datasets: any registered source → resized, padded, augmented tensors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from montage.platform.imaging import ImageError
+from montage.tasks.segmentation.sources import SOURCES, DataFormatError, MaskSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities (and ranges) of the joint image+mask augmentations; 0 disables one."""
+
+    hflip: float = 0.5
+    rotate90: float = 0.0
+    affine: float = 0.5
+    scale: tuple[float, float] = (0.85, 1.15)
+    rotate: float = 15.0  # degrees, ±
+    translate: float = 0.05  # fraction of the size, ±
+    brightness_contrast: float = 0.3
+    hue_saturation: float = 0.3
+    blur: float = 0.1
+
+
+@dataclass
+class SegDataConfig:
+    """Where the person masks come from (``source``: coco | supervisely | folder | synthetic).
+
+    coco: ``images`` dir + ``annotations`` JSON; supervisely: ``images`` = project root;
+    folder: ``images`` + ``masks`` dirs. Without ``val_*`` paths, ``val_fraction`` of the
+    training source is held out (seeded).
+    """
+
+    source: str = "synthetic"
+    images: str = ""
+    annotations: str = ""
+    masks: str = ""
+    val_images: str = ""
+    val_annotations: str = ""
+    val_masks: str = ""
+    val_fraction: float = 0.1
+    classes: list[str] = field(default_factory=list)  # supervisely: person class titles; empty = any '*person*'
+    keep_negatives: bool = False  # coco: keep images without persons
+    crowd: Literal["ignore", "foreground", "background"] = "ignore"  # coco iscrowd regions
+    size: int = 256  # model resolution (long side resized, then padded to size×size)
+    synthetic_train: int = 512
+    synthetic_val: int = 64
+    seed: int = 0
+    on_error: Literal["raise", "skip"] = "raise"  # a corrupt sample: fail naming it, or warn and skip
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.size < 32 or self.size % 32:
+            raise ValueError(f"size must be a multiple of 32 (>= 32), got {self.size}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+
+
+def build_transform(size: int, aug: AugmentConfig | None) -> A.Compose:
+    """Letterbox to size×size, then (training only) joint geometric + photometric augmentation."""
+    ops: list[A.BasicTransform] = [
+        A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
+        A.PadIfNeeded(min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+    ]
+    if aug is not None:
+        ops += [
+            A.HorizontalFlip(p=aug.hflip),
+            A.RandomRotate90(p=aug.rotate90),
+            A.Affine(
+                scale=tuple(aug.scale), rotate=(-aug.rotate, aug.rotate), translate_percent=(-aug.translate, aug.translate),
+                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=aug.affine,
+            ),
+            A.RandomBrightnessContrast(p=aug.brightness_contrast),
+            A.HueSaturationValue(p=aug.hue_saturation),
+            A.GaussianBlur(blur_limit=(3, 5), p=aug.blur),
+        ]
+        ops = [op for op in ops if op.p > 0]
+    return A.Compose(ops, mask_interpolation=cv2.INTER_LINEAR)
+
+
+def to_tensor_image(img: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → float (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+
+
+class SegmentationDataset(Dataset):
+    """Yields ``{"image": (3,S,S), "mask": (1,S,S) alpha in [0,1], "valid": (1,S,S)}``."""
+
+    def __init__(self, source: MaskSource, size: int, augment: AugmentConfig | None = None, on_error: str = "raise") -> None:
+        if len(source) == 0:
+            raise ValueError("the data source is empty")
+        self.source = source
+        self.transform = build_transform(size, augment)
+        self.on_error = on_error
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        for attempt in range(min(len(self.source), 16)):
+            j = (i + attempt) % len(self.source)
+            try:
+                return self.source.load(j)
+            except (ImageError, DataFormatError, OSError, ValueError) as exc:
+                if self.on_error == "raise":
+                    raise ImageError(f"bad sample {self.source.name(j)}: {exc} (data.on_error=skip to skip such samples)") from exc
+                log.warning("skipping bad sample %s: %s", self.source.name(j), exc)
+        raise ImageError("too many consecutive bad samples; check the dataset")
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, alpha, valid = self._load(i)
+        out = self.transform(image=image, masks=[alpha, valid])
+        alpha_t, valid_t = out["masks"]
+        return {
+            "image": to_tensor_image(out["image"]),
+            "mask": torch.from_numpy(np.ascontiguousarray(alpha_t)).float().div_(255).unsqueeze(0),
+            "valid": torch.from_numpy(np.ascontiguousarray(valid_t)).float().unsqueeze(0),
+        }
+
+
+def build_source(cfg: SegDataConfig, split: str) -> MaskSource | None:
+    """The source for ``split`` ("train" or "val"); None for val when it is carved from train."""
+    val = split == "val"
+    kind = cfg.source
+    factory = SOURCES.get(kind)
+    if kind == "synthetic":
+        return factory(cfg.synthetic_val if val else cfg.synthetic_train, size=cfg.size, seed=cfg.seed + (1 if val else 0))
+    images = cfg.val_images if val else cfg.images
+    if val and not images:
+        return None
+    if not images:
+        raise ValueError(f"data.images must be set for source '{kind}'")
+    if kind == "coco":
+        ann = cfg.val_annotations if val else cfg.annotations
+        return factory(images, ann, keep_negatives=cfg.keep_negatives, crowd=cfg.crowd)
+    if kind == "supervisely":
+        return factory(images, classes=cfg.classes)
+    if kind == "folder":
+        return factory(images, cfg.val_masks if val else cfg.masks)
+    return factory(images)
+
+
+def build_datasets(cfg: SegDataConfig) -> tuple[Dataset, Dataset]:
+    train_src = build_source(cfg, "train")
+    val_src = build_source(cfg, "val")
+    train = SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error)
+    if val_src is not None:
+        return train, SegmentationDataset(val_src, cfg.size, None, cfg.on_error)
+    n = len(train_src)
+    n_val = max(1, int(round(n * cfg.val_fraction)))
+    if n_val >= n:
+        raise ValueError(f"only {n} samples: too few to hold out a validation split")
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    val_ds = SegmentationDataset(train_src, cfg.size, None, cfg.on_error)
+    return Subset(train, order[n_val:].tolist()), Subset(val_ds, order[:n_val].tolist())
