@@ -246,7 +246,10 @@ class Loop:
             net.train()
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
+            sampler.set_epoch(self.epoch)  # DistributedSampler: a fresh, agreed shuffle per epoch
+        gen = getattr(self.train_loader, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(cfg.seed + self.epoch)  # the shuffle depends on (seed, epoch) only: resumable
         total = _len_or_none(self.train_loader)
         if cfg.max_steps:
             total = min(total, cfg.max_steps) if total else cfg.max_steps
@@ -355,6 +358,7 @@ class Loop:
             "schedulers": {n: s.state_dict() for n, s in self.m.schedulers.items()},
             "scalers": {n: s.state_dict() for n, s in self.scalers.items()},
             "hooks": {h.key: h.state_dict() for h in self.hooks if h.key},
+            "rng": {"torch": torch.get_rng_state()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -374,6 +378,8 @@ class Loop:
         for h in self.hooks:
             if h.key and h.key in state.get("hooks", {}):
                 h.load_state_dict(state["hooks"][h.key])
+        if self.world_size == 1 and "rng" in state:  # DDP ranks keep their own seeds
+            torch.set_rng_state(state["rng"]["torch"].cpu())
 
 
 def _len_or_none(loader: Any) -> int | None:

@@ -67,7 +67,7 @@ class SegDataConfig:
             raise ValueError("val_fraction must be in (0, 1)")
 
 
-def build_transform(size: int, aug: AugmentConfig | None) -> A.Compose:
+def build_transform(size: int, aug: AugmentConfig | None, seed: int | None = None) -> A.Compose:
     """Letterbox to size×size, then (training only) joint geometric + photometric augmentation."""
     ops: list[A.BasicTransform] = [
         A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
@@ -86,7 +86,7 @@ def build_transform(size: int, aug: AugmentConfig | None) -> A.Compose:
             A.GaussianBlur(blur_limit=(3, 5), p=aug.blur),
         ]
         ops = [op for op in ops if op.p > 0]
-    return A.Compose(ops, mask_interpolation=cv2.INTER_LINEAR)
+    return A.Compose(ops, mask_interpolation=cv2.INTER_LINEAR, seed=seed)
 
 
 def to_tensor_image(img: np.ndarray) -> torch.Tensor:
@@ -97,11 +97,11 @@ def to_tensor_image(img: np.ndarray) -> torch.Tensor:
 class SegmentationDataset(Dataset):
     """Yields ``{"image": (3,S,S), "mask": (1,S,S) alpha in [0,1], "valid": (1,S,S)}``."""
 
-    def __init__(self, source: MaskSource, size: int, augment: AugmentConfig | None = None, on_error: str = "raise") -> None:
+    def __init__(self, source: MaskSource, size: int, augment: AugmentConfig | None = None, on_error: str = "raise", seed: int | None = None) -> None:
         if len(source) == 0:
             raise ValueError("the data source is empty")
         self.source = source
-        self.transform = build_transform(size, augment)
+        self.transform = build_transform(size, augment, seed)
         self.on_error = on_error
 
     def __len__(self) -> int:
@@ -154,7 +154,7 @@ def build_source(cfg: SegDataConfig, split: str) -> MaskSource | None:
 def build_datasets(cfg: SegDataConfig) -> tuple[Dataset, Dataset]:
     train_src = build_source(cfg, "train")
     val_src = build_source(cfg, "val")
-    train = SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error)
+    train = SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed)
     if val_src is not None:
         return train, SegmentationDataset(val_src, cfg.size, None, cfg.on_error)
     n = len(train_src)

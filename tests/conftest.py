@@ -1,0 +1,59 @@
+"""Shared fixtures: one Ray session per test run, tiny configs, temp MLflow stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+TINY_SEG = [
+    "model.encoder=tiny",
+    "model.pretrained=false",
+    "model.decoder_channels=[16,16,8,8,8]",
+    "data.source=synthetic",
+    "data.size=32",
+    "data.synthetic_train=32",
+    "data.synthetic_val=8",
+    "loss.vgg_weights=random",
+    "loss.vgg_layers=[relu1_2]",
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.loader_workers=0",
+    "train.progress=false",
+    "scaling.cpus_per_worker=0.5",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole run (start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def seg_config(tmp_path: Path):
+    """A tiny synthetic segmentation config writing runs and MLflow under tmp_path."""
+    from montage.platform.config import load_config
+    from montage.platform.registry import TASKS
+
+    def make(*overrides: str):
+        spec = TASKS.get("segmentation").spec
+        return load_config("segmentation", spec, None, TINY_SEG + [
+            f"run.storage={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+            f"tracking.artifacts={tmp_path / 'mlartifacts'}",
+            *overrides,
+        ])
+
+    return make

@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from montage.platform.config import ConfigError, flatten, load_config, parse_override, to_dict
+from montage.platform.registry import TASKS, Registry, UnknownNameError
+
+SPEC = TASKS.get("segmentation").spec
+
+
+def test_defaults_file_and_overrides_resolve_in_order(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"task": "segmentation", "train": {"epochs": 7, "batch_size": 4}, "loss": {"dice": 2}}))
+    cfg = load_config("segmentation", SPEC, f, ["train.epochs=3", "loss.edge=0.1", "model.decoder_channels=[8,8,8,8,8]"])
+    assert cfg.train.epochs == 3  # override beats file
+    assert cfg.train.batch_size == 4  # file beats default
+    assert cfg.loss.dice == 2.0 and isinstance(cfg.loss.dice, float)  # int accepted for float
+    assert cfg.loss.edge == 0.1
+    assert cfg.model.decoder_channels == [8, 8, 8, 8, 8]
+    assert cfg.optim.name == "adamw"  # task default over the platform default
+    assert cfg.optim.betas == (0.9, 0.999)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'"),
+        ("trian.epochs=3", "unknown config key 'trian'"),
+        ("train.epochs=three", "train.epochs: expected int"),
+        ("train.epochs=1.5", "train.epochs: expected int"),
+        ("train.amp=fp8", "train.amp: 'fp8' is not one of"),
+        ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("train.epochs=0", "epochs must be >= 1"),
+        ("model.encoder=resnet99", "unknown encoder 'resnet99'; valid: resnet18, resnet34, resnet50, tiny"),
+        ("train.epochs.x=1", "config key 'train.epochs' is a value, not a section"),
+        ("train", "not of the form key=value"),
+        ("data.augment.hflip=yes", "data.augment.hflip: expected float"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config("segmentation", SPEC, None, [override])
+    assert message in str(err.value)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("segmentation", SPEC, tmp_path / "missing.yaml")
+    other = tmp_path / "other.yaml"
+    other.write_text("task: pix2pix\n")
+    with pytest.raises(ConfigError, match="config is for task 'pix2pix', not 'segmentation'"):
+        load_config("segmentation", SPEC, other)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config("segmentation", SPEC, bad)
+
+
+def test_override_values_are_yaml() -> None:
+    assert parse_override("a.b=0.5") == ("a.b", 0.5)
+    assert parse_override("a=true") == ("a", True)
+    assert parse_override("a=[1, 2]") == ("a", [1, 2])
+    assert parse_override("a=x=y") == ("a", "x=y")
+
+
+def test_round_trip_and_flatten() -> None:
+    cfg = load_config("segmentation", SPEC, None, ["train.epochs=2"])
+    tree = to_dict(cfg)
+    again = load_config("segmentation", SPEC, None, [])
+    assert to_dict(again) != tree  # epochs differ
+    flat = flatten(tree)
+    assert flat["train.epochs"] == 2 and flat["loss.bce"] == 1.0 and flat["task"] == "segmentation"
+
+
+def test_registry_lists_valid_names() -> None:
+    reg: Registry = Registry("widget")
+    reg.register("a")(object)
+    with pytest.raises(UnknownNameError, match="unknown widget 'b'; valid widgets: a"):
+        reg.get("b")
+    with pytest.raises(UnknownNameError, match="valid tasks: .*segmentation"):
+        TASKS.get("nope")

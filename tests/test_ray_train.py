@@ -1,0 +1,44 @@
+"""Segmentation under Ray Train: a 2-worker DDP TorchTrainer (gloo), checkpoint, MLflow, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from montage.platform.checkpoint import load_checkpoint
+from montage.platform.train import fit_ray
+
+
+def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tmp_path: Path) -> None:
+    cfg = seg_config("scaling.workers=2", "train.epochs=1", "train.max_steps=2", "run.name=ddp")
+    out = fit_ray(cfg)
+    assert out["error"] is None
+    assert out["metrics"]["epoch"] == 1
+    state = load_checkpoint(out["checkpoint"], task="segmentation")
+    assert state["epoch"] == 1 and "net" in state["nets"]
+    assert not any(k.startswith("module.") for k in state["nets"]["net"])  # saved unwrapped from DDP
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
+    assert len(runs) == 1  # only rank 0 logs
+    run_id = runs.iloc[0]["run_id"]
+    assert runs.iloc[0]["params.scaling.workers"] == "2"
+
+    resumed_cfg = seg_config("scaling.workers=2", "train.epochs=2", "train.max_steps=2")
+    out2 = fit_ray(resumed_cfg, resume=str(tmp_path / "runs" / "ddp"))
+    assert out2["error"] is None
+    assert out2["metrics"]["epoch"] == 2  # continued from epoch 1, did not restart
+    runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
+    assert list(runs["run_id"]) == [run_id]  # the same MLflow run continued
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val/iou")]
+    assert steps == [1, 2]
+
+
+def test_fresh_run_refuses_to_overwrite(ray_session, seg_config, tmp_path: Path) -> None:
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit_ray(seg_config("run.name=taken"))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        fit_ray(seg_config(), resume=str(tmp_path / "runs" / "absent"))

@@ -1,0 +1,151 @@
+import math
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+from torch import nn
+
+from montage.nn.losses import VGGFeatures, edge_loss, gram, sobel, soft_dice_loss
+from montage.nn.unet import AttentionGate, PretrainedWeightsError, _load_resnet
+from montage.platform.metrics import alpha_metrics, binary_metrics
+from montage.platform.task import Task
+from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
+from montage.tasks.segmentation.model import SegModelConfig, SegmentationUNet
+
+
+class ListIdentity(nn.Module):
+    """A stand-in 'VGG' whose single feature map is the input itself."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
+
+def test_binary_metrics_by_hand() -> None:
+    pred = torch.tensor([[1, 1, 0, 0]])
+    target = torch.tensor([[1, 0, 1, 0]])
+    m = binary_metrics(pred, target)  # tp=fp=fn=tn=1
+    assert m["iou"].item() == pytest.approx(1 / 3)
+    for key in ("dice", "accuracy", "precision", "recall", "specificity", "f1"):
+        assert m[key].item() == pytest.approx(0.5), key
+    empty = binary_metrics(torch.zeros(1, 4), torch.zeros(1, 4))
+    assert empty["iou"].item() == 1.0 and empty["accuracy"].item() == 1.0
+    miss = binary_metrics(torch.zeros(1, 4), torch.tensor([[0, 1, 1, 1]]))
+    assert miss["iou"].item() == 0.0 and miss["recall"].item() == 0.0 and miss["f1"].item() == 0.0
+
+
+def test_alpha_metrics_by_hand() -> None:
+    pred = torch.full((2, 1, 10, 10), 0.5)
+    target = torch.zeros(2, 1, 10, 10)
+    m = alpha_metrics(pred, target)
+    assert m["sad"].shape == (2,)
+    assert m["sad"][0].item() == pytest.approx(50 / 1000)
+    assert m["mse"][0].item() == pytest.approx(0.25)
+    assert m["grad"][0].item() == pytest.approx(0.0, abs=1e-6)  # both flat
+    step = torch.zeros(1, 1, 10, 10)
+    step[..., 5:] = 1
+    assert alpha_metrics(step, target[:1])["grad"].item() > 0
+
+
+def test_dice_bce_edge_perceptual_by_hand() -> None:
+    assert soft_dice_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])).item() == pytest.approx(0.25)
+    ramp = torch.arange(4.0).repeat(4, 1).view(1, 1, 4, 4)  # columns 0, 1, 2, 3
+    g = sobel(ramp)
+    assert g.shape == (1, 2, 4, 4)
+    assert g[0, 0, 1].tolist() == [4.0, 8.0, 8.0, 4.0]  # replicate padding at the borders
+    assert g[0, 1].abs().sum().item() == 0.0
+    assert edge_loss(ramp, torch.zeros_like(ramp)).item() == pytest.approx(3.0)
+
+    cfg = SegLossConfig(vgg_weights="random")
+    loss = SegmentationLoss(cfg, vgg=ListIdentity())
+    logits = torch.zeros(1, 1, 4, 4)  # p = 0.5 everywhere
+    target = torch.ones(1, 1, 4, 4)
+    image = torch.ones(1, 3, 4, 4)
+    terms = loss(logits, target, image)
+    assert terms["bce"].item() == pytest.approx(math.log(2))
+    assert terms["dice"].item() == pytest.approx(1 - (2 * 8 + 1) / (8 + 16 + 1))
+    assert terms["edge"].item() == pytest.approx(0.0)
+    assert terms["perceptual"].item() == pytest.approx(0.5)  # |1·0.5 − 1·1|
+    valid = torch.zeros(1, 1, 4, 4)
+    valid[..., :2] = 1
+    logits2 = torch.full((1, 1, 4, 4), 5.0)
+    logits2[..., 2:] = -5.0  # wrong only where ignored
+    assert loss(logits2, target, image, valid)["bce"].item() == pytest.approx(math.log1p(math.exp(-5)))
+
+
+def test_weighted_total_uses_config_weights() -> None:
+    terms = {"bce": torch.tensor(2.0), "dice": torch.tensor(3.0), "edge": torch.tensor(5.0)}
+    assert Task.weighted_total(terms, {"bce": 1.0, "dice": 0.5, "edge": 0.0}).item() == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="every loss weight is zero"):
+        Task.weighted_total(terms, {})
+
+
+def test_gram_matrix() -> None:
+    x = torch.ones(1, 2, 2, 2)
+    assert torch.allclose(gram(x), torch.full((1, 2, 2), 4 / 8))
+
+
+def test_attention_gate_formula_and_shapes() -> None:
+    gate = AttentionGate(g_ch=8, x_ch=4, inter_ch=2)
+    for p in gate.parameters():
+        nn.init.zeros_(p)
+    nn.init.constant_(gate.psi.bias, 1.0)
+    g, x = torch.randn(2, 8, 16, 16), torch.randn(2, 4, 16, 16)
+    out = gate(g, x)
+    assert out.shape == x.shape
+    assert gate.last_alpha.shape == (2, 1, 16, 16)
+    assert torch.allclose(out, x * torch.sigmoid(torch.tensor(1.0)))  # α = σ(ψ(ReLU(0)) + 1)
+
+
+def test_unet_shapes_attention_maps_and_size() -> None:
+    cfg = SegModelConfig(encoder="tiny", pretrained=False, decoder_channels=[16, 16, 8, 8, 8])
+    model = SegmentationUNet(cfg).eval()
+    x = torch.rand(2, 3, 64, 64)
+    assert model(x).shape == (2, 1, 64, 64)
+    maps = model.decoder.attention_maps()
+    assert [m.shape[-1] for m in maps] == [4, 8, 16, 32]  # one gate per skip
+    n = sum(p.numel() for p in model.parameters())
+    assert 5_000 < n < 60_000, n
+    ckpt = SegmentationUNet(SegModelConfig(encoder="tiny", pretrained=False, decoder_channels=[16, 16, 8, 8, 8], grad_checkpointing=True)).train()
+    ckpt(torch.rand(2, 3, 64, 64)).sum().backward()  # checkpointed decoder trains
+    assert all(p.grad is not None for p in ckpt.decoder.parameters())
+
+
+def test_resnet34_channels() -> None:
+    model = SegmentationUNet(SegModelConfig(encoder="resnet34", pretrained=False))
+    assert model.encoder.channels == [64, 64, 128, 256, 512]
+    with torch.no_grad():
+        feats = model.encoder(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [64, 64, 128, 256, 512]
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]
+
+
+def test_pretrained_offline_fails_clearly_and_local_path_works(monkeypatch, tmp_path: Path) -> None:
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(PretrainedWeightsError, match="weights_path"):
+        _load_resnet("resnet18", pretrained=True, weights_path=None)
+    with pytest.raises(PretrainedWeightsError, match="vgg_weights"):
+        VGGFeatures(weights="imagenet")
+    import torchvision
+
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    loaded = _load_resnet("resnet18", pretrained=True, weights_path=str(path))
+    assert torch.equal(loaded.conv1.weight, ref.conv1.weight)
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        _load_resnet("resnet18", pretrained=True, weights_path=str(tmp_path / "nope.pth"))
+
+
+def test_random_vgg_is_deterministic_and_frozen() -> None:
+    a, b = VGGFeatures(["relu1_2"], "random"), VGGFeatures(["relu1_2"], "random")
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(a(x)[0], b(x)[0])
+    assert not any(p.requires_grad for p in a.parameters())
+    with pytest.raises(ValueError, match="unknown VGG16 layers"):
+        VGGFeatures(["relu9_9"], "random")
