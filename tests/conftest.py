@@ -30,6 +30,25 @@ TINY_SEG = [
 ]
 
 
+TINY = {
+    "segmentation": TINY_SEG,
+    "harmonization": [
+        "model.widths=[8,16,32]",
+        "data.source=synthetic",
+        "data.size=32",
+        "data.synthetic_train=32",
+        "data.synthetic_val=8",
+        "loss.vgg_weights=random",
+        "loss.vgg_layers=[relu1_2]",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.loader_workers=0",
+        "train.progress=false",
+        "scaling.cpus_per_worker=0.5",
+    ],
+}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole run (start-up costs seconds)."""
@@ -44,16 +63,30 @@ def ray_session():
 @pytest.fixture
 def seg_config(tmp_path: Path):
     """A tiny synthetic segmentation config writing runs and MLflow under tmp_path."""
+
+    def make(*overrides: str):
+        return _tiny("segmentation", tmp_path, overrides)
+
+    return make
+
+
+def _tiny(task: str, tmp_path: Path, overrides):
     from montage.platform.config import load_config
     from montage.platform.registry import TASKS
 
-    def make(*overrides: str):
-        spec = TASKS.get("segmentation").spec
-        return load_config("segmentation", spec, None, TINY_SEG + [
-            f"run.storage={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
-            f"tracking.artifacts={tmp_path / 'mlartifacts'}",
-            *overrides,
-        ])
+    return load_config(task, TASKS.get(task).spec, None, TINY[task] + [
+        f"run.storage={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+        f"tracking.artifacts={tmp_path / 'mlartifacts'}",
+        *overrides,
+    ])
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """``tiny_config(task, *overrides)``: a tiny synthetic config of any task under tmp_path."""
+
+    def make(task: str, *overrides: str):
+        return _tiny(task, tmp_path, overrides)
 
     return make

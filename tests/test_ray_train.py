@@ -42,3 +42,15 @@ def test_fresh_run_refuses_to_overwrite(ray_session, seg_config, tmp_path: Path)
         fit_ray(seg_config("run.name=taken"))
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         fit_ray(seg_config(), resume=str(tmp_path / "runs" / "absent"))
+
+
+@pytest.mark.parametrize("task", ["harmonization"])
+def test_two_worker_fit_of_other_tasks(ray_session, tiny_config, task: str) -> None:
+    cfg = tiny_config(task, "scaling.workers=2", "train.epochs=1", "train.max_steps=2", f"run.name={task}")
+    out = fit_ray(cfg)
+    assert out["error"] is None and out["metrics"]["epoch"] == 1
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[f"montage-{task}"])
+    assert len(runs) == 1
+    metric = {"harmonization": "metrics.val/fmse", "pix2pix": "metrics.val/l1"}[task]
+    assert runs.iloc[0][metric] >= 0

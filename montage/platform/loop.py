@@ -340,7 +340,8 @@ class Loop:
 
     def describe(self, metrics: dict[str, float]) -> str:
         monitor = self.best.metric
-        keys = [k for k in ("train/total", "val/loss", monitor) if k in metrics]
+        baseline = monitor.replace("val/", "val/baseline_", 1)
+        keys = [k for k in ("train/total", "val/loss", monitor, baseline) if k in metrics]
         parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
         mark = " *" if self.is_best else ""
         return f"[{self.task.name}] epoch {self.epoch}/{self.cfg.train.epochs} {parts} ({metrics['time/epoch_s']:.1f}s){mark}"
