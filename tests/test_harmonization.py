@@ -129,3 +129,33 @@ def test_identity_model_scores_the_composite_baseline_and_training_beats_it(tiny
     after = loop.last_metrics
     print(f"val fMSE composite {after['val/baseline_fmse']:.0f} → harmonized {loop.best.value:.0f}")
     assert loop.best.value < 0.85 * after["val/baseline_fmse"]
+
+
+def test_cutouts_source_and_predict_cli(tiny_config, tmp_path: Path) -> None:
+    from montage.platform.cli import main
+    from montage.platform.runner import fit_local
+    from montage.tasks.harmonization.data import CutoutsOnBackgrounds
+
+    rng = np.random.default_rng(0)
+    rgba = np.zeros((20, 10, 4), np.uint8)
+    rgba[..., :3] = rng.integers(0, 255, (20, 10, 3))
+    rgba[4:16, 2:8, 3] = 255
+    (tmp_path / "cut").mkdir()
+    cv2.imwrite(str(tmp_path / "cut" / "a.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    _write(tmp_path / "bg" / "b.jpg", rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    src = CutoutsOnBackgrounds(str(tmp_path / "cut"), str(tmp_path / "bg"), 4, PerturbConfig())
+    comp, mask, real = src.load(0, np.random.default_rng(3))
+    assert comp.shape == real.shape == (40, 50, 3) and mask.max() == 255
+    np.testing.assert_array_equal(comp[mask == 0], real[mask == 0])
+
+    out = fit_local(tiny_config("harmonization", "run.name=h", "tracking.enabled=false"))
+    _write(tmp_path / "comp.png", comp)
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    rc = main(["predict", "harmonization", "--checkpoint", out["best_checkpoint"], "--composite", str(tmp_path / "comp.png"),
+               "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png"), "--sharpen", "0.5"])
+    assert rc == 0
+    res = cv2.cvtColor(cv2.imread(str(tmp_path / "out.png")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(res[mask == 0], comp[mask == 0])
+    cv2.imwrite(str(tmp_path / "small.png"), mask[:10, :10])
+    assert main(["predict", "harmonization", "--checkpoint", out["best_checkpoint"], "--composite", str(tmp_path / "comp.png"),
+                 "--mask", str(tmp_path / "small.png"), "--output", str(tmp_path / "x.png")]) == 2

@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from montage.platform.checkpoint import CheckpointError
     from montage.platform.config import ConfigError
+    from montage.platform.imaging import ImageError
     from montage.platform.registry import UnknownNameError
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, quiet_ray=not args.verbose)
     try:
         return args.func(args, extra) if getattr(args, "wants_extra", False) else args.func(args)
-    except (ConfigError, UnknownNameError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, UnknownNameError, CheckpointError, ImageError, FileNotFoundError, FileExistsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
 
