@@ -111,6 +111,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from montage.platform.registry import DATA_COMMANDS
+
+    return DATA_COMMANDS.get(args.name)(extra)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from montage.demo import run_demo
 
@@ -144,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=cmd_config)
+
+    dt = sub.add_parser("data", help="prepare a dataset, e.g. `montage data catflw --src DIR --out DIR`")
+    dt.add_argument("name", help="the data command (catflw, ...)")
+    dt.set_defaults(func=cmd_data, wants_extra=True)
 
     ls = sub.add_parser("tasks", help="list the registered tasks")
     ls.set_defaults(func=cmd_tasks)

@@ -69,3 +69,4 @@ class Registry(Generic[T]):
 
 
 TASKS: Registry = Registry("task", "montage.tasks")
+DATA_COMMANDS: Registry = Registry("data command", "montage.data")  # name → fn(argv) -> exit code
