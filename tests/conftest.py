@@ -46,6 +46,24 @@ TINY = {
         "train.progress=false",
         "scaling.cpus_per_worker=0.5",
     ],
+    "pix2pix": [
+        "model.ngf=4",
+        "model.ndf=4",
+        "model.num_downs=5",
+        "model.d_layers=2",
+        "data.source=synthetic",
+        "data.size=32",
+        "data.sigma=1.0",
+        "data.synthetic_train=32",
+        "data.synthetic_val=8",
+        "loss.vgg_weights=random",
+        "loss.vgg_layers=[relu1_2]",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.loader_workers=0",
+        "train.progress=false",
+        "scaling.cpus_per_worker=0.5",
+    ],
 }
 
 

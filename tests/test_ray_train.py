@@ -44,7 +44,7 @@ def test_fresh_run_refuses_to_overwrite(ray_session, seg_config, tmp_path: Path)
         fit_ray(seg_config(), resume=str(tmp_path / "runs" / "absent"))
 
 
-@pytest.mark.parametrize("task", ["harmonization"])
+@pytest.mark.parametrize("task", ["harmonization", "pix2pix"])
 def test_two_worker_fit_of_other_tasks(ray_session, tiny_config, task: str) -> None:
     cfg = tiny_config(task, "scaling.workers=2", "train.epochs=1", "train.max_steps=2", f"run.name={task}")
     out = fit_ray(cfg)
