@@ -111,6 +111,56 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from montage.platform.tune import load_tune_config, run_sweep
+
+    overrides = list(args.overrides)
+    if args.promote:
+        overrides.append(f"promote={args.promote}")
+    tcfg, base, params = load_tune_config(args.config, overrides)
+    result = run_sweep(tcfg, base, params, resume=args.resume, address=args.address)
+    print(format_sweep(result, tcfg.metric))
+    if result.table and all(t["error"] for t in result.table):
+        log.error("every trial failed; the first error: %s", result.errors[0])
+        return 1
+    return 0
+
+
+def format_sweep(result: Any, metric: str) -> str:
+    keys = list(result.table[0]["params"]) if result.table else []
+    head = ["trial", "status", "epochs", *keys, f"best {metric}"]
+    rows = [[t["name"], t["status"], str(t["epochs"]), *[_fmt(t["params"][k]) for k in keys], _fmt(t["metrics"].get(f"best/{metric}"))] for t in result.table]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+    lines = [f"sweep {result.name} (MLflow parent run {result.parent_run_id})", "  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if result.best:
+        lines.append(f"best: {result.best['name']} {metric}={_fmt(result.best['metrics'].get(f'best/{metric}'))}")
+    if result.registered:
+        r = result.registered
+        lines.append(f"registered {r['name']} version {r['version']}" + (" → @champion" if r["promoted"] else " (champion kept)"))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from montage.platform import sweep_tracking as st
+
+    if args.action == "promote":
+        if not args.version:
+            raise ValueError("montage models promote <task> <version>")
+        st.promote(args.task, args.version, args.tracking_uri or "")
+        print(f"{st.model_name(args.task)}@{st.CHAMPION} → version {args.version}")
+        return 0
+    champ = st.champion(args.task, args.tracking_uri or "")
+    for v in st.list_versions(args.task, args.tracking_uri or ""):
+        mark = f"@{st.CHAMPION}" if champ is not None and str(champ.version) == str(v.version) else ""
+        print(f"{v.name} v{v.version:<4} {v.tags.get('montage.metric', '?')}={v.tags.get('montage.value', '?'):<12} sweep={v.tags.get('montage.sweep', '-')} run={v.run_id} {mark}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     from montage.platform.registry import DATA_COMMANDS
 
@@ -150,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=cmd_config)
+
+    tu = sub.add_parser("tune", help="a Ray Tune + Optuna sweep from a tune config (tune_configs/*.yaml)")
+    tu.add_argument("config")
+    tu.add_argument("overrides", nargs="*", help="overrides of the tune config (num_samples=2) or, as base.<key>=v, of the training config")
+    tu.add_argument("--resume", action="store_true", help="continue the interrupted sweep name=<sweep> in storage")
+    tu.add_argument("--promote", choices=["better", "always", "never"], help="move @champion to the best trial's model")
+    tu.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    tu.set_defaults(func=cmd_tune)
+
+    mo = sub.add_parser("models", help="the MLflow registry: list versions, move @champion")
+    mo.add_argument("action", choices=["list", "promote"])
+    mo.add_argument("task")
+    mo.add_argument("version", nargs="?")
+    mo.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
+    mo.set_defaults(func=cmd_models)
 
     dt = sub.add_parser("data", help="prepare a dataset, e.g. `montage data catflw --src DIR --out DIR`")
     dt.add_argument("name", help="the data command (catflw, ...)")

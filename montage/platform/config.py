@@ -229,7 +229,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    elif origin is dict:
+    elif origin is dict or tp is dict:
         if isinstance(value, dict):
             return dict(value)
     else:  # pragma: no cover - a section declared a type this loader does not know

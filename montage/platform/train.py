@@ -149,3 +149,10 @@ def _monitor(cfg: ExperimentConfig) -> tuple[str, str]:
     from montage.platform.registry import TASKS
 
     return TASKS.get(cfg.task).monitor
+
+
+def download_checkpoint(path: str) -> str:
+    """A Ray checkpoint on remote storage (s3://, gs://) → a local folder."""
+    import ray.train
+
+    return ray.train.Checkpoint(path).to_directory()

@@ -1,0 +1,237 @@
+"""MLflow side of a sweep: the parent run, trial outcomes on the child runs, the summary
+plots, and the model registry (register, compare with the champion, move the alias)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from montage.platform.config import ExperimentConfig, to_dict
+from montage.platform.tracking import get_experiment_id, git_commit, log_checkpoint_model, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+def model_name(task: str) -> str:
+    return f"montage-{task}"
+
+
+def _client(uri: str = "") -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: str, resume: bool) -> str:
+    """Create the sweep's parent run (or find it again when resuming)."""
+    client = _client(base.tracking.uri)
+    exp_id = get_experiment_id(client, base.tracking.experiment, base.tracking.artifacts, base.tracking.uri)
+    if resume:
+        found = client.search_runs([exp_id], f"tags.`montage.sweep` = '{tcfg.name}' and tags.`montage.role` = 'sweep'")
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=tcfg.name, tags={
+        "montage.role": "sweep", "montage.sweep": tcfg.name, "montage.task": tcfg.task,
+        "montage.sweep_dir": sweep_dir, "mlflow.source.git.commit": git_commit() or "unknown",
+    })
+    rid = run.info.run_id
+    from mlflow.entities import Param
+
+    entries = {f"space.{p.key}": p.describe() for p in params}
+    entries.update({
+        "metric": tcfg.metric, "mode": tcfg.mode, "num_samples": tcfg.num_samples, "seed": tcfg.seed,
+        "scheduler": tcfg.scheduler.name, "scheduler.grace_period": tcfg.scheduler.grace_period,
+        "scheduler.reduction_factor": tcfg.scheduler.reduction_factor, "scheduler.max_t": tcfg.scheduler.max_t or base.train.epochs,
+        "trial.workers": tcfg.resources.workers, "trial.gpus": tcfg.resources.gpus, "base": tcfg.base,
+    })
+    client.log_batch(rid, params=[Param(k, str(v)) for k, v in entries.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tune_config.yaml").write_text(yaml.safe_dump(to_dict(tcfg), sort_keys=False))
+        (Path(tmp) / "base_config.yaml").write_text(yaml.safe_dump(to_dict(base), sort_keys=False))
+        client.log_artifact(rid, str(Path(tmp) / "tune_config.yaml"))
+        client.log_artifact(rid, str(Path(tmp) / "base_config.yaml"))
+    return rid
+
+
+def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
+    exp_id = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
+    return {r.data.tags.get("montage.trial", ""): r for r in runs}
+
+
+def finish_sweep(trials: list[dict[str, Any]], best: dict[str, Any] | None, tcfg: Any, base: ExperimentConfig, params: list[Any], parent_id: str) -> dict[str, Any] | None:
+    """Record every trial's outcome, summarise on the parent, register and promote the best."""
+    client = _client(base.tracking.uri)
+    children = _child_runs(client, parent_id)
+    exp_id = client.get_run(parent_id).info.experiment_id
+    for t in trials:
+        run = children.get(t["trial_id"])
+        if run is None:  # failed before its first epoch: still leave a record
+            run = client.create_run(exp_id, run_name=t["name"], tags={"mlflow.parentRunId": parent_id, "montage.trial": t["trial_id"], "montage.sweep": tcfg.name})
+        rid = run.info.run_id
+        client.set_tag(rid, "montage.trial_status", t["status"])
+        client.set_tag(rid, "montage.stopped_early", str(t["status"].startswith("stopped")).lower())
+        if t["error"]:
+            client.set_tag(rid, "montage.error", t["error"][:5000])
+            client.set_terminated(rid, "FAILED")
+        elif t["status"].startswith("stopped"):
+            client.set_terminated(rid, "KILLED")
+        elif client.get_run(rid).info.status == "RUNNING":
+            client.set_terminated(rid, "FINISHED")
+        t["mlflow_run_id"] = rid
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.csv"
+        keys = [p.key for p in params]
+        with table.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["trial", "status", "epochs", *keys, tcfg.metric, f"best/{tcfg.metric}"])
+            for t in trials:
+                w.writerow([t["name"], t["status"], t["epochs"], *[t["params"].get(k) for k in keys], t["metrics"].get(tcfg.metric), t["metrics"].get(f"best/{tcfg.metric}")])
+        client.log_artifact(parent_id, str(table))
+        for path in optuna_plots(trials, params, tcfg, Path(tmp)):
+            client.log_artifact(parent_id, str(path), "optuna")
+    registered = None
+    if best is not None:
+        value = best["metrics"][f"best/{tcfg.metric}"]
+        client.log_metric(parent_id, f"best/{tcfg.metric}", value)
+        client.set_tag(parent_id, "montage.best_trial", best["name"])
+        for k, v in best["params"].items():
+            client.set_tag(parent_id, f"best.{k}", str(v))
+        if best.get("checkpoint"):
+            registered = register_checkpoint(base, best["checkpoint"], best["mlflow_run_id"], tcfg.metric, tcfg.mode, value, tcfg.name, best["params"], tcfg.promote)
+    all_failed = all(t["error"] for t in trials)
+    client.set_terminated(parent_id, "FAILED" if all_failed else "FINISHED")
+    return registered
+
+
+def optuna_plots(trials: list[dict[str, Any]], params: list[Any], tcfg: Any, out: Path) -> list[Path]:
+    """Parallel-coordinate and parameter-importance PNGs from the finished trials (via an
+    in-memory Optuna study; matplotlib backend, no plotly needed)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = [t for t in trials if not t["error"] and f"best/{tcfg.metric}" in t["metrics"]]
+    if len(done) < 2:
+        return []
+    dists = {}
+    for p in params:
+        if p.kind == "choice":
+            dists[p.key] = optuna.distributions.CategoricalDistribution([str(v) for v in p.values])
+        elif p.kind == "int":
+            dists[p.key] = optuna.distributions.IntDistribution(int(p.low), int(p.high))
+        else:
+            dists[p.key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.kind == "loguniform")
+    study = optuna.create_study(direction="maximize" if tcfg.mode == "max" else "minimize")
+    for t in done:
+        values = {k: (str(v) if params[i].kind == "choice" else v) for i, (k, v) in enumerate(t["params"].items())}
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=t["metrics"][f"best/{tcfg.metric}"]))
+    written = []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization.matplotlib import plot_param_importances, plot_parallel_coordinate
+
+        for name, fn in (("parallel_coordinate", plot_parallel_coordinate), ("param_importances", plot_param_importances)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "experimental" notices of optuna's matplotlib backend
+                    ax = fn(study)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                path = out / f"{name}.png"
+                fig.savefig(path, dpi=100, bbox_inches="tight")
+                plt.close(fig)
+                written.append(path)
+            except Exception as exc:  # noqa: BLE001 - a plot is a nicety, never a failed sweep
+                log.warning("optuna %s plot skipped: %s", name, exc)
+    except ImportError as exc:
+        log.warning("optuna plots skipped: %s", exc)
+    return written
+
+
+# ------------------------------------------------------------------------- registry
+
+
+def _local_checkpoint(checkpoint: str) -> Path:
+    """A checkpoint folder/file on this machine (remote Ray checkpoints are downloaded)."""
+    from montage.platform.checkpoint import resolve_checkpoint_path
+
+    if "://" not in checkpoint:
+        return resolve_checkpoint_path(checkpoint)
+    from montage.platform.train import download_checkpoint
+
+    return resolve_checkpoint_path(download_checkpoint(checkpoint))
+
+
+def register_checkpoint(base: ExperimentConfig, checkpoint: str, run_id: str, metric: str, mode: str, value: float, sweep: str, params: dict[str, Any], promote: str = "better") -> dict[str, Any]:
+    """Register ``checkpoint`` as a new version of ``montage-<task>``; move ``@champion`` to it
+    when ``promote`` is ``always``, or ``better`` and it beats the champion on ``metric``."""
+    name = model_name(base.task)
+    path = _local_checkpoint(checkpoint)
+    info = log_checkpoint_model(base.tracking.uri, run_id, path, base.task, {metric: value}, registered_name=name)
+    version = str(info.registered_model_version)
+    client = _client(base.tracking.uri)
+    tags = {"montage.metric": metric, "montage.mode": mode, "montage.value": repr(float(value)), "montage.sweep": sweep, "montage.params": yaml.safe_dump(params, default_flow_style=True).strip()}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    current = champion(base.task, base.tracking.uri)
+    promoted = False
+    if promote == "always" or (promote == "better" and beats(value, mode, metric, current)):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        promoted = True
+    log.info("registered %s version %s (%s=%.5g)%s", name, version, metric, value, f"; now @{CHAMPION}" if promoted else "")
+    return {"name": name, "version": version, "promoted": promoted, "value": value, "metric": metric}
+
+
+def beats(value: float, mode: str, metric: str, current: Any) -> bool:
+    if current is None:
+        return True
+    if current.tags.get("montage.metric") != metric:
+        return True  # a champion judged on another metric cannot be compared: the sweep's rules win
+    old = float(current.tags.get("montage.value", "nan"))
+    if old != old:  # NaN
+        return True
+    return value > old if mode == "max" else value < old
+
+
+def champion(task: str, uri: str = "") -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(uri).get_model_version_by_alias(model_name(task), CHAMPION)
+    except MlflowException:
+        return None
+
+
+def list_versions(task: str, uri: str = "") -> list[Any]:
+    client = _client(uri)
+    return sorted(client.search_model_versions(f"name = '{model_name(task)}'"), key=lambda v: int(v.version))
+
+
+def promote(task: str, version: str, uri: str = "") -> None:
+    _client(uri).set_registered_model_alias(model_name(task), CHAMPION, str(version))
+
+
+def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:
+    """``models:/montage-<task>@champion`` (or a bare task name) → the local checkpoint file."""
+    import mlflow
+
+    from montage.platform.checkpoint import resolve_checkpoint_path
+
+    model_uri = uri_or_task if uri_or_task.startswith("models:/") else f"models:/{model_name(uri_or_task)}@{CHAMPION}"
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    hits = list(local.rglob("*.pt"))
+    if not hits:
+        raise FileNotFoundError(f"{model_uri} holds no checkpoint artifact")
+    return resolve_checkpoint_path(hits[0])

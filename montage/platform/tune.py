@@ -1,0 +1,330 @@
+"""Ray Tune adapter: Optuna search + ASHA over any config key, one multi-worker
+TorchTrainer per trial, an MLflow parent run per sweep with a child run per trial, and the
+best checkpoint registered (and promoted) in the MLflow model registry.
+
+A tune config (``tune_configs/*.yaml``) names the task, a base training config, the
+search space and the sweep's settings; see :class:`TuneConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from montage.platform.config import ConfigError, ExperimentConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
+from montage.platform.registry import TASKS
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["asha", "none"] = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_t: int = 0  # 0: the base config's train.epochs
+
+
+@dataclass
+class TrialResources:
+    """Every trial is a TorchTrainer of ``workers`` DDP workers with these resources each."""
+
+    workers: int = 1
+    gpus: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class TuneConfig:
+    task: str
+    base: str  # training config: a YAML path (relative to the tune config) or a shipped config name
+    search_space: dict[str, dict] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # applied to the base config before the search
+    metric: str = ""  # empty: the task's monitored metric
+    mode: Literal["", "min", "max"] = ""
+    num_samples: int = 8
+    max_concurrent: int = 0  # 0: as many as the cluster's resources fit
+    seed: int = 0
+    points_to_evaluate: list[dict] = field(default_factory=list)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: TrialResources = field(default_factory=TrialResources)
+    storage: str = "runs/tune"  # local path, NFS mount, s3:// or gs://
+    name: str = ""  # empty: <task>-sweep-<timestamp>
+    max_failures: int = 0  # retries of a failing trial
+    promote: Literal["better", "always", "never"] = "better"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+
+
+@dataclass
+class Param:
+    key: str  # dotted config key
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @property
+    def safe(self) -> str:
+        """Ray flattens nested names on '/', Optuna keeps names as given: no dots in either."""
+        return self.key.replace(".", "__")
+
+    def domain(self) -> Any:
+        from ray import tune
+
+        if self.kind == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.kind == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.kind == "int":
+            return tune.randint(int(self.low), int(self.high) + 1)
+        return tune.choice(self.values)
+
+    def describe(self) -> str:
+        return f"{self.kind}{self.values}" if self.kind == "choice" else f"{self.kind}({self.low}, {self.high})"
+
+
+def parse_space(space: dict[str, dict], base: ExperimentConfig) -> list[Param]:
+    """Validate the search space against the task's config (keys exist, values type-check)."""
+    if not space:
+        raise ConfigError("search_space is empty")
+    params = []
+    tree = to_dict(base)
+    spec = TASKS.get(base.task).spec
+    from montage.platform.config import build_config
+
+    for key, d in space.items():
+        if not isinstance(d, dict) or "type" not in d:
+            raise ConfigError(f"search_space.{key}: needs a mapping with 'type' ({', '.join(DISTRIBUTIONS)})")
+        kind = d["type"]
+        extra = set(d) - {"type", "low", "high", "values"}
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"search_space.{key}: unknown type '{kind}'; valid: {', '.join(DISTRIBUTIONS)}")
+        if extra:
+            raise ConfigError(f"search_space.{key}: unknown fields {sorted(extra)}")
+        if kind == "choice":
+            values = d.get("values")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"search_space.{key}: choice needs a non-empty 'values' list")
+            p = Param(key, kind, values=values)
+            samples = values
+        else:
+            try:
+                low, high = float(d["low"]), float(d["high"])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"search_space.{key}: {kind} needs numeric 'low' and 'high'") from None
+            if not low < high:
+                raise ConfigError(f"search_space.{key}: low ({low}) must be < high ({high})")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"search_space.{key}: loguniform needs low > 0")
+            p = Param(key, kind, low, high)
+            samples = [int(low), int(high)] if kind == "int" else [low, high]
+        for value in samples:  # the key must exist and accept the sampled values
+            trial = copy.deepcopy(tree)
+            try:
+                set_dotted(trial, key, value)
+                build_config(base.task, spec, trial)
+            except ConfigError as exc:
+                raise ConfigError(f"search_space.{key}: {exc}") from exc
+        params.append(p)
+    return params
+
+
+def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneConfig, ExperimentConfig, list[Param]]:
+    """Read and validate a tune config; ``overrides`` ``a.b=c`` apply to the tune config itself
+    (``num_samples=2``, ``storage=...``) or, under ``base.``, to the training config."""
+    from montage.platform.cli import resolve_config_path
+    from montage.platform.config import parse_override
+
+    path = Path(path)
+    tree = read_yaml(path)
+    base_over: list[str] = []
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key.startswith("base."):
+            base_over.append(text[len("base.") :])
+        else:
+            set_dotted(tree, key, value)
+    tcfg = from_dict(TuneConfig, tree)
+    base_path = path.parent / tcfg.base if (path.parent / tcfg.base).is_file() else resolve_config_path(tcfg.base)
+    task_cls = TASKS.get(tcfg.task)
+    base = load_config(tcfg.task, task_cls.spec, base_path, tcfg.overrides + base_over)
+    tcfg.metric = tcfg.metric or task_cls.monitor[0]
+    tcfg.mode = tcfg.mode or task_cls.monitor[1]
+    r = tcfg.resources
+    base.scaling.workers, base.scaling.gpus = r.workers, r.gpus
+    base.scaling.cpus_per_worker, base.scaling.gpus_per_worker = r.cpus_per_worker, r.gpus_per_worker
+    params = parse_space(tcfg.search_space, base)
+    for point in tcfg.points_to_evaluate:
+        unknown = set(point) - {p.key for p in params}
+        if unknown:
+            raise ConfigError(f"points_to_evaluate: {sorted(unknown)} not in the search space")
+    return tcfg, base, params
+
+
+def trial_concurrency(tcfg: TuneConfig, cluster: dict[str, float]) -> int:
+    """How many trials fit the cluster at once; fails early when one cannot fit at all."""
+    r = tcfg.resources
+    cpus = r.workers * r.cpus_per_worker + 0.01  # + the trial function's own reservation
+    fit = math.floor(cluster.get("CPU", 0) / cpus + 1e-9)
+    if r.gpus:
+        fit = min(fit, math.floor(cluster.get("GPU", 0) / (r.workers * r.gpus_per_worker) + 1e-9))
+    if fit < 1:
+        need = f"{cpus:g} CPUs" + (f" and {r.workers * r.gpus_per_worker:g} GPUs" if r.gpus else "")
+        raise ConfigError(f"one trial needs {need} but the cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs: lower resources.workers / cpus_per_worker")
+    return min(fit, tcfg.max_concurrent) if tcfg.max_concurrent else fit
+
+
+def trial_name(trial_id: str) -> str:
+    """Short, stable names: the Tune trial folder, its TorchTrainer run and its MLflow run."""
+    return f"trial_{trial_id}"
+
+
+def _trial_label(trial: Any) -> str:
+    return trial_name(trial.trial_id)
+
+
+def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, str]) -> None:
+    """The Tune trial: one TorchTrainer whose workers report to Tune via TuneReportCallback."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from montage.platform.cli import setup_logging
+    from montage.platform.runner import config_from_tree
+    from montage.platform.train import make_trainer
+
+    setup_logging()
+    tree = copy.deepcopy(base_tree)
+    for safe, value in config.items():
+        set_dotted(tree, safe.replace("__", "."), value)
+    ctx = ray.tune.get_context()
+    tree["run"]["name"] = trial_name(ctx.get_trial_id())
+    tree["run"]["storage"] = sweep["trials_storage"]
+    tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
+    cfg = config_from_tree(tree)
+    tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
+    result = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags).fit()
+    if result.error:
+        raise result.error
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    table: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    registered: dict[str, Any] | None
+    errors: list[str]
+
+
+def run_sweep(tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], resume: bool = False, address: str | None = None) -> SweepResult:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from montage.platform import sweep_tracking as st
+    from montage.platform.tracking import prepare_tracking
+    from montage.platform.train import ensure_ray, storage_path
+
+    if resume and not tcfg.name:
+        raise ConfigError("--resume needs the sweep's name= (its folder under storage)")
+    tcfg.name = tcfg.name or f"{tcfg.task}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage_path(tcfg.storage)
+    sweep_dir = f"{storage.rstrip('/')}/{tcfg.name}"
+    prepare_tracking(base)
+    ensure_ray(address)
+    concurrency = trial_concurrency(tcfg, ray.cluster_resources())
+    parent_id = st.parent_run(base, tcfg, params, sweep_dir, resume)
+    log.info("sweep %s: %d trials, %d at a time, metric %s (%s); MLflow parent run %s", tcfg.name, tcfg.num_samples, concurrency, tcfg.metric, tcfg.mode, parent_id)
+
+    sweep = {"name": tcfg.name, "parent_run_id": parent_id, "trials_storage": f"{sweep_dir}/trials"}
+    trainable = tune.with_resources(tune.with_parameters(_trial, base_tree=to_dict(base), sweep=sweep), {"cpu": 0.01})
+    if resume:
+        if not tune.Tuner.can_restore(sweep_dir):
+            raise FileNotFoundError(f"no sweep to resume at {sweep_dir}")
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        points = [{next(p.safe for p in params if p.key == k): v for k, v in pt.items()} for pt in tcfg.points_to_evaluate]
+        searcher = ConcurrencyLimiter(OptunaSearch(metric=tcfg.metric, mode=tcfg.mode, seed=tcfg.seed, points_to_evaluate=points or None), max_concurrent=concurrency)
+        s = tcfg.scheduler
+        scheduler = (
+            ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or base.train.epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+            if s.name == "asha" else FIFOScheduler()
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={p.safe: p.domain() for p in params},
+            tune_config=tune.TuneConfig(
+                metric=tcfg.metric, mode=tcfg.mode, search_alg=searcher, scheduler=scheduler, num_samples=tcfg.num_samples,
+                trial_name_creator=_trial_label, trial_dirname_creator=_trial_label,
+            ),
+            run_config=tune.RunConfig(name=tcfg.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=tcfg.max_failures), verbose=0),
+        )
+    grid = tuner.fit()
+    trials = _collect(grid, params, base)
+    best = _best_trial(trials, tcfg)
+    if best is not None:
+        best["checkpoint"] = _best_checkpoint(f"{sweep['trials_storage']}/{best['name']}", tcfg)
+    registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
+    errors = [t["error"] for t in trials if t["error"]]
+    return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
+
+
+def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[dict[str, Any]]:
+    """Ray's ResultGrid → plain dicts: trial, params, final metrics, status."""
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        trial_id = m.get("trial_id", "")
+        epochs = int(m.get("epoch", 0) or 0)
+        if r.error is not None:
+            status = "failed"
+        elif epochs < base.train.epochs:
+            status = "stopped early"
+        else:
+            status = "finished"
+        rows.append({
+            "trial_id": trial_id,
+            "name": trial_name(trial_id),
+            "params": {p.key: (r.config or {}).get(p.safe) for p in params},
+            "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float)) and ("/" in k or k == "epoch")},
+            "epochs": epochs,
+            "status": status,
+            "error": f"{type(r.error).__name__}: {r.error}" if r.error is not None else "",
+        })
+    return rows
+
+
+def _best_trial(trials: list[dict[str, Any]], tcfg: TuneConfig) -> dict[str, Any] | None:
+    key = f"best/{tcfg.metric}"
+    scored = [t for t in trials if not t["error"] and key in t["metrics"] and not math.isnan(t["metrics"][key])]
+    if not scored:
+        return None
+    pick = max if tcfg.mode == "max" else min
+    return pick(scored, key=lambda t: t["metrics"][key])
+
+
+def _best_checkpoint(trainer_dir: str, tcfg: TuneConfig) -> str | None:
+    """The trial's best checkpoint as kept by its TorchTrainer's CheckpointConfig."""
+    import ray.train
+
+    try:
+        result = ray.train.Result.from_path(trainer_dir)
+    except Exception as exc:  # noqa: BLE001 - a trial stopped before its first report has no run
+        log.warning("no checkpoints for %s: %s", trainer_dir, exc)
+        return None
+    ckpt = result.get_best_checkpoint(tcfg.metric, tcfg.mode) if result.best_checkpoints else None
+    return ckpt.path if ckpt is not None else None
