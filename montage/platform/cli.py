@@ -161,6 +161,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from montage.serve.app import load_serve_config, run
+
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    cfg = load_serve_config(resolve_config_path(args.config), args.overrides)
+    if args.reload:
+        run(cfg, blocking=False)
+        print(f"application '{cfg.name}' updated: replicas now serve the configured sources")
+        return 0
+    print(f"serving on http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)")
+    run(cfg, blocking=True)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     from montage.platform.registry import DATA_COMMANDS
 
@@ -215,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("version", nargs="?")
     mo.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     mo.set_defaults(func=cmd_models)
+
+    sv = sub.add_parser("serve", help="the Ray Serve application (segment, harmonize, composite, pix2pix)")
+    sv.add_argument("--config", help="serve YAML (e.g. serve.yaml)")
+    sv.add_argument("overrides", nargs="*", help="e.g. segmentation.source=runs/x/best.pt port=8080")
+    sv.add_argument("--reload", action="store_true", help="update a running application (e.g. after `montage models promote`) and exit")
+    sv.add_argument("--address", help="Ray cluster address, e.g. auto for a `ray start` cluster")
+    sv.set_defaults(func=cmd_serve)
 
     dt = sub.add_parser("data", help="prepare a dataset, e.g. `montage data catflw --src DIR --out DIR`")
     dt.add_argument("name", help="the data command (catflw, ...)")

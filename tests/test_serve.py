@@ -1,0 +1,150 @@
+"""The real Serve application on the test Ray, called over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+from conftest import _tiny
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    return cv2.imencode(".png", arr)[1].tobytes()
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from montage.platform.runner import fit_local
+    from montage.serve.app import load_serve_config, run
+
+    tmp = tmp_path_factory.mktemp("serve")
+    ckpts = {}
+    for task in ("segmentation", "harmonization", "pix2pix"):
+        out = fit_local(_tiny(task, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={task}"]))
+        ckpts[task] = out["best_checkpoint"]
+    port = _free_port()
+    overrides = [f"port={port}", "max_side=1024", "pix2pix.enabled=true"] + [f"{t}.source={p}" for t, p in ckpts.items()]
+    cfg = load_serve_config(None, overrides)
+    run(cfg)
+    yield {"url": f"http://127.0.0.1:{port}", "ckpts": ckpts, "overrides": overrides, "tmp": tmp}
+    serve.shutdown()
+
+
+def _img(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_endpoints_return_images_of_the_input_size(server) -> None:
+    url = server["url"]
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and set(health["models"]) == {"segmentation", "harmonization", "pix2pix"}
+    assert "<form" in requests.get(url, timeout=30).text
+
+    r = requests.post(f"{url}/v1/segment", files={"image": _png(_img(73, 121))}, params={"refine": "true"}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert _decode(r.content).shape == (73, 121, 4)
+    r = requests.post(f"{url}/v1/segment", files={"image": _png(_img(50, 40))}, params={"threshold": 0.5}, timeout=60)
+    assert set(np.unique(_decode(r.content)[..., 3])) <= {0, 255}
+
+    comp = _img(90, 70, 1)
+    mask = np.zeros((90, 70), np.uint8)
+    mask[20:70, 10:50] = 255
+    r = requests.post(f"{url}/v1/harmonize", files={"composite": _png(comp), "mask": _png(mask)}, data={"blend": "0.8"}, timeout=60)
+    assert r.status_code == 200
+    out = cv2.cvtColor(_decode(r.content), cv2.COLOR_BGR2RGB)
+    assert out.shape == comp.shape
+    np.testing.assert_array_equal(out[mask == 0], comp[mask == 0])
+
+    bg = _img(160, 240, 2)
+    r = requests.post(f"{url}/v1/composite", files={"person": _png(_img(100, 60, 3)), "background": _png(bg)}, data={"x": "0.3", "y": "0.5", "scale": "0.5"}, timeout=60)
+    assert r.status_code == 200
+    res = cv2.cvtColor(_decode(r.content), cv2.COLOR_BGR2RGB)
+    assert res.shape == bg.shape
+    # the person is 80 px high, 48 px wide, centred at (72, 80): outside that box the background is untouched
+    outside = np.ones(bg.shape[:2], bool)
+    outside[40:120, 48:96] = False
+    np.testing.assert_array_equal(res[outside], bg[outside])
+    r = requests.post(f"{url}/v1/composite", files={"person": _png(_img(100, 60, 3)), "background": _png(bg)}, params={"return": "layers"}, timeout=60)
+    layers = r.json()
+    import base64
+
+    assert {"image", "alpha", "composite", "mask"} <= set(layers)
+    assert _decode(base64.b64decode(layers["alpha"])).shape == (100, 60)
+    assert _decode(base64.b64decode(layers["composite"])).shape[:2] == (160, 240)
+
+    pts = np.random.default_rng(0).uniform(4, 28, (48, 2)).tolist()
+    r = requests.post(f"{url}/v1/pix2pix", data={"landmarks": json.dumps({"labels": pts})}, timeout=60)
+    assert r.status_code == 200 and _decode(r.content).shape == (32, 32, 3)
+    heat = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    r = requests.post(f"{url}/v1/pix2pix", files={"heatmap": _png(heat)}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_bad_input_gets_4xx_and_the_service_survives(server) -> None:
+    url = server["url"]
+    good = _png(_img(40, 40))
+    cases = [
+        ("/v1/segment", {"files": {"image": b"this is not an image"}}, 400, "not a decodable image"),
+        ("/v1/segment", {"files": {"image": good[: len(good) // 2]}}, 400, "not a decodable image"),
+        ("/v1/segment", {"files": {"image": b""}}, 400, "empty"),
+        ("/v1/segment", {"files": {"image": _png(np.zeros((10, 1100, 3), np.uint8))}}, 413, "limit is 1024"),
+        ("/v1/segment", {}, 422, "missing file field 'image'"),
+        ("/v1/harmonize", {"files": {"composite": good, "mask": _png(np.zeros((20, 20), np.uint8))}}, 400, "mask is 20x20"),
+        ("/v1/harmonize", {"files": {"composite": good, "mask": good}, "data": {"blend": "2"}}, 400, "blend"),
+        ("/v1/composite", {"files": {"person": good, "background": good}, "data": {"x": "3"}}, 400, "x and y"),
+        ("/v1/composite", {"files": {"person": good}}, 422, "'background'"),
+        ("/v1/pix2pix", {"data": {"landmarks": json.dumps([[1, 2]] * 5)}}, 400, "48 [x, y]"),
+        ("/v1/pix2pix", {"data": {"landmarks": "{nope"}}, 400, "not JSON"),
+        ("/v1/pix2pix", {}, 422, "exactly one"),
+    ]
+    for path, kwargs, status, text in cases:
+        r = requests.post(f"{url}{path}", timeout=60, **kwargs)
+        assert r.status_code == status, (path, kwargs.keys(), r.status_code, r.text)
+        assert text in r.json()["detail"], (path, r.json())
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert requests.post(f"{url}/v1/segment", files={"image": good}, timeout=60).status_code == 200
+
+
+def test_sixteen_concurrent_requests(server) -> None:
+    url = server["url"]
+    bg, person = _png(_img(128, 128, 5)), _png(_img(96, 64, 6))
+
+    def call(i: int) -> int:
+        return requests.post(f"{url}/v1/composite", files={"person": person, "background": bg}, timeout=120).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(16)))
+    assert codes == [200] * 16
+
+
+def test_reload_switches_the_model_in_place(server) -> None:
+    from montage.platform.runner import fit_local
+    from montage.serve.app import load_serve_config, run
+
+    tmp = server["tmp"]
+    new = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg2"]))["best_checkpoint"]
+    run(load_serve_config(None, server["overrides"] + [f"segmentation.source={new}"]))
+    health = requests.get(f"{server['url']}/healthz", timeout=30).json()
+    assert health["models"]["segmentation"] == new
+    assert requests.post(f"{server['url']}/v1/segment", files={"image": _png(_img(30, 30))}, timeout=60).status_code == 200
