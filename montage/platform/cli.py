@@ -178,6 +178,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace, extra: list[str]) -> int:
+    from montage.platform.submit import submit
+
+    return submit([args.command, *extra], args.address, args.working_dir, args.tracking_uri or "", follow=not args.no_follow, python=args.python)
+
+
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     from montage.platform.registry import DATA_COMMANDS
 
@@ -239,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--reload", action="store_true", help="update a running application (e.g. after `montage models promote`) and exit")
     sv.add_argument("--address", help="Ray cluster address, e.g. auto for a `ray start` cluster")
     sv.set_defaults(func=cmd_serve)
+
+    sb = sub.add_parser("submit", help="run `montage tune|train ...` as a Ray job on a cluster and stream its logs")
+    sb.add_argument("command", choices=["tune", "train", "data"])
+    sb.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"), help="the head's dashboard, http://HEAD:8265")
+    sb.add_argument("--working-dir", default=".", help="uploaded as the job's working dir")
+    sb.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI for the job, e.g. http://HEAD:5000")
+    sb.add_argument("--no-follow", action="store_true", help="return after submitting")
+    sb.add_argument("--python", default="python", help="the cluster's Python with montage installed (e.g. ~/venv/bin/python)")
+    sb.set_defaults(func=cmd_submit, wants_extra=True)
 
     dt = sub.add_parser("data", help="prepare a dataset, e.g. `montage data catflw --src DIR --out DIR`")
     dt.add_argument("name", help="the data command (catflw, ...)")

@@ -164,6 +164,9 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
     r = tcfg.resources
     base.scaling.workers, base.scaling.gpus = r.workers, r.gpus
     base.scaling.cpus_per_worker, base.scaling.gpus_per_worker = r.cpus_per_worker, r.gpus_per_worker
+    s = tcfg.scheduler
+    if s.name == "asha" and s.grace_period > (s.max_t or base.train.epochs):
+        raise ConfigError(f"scheduler.grace_period ({s.grace_period}) must be <= max_t ({s.max_t or base.train.epochs}: train.epochs unless scheduler.max_t is set)")
     params = parse_space(tcfg.search_space, base)
     for point in tcfg.points_to_evaluate:
         unknown = set(point) - {p.key for p in params}

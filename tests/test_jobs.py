@@ -1,0 +1,92 @@
+"""Job submission to a real local Ray head, both `montage submit` and plain `ray job submit`.
+
+(Named to run before the tests that start the shared in-process Ray session.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from montage.platform.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["num_samples=1", "base.train.epochs=1", "scheduler.grace_period=1", "base.data.size=32",
+        "base.data.synthetic_train=32", "base.data.synthetic_val=8", "base.model.decoder_channels=[8,8,8,8,8]"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("head")
+    gcs, dash = _port(), _port()
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    yield from _run_head(tmp, gcs, dash, env, ray_bin)
+
+
+def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+        cwd=tmp, env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        deadline = time.time() + 120
+        while True:  # the job agent comes up a little after the dashboard
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the Ray head did not come up: {(tmp / 'head.log').read_text()[-2000:]}")
+                time.sleep(2)
+        yield {"address": address, "tmp": tmp}
+    finally:  # only this head's processes: never `ray stop`, which would end every Ray here
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _runs(uri: str) -> int:
+    mlflow.set_tracking_uri(uri)
+    return len(mlflow.search_runs(experiment_names=["montage-segmentation"]))
+
+
+def test_montage_submit_runs_a_tuning_job(head) -> None:
+    uri = f"sqlite:///{head['tmp'] / 'a.db'}"
+    for _ in range(20):  # the agent may still refuse the very first job
+        rc = main(["submit", "tune", "tune_configs/segmentation-tiny.yaml", *TINY, f"storage={head['tmp'] / 'tune_a'}",
+                   "--address", head["address"], "--tracking-uri", uri, "--python", sys.executable, "--working-dir", str(ROOT)])
+        if rc == 0 or _runs(uri):
+            break
+        time.sleep(3)
+    assert rc == 0
+    assert _runs(uri) == 2  # the sweep's parent run and its one trial
+
+
+def test_plain_ray_job_submit(head) -> None:
+    uri = f"sqlite:///{head['tmp'] / 'b.db'}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
+           "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{uri}"}}, "excludes": [".venv", ".git"]}}',
+           "--", sys.executable, "-m", "montage", "tune", "tune_configs/segmentation-tiny.yaml", *TINY, f"storage={head['tmp'] / 'tune_b'}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout + out.stderr
+    assert _runs(uri) == 2
