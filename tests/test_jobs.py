@@ -38,7 +38,7 @@ def head(tmp_path_factory):
     yield from _run_head(tmp, gcs, dash, env, ray_bin)
 
 
-def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):
+def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):  # noqa: C901
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
@@ -61,6 +61,9 @@ def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):
     finally:  # only this head's processes: never `ray stop`, which would end every Ray here
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+        record = Path("/tmp/ray/ray_current_cluster")  # `ray start` leaves its address behind
+        if record.is_file() and str(gcs) in record.read_text():
+            record.unlink()
 
 
 def _runs(uri: str) -> int:

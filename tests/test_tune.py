@@ -148,3 +148,9 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(ray_session, tmp_path:
     assert (runs["tags.montage.role"] == "sweep").sum() == 1  # the same parent run
     children = runs[runs["tags.mlflow.parentRunId"] == result.parent_run_id]
     assert len(children) == 2 and children["tags.montage.trial"].nunique() == 2  # no duplicates
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_tune_configs_validate(path: Path) -> None:
+    tcfg, base, params = load_tune_config(path)
+    assert params and base.task == tcfg.task

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpus", action="store_true", help="one GPU per worker (scaling.gpus=true)")
     t.add_argument("--resume", help="a run folder <storage>/<name> to continue from its latest checkpoint")
     t.add_argument("--no-ray", action="store_true", help="run the loop in this process (debugging)")
-    t.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    t.add_argument("--address", help="Ray address: auto joins a `ray start` cluster on this machine (default $RAY_ADDRESS, else a private local Ray)")
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", help="run a trained checkpoint on files; see `montage predict <task> --help`")
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("overrides", nargs="*", help="overrides of the tune config (num_samples=2) or, as base.<key>=v, of the training config")
     tu.add_argument("--resume", action="store_true", help="continue the interrupted sweep name=<sweep> in storage")
     tu.add_argument("--promote", choices=["better", "always", "never"], help="move @champion to the best trial's model")
-    tu.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    tu.add_argument("--address", help="Ray address: auto joins a `ray start` cluster on this machine (default $RAY_ADDRESS, else a private local Ray)")
     tu.set_defaults(func=cmd_tune)
 
     mo = sub.add_parser("models", help="the MLflow registry: list versions, move @champion")

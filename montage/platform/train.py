@@ -73,13 +73,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / $RAY_ADDRESS, or start a local Ray, once per process."""
+    """Connect to ``address`` / $RAY_ADDRESS (``auto``: a ``ray start`` cluster on this machine),
+    or else start a private local Ray, once per process. Never guesses: a stale
+    ``ray start`` record on this machine must not make a laptop run wait on a dead head."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING, configure_logging=True)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING, configure_logging=True)
 
 
 def storage_path(storage: str) -> str:

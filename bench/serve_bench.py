@@ -1,0 +1,103 @@
+"""``/v1/composite`` latency and throughput over HTTP vs the same pipeline in-process.
+
+    python bench/serve_bench.py [--requests 32] [--size 512]
+
+Trains tiny segmentation and harmonization checkpoints (seconds), starts the Serve
+application on a local Ray, then for 1, 4 and 16 concurrent clients sends 512×512 person +
+background PNGs and reports p50/p95 latency and requests/s, next to the same work
+(decode → segment → paste → harmonize → encode) called in this process: the ratio is
+Serve's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from conftest import _tiny  # noqa: E402
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--size", type=int, default=512)
+    args = p.parse_args()
+    import ray
+    import requests
+
+    from montage.platform.imaging import decode_image, encode_png
+    from montage.platform.inference import load_predictor
+    from montage.platform.runner import fit_local
+    from montage.serve.app import load_serve_config, run
+    from montage.serve.imaging import Placement, paste
+    from montage.tasks.segmentation.sources import SyntheticPersons, textured_background
+
+    tmp = Path(tempfile.mkdtemp(prefix="montage-serve-bench-"))
+    ckpts = {t: fit_local(_tiny(t, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={t}", "data.size=64"]))["best_checkpoint"] for t in ("segmentation", "harmonization")}
+    s = args.size
+    person = encode_png(SyntheticPersons(1, size=s, seed=3).load(0)[0])
+    background = encode_png(textured_background(np.random.default_rng(1), s, s))
+
+    seg, harm = load_predictor(ckpts["segmentation"], device="cpu"), load_predictor(ckpts["harmonization"], device="cpu")
+
+    def in_process() -> bytes:
+        pi, bg = decode_image(person), decode_image(background)
+        raw, mask = paste(pi, seg([pi])[0], bg, Placement())
+        return encode_png(harm([raw], [mask])[0])
+
+    in_process()
+    local = []
+    for _ in range(args.requests):
+        t0 = time.perf_counter()
+        in_process()
+        local.append(time.perf_counter() - t0)
+
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run(load_serve_config(None, [f"port={port}", f"segmentation.source={ckpts['segmentation']}", f"harmonization.source={ckpts['harmonization']}"]))
+    url = f"http://127.0.0.1:{port}/v1/composite"
+
+    def call(_: int) -> float:
+        t0 = time.perf_counter()
+        r = requests.post(url, files={"person": person, "background": background}, timeout=300)
+        r.raise_for_status()
+        return time.perf_counter() - t0
+
+    call(0)
+    print(f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; tiny models (the figures are the platform's cost, not model compute)")
+    print(f"in-process pipeline: p50 {statistics.median(local) * 1000:.0f} ms, p95 {pct(local, 0.95) * 1000:.0f} ms, {1 / statistics.mean(local):.1f} req/s")
+    print(f"{'clients':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s':>6s} {'p50 ÷ in-process':>17s}")
+    for clients in (1, 4, 16):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            lat = list(pool.map(call, range(args.requests)))
+        wall = time.perf_counter() - t0
+        print(f"{clients:7d} {statistics.median(lat) * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {statistics.median(lat) / statistics.median(local):17.2f}")
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
