@@ -102,7 +102,8 @@ def ray_fit(cfg, steps: int, workers: int) -> tuple[float, float]:
 
     cfg.train.max_steps, cfg.train.epochs = steps, 2
     cfg.scaling.workers = workers
-    cfg.scaling.cpus_per_worker = min(1.0, (os.cpu_count() or 2) / workers)
+    # all the machine's CPUs shared by the workers: Ray sets each worker's OMP threads to its CPUs
+    cfg.scaling.cpus_per_worker = (os.cpu_count() or 2) / workers
     cfg.run.name = f"bench-{cfg.task}-{workers}-{time.time_ns()}"
     t0 = time.perf_counter()
     out = fit_ray(cfg)

@@ -13,6 +13,14 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients of a `ray start` head (Ray reads it at import)
 
+COMMON = [  # every tiny config: one short epoch, no loader processes, half a CPU per Ray worker
+    "train.epochs=1",
+    "train.batch_size=8",
+    "train.loader_workers=0",
+    "train.progress=false",
+    "scaling.cpus_per_worker=0.5",
+]
+
 TINY_SEG = [
     "model.encoder=tiny",
     "model.pretrained=false",
@@ -23,11 +31,7 @@ TINY_SEG = [
     "data.synthetic_val=8",
     "loss.vgg_weights=random",
     "loss.vgg_layers=[relu1_2]",
-    "train.epochs=1",
-    "train.batch_size=8",
-    "train.loader_workers=0",
-    "train.progress=false",
-    "scaling.cpus_per_worker=0.5",
+    *COMMON,
 ]
 
 
@@ -41,11 +45,7 @@ TINY = {
         "data.synthetic_val=8",
         "loss.vgg_weights=random",
         "loss.vgg_layers=[relu1_2]",
-        "train.epochs=1",
-        "train.batch_size=8",
-        "train.loader_workers=0",
-        "train.progress=false",
-        "scaling.cpus_per_worker=0.5",
+        *COMMON,
     ],
     "pix2pix": [
         "model.ngf=4",
@@ -59,11 +59,7 @@ TINY = {
         "data.synthetic_val=8",
         "loss.vgg_weights=random",
         "loss.vgg_layers=[relu1_2]",
-        "train.epochs=1",
-        "train.batch_size=8",
-        "train.loader_workers=0",
-        "train.progress=false",
-        "scaling.cpus_per_worker=0.5",
+        *COMMON,
     ],
 }
 
