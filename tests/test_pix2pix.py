@@ -11,7 +11,7 @@ import torch
 
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.cli import main
-from montage.platform.runner import WorkerEnv, build_loop, fit_local
+from montage.platform.runner import fit_local
 from montage.tasks.pix2pix.data import AnnotationError, crop_face, parse_catflw, prepare_catflw, render_heatmaps
 from montage.tasks.pix2pix.losses import GanLossConfig, discriminator_loss, generator_adversarial_loss, smoothed_targets
 from montage.tasks.pix2pix.model import GanModelConfig, PatchDiscriminator, UNetGenerator

@@ -123,7 +123,7 @@ def test_supervisely_bitmap_and_polygon_with_hole(tmp_path: Path) -> None:
 
 
 def test_folder_source_and_bad_image(tmp_path: Path) -> None:
-    img = _write_rgb(tmp_path / "images" / "x.jpg", 20, 30)
+    _write_rgb(tmp_path / "images" / "x.jpg", 20, 30)
     mask = np.zeros((20, 30), np.uint8)
     mask[5:15, 10:20] = 255
     (tmp_path / "masks").mkdir()

@@ -95,7 +95,7 @@ class MlflowHook(Hook):
 
     def before_train(self, loop: Loop) -> None:
         import mlflow
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         t = self.cfg.tracking
         uri = resolve_tracking_uri(t.uri)
