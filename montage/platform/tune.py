@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from montage.platform.config import ConfigError, ExperimentConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
+from montage.platform.config import ConfigError, ExperimentConfig, ScalingConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
 from montage.platform.registry import TASKS
 
 log = logging.getLogger(__name__)
@@ -33,16 +33,6 @@ class SchedulerConfig:
 
 
 @dataclass
-class TrialResources:
-    """Every trial is a TorchTrainer of ``workers`` DDP workers with these resources each."""
-
-    workers: int = 1
-    gpus: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-
-
-@dataclass
 class TuneConfig:
     task: str
     base: str  # training config: a YAML path (relative to the tune config) or a shipped config name
@@ -55,7 +45,9 @@ class TuneConfig:
     seed: int = 0
     points_to_evaluate: list[dict] = field(default_factory=list)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    resources: TrialResources = field(default_factory=TrialResources)
+    # every trial is a TorchTrainer of resources.workers workers; workers, gpus and the
+    # per-worker CPUs/GPUs replace the base config's scaling section
+    resources: ScalingConfig = field(default_factory=ScalingConfig)
     storage: str = "runs/tune"  # local path, NFS mount, s3:// or gs://
     name: str = ""  # empty: <task>-sweep-<timestamp>
     max_failures: int = 0  # retries of a failing trial
