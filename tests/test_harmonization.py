@@ -120,7 +120,7 @@ def test_inference_at_another_size_keeps_background_bit_identical() -> None:
 
 
 def test_identity_model_scores_the_composite_baseline_and_training_beats_it(tiny_config) -> None:
-    cfg = tiny_config("harmonization", "data.synthetic_train=128", "data.synthetic_val=32", "train.epochs=5", "optim.lr=0.003", "train.batch_size=16", "tracking.enabled=false")
+    cfg = tiny_config("harmonization", "data.synthetic_train=256", "data.synthetic_val=32", "train.epochs=6", "optim.lr=0.0015", "train.batch_size=16", "tracking.enabled=false")
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
     before = loop.evaluate()
     assert before["val/fmse"] == pytest.approx(before["val/baseline_fmse"], rel=1e-5)  # zero-init head = identity

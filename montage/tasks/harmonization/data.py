@@ -243,8 +243,9 @@ class SyntheticPairs(PerturbedMasks):
 class HarmonizationDataset(Dataset):
     """Yields ``{"composite": (3,S,S), "mask": (1,S,S), "target": (3,S,S)}`` in [0, 1].
 
-    Generated pairs are seeded by (seed, index) so validation is the same every epoch;
-    geometric augmentation (train only) moves composite, mask and target together.
+    Generated pairs are seeded by (seed, index), so runs are reproducible and validation is
+    the same every epoch; geometric augmentation (train only, seeded) moves composite, mask
+    and target together.
     """
 
     def __init__(self, source: PairSource, size: int, seed: int, augment: tuple[float, float] | None = None) -> None:
@@ -263,7 +264,7 @@ class HarmonizationDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, i] if not self.train else None)
+        rng = np.random.default_rng([self.seed, i])  # a fixed pair per index: reproducible runs
         try:
             comp, mask, target = self.source.load(i, rng)
         except (OSError, ValueError) as exc:
