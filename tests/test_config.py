@@ -80,3 +80,13 @@ def test_registry_lists_valid_names() -> None:
         reg.get("b")
     with pytest.raises(UnknownNameError, match="valid tasks: .*segmentation"):
         TASKS.get("nope")
+
+
+def test_config_reference_is_current() -> None:
+    from pathlib import Path
+
+    from montage.platform.reference import reference
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md").read_text()
+    assert doc == reference(), "docs/CONFIG.md is stale: python -m montage.platform.reference > docs/CONFIG.md"
+    assert "`loss.dice` | `float` | `1.0`" in doc and "`optim.lr_d`" in doc
