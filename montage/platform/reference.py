@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from importlib.metadata import entry_points
 from typing import Any
 
 from montage.platform.config import OptimConfig, RunConfig, ScalingConfig, SchedConfig, TrackingConfig, TrainConfig, to_dict
@@ -46,7 +47,8 @@ def reference() -> str:
              "every key can be set in a YAML file or as `key=value` on the command line.", "", "## Platform sections (every task)", ""]
     for name, cls in (("optim", OptimConfig), ("sched", SchedConfig), ("train", TrainConfig), ("scaling", ScalingConfig), ("run", RunConfig), ("tracking", TrackingConfig)):
         lines += _section(f"`{name}`", cls, name)
-    for task in TASKS.names():
+    # the installed tasks (entry points), not ones a test or notebook registered at run time
+    for task in sorted(ep.name for ep in entry_points(group="montage.tasks")):
         spec = TASKS.get(task).spec
         lines += [f"## Task `{task}`", "", f"Monitored metric: `{TASKS.get(task).monitor[0]}` ({TASKS.get(task).monitor[1]})."]
         if spec.defaults:
