@@ -22,6 +22,17 @@ def test_defaults_file_and_overrides_resolve_in_order(tmp_path: Path) -> None:
     assert cfg.optim.betas == (0.9, 0.999)
 
 
+def test_bare_off_is_the_word_not_a_bool(tmp_path: Path) -> None:
+    # YAML 1.1 reads `off` as False: a choice spelled "off" must still work, on the command line and in files
+    assert load_config("segmentation", SPEC, None, ["train.amp=off", "train.compile=off"]).train.amp == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("task: segmentation\ntrain:\n  amp: off\n  compile: off\n")
+    cfg = load_config("segmentation", SPEC, f, [])
+    assert (cfg.train.amp, cfg.train.compile) == ("off", "off")
+    with pytest.raises(ConfigError, match="train.amp: True is not one of"):
+        load_config("segmentation", SPEC, None, ["train.amp=on"])  # no "on" choice: still an error
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -157,3 +157,31 @@ def test_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
         load_checkpoint(path)
     save_checkpoint({"task": "toy", "x": torch.ones(2)}, tmp_path / "ok.pt")
     assert not list(tmp_path.glob(".tmp-*"))  # atomic write left no temp file
+
+
+def test_compiled_nets_train_and_save_bare_weights(tmp_path: Path) -> None:
+    # the "eager" backend runs dynamo's capture without a compiler: the plumbing, quickly
+    out = fit_local(toy_cfg(tmp_path, "train.epochs=2", "optim.lr=0.05", "train.compile=default", "train.compile_backend=eager", "run.name=comp"))
+    assert out["metrics"]["val/mse"] < 1.0
+    state = load_checkpoint(tmp_path / "comp" / "best.pt", task="toy")
+    assert sorted(state["nets"]["net"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # no _orig_mod. prefix
+    resumed = fit_local(toy_cfg(tmp_path, "train.epochs=3", "train.compile=default", "train.compile_backend=eager"), resume=tmp_path / "comp")
+    assert resumed["metrics"]["epoch"] == 3
+
+
+def test_unwrap_sees_through_compile_and_data_parallel() -> None:
+    net = nn.Linear(2, 2)
+    m = Modules(nets={"a": torch.compile(nn.DataParallel(net), backend="eager"), "b": net})
+    assert m.unwrap("a") is net and m.unwrap("b") is net
+
+
+def test_epoch_metrics_time_memory_and_startup(tmp_path: Path) -> None:
+    import time
+
+    launched = time.time() - 5.0  # as if the command had started 5 s ago
+    out = fit_local(toy_cfg(tmp_path, "train.epochs=1", "run.name=t"), launched_at=launched)
+    m = out["metrics"]
+    assert 5.0 <= m["time/startup_s"] < 60
+    assert 0 < m["time/train_s"] <= m["time/epoch_s"]
+    assert m["mem/peak_rss_mb"] > 50  # this process holds torch: tens of MiB at least
+    assert "time/startup_s" not in fit_local(toy_cfg(tmp_path, "train.epochs=1", "run.name=t2"))["metrics"]

@@ -16,6 +16,9 @@ def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tm
     out = fit_ray(cfg)
     assert out["error"] is None
     assert out["metrics"]["epoch"] == 1
+    assert 0 < out["metrics"]["time/startup_s"] < 300  # launch → rank 0's first step
+    assert out["metrics"]["mem/peak_rss_mb"] > 50 and out["metrics"]["time/train_s"] > 0
+    assert [c["metrics"]["epoch"] for c in out["checkpoints"]] == [1]
     state = load_checkpoint(out["checkpoint"], task="segmentation")
     assert state["epoch"] == 1 and "net" in state["nets"]
     assert not any(k.startswith("module.") for k in state["nets"]["net"])  # saved unwrapped from DDP

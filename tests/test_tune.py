@@ -84,6 +84,7 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     tcfg, base, params = load_tune_config(write_tune(tmp_path), ["name=sw"])
     result = run_sweep(tcfg, base, params)
     assert len(result.table) == 2 and not result.errors
+    assert all(0 < t["metrics"]["time/startup_s"] < 300 for t in result.table)  # trial start → first step
     assert result.table[0]["params"] == {"loss.dice": 1.0, "optim.lr": 0.003}  # points_to_evaluate first
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

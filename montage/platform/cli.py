@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
+LAUNCHED_AT = time.time()  # before the heavy imports: `montage train` reports start-up from here
 log = logging.getLogger("montage")
 
 NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "filelock", "ray.train", "ray.tune", "ray.serve", "optuna")
@@ -60,18 +62,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_ray:
         from montage.platform.runner import fit_local
 
-        summary = fit_local(cfg, resume=args.resume)
+        summary = fit_local(cfg, resume=args.resume, launched_at=LAUNCHED_AT)
     else:
         from montage.platform.train import fit_ray
 
-        summary = fit_ray(cfg, resume=args.resume, address=args.address)
+        summary = fit_ray(cfg, resume=args.resume, address=args.address, launched_at=LAUNCHED_AT)
     print(json.dumps(_summary(summary), indent=2, default=str))
     return 1 if summary.get("error") else 0
 
 
 def _summary(s: dict[str, Any]) -> dict[str, Any]:
-    metrics = {k: v for k, v in (s.get("metrics") or {}).items() if k.startswith(("val/", "best/", "train/total", "epoch"))}
-    return {**s, "metrics": metrics}
+    keep = ("val/", "best/", "train/total", "epoch", "time/", "mem/")
+    metrics = {k: v for k, v in (s.get("metrics") or {}).items() if k.startswith(keep)}
+    checkpoints = [{"path": c["path"], "epoch": c["metrics"].get("epoch")} for c in s.get("checkpoints", [])]
+    return {**s, "metrics": metrics, **({"checkpoints": checkpoints} if checkpoints else {})}
 
 
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:

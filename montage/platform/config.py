@@ -79,7 +79,11 @@ class TrainConfig:
     max_val_steps: int = 0  # cap on val batches; 0 = the whole val set
     sample_every: int = 1  # epochs between sample grids logged; 0 = never
     checkpoint_every: int = 0  # also keep a checkpoint every K epochs; 0 = best/latest only
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC tensors and weights (faster convolutions on tensor cores)
+    cudnn_benchmark: bool = True  # CUDA: pick the fastest conv algorithms for the (fixed) input size
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # torch.compile mode
+    compile_backend: str = "inductor"  # torch.compile backend (inductor needs a C++ compiler on CPU)
+    cache_data: bool = False  # decode + resize every sample once, up front, into memory (small datasets)
     progress: bool = True  # tqdm bar per epoch on rank 0
 
     def __post_init__(self) -> None:
@@ -196,6 +200,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if not value else "on") in args:
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on (and no/yes) as a bool
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")

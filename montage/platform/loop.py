@@ -104,6 +104,10 @@ def build_modules(
     }
     if wrap is not None:
         nets = {name: wrap(net) if any(p.requires_grad for p in net.parameters()) else net for name, net in nets.items()}
+    if cfg.train.compile != "off":
+        # after DDP: dynamo splits the graph at DDP's bucket boundaries so all-reduce overlaps backward
+        mode = None if cfg.train.compile == "default" else cfg.train.compile
+        nets = {name: torch.compile(net, mode=mode, backend=cfg.train.compile_backend) for name, net in nets.items()}
     schedulers = {name: make_scheduler(opt, cfg.sched, cfg.train.epochs) for name, opt in optimizers.items()}
     return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None})
 
@@ -187,6 +191,7 @@ class Loop:
     hooks: list[Hook] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    launched_at: float | None = None  # time.time() when the user's command started: start-up is reported
 
     def __post_init__(self) -> None:
         self.cfg = self.task.cfg
@@ -200,6 +205,7 @@ class Loop:
         self.sample_image: np.ndarray | None = None
         self.should_stop = False
         self.stop_reason = ""
+        self.startup_s: float | None = None  # launch → first batch in a train step
 
     # -- context -----------------------------------------------------------------------
     def autocast(self) -> Any:
@@ -262,6 +268,10 @@ class Loop:
             if cfg.max_steps and i >= cfg.max_steps:
                 break
             batch = self._to_device(batch)
+            if self.startup_s is None and self.launched_at is not None:
+                self.startup_s = time.time() - self.launched_at
+                if self.is_main:
+                    log.info("first train step %.1f s after launch", self.startup_s)
             last = total is not None and i + 1 >= total
             stepper.boundary = (i + 1) % cfg.accumulate == 0 or last
             with contextlib.ExitStack() as stack:
@@ -307,11 +317,13 @@ class Loop:
         while self.epoch < cfg.epochs and not self.should_stop:
             t0 = time.perf_counter()
             metrics = self.train_epoch()
+            metrics["time/train_s"] = time.perf_counter() - t0
             sample = bool(cfg.sample_every) and (self.epoch + 1) % cfg.sample_every == 0
             metrics.update(self.evaluate(sample=sample))
             metrics["epoch"] = self.epoch + 1
             metrics["lr"] = next(iter(self.m.optimizers.values())).param_groups[0]["lr"] if self.m.optimizers else 0.0
             metrics["time/epoch_s"] = time.perf_counter() - t0
+            metrics.update(self._resources())
             self._update_best(metrics)
             self.epoch += 1
             self.last_metrics = metrics
@@ -322,6 +334,15 @@ class Loop:
         for hook in self.hooks:
             hook.after_train(self)
         return self.last_metrics
+
+    def _resources(self) -> dict[str, float]:
+        """Start-up and this process's peak memory (RSS; CUDA: max allocated) so far."""
+        out = {"mem/peak_rss_mb": peak_rss_mb()}
+        if self.device.type == "cuda":
+            out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.startup_s is not None:
+            out["time/startup_s"] = self.startup_s
+        return out
 
     def _update_best(self, metrics: dict[str, float]) -> None:
         name = self.best.metric
@@ -381,6 +402,14 @@ class Loop:
                 h.load_state_dict(state["hooks"][h.key])
         if self.world_size == 1 and "rng" in state:  # DDP ranks keep their own seeds
             torch.set_rng_state(state["rng"]["torch"].cpu())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def _len_or_none(loader: Any) -> int | None:

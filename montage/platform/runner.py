@@ -81,10 +81,13 @@ class WorkerEnv:
     world_size: int = 1
     wrap_model: Callable[[nn.Module], nn.Module] | None = None
     wrap_loader: Callable[[DataLoader], Any] | None = None
+    launched_at: float | None = None  # time.time() at the user's command, for the start-up figure
 
 
 def build_loop(cfg: ExperimentConfig, env: WorkerEnv, hooks: list[Hook]) -> Loop:
     seed_everything(cfg.train.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     task = make_task(cfg)
     modules = build_modules(task, env.device, env.wrap_model)
     train_ds, val_ds = task.datasets()
@@ -92,7 +95,7 @@ def build_loop(cfg: ExperimentConfig, env: WorkerEnv, hooks: list[Hook]) -> Loop
     val_loader = make_loader(val_ds, cfg, train=False, device=env.device)
     if env.wrap_loader is not None:
         train_loader, val_loader = env.wrap_loader(train_loader), env.wrap_loader(val_loader)
-    return Loop(task, modules, train_loader, val_loader, env.device, hooks, env.rank, env.world_size)
+    return Loop(task, modules, train_loader, val_loader, env.device, hooks, env.rank, env.world_size, env.launched_at)
 
 
 def resume_state(path: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -105,7 +108,13 @@ def resume_state(path: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:
     return load_checkpoint(path, task=cfg.task, model_config=to_dict(cfg.model))
 
 
-def fit_local(cfg: ExperimentConfig, resume: str | Path | None = None, device: str | None = None, extra_hooks: list[Hook] | None = None) -> dict[str, Any]:
+def fit_local(
+    cfg: ExperimentConfig,
+    resume: str | Path | None = None,
+    device: str | None = None,
+    extra_hooks: list[Hook] | None = None,
+    launched_at: float | None = None,
+) -> dict[str, Any]:
     """Train in this process: same loop, hooks and files as under Ray, one rank, no DDP.
 
     Writes ``<run.storage>/<run.name>/{config.yaml,latest.pt,best.pt}``; returns a summary.
@@ -126,7 +135,7 @@ def fit_local(cfg: ExperimentConfig, resume: str | Path | None = None, device: s
         prepare_tracking(cfg)
         hooks.append(MlflowHook(cfg, best_path=ckpt.best_path))
     hooks += extra_hooks or []
-    loop = build_loop(cfg, WorkerEnv(device=dev), hooks)
+    loop = build_loop(cfg, WorkerEnv(device=dev, launched_at=launched_at), hooks)
     if resume is not None:
         loop.load_state_dict(resume_state(resume, cfg))
         log.info("resumed %s at epoch %d (best %s=%s)", run_dir, loop.epoch, loop.best.metric, loop.best.value)

@@ -36,9 +36,14 @@ class Modules:
     def unwrap(self, name: str) -> nn.Module:
         """The bare module behind a DDP/compile wrapper (for eval, export and state)."""
         net = self.nets[name]
-        while hasattr(net, "module") and isinstance(net.module, nn.Module):
-            net = net.module
-        return getattr(net, "_orig_mod", net)
+        while True:
+            # torch.compile keeps the module as the submodule ``_orig_mod``; DDP as ``module``
+            inner = net._modules.get("_orig_mod")
+            if inner is None and isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+                inner = net.module
+            if inner is None:
+                return net
+            net = inner
 
 
 class Stepper(Protocol):

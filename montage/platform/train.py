@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         world_size=world,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
         wrap_loader=lambda dl: ray.train.torch.prepare_data_loader(dl, move_to_device=False),
+        launched_at=config.get("launched_at"),
     )
     hooks: list[Hook] = []
     if rank == 0:
@@ -88,8 +90,16 @@ def storage_path(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def make_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None, tags: dict[str, str] | None = None) -> Any:
-    """A configured ``TorchTrainer`` for ``cfg`` (name and storage already final)."""
+def make_trainer(
+    cfg: ExperimentConfig,
+    callbacks: list[Any] | None = None,
+    tags: dict[str, str] | None = None,
+    launched_at: float | None = None,
+) -> Any:
+    """A configured ``TorchTrainer`` for ``cfg`` (name and storage already final).
+
+    ``launched_at`` (``time.time()`` when the user's command or the Tune trial started) makes
+    rank 0 report ``time/startup_s``, the seconds until its first train step."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -100,7 +110,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None, tags
         resources["GPU"] = sc.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "tags": tags or {}},
+        train_loop_config={"config": to_dict(cfg), "tags": tags or {}, "launched_at": launched_at},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.gpus, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -114,7 +124,7 @@ def make_trainer(cfg: ExperimentConfig, callbacks: list[Any] | None = None, tags
     )
 
 
-def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | None = None) -> dict[str, Any]:
+def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | None = None, launched_at: float | None = None) -> dict[str, Any]:
     """Train ``cfg`` with a TorchTrainer of ``scaling.workers`` DDP workers.
 
     ``resume``: a run folder ``<storage>/<name>`` (or just a run name under ``run.storage``)
@@ -135,12 +145,14 @@ def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | Non
     if cfg.tracking.enabled:
         prepare_tracking(cfg)
     ensure_ray(address)
-    trainer = make_trainer(cfg, tags={"mlflow.source.git.commit": git_commit()})
+    trainer = make_trainer(cfg, tags={"mlflow.source.git.commit": git_commit()}, launched_at=launched_at or time.time())
     result = trainer.fit()
     best = result.get_best_checkpoint(*_monitor(cfg)) if result.best_checkpoints else None
+    kept = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("epoch", 0))
     return {
         "run_dir": str(run_dir),
         "metrics": dict(result.metrics or {}),
+        "checkpoints": [{"path": c.path, "metrics": m} for c, m in kept],  # the kept ones, by epoch
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": best.path if best else None,
         "error": repr(result.error) if result.error else None,

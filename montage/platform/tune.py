@@ -191,6 +191,7 @@ def _trial_label(trial: Any) -> str:
 
 def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, str]) -> None:
     """The Tune trial: one TorchTrainer whose workers report to Tune via TuneReportCallback."""
+    started = time.time()
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -208,7 +209,7 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
     cfg = config_from_tree(tree)
     tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
-    result = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags).fit()
+    result = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags, launched_at=started).fit()
     if result.error:
         raise result.error
 

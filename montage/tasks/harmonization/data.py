@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError, list_images, read_image, read_mask
-from montage.tasks.segmentation.data import to_tensor_image
+from montage.tasks.segmentation.data import letterbox_ops, to_tensor_image
 from montage.tasks.segmentation.sources import SOURCES as MASK_SOURCES
 from montage.tasks.segmentation.sources import SyntheticPersons
 
@@ -248,27 +249,39 @@ class HarmonizationDataset(Dataset):
     and target together.
     """
 
-    def __init__(self, source: PairSource, size: int, seed: int, augment: tuple[float, float] | None = None) -> None:
+    def __init__(
+        self,
+        source: PairSource,
+        size: int,
+        seed: int,
+        augment: tuple[float, float] | None = None,
+        cache: bool = False,
+        indices: list[int] | None = None,
+    ) -> None:
         self.source, self.seed = source, seed
-        ops: list[A.BasicTransform] = [
-            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
-            A.PadIfNeeded(min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-        ]
+        ops = letterbox_ops(size)
+        self.letterbox = A.Compose(letterbox_ops(size), additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR)
         if augment is not None:
             hflip, affine = augment
             ops += [op for op in (A.HorizontalFlip(p=hflip), A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=affine)) if op.p > 0]
         self.transform = A.Compose(ops, additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR, seed=seed)
         self.train = augment is not None
+        self.pairs = SampleCache(self._letterboxed, range(len(source)) if indices is None else indices, cache, type(source).__name__)
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def _letterboxed(self, i: int) -> Triple:
         rng = np.random.default_rng([self.seed, i])  # a fixed pair per index: reproducible runs
         try:
             comp, mask, target = self.source.load(i, rng)
         except (OSError, ValueError) as exc:
             raise ImageError(f"bad sample {self.source.name(i)}: {exc}") from exc
+        out = self.letterbox(image=comp, mask=mask, target=target)
+        return out["image"], out["mask"], out["target"]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        comp, mask, target = self.pairs(i)
         out = self.transform(image=comp, mask=mask, target=target)
         return {
             "composite": to_tensor_image(out["image"]),
@@ -295,12 +308,13 @@ def _source(cfg: HarmDataConfig, split: str) -> PairSource:
     return PerturbedMasks(masks, cfg.perturb)
 
 
-def build_datasets(cfg: HarmDataConfig) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, Dataset]:
+    """Train and val datasets; ``cache``: each builds and letterboxes its pairs once, up front."""
     aug = (cfg.hflip, cfg.affine)
     if cfg.source in ("synthetic", "iharmony4", "cutouts"):
         return (
-            HarmonizationDataset(_source(cfg, "train"), cfg.size, cfg.seed, aug),
-            HarmonizationDataset(_source(cfg, "val"), cfg.size, cfg.seed + 1),
+            HarmonizationDataset(_source(cfg, "train"), cfg.size, cfg.seed, aug, cache=cache),
+            HarmonizationDataset(_source(cfg, "val"), cfg.size, cfg.seed + 1, cache=cache),
         )
     src = _source(cfg, "train")  # one mask source: hold out a seeded fraction
     n = len(src)
@@ -308,7 +322,8 @@ def build_datasets(cfg: HarmDataConfig) -> tuple[Dataset, Dataset]:
     if n_val >= n:
         raise ValueError(f"only {n} samples: too few to hold out a validation split")
     order = np.random.default_rng(cfg.seed).permutation(n).tolist()
+    train_idx, val_idx = order[n_val:], order[:n_val]
     return (
-        Subset(HarmonizationDataset(src, cfg.size, cfg.seed, aug), order[n_val:]),
-        Subset(HarmonizationDataset(src, cfg.size, cfg.seed + 1), order[:n_val]),
+        Subset(HarmonizationDataset(src, cfg.size, cfg.seed, aug, cache=cache, indices=train_idx), train_idx),
+        Subset(HarmonizationDataset(src, cfg.size, cfg.seed + 1, cache=cache, indices=val_idx), val_idx),
     )

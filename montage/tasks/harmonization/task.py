@@ -45,7 +45,7 @@ class HarmonizationTask(Task):
         return {"net": HarmonizationUNet(self.cfg.model)}
 
     def datasets(self) -> tuple[Dataset, Dataset]:
-        return build_datasets(self.cfg.data)
+        return build_datasets(self.cfg.data, cache=self.cfg.train.cache_data)
 
     @cached_property
     def criterion(self) -> HarmonizationLoss:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from montage.platform.datacache import SampleCache
 from montage.platform.imaging import IMAGE_SUFFIXES, ImageError, read_image, write_image
 
 log = logging.getLogger(__name__)
@@ -216,24 +217,29 @@ def to_tanh(x: np.ndarray) -> torch.Tensor:
 
 
 class SyntheticFaces(Dataset):
-    def __init__(self, count: int, size: int, sigma: float, seed: int, channels: int = 1) -> None:
+    """Drawn cat faces and their landmark heatmaps, a fixed pair per (seed, index)."""
+
+    def __init__(self, count: int, size: int, sigma: float, seed: int, channels: int = 1, cache: bool = False) -> None:
         self.count, self.size, self.sigma, self.seed, self.channels = count, size, sigma, seed, channels
+        self.pairs = SampleCache(self._draw, range(count), cache, "SyntheticFaces")
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def _draw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, i])
         pts = synthetic_landmarks(rng, self.size)
-        heat = render_heatmaps(pts, self.size, self.sigma, self.channels)
-        face = draw_face(pts, self.size, rng)
+        return render_heatmaps(pts, self.size, self.sigma, self.channels), draw_face(pts, self.size, rng)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        heat, face = self.pairs(i)
         return {"a": torch.from_numpy(heat) * 2 - 1, "b": to_tanh(face)}
 
 
 class AlignedPairs(Dataset):
     """``<root>/<split>/A/<name>.(png|npy)`` ↔ ``<root>/<split>/B/<name>.png``, resized to ``size``."""
 
-    def __init__(self, root: str | Path, split: str, size: int, hflip: float = 0.0) -> None:
+    def __init__(self, root: str | Path, split: str, size: int, hflip: float = 0.0, cache: bool = False) -> None:
         base = Path(root) / split
         if not (base / "A").is_dir() or not (base / "B").is_dir():
             raise FileNotFoundError(f"aligned pairs need {base}/A and {base}/B")
@@ -242,6 +248,7 @@ class AlignedPairs(Dataset):
         if not self.pairs:
             raise FileNotFoundError(f"no A/B pairs with matching names in {base}")
         self.size, self.hflip = size, hflip
+        self.samples = SampleCache(self._decoded, range(len(self.pairs)), cache, f"{base} pairs")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -249,26 +256,30 @@ class AlignedPairs(Dataset):
     def _resize(self, x: np.ndarray) -> np.ndarray:
         return x if x.shape[:2] == (self.size, self.size) else cv2.resize(x, (self.size, self.size), interpolation=cv2.INTER_AREA)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def _decoded(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a_path, b_path = self.pairs[i]
         if a_path.suffix == ".npy":
             a = np.load(a_path, allow_pickle=False)  # (C, H, W) uint8
             a = np.stack([self._resize(c) for c in a], axis=2)
         else:
             a = self._resize(read_image(a_path, mode="unchanged"))
-        b = self._resize(read_image(b_path))
+        return a, self._resize(read_image(b_path))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        a, b = self.samples(i)
         if self.hflip and np.random.random() < self.hflip:
             a, b = a[:, ::-1], b[:, ::-1]
         return {"a": to_tanh(a), "b": to_tanh(b)}
 
 
-def build_datasets(cfg: GanDataConfig, channels: int) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: GanDataConfig, channels: int, cache: bool = False) -> tuple[Dataset, Dataset]:
+    """Train and val datasets; ``cache``: each decodes and resizes its pairs once, up front."""
     if cfg.source == "synthetic":
         return (
-            SyntheticFaces(cfg.synthetic_train, cfg.size, cfg.sigma, cfg.seed, channels),
-            SyntheticFaces(cfg.synthetic_val, cfg.size, cfg.sigma, cfg.seed + 1, channels),
+            SyntheticFaces(cfg.synthetic_train, cfg.size, cfg.sigma, cfg.seed, channels, cache=cache),
+            SyntheticFaces(cfg.synthetic_val, cfg.size, cfg.sigma, cfg.seed + 1, channels, cache=cache),
         )
-    return AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip), AlignedPairs(cfg.root, "val", cfg.size)
+    return AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip, cache=cache), AlignedPairs(cfg.root, "val", cfg.size, cache=cache)
 
 
 def catflw_command(argv: list[str]) -> int:

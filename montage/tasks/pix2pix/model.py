@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from montage.nn.unet import norm_layer
 
@@ -23,6 +24,7 @@ class GanModelConfig:
     ndf: int = 64
     d_layers: int = 3  # 3 → the 70×70 PatchGAN
     norm: str = "batch"
+    grad_checkpointing: bool = False  # G recomputes its blocks' activations in backward: less memory, more compute
 
     def __post_init__(self) -> None:
         if self.num_downs < 2 or self.d_layers < 1:
@@ -42,7 +44,8 @@ class UNetGenerator(nn.Module):
         cin = cfg.in_channels
         for i, w in enumerate(widths):
             innermost, outermost = i == len(widths) - 1, i == 0
-            layers: list[nn.Module] = [] if outermost else [nn.LeakyReLU(0.2, True)]
+            # not in place: the block's input is the previous level's skip (and a checkpoint's saved input)
+            layers: list[nn.Module] = [] if outermost else [nn.LeakyReLU(0.2)]
             layers.append(nn.Conv2d(cin, w, 4, 2, 1, bias=cfg.norm != "batch" or outermost or innermost))
             if not (outermost or innermost):
                 layers.append(norm_layer(cfg.norm, w))
@@ -52,24 +55,33 @@ class UNetGenerator(nn.Module):
         n = len(widths)
         for i in range(n - 1, 0, -1):  # from the innermost up to the second level
             cin_up = widths[i] if i == n - 1 else widths[i] * 2
-            layers = [nn.ReLU(True), nn.ConvTranspose2d(cin_up, widths[i - 1], 4, 2, 1, bias=cfg.norm != "batch"), norm_layer(cfg.norm, widths[i - 1])]
+            layers = [nn.ReLU(), nn.ConvTranspose2d(cin_up, widths[i - 1], 4, 2, 1, bias=cfg.norm != "batch"), norm_layer(cfg.norm, widths[i - 1])]
             if cfg.dropout and n - 4 <= i <= n - 2:  # the three blocks next to the innermost
                 layers.append(nn.Dropout(cfg.dropout))
             self.ups.append(nn.Sequential(*layers))
-        self.out = nn.Sequential(nn.ReLU(True), nn.ConvTranspose2d(widths[0] * 2, cfg.out_channels, 4, 2, 1), nn.Tanh())
+        self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(widths[0] * 2, cfg.out_channels, 4, 2, 1), nn.Tanh())
         self.divisor = 2**cfg.num_downs
+        self.checkpointing = cfg.grad_checkpointing
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)  # dropout masks are replayed (RNG state kept)
+        return block(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ValueError(f"input {tuple(x.shape[-2:])} must be divisible by {self.divisor} (2**num_downs)")
         skips = []
         for down in self.downs:
-            x = down(x)
+            x = self._run(down, x)
             skips.append(x)
+        # the skips carry the activation the next level's block starts with (pix2pix's reference
+        # network applies that LeakyReLU in place, so its skips are activated)
+        skips = [nn.functional.leaky_relu(s, 0.2) for s in skips[:-1]] + skips[-1:]
         x = skips.pop()
         for up in self.ups:
-            x = torch.cat([up(x), skips.pop()], dim=1)
-        return self.out(x)
+            x = torch.cat([self._run(up, x), skips.pop()], dim=1)
+        return self._run(self.out, x)
 
 
 class PatchDiscriminator(nn.Module):

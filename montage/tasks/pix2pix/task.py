@@ -67,7 +67,7 @@ class Pix2PixTask(Task):
         return {"g": (nets["g"].parameters(), {}), "d": (nets["d"].parameters(), {"lr": self.cfg.optim.lr_d})}
 
     def datasets(self) -> tuple[Dataset, Dataset]:
-        return build_datasets(self.cfg.data, self.cfg.model.in_channels)
+        return build_datasets(self.cfg.data, self.cfg.model.in_channels, cache=self.cfg.train.cache_data)
 
     @cached_property
     def vgg(self) -> VGGFeatures | None:

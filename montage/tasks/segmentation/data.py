@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
-from montage.tasks.segmentation.sources import SOURCES, DataFormatError, MaskSource
+from montage.tasks.segmentation.sources import SOURCES, DataFormatError, MaskSource, Sample
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,18 @@ class SegDataConfig:
             raise ValueError("val_fraction must be in (0, 1)")
 
 
-def build_transform(size: int, aug: AugmentConfig | None, seed: int | None = None) -> A.Compose:
-    """Letterbox to size×size, then (training only) joint geometric + photometric augmentation."""
-    ops: list[A.BasicTransform] = [
+def letterbox_ops(size: int) -> list[A.BasicTransform]:
+    """Resize the long side to ``size`` and pad to size×size: deterministic, and a no-op on an
+    image already letterboxed (which is what lets a cache store the result)."""
+    return [
         A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
         A.PadIfNeeded(min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
     ]
+
+
+def build_transform(size: int, aug: AugmentConfig | None, seed: int | None = None) -> A.Compose:
+    """Letterbox to size×size, then (training only) joint geometric + photometric augmentation."""
+    ops = letterbox_ops(size)
     if aug is not None:
         ops += [
             A.HorizontalFlip(p=aug.hflip),
@@ -95,14 +102,33 @@ def to_tensor_image(img: np.ndarray) -> torch.Tensor:
 
 
 class SegmentationDataset(Dataset):
-    """Yields ``{"image": (3,S,S), "mask": (1,S,S) alpha in [0,1], "valid": (1,S,S)}``."""
+    """Yields ``{"image": (3,S,S), "mask": (1,S,S) alpha in [0,1], "valid": (1,S,S)}``.
 
-    def __init__(self, source: MaskSource, size: int, augment: AugmentConfig | None = None, on_error: str = "raise", seed: int | None = None) -> None:
+    ``cache``: decode and letterbox the samples at ``indices`` (default all) once, up front.
+    """
+
+    def __init__(
+        self,
+        source: MaskSource,
+        size: int,
+        augment: AugmentConfig | None = None,
+        on_error: str = "raise",
+        seed: int | None = None,
+        cache: bool = False,
+        indices: list[int] | None = None,
+    ) -> None:
         if len(source) == 0:
             raise ValueError("the data source is empty")
         self.source = source
         self.transform = build_transform(size, augment, seed)
         self.on_error = on_error
+        self.letterbox = A.Compose(letterbox_ops(size), mask_interpolation=cv2.INTER_LINEAR)
+        self.samples = SampleCache(self._letterboxed, range(len(source)) if indices is None else indices, cache, f"{type(source).__name__}")
+
+    def _letterboxed(self, i: int) -> Sample:
+        image, alpha, valid = self._load(i)
+        out = self.letterbox(image=image, masks=[alpha, valid])
+        return out["image"], *out["masks"]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -119,7 +145,7 @@ class SegmentationDataset(Dataset):
         raise ImageError("too many consecutive bad samples; check the dataset")
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image, alpha, valid = self._load(i)
+        image, alpha, valid = self.samples(i)
         out = self.transform(image=image, masks=[alpha, valid])
         alpha_t, valid_t = out["masks"]
         return {
@@ -151,16 +177,21 @@ def build_source(cfg: SegDataConfig, split: str) -> MaskSource | None:
     return factory(images)
 
 
-def build_datasets(cfg: SegDataConfig) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Dataset]:
+    """Train and val datasets; ``cache``: each decodes and letterboxes its samples once, up front."""
     train_src = build_source(cfg, "train")
     val_src = build_source(cfg, "val")
-    train = SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed)
     if val_src is not None:
-        return train, SegmentationDataset(val_src, cfg.size, None, cfg.on_error)
+        return (
+            SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache),
+            SegmentationDataset(val_src, cfg.size, None, cfg.on_error, cache=cache),
+        )
     n = len(train_src)
     n_val = max(1, int(round(n * cfg.val_fraction)))
     if n_val >= n:
         raise ValueError(f"only {n} samples: too few to hold out a validation split")
-    order = np.random.default_rng(cfg.seed).permutation(n)
-    val_ds = SegmentationDataset(train_src, cfg.size, None, cfg.on_error)
-    return Subset(train, order[n_val:].tolist()), Subset(val_ds, order[:n_val].tolist())
+    order = np.random.default_rng(cfg.seed).permutation(n).tolist()
+    train_idx, val_idx = order[n_val:], order[:n_val]
+    train = SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache, indices=train_idx)
+    val_ds = SegmentationDataset(train_src, cfg.size, None, cfg.on_error, cache=cache, indices=val_idx)
+    return Subset(train, train_idx), Subset(val_ds, val_idx)

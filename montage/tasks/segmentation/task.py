@@ -42,7 +42,7 @@ class SegmentationTask(Task):
         return {"net": SegmentationUNet(mcfg)}
 
     def datasets(self) -> tuple[Dataset, Dataset]:
-        return build_datasets(self.cfg.data)
+        return build_datasets(self.cfg.data, cache=self.cfg.train.cache_data)
 
     @cached_property
     def criterion(self) -> SegmentationLoss:
