@@ -1,54 +1,115 @@
 """Training throughput: montage's loop and Ray Train against a plain PyTorch loop, in one run.
 
     python bench/train_bench.py --quick        # CPU, tiny sizes, < 5 minutes
-    python bench/train_bench.py                # + realistic sizes (GPU recommended)
+    python bench/train_bench.py                # + realistic sizes, knobs at the realistic size (GPU)
 
-For each task it measures, on the same model, data, batch size and steps:
-  plain   a hand-written loop: DataLoader → forward → loss → backward → step (the task's own
-          loss code, none of montage's loop, hooks or Ray)
-  loop    montage's generic loop in this process (``--no-ray``)
-  ray1    Ray Train TorchTrainer, 1 worker
-  ray2    Ray Train TorchTrainer, 2 workers (DDP; CPU: gloo)
-and the input pipeline alone (decode JPEG + albumentations + collate at 384 px). Steady-state
-samples/s come from the last epoch (the first pays warm-up); start-up is the wall time not
-spent in epochs. Ratios are against ``plain`` measured in the same run.
+Every figure is measured in this run, and every ratio is against a baseline from the same run
+(these machines are noisy). Sections:
+
+throughput   per task and size, on the same model, data, batch size and steps:
+             plain  a hand-written loop: DataLoader → forward → loss → backward → step (the
+                    task's own loss code; none of montage's loop, hooks or Ray)
+             loop   montage's generic loop in this process (``--no-ray``)
+             ray1   Ray Train TorchTrainer, 1 worker;  ray2: 2 workers (DDP; CPU: gloo)
+             Steady state = the second epoch's training time (the first pays warm-up); peak
+             memory = resident set (RSS) of the process that trained, and CUDA max allocated.
+start-up     seconds from launch to the first train step: ``montage train`` from the shell
+             (with and without Ray), a TorchTrainer fit in a running Ray, each Tune trial.
+knobs        each ``train.*`` performance option on vs off, montage's loop, one task.
+pipeline     decode (OpenCV) + albumentations + collate at 384 px from JPEG files, against
+             the model's own train-step rate at 384 px: the pipeline must not be the bottleneck.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from conftest import TINY  # noqa: E402  the tiny per-task settings the tests use
 
 from montage.platform.config import load_config  # noqa: E402
-from montage.platform.loop import build_modules, make_loader  # noqa: E402
+from montage.platform.loop import Hook, build_modules, make_loader, peak_rss_mb  # noqa: E402
 from montage.platform.registry import TASKS  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop, make_task  # noqa: E402
 
-SIZES = {  # (quick, realistic) overrides per task
+SIZES = {  # (tiny, realistic) overrides per task
     "segmentation": (["data.size=64"], ["model.encoder=resnet34", "model.decoder_channels=[256,128,64,32,16]", "data.size=256"]),
     "harmonization": (["data.size=64"], ["model.widths=[32,64,128,256,512]", "data.size=256"]),
     "pix2pix": (["data.size=64"], ["model.ngf=64", "model.ndf=64", "model.num_downs=8", "model.d_layers=3", "data.size=256"]),
 }
+KNOBS = [  # (label, overrides turning it on); the baseline has every one off
+    ("amp bf16", ["train.amp=bf16"]),
+    ("amp fp16", ["train.amp=fp16"]),
+    ("channels_last", ["train.channels_last=true"]),
+    ("cudnn.benchmark", ["train.cudnn_benchmark=true"]),
+    ("torch.compile", ["train.compile=default"]),
+    ("grad checkpointing", ["model.grad_checkpointing=true"]),
+    ("cache_data", ["train.cache_data=true"]),
+]
+KNOB_BASELINE = ["train.amp=off", "train.channels_last=false", "train.cudnn_benchmark=false", "train.compile=off", "train.cache_data=false"]
+CUDA_ONLY = {"amp fp16", "cudnn.benchmark"}
+
+
+def cuda() -> bool:
+    return torch.cuda.is_available()
 
 
 def config(task: str, storage: str, extra: list[str]):
+    gpu = ["scaling.gpus=true"] if cuda() else []
     return load_config(task, TASKS.get(task).spec, None, TINY[task] + [
-        "tracking.enabled=false", f"run.storage={storage}", "data.synthetic_train=512", "data.synthetic_val=8",
-        "train.max_val_steps=1", "train.sample_every=0", *extra,
+        "tracking.enabled=false", f"run.storage={storage}", "data.synthetic_train=1024", "data.synthetic_val=8",
+        "train.max_val_steps=1", "train.sample_every=0", *gpu, *extra,
     ])
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def isolated(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) process, so its peak memory is its own."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def reset_peak() -> None:
+    """Linux: restart this process's peak-RSS counter (VmHWM), so each configuration gets its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mb() -> tuple[float, float]:
+    """(peak RSS since reset_peak, CUDA max allocated) in MiB."""
+    rss = peak_rss_mb()
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return rss, (torch.cuda.max_memory_allocated() / 2**20 if cuda() else 0.0)
+
+
+# --------------------------------------------------------------------------- throughput
 
 
 class _PlainStepper:
@@ -69,52 +130,109 @@ class _PlainStepper:
         opt.step()
 
 
-def plain(cfg, steps: int) -> float:
-    """samples/s of a plain loop over the same task pieces (last ``steps`` after 2 warm-up)."""
+def plain(cfg, steps: int, epochs: int) -> dict[str, float]:
+    """A hand-written loop over the task's pieces: ``epochs`` of ``steps`` batches; the fastest
+    epoch after the first counts."""
+    reset_peak()
     task = make_task(cfg)
-    dev = torch.device("cuda" if cfg.scaling.gpus and torch.cuda.is_available() else "cpu")
+    dev = torch.device("cuda" if cuda() else "cpu")
     m = build_modules(task, dev)
     loader = make_loader(task.datasets()[0], cfg, train=True, device=dev)
     stepper = _PlainStepper(m.optimizers)
-    it = iter(loader)
     for net in m.nets.values():
         net.train()
-    for i in range(steps + 2):
-        if i == 2:
-            t0 = time.perf_counter()
-        batch = {k: v.to(dev) for k, v in next(it).items()}
-        task.train_step(m, batch, stepper)
-    return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+    times = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        for i, batch in enumerate(loader):
+            if i == steps:
+                break
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            task.train_step(m, batch, stepper)
+        if cuda():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    rss, gpu = peak_mb()
+    return {"sps": steps * cfg.train.batch_size / min(times[1:]), "rss": rss, "gpu": gpu}
 
 
-def montage_loop(cfg, steps: int) -> tuple[float, float]:
-    cfg.train.max_steps, cfg.train.epochs = steps, 2
-    loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
-    t0 = time.perf_counter()
-    m = loop.fit()
-    wall = time.perf_counter() - t0
-    return steps * cfg.train.batch_size / m["time/epoch_s"], wall
+class _EpochTimes(Hook):
+    def __init__(self) -> None:
+        self.train_s: list[float] = []
+
+    def after_epoch(self, loop, metrics) -> None:
+        self.train_s.append(metrics["time/train_s"])
 
 
-def ray_fit(cfg, steps: int, workers: int) -> tuple[float, float]:
+def montage_loop(cfg, steps: int, epochs: int) -> dict[str, float]:
+    reset_peak()
+    cfg.train.max_steps, cfg.train.epochs = steps, epochs
+    times = _EpochTimes()
+    build_loop(cfg, WorkerEnv(device=torch.device("cuda" if cuda() else "cpu")), hooks=[times]).fit()
+    rss, gpu = peak_mb()
+    return {"sps": steps * cfg.train.batch_size / min(times.train_s[1:]), "rss": rss, "gpu": gpu}
+
+
+def ray_fit(cfg, steps: int, workers: int, epochs: int) -> dict[str, float]:
     from montage.platform.train import fit_ray
 
-    cfg.train.max_steps, cfg.train.epochs = steps, 2
+    cfg.train.max_steps, cfg.train.epochs = steps, epochs
+    cfg.scaling.keep_checkpoints = epochs  # every epoch's metrics come back with its checkpoint
     cfg.scaling.workers = workers
-    # all the machine's CPUs shared by the workers: Ray sets each worker's OMP threads to its CPUs
-    cfg.scaling.cpus_per_worker = (os.cpu_count() or 2) / workers
+    if not cuda():  # all the machine's CPUs shared by the workers: Ray sets each worker's OMP threads to its CPUs
+        cfg.scaling.cpus_per_worker = (os.cpu_count() or 2) / workers
     cfg.run.name = f"bench-{cfg.task}-{workers}-{time.time_ns()}"
-    t0 = time.perf_counter()
-    out = fit_ray(cfg)
-    wall = time.perf_counter() - t0
+    out = fit_ray(cfg, launched_at=time.time())
     if out["error"]:
         raise RuntimeError(out["error"])
-    epoch_s = out["metrics"]["time/epoch_s"]
-    # each worker ran ``steps`` batches: the global throughput scales with the workers
-    return workers * steps * cfg.train.batch_size / epoch_s, wall - 2 * epoch_s
+    m = out["metrics"]  # rank 0's; each worker ran ``steps`` batches, so the global rate scales with workers
+    train_s = min(c["metrics"]["time/train_s"] for c in out["checkpoints"] if c["metrics"]["epoch"] > 1)
+    return {
+        "sps": workers * steps * cfg.train.batch_size / train_s,
+        "rss": m["mem/peak_rss_mb"],
+        "gpu": m.get("mem/cuda_peak_mb", 0.0),
+        "startup": m["time/startup_s"],
+    }
 
 
-def pipeline(n: int, workers: int, size: int = 384) -> float:
+# ------------------------------------------------------------------------------ start-up
+
+
+def cli_startup(storage: str, no_ray: bool) -> float:
+    """``montage train`` in a fresh process: seconds from its start to the first train step."""
+    cmd = [
+        sys.executable, "-m", "montage.platform.cli", "train", "segmentation", *TINY["segmentation"], "tracking.enabled=false",
+        f"run.storage={storage}", f"run.name=cli-{time.time_ns()}", "train.max_steps=2", "train.max_val_steps=1", "train.sample_every=0",
+    ]
+    if no_ray:
+        cmd.append("--no-ray")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if out.returncode:
+        raise RuntimeError(f"montage train failed: {out.stderr[-2000:]}")
+    summary = json.loads(out.stdout[out.stdout.index("{\n"):])
+    return summary["metrics"]["time/startup_s"]
+
+
+def tune_startup(storage: str, trials: int) -> list[float]:
+    """Seconds from each Tune trial's start to its TorchTrainer's first train step."""
+    from montage.platform.tune import load_tune_config, run_sweep
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"
+    tcfg, base, params = load_tune_config(ROOT / "tune_configs" / "segmentation-tiny.yaml", [
+        f"num_samples={trials}", "max_concurrent=1", f"storage={storage}/tune", f"name=bench-{time.time_ns()}",
+        "base.train.epochs=1", "base.train.max_steps=2", "base.train.max_val_steps=1", "base.train.sample_every=0",
+        "base.data.size=32", "base.train.progress=false", "base.tracking.log_model=false", "scheduler.grace_period=1",
+    ])
+    result = run_sweep(tcfg, base, params)
+    if result.errors:
+        raise RuntimeError(result.errors)
+    return [t["metrics"]["time/startup_s"] for t in result.table]
+
+
+# ------------------------------------------------------------------------------- pipeline
+
+
+def pipeline(n: int, workers: int, cache: bool, size: int = 384) -> float:
     """images/s of decode (OpenCV) + albumentations + collate at ``size`` from JPEG files."""
     import cv2
 
@@ -129,8 +247,11 @@ def pipeline(n: int, workers: int, size: int = 384) -> float:
         img, alpha, _ = src.load(i)
         cv2.imwrite(str(tmp / "img" / f"{i:03d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(tmp / "mask" / f"{i:03d}.png"), alpha)
-    ds = SegmentationDataset(ImageMaskFolder(str(tmp / "img"), str(tmp / "mask")), size, SegDataConfig().augment)
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    ds = SegmentationDataset(ImageMaskFolder(str(tmp / "img"), str(tmp / "mask")), size, SegDataConfig().augment, cache=cache)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=8, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None, pin_memory=cuda(),
+    )
     seen, t0 = 0, None
     while seen < n:
         for batch in loader:
@@ -143,39 +264,130 @@ def pipeline(n: int, workers: int, size: int = 384) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def model_rate(extra: list[str], steps: int, size: int = 384) -> float:
+    """The segmentation model's train-step rate (images/s) at ``size`` on in-memory tensors."""
+    cfg = config("segmentation", tempfile.mkdtemp(), [*extra, f"data.size={size}"])
+    task = make_task(cfg)
+    dev = torch.device("cuda" if cuda() else "cpu")
+    m = build_modules(task, dev)
+    batch = {
+        "image": torch.rand(8, 3, size, size, device=dev),
+        "mask": (torch.rand(8, 1, size, size, device=dev) > 0.5).float(),
+        "valid": torch.ones(8, 1, size, size, device=dev),
+    }
+    stepper = _PlainStepper(m.optimizers)
+    for i in range(steps + 1):
+        if i == 1:
+            if cuda():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        task.train_step(m, batch, stepper)
+    if cuda():
+        torch.cuda.synchronize()
+    return steps * 8 / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.0f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes only (CPU, < 5 minutes)")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=0, help="train steps per epoch (default 12 quick, 30 full)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per measurement: the fastest after the first counts")
     p.add_argument("--tasks", default="segmentation,harmonization,pix2pix")
+    p.add_argument("--sections", default="throughput,startup,knobs,pipeline")
     args = p.parse_args()
+    steps, epochs = args.steps or (12 if args.quick else 30), max(2, args.epochs)
+    trials = 2 if args.quick else 4
+    sections = set(args.sections.split(","))
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    t_start = time.perf_counter()
+    t_mark = [t_start]
+
+    def mark(name: str) -> None:
+        now = time.perf_counter()
+        if now - t_mark[0] > 1:
+            print(f"[{name}: {now - t_mark[0]:.0f} s]", flush=True)
+        t_mark[0] = now
     storage = tempfile.mkdtemp(prefix="montage-bench-runs-")
-    rows = []
-    for task in args.tasks.split(","):
-        for label, extra in (("tiny", SIZES[task][0]), ("real", SIZES[task][1])):
-            if label == "real" and args.quick:
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if cuda() else 'no GPU'}; {steps} steps/epoch", flush=True)
+    out: list[str] = []
+    sizes = [("tiny", 0)] + ([] if args.quick else [("real", 1)])
+
+    if sections & {"throughput", "startup"}:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    if "throughput" in sections:
+        rows = []
+        for task in args.tasks.split(","):
+            for label, k in sizes:
+                extra = SIZES[task][k]
+                r = {
+                    "plain": isolated(plain, config(task, storage, extra), steps, epochs),
+                    "loop": isolated(montage_loop, config(task, storage, extra), steps, epochs),
+                    "ray1": ray_fit(config(task, storage, extra), steps, 1, epochs),
+                    "ray2": ray_fit(config(task, storage, extra), steps, 2, epochs),
+                }
+                sps = {k2: v["sps"] for k2, v in r.items()}
+                print(f"{task}/{label}: " + "  ".join(f"{k2} {v:.1f}" for k2, v in sps.items()) + " samples/s", flush=True)
+                mem = "/".join(f"{r[k2]['rss']:.0f}" for k2 in r) + (" (GPU " + "/".join(f"{r[k2]['gpu']:.0f}" for k2 in r) + ")" if cuda() else "")
+                rows.append([f"{task}/{label}", *sps.values(), sps["loop"] / sps["plain"], sps["ray1"] / sps["plain"], sps["ray2"] / sps["ray1"], mem, r["ray1"]["startup"], r["ray2"]["startup"]])
+        out.append("Throughput (samples/s, steady state) and peak memory (MiB RSS: plain/loop/ray1/ray2)\n")
+        out.append(table(["task/size", "plain/s", "loop/s", "ray1/s", "ray2/s", "loop÷plain", "ray1÷plain", "ray2÷ray1", "peak MiB", "fit→step 1w s", "fit→step 2w s"], rows))
+    mark("throughput")
+    if "startup" in sections:
+        local = cli_startup(storage, no_ray=True)
+        with_ray = cli_startup(storage, no_ray=False)
+        per_trial = tune_startup(storage, trials)
+        out.append(
+            f"\nStart-up to the first train step: `montage train --no-ray` {local:.1f} s, `montage train` (starts Ray) {with_ray:.1f} s; "
+            f"Tune trials (one Ray session, one trial at a time): " + ", ".join(f"{t:.1f}" for t in per_trial) + " s"
+        )
+    if sections & {"throughput", "startup"}:
+        ray.shutdown()
+    mark("start-up")
+    if "knobs" in sections:
+        label, k = sizes[-1]
+        extra = SIZES["segmentation"][k]
+        knob_epochs, knob_steps = (2, 8) if args.quick else (epochs, steps)
+        base = isolated(montage_loop, config("segmentation", storage, extra + KNOB_BASELINE), knob_steps, knob_epochs)
+        rows = []
+        for name, over in KNOBS:
+            if name in CUDA_ONLY and not cuda():
+                rows.append([name, "n/a (CUDA only)", "", "", ""])
                 continue
-            base = plain(config(task, storage, extra), args.steps)
-            loop_sps, loop_wall = montage_loop(config(task, storage, extra), args.steps)
-            r1, start1 = ray_fit(config(task, storage, extra), args.steps, 1)
-            r2, start2 = ray_fit(config(task, storage, extra), args.steps, 2)
-            rows.append((f"{task}/{label}", base, loop_sps, r1, r2, start1, start2))
-            print(f"{task}/{label}: plain {base:.1f}  loop {loop_sps:.1f}  ray1 {r1:.1f}  ray2 {r2:.1f} samples/s", flush=True)
-    pipe = {w: pipeline(64, w) for w in (0, 2)}
-    print()
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
-    print(f"{'task/size':22s} {'plain/s':>8s} {'loop/s':>8s} {'ray1/s':>8s} {'ray2/s':>8s} {'loop÷plain':>10s} {'ray1÷plain':>10s} {'ray2÷ray1':>9s} {'start1 s':>8s} {'start2 s':>8s}")
-    for name, base, lp, r1, r2, s1, s2 in rows:
-        print(f"{name:22s} {base:8.1f} {lp:8.1f} {r1:8.1f} {r2:8.1f} {lp / base:10.2f} {r1 / base:10.2f} {r2 / r1:9.2f} {s1:8.1f} {s2:8.1f}")
-    print(f"input pipeline at 384 px (decode + albumentations + collate): {pipe[0]:.0f} img/s with 0 loader workers, {pipe[2]:.0f} img/s with 2")
-    print(f"peak RSS of this process: {rss_mb():.0f} MB")
+            try:
+                r = isolated(montage_loop, config("segmentation", storage, extra + KNOB_BASELINE + over), knob_steps, knob_epochs)
+            except Exception as exc:  # noqa: BLE001 - a knob this machine cannot run is reported, not fatal
+                rows.append([name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", "", "", ""])
+                continue
+            mem = r["gpu"] / max(base["gpu"], 1e-9) if cuda() else r["rss"] / base["rss"]
+            rows.append([name, r["sps"], r["sps"] / base["sps"], r["gpu"] if cuda() else r["rss"], mem])
+        out.append(f"\nKnobs, segmentation/{label}, montage's loop; baseline (all off) {base['sps']:.1f} samples/s, peak {base['gpu'] if cuda() else base['rss']:.0f} MiB\n")
+        out.append(table(["knob", "samples/s", "÷ baseline", "peak MiB", "memory ÷ baseline"], rows))
+    mark("knobs")
+    if "pipeline" in sections:
+        label, k = sizes[-1]
+        rate = model_rate(SIZES["segmentation"][k][:-1], 3)
+        rows = []
+        for workers, cache in ((0, False), (2, False), (2, True)):
+            ips = pipeline(48, workers, cache)
+            rows.append([f"{workers} loader workers" + (", cache_data" if cache else ""), ips, ips / rate])
+        out.append(f"\nInput pipeline at 384 px (JPEG decode + albumentations + collate) against segmentation/{label}'s train step at 384 px ({rate:.1f} img/s)\n")
+        out.append(table(["pipeline", "img/s", "÷ model img/s"], rows))
+    mark("pipeline")
+    print("\n" + "\n".join(out))
+    print(f"\nbench wall time {time.perf_counter() - t_start:.0f} s")
     return 0
 
 
