@@ -10,7 +10,8 @@ throughput   per task and size, on the same model, data, batch size and steps:
              plain  a hand-written loop: DataLoader → forward → loss → backward → step (the
                     task's own loss code; none of montage's loop, hooks or Ray)
              loop   montage's generic loop in this process (``--no-ray``)
-             ray1   Ray Train TorchTrainer, 1 worker;  ray2: 2 workers (DDP; CPU: gloo)
+             ray1   Ray Train TorchTrainer, 1 worker;  ray2: 2 workers (DDP; CPU: gloo; with
+                    --quick, for the first task only)
              Steady state = the second epoch's training time (the first pays warm-up); peak
              memory = resident set (RSS) of the process that trained, and CUDA max allocated.
 start-up     seconds from launch to the first train step: ``montage train`` from the shell
@@ -313,7 +314,7 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes only (CPU, < 5 minutes)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes only, 2-worker DDP on the first task only (CPU, < 5 minutes)")
     p.add_argument("--steps", type=int, default=0, help="train steps per epoch (default 12 quick, 30 full)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per measurement: the fastest after the first counts")
     p.add_argument("--tasks", default="segmentation,harmonization,pix2pix")
@@ -341,20 +342,23 @@ def main() -> int:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     if "throughput" in sections:
         rows = []
-        for task in args.tasks.split(","):
+        tasks = args.tasks.split(",")
+        for task in tasks:
             for label, k in sizes:
                 extra = SIZES[task][k]
                 r = {
                     "plain": isolated(plain, config(task, storage, extra), steps, epochs),
                     "loop": isolated(montage_loop, config(task, storage, extra), steps, epochs),
                     "ray1": ray_fit(config(task, storage, extra), steps, 1, epochs),
-                    "ray2": ray_fit(config(task, storage, extra), steps, 2, epochs),
                 }
+                if not args.quick or task == tasks[0]:  # --quick: DDP scaling on the first task only
+                    r["ray2"] = ray_fit(config(task, storage, extra), steps, 2, epochs)
                 sps = {k2: v["sps"] for k2, v in r.items()}
                 print(f"{task}/{label}: " + "  ".join(f"{k2} {v:.1f}" for k2, v in sps.items()) + " samples/s", flush=True)
                 mem = "/".join(f"{r[k2]['rss']:.0f}" for k2 in r) + (" (GPU " + "/".join(f"{r[k2]['gpu']:.0f}" for k2 in r) + ")" if cuda() else "")
-                rows.append([f"{task}/{label}", *sps.values(), sps["loop"] / sps["plain"], sps["ray1"] / sps["plain"], sps["ray2"] / sps["ray1"], mem, r["ray1"]["startup"], r["ray2"]["startup"]])
-        out.append("Throughput (samples/s, steady state) and peak memory (MiB RSS: plain/loop/ray1/ray2)\n")
+                ray2, scaling, start2 = (sps["ray2"], sps["ray2"] / sps["ray1"], r["ray2"]["startup"]) if "ray2" in r else ("-", "-", "-")
+                rows.append([f"{task}/{label}", sps["plain"], sps["loop"], sps["ray1"], ray2, sps["loop"] / sps["plain"], sps["ray1"] / sps["plain"], scaling, mem, r["ray1"]["startup"], start2])
+        out.append("Throughput (samples/s, steady state) and peak memory (MiB RSS: plain/loop/ray1[/ray2])\n")
         out.append(table(["task/size", "plain/s", "loop/s", "ray1/s", "ray2/s", "loop÷plain", "ray1÷plain", "ray2÷ray1", "peak MiB", "fit→step 1w s", "fit→step 2w s"], rows))
     mark("throughput")
     if "startup" in sections:
