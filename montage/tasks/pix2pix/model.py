@@ -71,13 +71,15 @@ class UNetGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ValueError(f"input {tuple(x.shape[-2:])} must be divisible by {self.divisor} (2**num_downs)")
-        skips = []
-        for down in self.downs:
+        skips: list[torch.Tensor] = []
+        for i, down in enumerate(self.downs):
+            if i:
+                # the block's leading LeakyReLU, applied once: its output is the block's input and
+                # the previous level's skip (pix2pix's reference applies it in place, so skips are activated)
+                x = skips[-1] = down[0](x)
+                down = down[1:]
             x = self._run(down, x)
             skips.append(x)
-        # the skips carry the activation the next level's block starts with (pix2pix's reference
-        # network applies that LeakyReLU in place, so its skips are activated)
-        skips = [nn.functional.leaky_relu(s, 0.2) for s in skips[:-1]] + skips[-1:]
         x = skips.pop()
         for up in self.ups:
             x = torch.cat([self._run(up, x), skips.pop()], dim=1)
