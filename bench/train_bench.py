@@ -46,7 +46,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 from conftest import TINY  # noqa: E402  the tiny per-task settings the tests use
 
 from montage.platform.config import load_config  # noqa: E402
-from montage.platform.loop import Hook, build_modules, make_loader, peak_rss_mb  # noqa: E402
+from montage.platform.build import build_modules, make_loader  # noqa: E402
+from montage.platform.loop import Hook, peak_rss_mb  # noqa: E402
 from montage.platform.registry import TASKS  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop, make_task  # noqa: E402
 

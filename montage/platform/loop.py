@@ -13,103 +13,17 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from montage.platform.config import ExperimentConfig, OptimConfig, SchedConfig, to_dict
+from montage.platform.build import resolve_amp
+from montage.platform.config import to_dict
 from montage.platform.task import Batch, Modules, Task
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------ building blocks
-
-
-def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, **overrides: Any) -> torch.optim.Optimizer:
-    lr = overrides.get("lr", cfg.lr)
-    wd = overrides.get("weight_decay", cfg.weight_decay)
-    betas = tuple(overrides.get("betas", cfg.betas))
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int) -> Any:
-    """A per-epoch scheduler (``step()`` once after each epoch), or None."""
-    if cfg.name == "cosine_restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.eta_min)
-    if cfg.name == "linear_decay":
-        hold = cfg.constant_epochs
-        decay = max(1, epochs - hold)
-        # a picklable-free LambdaLR: state_dict() keeps no function objects
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 - max(0, e - hold) / float(decay))
-    return None
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device``, or None for full precision."""
-    if mode == "off":
-        return None
-    if mode == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy in each DataLoader worker (torch and ``random`` are seeded by torch)."""
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
-def make_loader(dataset: Dataset, cfg: ExperimentConfig, train: bool, device: torch.device) -> DataLoader:
-    workers = cfg.train.loader_workers
-    gen = torch.Generator()
-    gen.manual_seed(cfg.train.seed)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > cfg.train.batch_size,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=seed_worker,
-        generator=gen,
-    )
-
-
-def build_modules(
-    task: Task,
-    device: torch.device,
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
-) -> Modules:
-    """Networks on ``device`` (wrapped, e.g. in DDP), one optimizer + scheduler per group."""
-    cfg = task.cfg
-    nets = task.build_nets()
-    for name, net in nets.items():
-        net.to(device)
-        if cfg.train.channels_last:
-            net.to(memory_format=torch.channels_last)
-    optimizers = {
-        name: make_optimizer(params, cfg.optim, **over) for name, (params, over) in task.param_groups(nets).items()
-    }
-    if wrap is not None:
-        nets = {name: wrap(net) if any(p.requires_grad for p in net.parameters()) else net for name, net in nets.items()}
-    if cfg.train.compile != "off":
-        # after DDP: dynamo splits the graph at DDP's bucket boundaries so all-reduce overlaps backward
-        mode = None if cfg.train.compile == "default" else cfg.train.compile
-        nets = {name: torch.compile(net, mode=mode, backend=cfg.train.compile_backend) for name, net in nets.items()}
-    schedulers = {name: make_scheduler(opt, cfg.sched, cfg.train.epochs) for name, opt in optimizers.items()}
-    return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None})
 
 
 # -------------------------------------------------------------------------------- hooks

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from montage.platform.config import ExperimentConfig, build_config, save_config, to_dict
-from montage.platform.loop import Hook, Loop, build_modules, make_loader
+from montage.platform.build import build_modules, make_loader
+from montage.platform.loop import Hook, Loop
 from montage.platform.registry import TASKS
 from montage.platform.task import Task
 
