@@ -6,17 +6,21 @@
 Every figure is measured in this run, and every ratio is against a baseline from the same run
 (these machines are noisy). Sections:
 
-throughput   per task and size, on the same model, data, batch size and steps:
+throughput   per task and size, on the same model, initial weights, batches, batch size and steps:
              plain  a hand-written loop: DataLoader → forward → loss → backward → step (the
                     task's own loss code; none of montage's loop, hooks or Ray)
-             loop   montage's generic loop in this process (``--no-ray``)
-             ray1   Ray Train TorchTrainer, 1 worker;  ray2: 2 workers (DDP; CPU: gloo; with
-                    --quick, for the first task only)
-             Steady state = the second epoch's training time (the first pays warm-up); peak
-             memory = resident set (RSS) of the process that trained, and CUDA max allocated.
+             loop   montage's generic loop (what ``montage train --no-ray`` runs)
+             ray1   Ray Train TorchTrainer, 1 worker: for the first task ``montage train`` from
+                    the shell (it starts Ray), then fits in the bench's running Ray
+             ray2   2 workers (DDP; CPU: gloo; with --quick, for the first task only)
+             plain and loop run in two processes that take turns epoch by epoch (turns.py),
+             so a slow phase of the machine falls on both. Steady state = the fastest epoch
+             after the first (which pays warm-up); peak memory = resident set (RSS) of the
+             process that trained, and CUDA max allocated.
 start-up     seconds from launch to the first train step: ``montage train`` from the shell
-             (with and without Ray), a TorchTrainer fit in a running Ray, each Tune trial.
-knobs        each ``train.*`` performance option on vs off, montage's loop, one task.
+             (with and without Ray), TorchTrainer fits in a running Ray, each Tune trial.
+knobs        each ``train.*`` performance option on vs off, montage's loop, one task; the
+             baseline and every knob in their own process, epochs taking turns.
 pipeline     decode (OpenCV) + albumentations + collate at 384 px from JPEG files, against
              the model's own train-step rate at 384 px: the pipeline must not be the bottleneck.
 """
@@ -47,9 +51,10 @@ from conftest import TINY  # noqa: E402  the tiny per-task settings the tests us
 
 from montage.platform.config import load_config  # noqa: E402
 from montage.platform.build import build_modules, make_loader  # noqa: E402
-from montage.platform.loop import Hook, peak_rss_mb  # noqa: E402
+from montage.platform.loop import Hook  # noqa: E402
 from montage.platform.registry import TASKS  # noqa: E402
-from montage.platform.runner import WorkerEnv, build_loop, make_task  # noqa: E402
+from montage.platform.runner import WorkerEnv, build_loop, make_task, seed_everything  # noqa: E402
+from turns import Baton, BatonHook, peak_mb, reset_peak, take_turns  # noqa: E402
 
 SIZES = {  # (tiny, realistic) overrides per task
     "segmentation": (["data.size=64"], ["model.encoder=resnet34", "model.decoder_channels=[256,128,64,32,16]", "data.size=256"]),
@@ -73,45 +78,16 @@ def cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def config(task: str, storage: str, extra: list[str]):
+def overrides(task: str, storage: str, extra: list[str]) -> list[str]:
     gpu = ["scaling.gpus=true"] if cuda() else []
-    return load_config(task, TASKS.get(task).spec, None, TINY[task] + [
+    return TINY[task] + [
         "tracking.enabled=false", f"run.storage={storage}", "data.synthetic_train=1024", "data.synthetic_val=8",
         "train.max_val_steps=1", "train.sample_every=0", *gpu, *extra,
-    ])
+    ]
 
 
-# ------------------------------------------------------------------------------ memory
-
-
-def isolated(fn, *args):
-    """``fn(*args)`` in a fresh (spawned) process, so its peak memory is its own."""
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
-def reset_peak() -> None:
-    """Linux: restart this process's peak-RSS counter (VmHWM), so each configuration gets its own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    if cuda():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_mb() -> tuple[float, float]:
-    """(peak RSS since reset_peak, CUDA max allocated) in MiB."""
-    rss = peak_rss_mb()
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return rss, (torch.cuda.max_memory_allocated() / 2**20 if cuda() else 0.0)
+def config(task: str, storage: str, extra: list[str]):
+    return load_config(task, TASKS.get(task).spec, None, overrides(task, storage, extra))
 
 
 # --------------------------------------------------------------------------- throughput
@@ -135,10 +111,11 @@ class _PlainStepper:
         opt.step()
 
 
-def plain(cfg, steps: int, epochs: int) -> dict[str, float]:
+def plain(cfg, steps: int, epochs: int, baton: Baton | None = None) -> dict[str, float]:
     """A hand-written loop over the task's pieces: ``epochs`` of ``steps`` batches; the fastest
     epoch after the first counts."""
     reset_peak()
+    seed_everything(cfg.train.seed)  # the same initial weights and batches as montage's loop
     task = make_task(cfg)
     dev = torch.device("cuda" if cuda() else "cpu")
     m = build_modules(task, dev)
@@ -148,6 +125,9 @@ def plain(cfg, steps: int, epochs: int) -> dict[str, float]:
         net.train()
     times = []
     for epoch in range(epochs):
+        if baton:
+            baton.wait()
+        loader.generator.manual_seed(cfg.train.seed + epoch)  # the same batches, in the same order, as montage's loop
         t0 = time.perf_counter()
         for i, batch in enumerate(loader):
             if i == steps:
@@ -157,8 +137,10 @@ def plain(cfg, steps: int, epochs: int) -> dict[str, float]:
         if cuda():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if baton:
+            baton.pass_on()
     rss, gpu = peak_mb()
-    return {"sps": steps * cfg.train.batch_size / min(times[1:]), "rss": rss, "gpu": gpu}
+    return {"sps": steps * cfg.train.batch_size / min(times[1:]), "rss": rss, "gpu": gpu, "epoch_s": times}
 
 
 class _EpochTimes(Hook):
@@ -169,13 +151,15 @@ class _EpochTimes(Hook):
         self.train_s.append(metrics["time/train_s"])
 
 
-def montage_loop(cfg, steps: int, epochs: int) -> dict[str, float]:
+def montage_loop(cfg, steps: int, epochs: int, baton: Baton | None = None) -> dict[str, float]:
+    """montage's loop in this process (what ``montage train --no-ray`` runs)."""
     reset_peak()
     cfg.train.max_steps, cfg.train.epochs = steps, epochs
     times = _EpochTimes()
-    build_loop(cfg, WorkerEnv(device=torch.device("cuda" if cuda() else "cpu")), hooks=[times]).fit()
+    hooks: list[Hook] = [times] + ([BatonHook(baton)] if baton else [])
+    build_loop(cfg, WorkerEnv(device=torch.device("cuda" if cuda() else "cpu")), hooks=hooks).fit()
     rss, gpu = peak_mb()
-    return {"sps": steps * cfg.train.batch_size / min(times.train_s[1:]), "rss": rss, "gpu": gpu}
+    return {"sps": steps * cfg.train.batch_size / min(times.train_s[1:]), "rss": rss, "gpu": gpu, "epoch_s": times.train_s}
 
 
 def ray_fit(cfg, steps: int, workers: int, epochs: int) -> dict[str, float]:
@@ -200,21 +184,35 @@ def ray_fit(cfg, steps: int, workers: int, epochs: int) -> dict[str, float]:
     }
 
 
-# ------------------------------------------------------------------------------ start-up
-
-
-def cli_startup(storage: str, no_ray: bool) -> float:
-    """``montage train`` in a fresh process: seconds from its start to the first train step."""
-    cmd = [
-        sys.executable, "-m", "montage.platform.cli", "train", "segmentation", *TINY["segmentation"], "tracking.enabled=false",
-        f"run.storage={storage}", f"run.name=cli-{time.time_ns()}", "train.max_steps=2", "train.max_val_steps=1", "train.sample_every=0",
-    ]
+def cli_run(task: str, storage: str, extra: list[str], no_ray: bool = False) -> dict[str, Any]:
+    """``montage train`` in a fresh process, as a user types it; returns the summary it prints."""
+    cmd = [sys.executable, "-m", "montage.platform.cli", "train", task, *overrides(task, storage, extra), f"run.name=cli-{time.time_ns()}"]
     if no_ray:
         cmd.append("--no-ray")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if out.returncode:
         raise RuntimeError(f"montage train failed: {out.stderr[-2000:]}")
-    summary = json.loads(out.stdout[out.stdout.index("{\n"):])
+    return json.loads(out.stdout[out.stdout.index("{\n"):])
+
+
+def cli_fit(task: str, storage: str, extra: list[str], steps: int, epochs: int) -> dict[str, float]:
+    """ray1 exactly as a user runs it: ``montage train`` from the shell, which starts Ray and
+    fits a 1-worker TorchTrainer; per-epoch figures come from the kept checkpoints it prints."""
+    cpus = 1 if cuda() else os.cpu_count() or 2
+    summary = cli_run(task, storage, [*extra, f"train.max_steps={steps}", f"train.epochs={epochs}", f"scaling.keep_checkpoints={epochs}",
+                                      "scaling.workers=1", f"scaling.cpus_per_worker={cpus}"])
+    m = summary["metrics"]
+    train_s = min(c["metrics"]["time/train_s"] for c in summary["checkpoints"] if c["epoch"] > 1)
+    batch = config(task, storage, extra).train.batch_size
+    return {"sps": steps * batch / train_s, "rss": m["mem/peak_rss_mb"], "gpu": m.get("mem/cuda_peak_mb", 0.0), "startup": m["time/startup_s"]}
+
+
+# ------------------------------------------------------------------------------ start-up
+
+
+def cli_startup(storage: str, no_ray: bool) -> float:
+    """``montage train`` in a fresh process: seconds from its start to the first train step."""
+    summary = cli_run("segmentation", storage, ["train.max_steps=2"], no_ray=no_ray)
     return summary["metrics"]["time/startup_s"]
 
 
@@ -278,16 +276,17 @@ def pipeline(n: int, workers: int, cache: bool, size: int = 384) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def model_rate(extra: list[str], steps: int, size: int = 384) -> float:
+def model_rate(extra: list[str], steps: int, size: int = 384, batch_size: int = 4) -> float:
     """The segmentation model's train-step rate (images/s) at ``size`` on in-memory tensors."""
     cfg = config("segmentation", tempfile.mkdtemp(), [*extra, f"data.size={size}"])
     task = make_task(cfg)
     dev = torch.device("cuda" if cuda() else "cpu")
     m = build_modules(task, dev)
+    n = batch_size
     batch = {
-        "image": torch.rand(8, 3, size, size, device=dev),
-        "mask": (torch.rand(8, 1, size, size, device=dev) > 0.5).float(),
-        "valid": torch.ones(8, 1, size, size, device=dev),
+        "image": torch.rand(n, 3, size, size, device=dev),
+        "mask": (torch.rand(n, 1, size, size, device=dev) > 0.5).float(),
+        "valid": torch.ones(n, 1, size, size, device=dev),
     }
     stepper = _PlainStepper(m.optimizers)
     for i in range(steps + 1):
@@ -298,10 +297,17 @@ def model_rate(extra: list[str], steps: int, size: int = 384) -> float:
         task.train_step(m, batch, stepper)
     if cuda():
         torch.cuda.synchronize()
-    return steps * 8 / (time.perf_counter() - t0)
+    return steps * n / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------- main
+
+
+def checked(results: list[Any]) -> list[Any]:
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -316,12 +322,12 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes only, 2-worker DDP on the first task only (CPU, < 5 minutes)")
-    p.add_argument("--steps", type=int, default=0, help="train steps per epoch (default 12 quick, 30 full)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per measurement: the fastest after the first counts")
+    p.add_argument("--steps", type=int, default=0, help="train steps per epoch (default 6 quick, 30 full)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per measurement: the fastest after the first counts")
     p.add_argument("--tasks", default="segmentation,harmonization,pix2pix")
     p.add_argument("--sections", default="throughput,startup,knobs,pipeline")
     args = p.parse_args()
-    steps, epochs = args.steps or (12 if args.quick else 30), max(2, args.epochs)
+    steps, epochs = args.steps or (6 if args.quick else 30), max(2, args.epochs)
     trials = 2 if args.quick else 4
     sections = set(args.sections.split(","))
     import ray
@@ -334,68 +340,91 @@ def main() -> int:
         if now - t_mark[0] > 1:
             print(f"[{name}: {now - t_mark[0]:.0f} s]", flush=True)
         t_mark[0] = now
+
+    def need_ray() -> None:  # the bench's own Ray session, started when first needed
+        if not ray.is_initialized():
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
     storage = tempfile.mkdtemp(prefix="montage-bench-runs-")
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if cuda() else 'no GPU'}; {steps} steps/epoch", flush=True)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if cuda() else 'no GPU'}; "
+          f"{steps} steps/epoch, {epochs} epochs", flush=True)
     out: list[str] = []
     sizes = [("tiny", 0)] + ([] if args.quick else [("real", 1)])
+    cli_with_ray: float | None = None  # start-up of `montage train` (with Ray), from the first ray1 run
+    in_session: list[str] = []  # start-up of TorchTrainer fits in the bench's running Ray
 
-    if sections & {"throughput", "startup"}:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     if "throughput" in sections:
         rows = []
         tasks = args.tasks.split(",")
         for task in tasks:
             for label, k in sizes:
                 extra = SIZES[task][k]
-                r = {
-                    "plain": isolated(plain, config(task, storage, extra), steps, epochs),
-                    "loop": isolated(montage_loop, config(task, storage, extra), steps, epochs),
-                    "ray1": ray_fit(config(task, storage, extra), steps, 1, epochs),
-                }
+                r = dict(zip(("plain", "loop"), checked(take_turns([
+                    (plain, (config(task, storage, extra), steps, epochs)),
+                    (montage_loop, (config(task, storage, extra), steps, epochs)),
+                ]))))
+                if cli_with_ray is None:  # the first ray1 is `montage train` from the shell, Ray started by it
+                    r["ray1"] = cli_fit(task, storage, extra, steps, epochs)
+                    cli_with_ray = r["ray1"]["startup"]
+                else:
+                    need_ray()
+                    r["ray1"] = ray_fit(config(task, storage, extra), steps, 1, epochs)
+                    in_session.append(f"{task}/{label} 1 worker {r['ray1']['startup']:.1f}")
                 if not args.quick or task == tasks[0]:  # --quick: DDP scaling on the first task only
+                    need_ray()
                     r["ray2"] = ray_fit(config(task, storage, extra), steps, 2, epochs)
+                    in_session.append(f"{task}/{label} 2 workers {r['ray2']['startup']:.1f}")
                 sps = {k2: v["sps"] for k2, v in r.items()}
                 print(f"{task}/{label}: " + "  ".join(f"{k2} {v:.1f}" for k2, v in sps.items()) + " samples/s", flush=True)
                 mem = "/".join(f"{r[k2]['rss']:.0f}" for k2 in r) + (" (GPU " + "/".join(f"{r[k2]['gpu']:.0f}" for k2 in r) + ")" if cuda() else "")
-                ray2, scaling, start2 = (sps["ray2"], sps["ray2"] / sps["ray1"], r["ray2"]["startup"]) if "ray2" in r else ("-", "-", "-")
-                rows.append([f"{task}/{label}", sps["plain"], sps["loop"], sps["ray1"], ray2, sps["loop"] / sps["plain"], sps["ray1"] / sps["plain"], scaling, mem, r["ray1"]["startup"], start2])
-        out.append("Throughput (samples/s, steady state) and peak memory (MiB RSS: plain/loop/ray1[/ray2])\n")
-        out.append(table(["task/size", "plain/s", "loop/s", "ray1/s", "ray2/s", "loop÷plain", "ray1÷plain", "ray2÷ray1", "peak MiB", "fit→step 1w s", "fit→step 2w s"], rows))
+                ray2, scaling = (sps["ray2"], sps["ray2"] / sps["ray1"]) if "ray2" in r else ("-", "-")
+                rows.append([f"{task}/{label}", sps["plain"], sps["loop"], sps["ray1"], ray2, sps["loop"] / sps["plain"], sps["ray1"] / sps["plain"], scaling, mem])
+        out.append("Throughput (samples/s, steady state: the fastest epoch after the first) and peak memory (MiB RSS: plain/loop/ray1[/ray2])\n")
+        out.append(table(["task/size", "plain/s", "loop/s", "ray1/s", "ray2/s", "loop÷plain", "ray1÷plain", "ray2÷ray1", "peak MiB"], rows))
     mark("throughput")
     if "startup" in sections:
         local = cli_startup(storage, no_ray=True)
-        with_ray = cli_startup(storage, no_ray=False)
+        if cli_with_ray is None:
+            cli_with_ray = cli_startup(storage, no_ray=False)
+        need_ray()
         per_trial = tune_startup(storage, trials)
         out.append(
-            f"\nStart-up to the first train step: `montage train --no-ray` {local:.1f} s, `montage train` (starts Ray) {with_ray:.1f} s; "
-            f"Tune trials (one Ray session, one trial at a time): " + ", ".join(f"{t:.1f}" for t in per_trial) + " s"
+            f"\nStart-up to the first train step: `montage train --no-ray` {local:.1f} s, `montage train` (starts Ray) {cli_with_ray:.1f} s; "
+            + (f"TorchTrainer fits in a running Ray: {', '.join(in_session)} s; " if in_session else "")
+            + "Tune trials (one Ray session, one trial at a time): " + ", ".join(f"{t:.1f}" for t in per_trial) + " s"
         )
-    if sections & {"throughput", "startup"}:
+    if ray.is_initialized():
         ray.shutdown()
     mark("start-up")
     if "knobs" in sections:
         label, k = sizes[-1]
         extra = SIZES["segmentation"][k]
-        knob_epochs, knob_steps = (2, 8) if args.quick else (epochs, steps)
-        base = isolated(montage_loop, config("segmentation", storage, extra + KNOB_BASELINE), knob_steps, knob_epochs)
+        knob_epochs, knob_steps = (5, 5) if args.quick else (epochs, steps)
+
+        runnable = [(name, over) for name, over in KNOBS if cuda() or name not in CUDA_ONLY]
+        results = take_turns([  # the baseline and every knob, each in its own process, epochs taking turns
+            (montage_loop, (config("segmentation", storage, extra + KNOB_BASELINE + over), knob_steps, knob_epochs))
+            for over in [[]] + [o for _, o in runnable]
+        ])
+        base = checked(results[:1])[0]
+        done = dict(zip((n for n, _ in runnable), results[1:]))
         rows = []
-        for name, over in KNOBS:
-            if name in CUDA_ONLY and not cuda():
+        for name, _ in KNOBS:
+            r = done.get(name)
+            if r is None:
                 rows.append([name, "n/a (CUDA only)", "", "", ""])
-                continue
-            try:
-                r = isolated(montage_loop, config("segmentation", storage, extra + KNOB_BASELINE + over), knob_steps, knob_epochs)
-            except Exception as exc:  # noqa: BLE001 - a knob this machine cannot run is reported, not fatal
-                rows.append([name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}", "", "", ""])
-                continue
-            mem = r["gpu"] / max(base["gpu"], 1e-9) if cuda() else r["rss"] / base["rss"]
-            rows.append([name, r["sps"], r["sps"] / base["sps"], r["gpu"] if cuda() else r["rss"], mem])
-        out.append(f"\nKnobs, segmentation/{label}, montage's loop; baseline (all off) {base['sps']:.1f} samples/s, peak {base['gpu'] if cuda() else base['rss']:.0f} MiB\n")
+            elif isinstance(r, Exception):  # a knob this machine cannot run is reported, not fatal
+                rows.append([name, f"failed: {str(r)[:100]}", "", "", ""])
+            else:
+                mem = r["gpu"] / max(base["gpu"], 1e-9) if cuda() else r["rss"] / base["rss"]
+                rows.append([name, r["sps"], r["sps"] / base["sps"], r["gpu"] if cuda() else r["rss"], mem])
+        out.append(f"\nKnobs, segmentation/{label}, montage's loop, epochs taking turns with the baseline (all off: {base['sps']:.1f} samples/s, "
+                   f"peak {base['gpu'] if cuda() else base['rss']:.0f} MiB)\n")
         out.append(table(["knob", "samples/s", "÷ baseline", "peak MiB", "memory ÷ baseline"], rows))
     mark("knobs")
     if "pipeline" in sections:
         label, k = sizes[-1]
-        rate = model_rate(SIZES["segmentation"][k][:-1], 3)
+        rate = model_rate(SIZES["segmentation"][k][:-1], 2)
         rows = []
         for workers, cache in ((0, False), (2, False), (2, True)):
             ips = pipeline(48, workers, cache)

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from montage.platform.checkpoint import load_checkpoint
+from montage.platform.cli import _summary
 from montage.platform.train import fit_ray
 
 
@@ -19,6 +20,8 @@ def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tm
     assert 0 < out["metrics"]["time/startup_s"] < 300  # launch → rank 0's first step
     assert out["metrics"]["mem/peak_rss_mb"] > 50 and out["metrics"]["time/train_s"] > 0
     assert [c["metrics"]["epoch"] for c in out["checkpoints"]] == [1]
+    shown = _summary(out)["checkpoints"][0]  # what `montage train` prints per kept checkpoint
+    assert shown["epoch"] == 1 and shown["metrics"]["time/train_s"] > 0 and "train/total" in shown["metrics"]
     state = load_checkpoint(out["checkpoint"], task="segmentation")
     assert state["epoch"] == 1 and "net" in state["nets"]
     assert not any(k.startswith("module.") for k in state["nets"]["net"])  # saved unwrapped from DDP

@@ -73,8 +73,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _summary(s: dict[str, Any]) -> dict[str, Any]:
     keep = ("val/", "best/", "train/total", "epoch", "time/", "mem/")
-    metrics = {k: v for k, v in (s.get("metrics") or {}).items() if k.startswith(keep)}
-    checkpoints = [{"path": c["path"], "epoch": c["metrics"].get("epoch")} for c in s.get("checkpoints", [])]
+
+    def kept(m: dict[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (m or {}).items() if k.startswith(keep)}
+
+    metrics = kept(s.get("metrics"))
+    checkpoints = [{"path": c["path"], "epoch": c["metrics"].get("epoch"), "metrics": kept(c["metrics"])} for c in s.get("checkpoints", [])]
     return {**s, "metrics": metrics, **({"checkpoints": checkpoints} if checkpoints else {})}
 
 
