@@ -13,14 +13,14 @@ throughput   per task and size, on the same model, initial weights, batches, bat
              ray1   Ray Train TorchTrainer, 1 worker: for the first task ``montage train`` from
                     the shell (it starts Ray), then fits in the bench's running Ray
              ray2   2 workers (DDP; CPU: gloo; with --quick, for the first task only)
-             plain and loop run in two processes that take turns epoch by epoch (turns.py),
-             so a slow phase of the machine falls on both. Steady state = the fastest epoch
+             plain and loop run in two processes each that take turns epoch by epoch
+             (turns.py), so a slow phase of the machine falls on all of them. Steady state = the fastest epoch
              after the first (which pays warm-up); peak memory = resident set (RSS) of the
              process that trained, and CUDA max allocated.
 start-up     seconds from launch to the first train step: ``montage train`` from the shell
              (with and without Ray), TorchTrainer fits in a running Ray, each Tune trial.
 knobs        each ``train.*`` performance option on vs off, montage's loop, one task; the
-             baseline and every knob in their own process, epochs taking turns.
+             baseline (first and last) and every knob in their own process, epochs taking turns.
 pipeline     decode (OpenCV) + albumentations + collate at 384 px from JPEG files, against
              the model's own train-step rate at 384 px: the pipeline must not be the bottleneck.
 """
@@ -54,6 +54,7 @@ from montage.platform.build import build_modules, make_loader  # noqa: E402
 from montage.platform.loop import Hook  # noqa: E402
 from montage.platform.registry import TASKS  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop, make_task, seed_everything  # noqa: E402
+from input_pipeline import pipeline  # noqa: E402
 from turns import Baton, BatonHook, peak_mb, reset_peak, take_turns  # noqa: E402
 
 SIZES = {  # (tiny, realistic) overrides per task
@@ -232,48 +233,7 @@ def tune_startup(storage: str, trials: int) -> list[float]:
     return [t["metrics"]["time/startup_s"] for t in result.table]
 
 
-# ------------------------------------------------------------------------------- pipeline
-
-
-def photo_folder() -> Path:
-    """32 JPEG photos (512 px) with PNG masks, written once per bench run."""
-    import cv2
-
-    from montage.tasks.segmentation.sources import SyntheticPersons
-
-    tmp = Path(tempfile.gettempdir()) / f"montage-bench-photos-{os.getpid()}"
-    if not (tmp / "mask" / "031.png").is_file():
-        (tmp / "img").mkdir(parents=True, exist_ok=True)
-        (tmp / "mask").mkdir(exist_ok=True)
-        src = SyntheticPersons(32, size=512, seed=0)
-        for i in range(32):
-            img, alpha, _ = src.load(i)
-            cv2.imwrite(str(tmp / "img" / f"{i:03d}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-            cv2.imwrite(str(tmp / "mask" / f"{i:03d}.png"), alpha)
-    return tmp
-
-
-def pipeline(n: int, workers: int, cache: bool, size: int = 384) -> float:
-    """images/s of decode (OpenCV) + albumentations + collate at ``size`` from JPEG files."""
-    from montage.tasks.segmentation.data import SegDataConfig, SegmentationDataset
-    from montage.tasks.segmentation.sources import ImageMaskFolder
-
-    tmp = photo_folder()
-    ds = SegmentationDataset(ImageMaskFolder(str(tmp / "img"), str(tmp / "mask")), size, SegDataConfig().augment, cache=cache)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=8, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None, pin_memory=cuda(),
-    )
-    seen, t0 = 0, None
-    while seen < n:
-        for batch in loader:
-            if t0 is None:
-                t0 = time.perf_counter()  # after the first batch: workers are up
-                continue
-            seen += batch["image"].shape[0]
-            if seen >= n:
-                break
-    return seen / (time.perf_counter() - t0)
+# ------------------------------------------------------------------------------- pipeline (the model side; the input side is input_pipeline.py)
 
 
 def model_rate(extra: list[str], steps: int, size: int = 384, batch_size: int = 4) -> float:
@@ -301,6 +261,11 @@ def model_rate(extra: list[str], steps: int, size: int = 384, batch_size: int = 
 
 
 # ---------------------------------------------------------------------------------- main
+
+
+def mean_of(*results: dict[str, Any]) -> dict[str, float]:
+    """One configuration measured in several processes: mean rate, largest peak memory."""
+    return {"sps": sum(r["sps"] for r in results) / len(results), "rss": max(r["rss"] for r in results), "gpu": max(r["gpu"] for r in results)}
 
 
 def checked(results: list[Any]) -> list[Any]:
@@ -359,10 +324,14 @@ def main() -> int:
         for task in tasks:
             for label, k in sizes:
                 extra = SIZES[task][k]
-                r = dict(zip(("plain", "loop"), checked(take_turns([
-                    (plain, (config(task, storage, extra), steps, epochs)),
-                    (montage_loop, (config(task, storage, extra), steps, epochs)),
-                ]))))
+                # two processes each, in the order plain, loop, loop, plain: one process's speed
+                # varies by up to ±15 % on this kind of VM for the same code, and a ring position
+                # may matter; the mean of two, placed symmetrically, halves both
+                p1, l1, l2, p2 = checked(take_turns([
+                    (fn, (config(task, storage, extra), steps, epochs)) for fn in (plain, montage_loop, montage_loop, plain)
+                ]))
+                r = {"plain": mean_of(p1, p2), "loop": mean_of(l1, l2)}
+                print(f"{task}/{label}: per process plain {p1['sps']:.1f}, {p2['sps']:.1f}  loop {l1['sps']:.1f}, {l2['sps']:.1f} samples/s", flush=True)
                 if cli_with_ray is None:  # the first ray1 is `montage train` from the shell, Ray started by it
                     r["ray1"] = cli_fit(task, storage, extra, steps, epochs)
                     cli_with_ray = r["ray1"]["startup"]
@@ -404,10 +373,10 @@ def main() -> int:
         runnable = [(name, over) for name, over in KNOBS if cuda() or name not in CUDA_ONLY]
         results = take_turns([  # the baseline and every knob, each in its own process, epochs taking turns
             (montage_loop, (config("segmentation", storage, extra + KNOB_BASELINE + over), knob_steps, knob_epochs))
-            for over in [[]] + [o for _, o in runnable]
+            for over in [[]] + [o for _, o in runnable] + [[]]
         ])
-        base = checked(results[:1])[0]
-        done = dict(zip((n for n, _ in runnable), results[1:]))
+        base = mean_of(*checked([results[0], results[-1]]))  # the baseline first and last in the ring
+        done = dict(zip((n for n, _ in runnable), results[1:-1]))
         rows = []
         for name, _ in KNOBS:
             r = done.get(name)

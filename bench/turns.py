@@ -132,12 +132,6 @@ def take_turns(jobs: list[tuple[Callable[..., Any], tuple]], timeout: float = 18
     return results
 
 
-def isolated(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` alone in a fresh process (forked from the server), so its peak memory is its own."""
-    with context().Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
 def reset_peak() -> None:
     """Linux: restart this process's peak-RSS counter (VmHWM), so each configuration gets its own."""
     try:
