@@ -259,8 +259,8 @@ class HarmonizationDataset(Dataset):
         indices: list[int] | None = None,
     ) -> None:
         self.source, self.seed = source, seed
-        ops = letterbox_ops(size)
         self.letterbox = A.Compose(letterbox_ops(size), additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR)
+        ops: list[A.BasicTransform] = []  # augmentation of the letterboxed pair (training only)
         if augment is not None:
             hflip, affine = augment
             ops += [op for op in (A.HorizontalFlip(p=hflip), A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=affine)) if op.p > 0]

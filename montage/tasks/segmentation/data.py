@@ -69,17 +69,18 @@ class SegDataConfig:
 
 
 def letterbox_ops(size: int) -> list[A.BasicTransform]:
-    """Resize the long side to ``size`` and pad to size×size: deterministic, and a no-op on an
-    image already letterboxed (which is what lets a cache store the result)."""
+    """Resize the long side to ``size`` and pad to size×size: deterministic, so a cache can
+    store the result and augmentation runs on it."""
     return [
         A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
         A.PadIfNeeded(min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
     ]
 
 
-def build_transform(size: int, aug: AugmentConfig | None, seed: int | None = None) -> A.Compose:
-    """Letterbox to size×size, then (training only) joint geometric + photometric augmentation."""
-    ops = letterbox_ops(size)
+def build_transform(aug: AugmentConfig | None, seed: int | None = None) -> A.Compose:
+    """Joint geometric + photometric augmentation of a letterboxed sample (training); none for
+    evaluation."""
+    ops: list[A.BasicTransform] = []
     if aug is not None:
         ops += [
             A.HorizontalFlip(p=aug.hflip),
@@ -120,7 +121,7 @@ class SegmentationDataset(Dataset):
         if len(source) == 0:
             raise ValueError("the data source is empty")
         self.source = source
-        self.transform = build_transform(size, augment, seed)
+        self.transform = build_transform(augment, seed)
         self.on_error = on_error
         self.letterbox = A.Compose(letterbox_ops(size), mask_interpolation=cv2.INTER_LINEAR)
         self.samples = SampleCache(self._letterboxed, range(len(source)) if indices is None else indices, cache, f"{type(source).__name__}")
