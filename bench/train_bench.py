@@ -96,6 +96,11 @@ def config(task: str, storage: str, extra: list[str]):
 # --------------------------------------------------------------------------- throughput
 
 
+def steady(samples_per_epoch: int, epoch_s: list[float]) -> float:
+    """Samples/s of the fastest epoch after the first (which pays warm-up)."""
+    return samples_per_epoch / min(epoch_s[1:])
+
+
 class _PlainStepper:
     """backward + step, nothing else: what a hand-written loop does."""
 
@@ -143,7 +148,7 @@ def plain(cfg, steps: int, epochs: int, baton: Baton | None = None) -> dict[str,
         if baton:
             baton.pass_on()
     rss, gpu = peak_mb()
-    return {"sps": steps * cfg.train.batch_size / min(times[1:]), "rss": rss, "gpu": gpu, "epoch_s": times}
+    return {"sps": steady(steps * cfg.train.batch_size, times), "rss": rss, "gpu": gpu, "epoch_s": times}
 
 
 class _EpochTimes(Hook):
@@ -162,29 +167,33 @@ def montage_loop(cfg, steps: int, epochs: int, baton: Baton | None = None) -> di
     hooks: list[Hook] = [times] + ([BatonHook(baton)] if baton else [])
     build_loop(cfg, WorkerEnv(device=torch.device("cuda" if cuda() else "cpu")), hooks=hooks).fit()
     rss, gpu = peak_mb()
-    return {"sps": steps * cfg.train.batch_size / min(times.train_s[1:]), "rss": rss, "gpu": gpu, "epoch_s": times.train_s}
+    return {"sps": steady(steps * cfg.train.batch_size, times.train_s), "rss": rss, "gpu": gpu, "epoch_s": times.train_s}
 
 
-def ray_fit(cfg, steps: int, workers: int, epochs: int) -> dict[str, float]:
+def ray_overrides(steps: int, epochs: int, workers: int) -> list[str]:
+    """A TorchTrainer run of ``epochs`` × ``steps`` whose every epoch comes back with its checkpoint;
+    on CPU the workers share all the machine's cores (Ray sets each worker's threads to its CPUs)."""
+    cpus = [] if cuda() else [f"scaling.cpus_per_worker={(os.cpu_count() or 2) / workers}"]
+    return [f"train.max_steps={steps}", f"train.epochs={epochs}", f"scaling.keep_checkpoints={epochs}", f"scaling.workers={workers}", *cpus]
+
+
+def from_checkpoints(metrics: dict[str, Any], checkpoints: list[dict[str, Any]], samples_per_epoch: int) -> dict[str, float]:
+    """Steady state of a Ray run from its kept checkpoints' metrics (rank 0's ``time/train_s``)."""
+    train_s = [c["metrics"]["time/train_s"] for c in sorted(checkpoints, key=lambda c: c["metrics"]["epoch"])]
+    return {"sps": steady(samples_per_epoch, train_s), "rss": metrics["mem/peak_rss_mb"], "gpu": metrics.get("mem/cuda_peak_mb", 0.0),
+            "startup": metrics["time/startup_s"]}
+
+
+def ray_fit(task: str, storage: str, extra: list[str], steps: int, workers: int, epochs: int) -> dict[str, float]:
+    """A TorchTrainer fit in the bench's running Ray."""
     from montage.platform.train import fit_ray
 
-    cfg.train.max_steps, cfg.train.epochs = steps, epochs
-    cfg.scaling.keep_checkpoints = epochs  # every epoch's metrics come back with its checkpoint
-    cfg.scaling.workers = workers
-    if not cuda():  # all the machine's CPUs shared by the workers: Ray sets each worker's OMP threads to its CPUs
-        cfg.scaling.cpus_per_worker = (os.cpu_count() or 2) / workers
-    cfg.run.name = f"bench-{cfg.task}-{workers}-{time.time_ns()}"
+    cfg = config(task, storage, [*extra, *ray_overrides(steps, epochs, workers), f"run.name=bench-{task}-{workers}-{time.time_ns()}"])
     out = fit_ray(cfg, launched_at=time.time())
     if out["error"]:
         raise RuntimeError(out["error"])
-    m = out["metrics"]  # rank 0's; each worker ran ``steps`` batches, so the global rate scales with workers
-    train_s = min(c["metrics"]["time/train_s"] for c in out["checkpoints"] if c["metrics"]["epoch"] > 1)
-    return {
-        "sps": workers * steps * cfg.train.batch_size / train_s,
-        "rss": m["mem/peak_rss_mb"],
-        "gpu": m.get("mem/cuda_peak_mb", 0.0),
-        "startup": m["time/startup_s"],
-    }
+    # each worker ran ``steps`` batches, so the global rate scales with workers
+    return from_checkpoints(out["metrics"], out["checkpoints"], workers * steps * cfg.train.batch_size)
 
 
 def cli_run(task: str, storage: str, extra: list[str], no_ray: bool = False) -> dict[str, Any]:
@@ -201,13 +210,8 @@ def cli_run(task: str, storage: str, extra: list[str], no_ray: bool = False) -> 
 def cli_fit(task: str, storage: str, extra: list[str], steps: int, epochs: int) -> dict[str, float]:
     """ray1 exactly as a user runs it: ``montage train`` from the shell, which starts Ray and
     fits a 1-worker TorchTrainer; per-epoch figures come from the kept checkpoints it prints."""
-    cpus = 1 if cuda() else os.cpu_count() or 2
-    summary = cli_run(task, storage, [*extra, f"train.max_steps={steps}", f"train.epochs={epochs}", f"scaling.keep_checkpoints={epochs}",
-                                      "scaling.workers=1", f"scaling.cpus_per_worker={cpus}"])
-    m = summary["metrics"]
-    train_s = min(c["metrics"]["time/train_s"] for c in summary["checkpoints"] if c["epoch"] > 1)
-    batch = config(task, storage, extra).train.batch_size
-    return {"sps": steps * batch / train_s, "rss": m["mem/peak_rss_mb"], "gpu": m.get("mem/cuda_peak_mb", 0.0), "startup": m["time/startup_s"]}
+    summary = cli_run(task, storage, [*extra, *ray_overrides(steps, epochs, 1)])
+    return from_checkpoints(summary["metrics"], summary["checkpoints"], steps * config(task, storage, extra).train.batch_size)
 
 
 # ------------------------------------------------------------------------------ start-up
@@ -339,11 +343,11 @@ def main() -> int:
                     cli_with_ray = r["ray1"]["startup"]
                 else:
                     need_ray()
-                    r["ray1"] = ray_fit(config(task, storage, extra), steps, 1, epochs)
+                    r["ray1"] = ray_fit(task, storage, extra, steps, 1, epochs)
                     in_session.append(f"{task}/{label} 1 worker {r['ray1']['startup']:.1f}")
                 if not args.quick or task == tasks[0]:  # --quick: DDP scaling on the first task only
                     need_ray()
-                    r["ray2"] = ray_fit(config(task, storage, extra), steps, 2, epochs)
+                    r["ray2"] = ray_fit(task, storage, extra, steps, 2, epochs)
                     in_session.append(f"{task}/{label} 2 workers {r['ray2']['startup']:.1f}")
                 sps = {k2: v["sps"] for k2, v in r.items()}
                 print(f"{task}/{label}: " + "  ".join(f"{k2} {v:.1f}" for k2, v in sps.items()) + " samples/s", flush=True)
