@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from montage.platform.config import SectionSpec, load_config
+from montage.platform.loop import Hook
 from montage.platform.registry import TASKS
 from montage.platform.runner import fit_local
 from montage.platform.task import Modules, Task
@@ -126,6 +127,44 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     for k in a["nets"]["net"]:
         assert torch.equal(a["nets"]["net"][k], b["nets"]["net"][k]), k
     assert a["schedulers"]["main"]["last_epoch"] == b["schedulers"]["main"]["last_epoch"] == 4
+
+
+class StopAfter(Hook):
+    """Interrupts a run after ``n`` epochs (as a crash would), leaving its latest checkpoint."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def after_epoch(self, loop, metrics) -> None:
+        if loop.epoch >= self.n:
+            loop.should_stop = True
+
+
+class LrLog(Hook):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def after_epoch(self, loop, metrics) -> None:
+        self.lrs.append(metrics["lr"])
+
+
+def test_onecycle_steps_per_optimizer_step_and_resumes_exactly(tmp_path: Path) -> None:
+    over = ["train.epochs=4", "optim.lr=0.02", "sched.name=onecycle", "sched.warmup=0.5"]
+    log = LrLog()
+    fit_local(toy_cfg(tmp_path, *over, "run.name=straight"), extra_hooks=[log])
+    lrs = log.lrs  # after 8, 16, 24, 32 of 32 optimizer steps; the peak (0.02) is at step 16
+    assert 0.02 / 25 < lrs[0] < lrs[1] and lrs[1] > lrs[2] > lrs[3]
+    assert lrs[1] == pytest.approx(0.02, rel=0.02) and lrs[3] < 0.02 / 1000
+    a = load_checkpoint(tmp_path / "straight" / "latest.pt")
+    assert a["schedulers"]["main"]["last_epoch"] == 32  # stepped once per optimizer step
+    # the same run interrupted after epoch 2, then resumed: identical weights and schedule
+    fit_local(toy_cfg(tmp_path, *over, "run.name=split"), extra_hooks=[StopAfter(2)])
+    assert load_checkpoint(tmp_path / "split" / "latest.pt")["epoch"] == 2
+    fit_local(toy_cfg(tmp_path, *over), resume=tmp_path / "split")
+    b = load_checkpoint(tmp_path / "split" / "latest.pt")
+    for k in a["nets"]["net"]:
+        assert torch.equal(a["nets"]["net"][k], b["nets"]["net"][k]), k
+    assert b["schedulers"]["main"]["last_epoch"] == 32
 
 
 def test_checkpoint_checks_task_model_and_format(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from these; nothing here knows Ray or any task by name.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -29,8 +30,16 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, **overrides
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int) -> Any:
-    """A per-epoch scheduler (``step()`` once after each epoch), or None."""
+def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int = 1) -> Any:
+    """A scheduler, or None: stepped once per epoch, or once per optimizer step when
+    ``cfg.per_step`` (then ``steps_per_epoch`` is the number of optimizer steps in an epoch)."""
+    if cfg.name == "onecycle":
+        total = epochs * steps_per_epoch + 1  # the run's last step lands on the schedule's end (lr → lr/(25·10⁴))
+        # max_lr is the optimizer's own lr (a task may set another lr per optimizer)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=cfg.warmup,
+            anneal_strategy="cos", cycle_momentum=False,
+        )
     if cfg.name == "cosine_restarts":
         return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.eta_min)
     if cfg.name == "linear_decay":
@@ -75,12 +84,22 @@ def make_loader(dataset: Dataset, cfg: ExperimentConfig, train: bool, device: to
     )
 
 
+def optimizer_steps_per_epoch(loader: Any, cfg: ExperimentConfig) -> int:
+    """Optimizer steps one epoch of ``loader`` makes (``train.max_steps`` and ``accumulate`` applied)."""
+    batches = len(loader)
+    if cfg.train.max_steps:
+        batches = min(batches, cfg.train.max_steps)
+    return max(1, math.ceil(batches / cfg.train.accumulate))
+
+
 def build_modules(
     task: Task,
     device: torch.device,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
+    steps_per_epoch: int = 1,
 ) -> Modules:
-    """Networks on ``device`` (wrapped, e.g. in DDP), one optimizer + scheduler per group."""
+    """Networks on ``device`` (wrapped, e.g. in DDP), one optimizer + scheduler per group.
+    ``steps_per_epoch`` (optimizer steps) sizes a per-step schedule."""
     cfg = task.cfg
     nets = task.build_nets()
     for name, net in nets.items():
@@ -96,5 +115,5 @@ def build_modules(
         # after DDP: dynamo splits the graph at DDP's bucket boundaries so all-reduce overlaps backward
         mode = None if cfg.train.compile == "default" else cfg.train.compile
         nets = {name: torch.compile(net, mode=mode, backend=cfg.train.compile_backend) for name, net in nets.items()}
-    schedulers = {name: make_scheduler(opt, cfg.sched, cfg.train.epochs) for name, opt in optimizers.items()}
+    schedulers = {name: make_scheduler(opt, cfg.sched, cfg.train.epochs, steps_per_epoch) for name, opt in optimizers.items()}
     return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None})

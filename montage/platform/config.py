@@ -46,21 +46,32 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    """Per-epoch learning-rate schedule.
+    """Learning-rate schedule.
 
-    ``cosine_restarts``: CosineAnnealingWarmRestarts(T_0=t0, T_mult=t_mult, eta_min).
-    ``linear_decay``: constant for ``constant_epochs`` then linear to 0 at ``train.epochs``.
+    ``cosine_restarts``: CosineAnnealingWarmRestarts(T_0=t0, T_mult=t_mult, eta_min), per epoch.
+    ``linear_decay``: constant for ``constant_epochs`` then linear to 0 at ``train.epochs``, per epoch.
+    ``onecycle``: per optimizer step over the whole run: linear warm-up from lr/25 to ``optim.lr``
+    during the first ``warmup`` fraction of the steps, then cosine down to lr/(25·10⁴)
+    (OneCycleLR; the right choice for short runs of a few hundred steps).
     """
 
-    name: Literal["none", "cosine_restarts", "linear_decay"] = "cosine_restarts"
+    name: Literal["none", "cosine_restarts", "linear_decay", "onecycle"] = "cosine_restarts"
     t0: int = 10
     t_mult: int = 1
     eta_min: float = 1e-6
     constant_epochs: int = 0
+    warmup: float = 0.25  # onecycle: fraction of the run's steps spent warming up
 
     def __post_init__(self) -> None:
         if self.t0 < 1 or self.t_mult < 1:
             raise ValueError("t0 and t_mult must be >= 1")
+        if not 0 < self.warmup < 1:
+            raise ValueError(f"warmup must be in (0, 1), got {self.warmup}")
+
+    @property
+    def per_step(self) -> bool:
+        """True when the schedule advances every optimizer step instead of every epoch."""
+        return self.name == "onecycle"
 
 
 @dataclass

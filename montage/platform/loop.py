@@ -91,6 +91,8 @@ class _Stepper:
         scaler.update()
         opt.zero_grad(set_to_none=True)
         self.stepped.add(name)
+        if loop.cfg.sched.per_step and name in loop.m.schedulers:
+            loop.m.schedulers[name].step()
 
 
 @dataclass
@@ -197,8 +199,9 @@ class Loop:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
                 counts[k] = counts.get(k, 0.0) + 1
-        for sched in self.m.schedulers.values():
-            sched.step()
+        if not self.cfg.sched.per_step:
+            for sched in self.m.schedulers.values():
+                sched.step()
         return {f"train/{k}": v for k, v in self._reduce(sums, counts).items()}
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from montage.platform.config import ExperimentConfig, build_config, save_config, to_dict
-from montage.platform.build import build_modules, make_loader
+from montage.platform.build import build_modules, make_loader, optimizer_steps_per_epoch
 from montage.platform.loop import Hook, Loop
 from montage.platform.registry import TASKS
 from montage.platform.task import Task
@@ -90,12 +90,12 @@ def build_loop(cfg: ExperimentConfig, env: WorkerEnv, hooks: list[Hook]) -> Loop
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     task = make_task(cfg)
-    modules = build_modules(task, env.device, env.wrap_model)
     train_ds, val_ds = task.datasets()
     train_loader = make_loader(train_ds, cfg, train=True, device=env.device)
     val_loader = make_loader(val_ds, cfg, train=False, device=env.device)
     if env.wrap_loader is not None:
         train_loader, val_loader = env.wrap_loader(train_loader), env.wrap_loader(val_loader)
+    modules = build_modules(task, env.device, env.wrap_model, optimizer_steps_per_epoch(train_loader, cfg))
     return Loop(task, modules, train_loader, val_loader, env.device, hooks, env.rank, env.world_size, env.launched_at)
 
 
