@@ -85,11 +85,11 @@ def seg_config(tmp_path: Path):
     return make
 
 
-def _tiny(task: str, tmp_path: Path, overrides):
+def _tiny(task: str, tmp_path: Path, overrides, base: list[str] | None = None, yaml: Path | None = None):
     from montage.platform.config import load_config
     from montage.platform.registry import TASKS
 
-    return load_config(task, TASKS.get(task).spec, None, TINY[task] + [
+    return load_config(task, TASKS.get(task).spec, yaml, (TINY[task] if base is None else base) + [
         f"run.storage={tmp_path / 'runs'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
         f"tracking.artifacts={tmp_path / 'mlartifacts'}",
@@ -103,5 +103,22 @@ def tiny_config(tmp_path: Path):
 
     def make(task: str, *overrides: str):
         return _tiny(task, tmp_path, overrides)
+
+    return make
+
+
+@pytest.fixture
+def recipe_config(tmp_path: Path):
+    """``recipe_config(task, *overrides)``: the packaged ``<task>-tiny.yaml`` recipe (what the demo
+    trains) in one process under tmp_path, at the global batch of its configured workers."""
+
+    def make(task: str, *overrides: str):
+        from importlib.resources import files
+
+        yaml = Path(str(files("montage") / "configs" / f"{task}-tiny.yaml"))
+        cfg = _tiny(task, tmp_path, ["train.progress=false", "tracking.enabled=false", *overrides], base=[], yaml=yaml)
+        cfg.train.batch_size *= cfg.scaling.workers
+        cfg.scaling.workers = 1
+        return cfg
 
     return make

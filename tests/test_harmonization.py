@@ -13,8 +13,8 @@ from montage.nn.colour import rgb_to_lab
 from montage.platform.imaging import ImageError
 from montage.platform.metrics import fmse_255, mse_255, psnr
 from montage.platform.runner import WorkerEnv, build_loop
-from montage.tasks.harmonization.data import IHarmony4, PerturbConfig, make_composite
-from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss, lab_colour_loss
+from montage.tasks.harmonization.data import IHarmony4, PerturbConfig, SyntheticPairs, make_composite
+from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss, foreground_mse, lab_colour_loss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet
 from montage.tasks.harmonization.task import Harmonizer
 
@@ -48,6 +48,12 @@ def test_loss_terms_by_hand() -> None:
     g = 0.36 - 0.16  # constant maps of value v: every Gram entry is v²·HW/(C·HW) = v²/C
     assert t["style"].item() == pytest.approx((g / 3) ** 2, rel=1e-4)
     assert set(t) == {"mse", "perceptual", "colour", "style"}
+    small = torch.zeros(1, 1, 10, 10)
+    small[..., :5, :4] = 1  # a 20 % foreground: the error inside it is not diluted by the background
+    err = torch.zeros(1, 3, 10, 10)
+    err[..., :5, :4] = 0.5
+    assert foreground_mse(err, torch.zeros_like(err), small).item() == pytest.approx(0.25)
+    assert foreground_mse(err, torch.zeros_like(err), small * 0, min_area=0.4).item() == pytest.approx(0.25 * 20 / 40)
 
 
 def test_image_metrics_by_hand() -> None:
@@ -96,6 +102,28 @@ def test_composite_changes_only_the_foreground() -> None:
     assert np.sqrt(((comp[mask > 0].astype(float) - real[mask > 0]) ** 2).mean()) >= 10
 
 
+def test_synthetic_pairs_are_lit_as_a_scene_so_the_background_tells_the_true_colours() -> None:
+    """The real image is the whole scene under one illuminant, the composite's foreground under
+    another: moving the foreground's colour statistics to the background's (no learning) must
+    recover much of the truth. With a foreground re-coloured at random it recovered nothing
+    (ratio 0.96 for the grey-world version of this check)."""
+    src = SyntheticPairs(48, 64, 3, PerturbConfig())
+    err_comp, err_fix = [], []
+    for i in range(48):
+        comp, mask, real = src.load(i, np.random.default_rng([3, i]))
+        np.testing.assert_array_equal(comp[mask == 0], real[mask == 0])
+        fg = mask > 127
+        fixed = comp.astype(np.float64)
+        for c in range(3):
+            f, b = fixed[..., c][fg], fixed[..., c][~fg]
+            fixed[..., c][fg] = (f - f.mean()) / (f.std() + 1e-3) * b.std() + b.mean()
+        err_comp.append(((comp[fg].astype(float) - real[fg]) ** 2).mean())
+        err_fix.append(((fixed.clip(0, 255)[fg] - real[fg]) ** 2).mean())
+    base = float(np.mean(err_comp))
+    assert 1000 < base < 3000  # as wrong as the composites always were (fMSE 1500–2200 at 64 px)
+    assert np.mean(err_fix) < 0.3 * base
+
+
 def test_inference_at_another_size_keeps_background_bit_identical() -> None:
     torch.manual_seed(0)
     net = HarmonizationUNet(HarmModelConfig(widths=[8, 16, 32]))
@@ -119,16 +147,17 @@ def test_inference_at_another_size_keeps_background_bit_identical() -> None:
         h([comp], [np.zeros((10, 10), np.uint8)])
 
 
-def test_identity_model_scores_the_composite_baseline_and_training_beats_it(tiny_config) -> None:
-    cfg = tiny_config("harmonization", "data.synthetic_train=256", "data.synthetic_val=32", "train.epochs=6", "optim.lr=0.0015", "train.batch_size=16", "tracking.enabled=false")
+def test_identity_model_scores_the_composite_baseline_and_training_beats_it(recipe_config) -> None:
+    # the demo's recipe on a third of its budget (the full run reaches about 0.3× the composite)
+    cfg = recipe_config("harmonization", "data.synthetic_train=256", "data.synthetic_val=48", "train.epochs=6")
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
     before = loop.evaluate()
     assert before["val/fmse"] == pytest.approx(before["val/baseline_fmse"], rel=1e-5)  # zero-init head = identity
-    assert before["val/baseline_fmse"] > 300  # the perturbed composite really is wrong
+    assert before["val/baseline_fmse"] > 1000  # the composite really is wrong
     loop.fit()
     after = loop.last_metrics
-    print(f"val fMSE composite {after['val/baseline_fmse']:.0f} → harmonized {loop.best.value:.0f}")
-    assert loop.best.value < 0.85 * after["val/baseline_fmse"]
+    print(f"val fMSE composite {after['val/baseline_fmse']:.0f} → harmonized {loop.best.value:.0f} ({loop.best.value / after['val/baseline_fmse']:.2f}×)")
+    assert loop.best.value < 0.5 * after["val/baseline_fmse"]
 
 
 def test_cutouts_source_and_predict_cli(tiny_config, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from montage.nn.losses import VGGFeatures, edge_loss, gram, sobel, soft_dice_loss
 from montage.nn.unet import AttentionGate, PretrainedWeightsError, _load_resnet
-from montage.platform.metrics import alpha_metrics, binary_metrics
+from montage.platform.metrics import alpha_metrics, binary_metrics, boundary_band, trimap_metrics
 from montage.platform.task import Task
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
 from montage.tasks.segmentation.model import SegModelConfig, SegmentationUNet
@@ -109,6 +109,36 @@ def test_unet_shapes_attention_maps_and_size() -> None:
     ckpt = SegmentationUNet(SegModelConfig(encoder="tiny", pretrained=False, decoder_channels=[16, 16, 8, 8, 8], grad_checkpointing=True)).train()
     ckpt(torch.rand(2, 3, 64, 64)).sum().backward()  # checkpointed decoder trains
     assert all(p.grad is not None for p in ckpt.decoder.parameters())
+
+
+def test_full_resolution_skip_reaches_the_finest_decoder_block() -> None:
+    cfg = SegModelConfig(encoder="small", pretrained=False, full_res_skip=16, decoder_channels=[64, 32, 16, 16, 16], attention=True)
+    model = SegmentationUNet(cfg).eval()
+    assert model.encoder.strides == [1, 2, 4, 8, 16, 32] and model.encoder.channels[0] == 16
+    with torch.no_grad():
+        feats = model.encoder(torch.rand(1, 3, 64, 64))
+        assert [f.shape[-1] for f in feats] == [64, 32, 16, 8, 4, 2]
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 1, 64, 64)
+    assert [m.shape[-1] for m in model.decoder.attention_maps()] == [4, 8, 16, 32, 64]  # the last gate is at full size
+    with pytest.raises(ValueError, match="decoder needs 5 channel widths"):
+        SegmentationUNet(SegModelConfig(encoder="small", pretrained=False, full_res_skip=16, decoder_channels=[16, 16, 16, 16, 16, 16]))
+
+
+def test_trimap_metrics_by_hand() -> None:
+    target = torch.zeros(1, 1, 12, 12)
+    target[..., 3:9, 3:9] = 1  # a 6×6 square
+    band = boundary_band(target, 1)
+    assert band.sum() == 8 * 8 - 4 * 4  # dilated 8×8 minus eroded 4×4
+    perfect = trimap_metrics(target, target, 1)
+    assert perfect["acc"].item() == 1 and perfect["sad"].item() == 0 and perfect["mse"].item() == 0
+    pred = target.clone()
+    pred[..., 2, 3:9] = 0.8  # a row outside the square, inside the band, predicted foreground
+    m = trimap_metrics(pred, target, 1)
+    assert m["acc"].item() == pytest.approx(1 - 6 / 48)
+    assert m["sad"].item() == pytest.approx(6 * 0.8 / 1000)
+    assert m["mse"].item() == pytest.approx(6 * 0.64 / 48)
+    pred[..., 0, 0] = 1  # far from the boundary: not counted
+    assert trimap_metrics(pred, target, 1)["acc"].item() == pytest.approx(1 - 6 / 48)
 
 
 def test_resnet34_channels() -> None:

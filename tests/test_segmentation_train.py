@@ -13,18 +13,18 @@ from montage.platform.cli import main
 from montage.platform.runner import WorkerEnv, build_loop, fit_local
 
 
-def test_short_training_beats_untrained_iou(seg_config) -> None:
-    cfg = seg_config(
-        "data.size=64", "data.synthetic_train=192", "data.synthetic_val=32", "train.epochs=4", "train.batch_size=16",
-        "optim.lr=0.005", "sched.t0=4", "tracking.enabled=false",
-    )
+def test_the_tiny_recipe_learns_thin_limbs_far_past_the_untrained_model(recipe_config) -> None:
+    # the demo's recipe on a third of its budget: 384 optimizer steps (the full run reaches IoU ≥ 0.90)
+    cfg = recipe_config("segmentation", "data.synthetic_train=384", "data.synthetic_val=48", "train.epochs=8")
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
-    untrained = loop.evaluate()["val/iou"]
+    untrained = loop.evaluate()
     loop.fit()
-    trained = loop.best.value
-    print(f"val/iou untrained {untrained:.3f} → trained {trained:.3f}")
-    assert trained > untrained + 0.2
-    assert trained > 0.35
+    best = loop.best.value
+    print(f"val/iou untrained {untrained['val/iou']:.3f} → trained {best:.3f}; "
+          f"trimap accuracy {untrained['val/trimap_acc']:.3f} → {loop.last_metrics['val/trimap_acc']:.3f}")
+    assert best > untrained["val/iou"] + 0.4
+    assert best > 0.68
+    assert loop.last_metrics["val/trimap_acc"] > untrained["val/trimap_acc"] + 0.15
 
 
 def test_fit_logs_to_mlflow_and_predict_writes_rgba(seg_config, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ Sources (``data.source``):
 - ``masks``: any image + person-mask source the segmentation task reads (COCO, Supervisely,
   folder); the foreground of the real image is perturbed to make the composite.
 - ``cutouts``: RGBA cut-outs pasted on background photos at random scale and position.
-- ``synthetic``: seeded synthetic persons, perturbed the same way.
+- ``synthetic``: seeded synthetic persons in scenes lit as a whole (see :class:`SyntheticPairs`).
 Perturbations follow iHarmony4's recipe: colour transfer from another image, brightness /
 contrast / gamma / hue / saturation / white balance, applied inside the mask only.
 """
@@ -113,12 +113,19 @@ def photometric(img: np.ndarray, rng: np.random.Generator, p: PerturbConfig) -> 
     return (x.clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def make_composite(real: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p: PerturbConfig, ref: np.ndarray | None = None) -> np.ndarray:
-    """Change the foreground's appearance only; the background stays bit-identical."""
+def make_composite(
+    real: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p: PerturbConfig, ref: np.ndarray | None = None,
+    source: np.ndarray | None = None,
+) -> np.ndarray:
+    """Change the foreground's appearance only; the background stays bit-identical.
+
+    The composite's foreground is ``source`` (default: ``real`` itself) re-lit by a random
+    perturbation; the rest of the composite is ``real``.
+    """
     alpha = (mask.astype(np.float32) / 255)[..., None]
     fg = mask > 127
     for _ in range(8):
-        changed = real
+        changed = real if source is None else source
         if ref is not None and rng.random() < p.colour_transfer:
             changed = reinhard_transfer(changed, mask, ref)
         changed = photometric(changed, rng, p)
@@ -233,9 +240,47 @@ class CutoutsOnBackgrounds:
         return make_composite(real, mask, rng, self.perturb, bg), mask, real
 
 
+def neutral(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The unlit scene: foreground and background each get, per channel, the mean and
+    standard deviation of the whole image's grey level (grey world, one exposure). Their
+    textures are unchanged (an affine map per channel and region)."""
+    x = image.astype(np.float32)
+    mu, sd = float(x.mean()), float(x.std()) + 1e-3
+    fg = mask > 127
+    for region in (fg, ~fg):
+        if region.sum() < 4:
+            continue
+        px = x[region]
+        x[region] = (px - px.mean(0)) / (px.std(0) + 1e-3) * sd + mu
+    return x.clip(0, 255).round().astype(np.uint8)
+
+
 class SyntheticPairs(PerturbedMasks):
+    """A synthetic person in a scene; one illuminant lights the real image, another the
+    composite's foreground.
+
+    Person and background share one grey-world exposure before lighting (each region's
+    channels have the mean and spread of the scene's grey level), the real image is the whole scene under one random
+    photometric change (white balance, brightness, contrast, gamma, hue, saturation: the
+    scene's illuminant and tone curve), and the composite's foreground is the same person
+    under an independent draw of it (or colour-transferred to another lit scene). So, as in
+    iHarmony4, the background says how the scene is lit and the foreground's own statistics
+    say how the pasted object was lit: the pair is well posed, unlike a foreground re-coloured
+    with nothing in the image to tell the true colours.
+    """
+
     def __init__(self, count: int, size: int, seed: int, perturb: PerturbConfig) -> None:
         super().__init__(SyntheticPersons(count, size, seed), perturb)
+
+    def _scene(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        base, mask, _ = self.masks.load(i)
+        base = neutral(base, mask)
+        return base, mask, photometric(base, rng, self.perturb)
+
+    def load(self, i: int, rng: np.random.Generator) -> Triple:
+        base, mask, real = self._scene(i, rng)
+        ref = self._scene(int(rng.integers(len(self))), rng)[2] if len(self) > 1 else None
+        return make_composite(real, mask, rng, self.perturb, ref, source=base), mask, real
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -45,6 +45,16 @@ def lab_colour_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (diff * w * mask).sum() / area
 
 
+def foreground_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, min_area: float = 0.05) -> torch.Tensor:
+    """Squared error summed over the image, divided by the foreground area (at least
+    ``min_area`` of the image): foreground-normalised MSE. The model only changes the
+    masked region, so averaging over every pixel would let a small foreground's error
+    vanish into the untouched background."""
+    sq = ((pred - target) ** 2).mean(1, keepdim=True)
+    per_image_area = mask.float().sum((1, 2, 3)).clamp(min=min_area * mask.shape[-1] * mask.shape[-2])
+    return (sq.sum((1, 2, 3)) / per_image_area).mean()
+
+
 class HarmonizationLoss(nn.Module):
     def __init__(self, cfg: HarmLossConfig, vgg: nn.Module | None = None) -> None:
         super().__init__()
@@ -55,7 +65,7 @@ class HarmonizationLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         pred, target = pred.float(), target.float()
         terms = {
-            "mse": F.mse_loss(pred, target),
+            "mse": foreground_mse(pred, target, mask),
             "colour": lab_colour_loss(pred, target, mask, self.cfg.lab_weights),
         }
         if self.vgg is not None:

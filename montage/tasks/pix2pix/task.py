@@ -49,6 +49,13 @@ def set_requires_grad(net: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def mean_target(dataset: Dataset, limit: int = 512) -> torch.Tensor:
+    """The mean target image ``b`` over up to ``limit`` evenly spaced training samples."""
+    n = len(dataset)
+    idx = np.linspace(0, n - 1, min(n, limit)).round().astype(int)
+    return torch.stack([dataset[int(i)]["b"] for i in np.unique(idx)]).float().mean(0)
+
+
 class Pix2PixTask(Task):
     name = "pix2pix"
     monitor = ("val/l1", "min")
@@ -67,7 +74,9 @@ class Pix2PixTask(Task):
         return {"g": (nets["g"].parameters(), {}), "d": (nets["d"].parameters(), {"lr": self.cfg.optim.lr_d})}
 
     def datasets(self) -> tuple[Dataset, Dataset]:
-        return build_datasets(self.cfg.data, self.cfg.model.in_channels, cache=self.cfg.train.cache_data)
+        train, val = build_datasets(self.cfg.data, self.cfg.model.in_channels, cache=self.cfg.train.cache_data)
+        self.mean_face = mean_target(train)
+        return train, val
 
     @cached_property
     def vgg(self) -> VGGFeatures | None:
@@ -110,7 +119,12 @@ class Pix2PixTask(Task):
         real_logits, fake_logits = d(a, b).float(), d(a, fake).float()
         n = a.shape[0]
         bce = nn.functional.binary_cross_entropy_with_logits
-        return {
+        out = {}
+        if getattr(self, "mean_face", None) is not None:
+            # the baseline a model must beat: the mean training face, whatever the landmarks say
+            mean = self.mean_face.to(b.device).unsqueeze(0)
+            out["baseline_l1"] = (to_unit(mean) - to_unit(b)).abs().flatten(1).mean(1)
+        return out | {
             "l1": (to_unit(fake) - to_unit(b)).abs().flatten(1).mean(1),
             "psnr": psnr(to_unit(fake), to_unit(b)),
             "ssim": ssim(to_unit(fake), to_unit(b)),

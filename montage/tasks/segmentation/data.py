@@ -55,6 +55,7 @@ class SegDataConfig:
     keep_negatives: bool = False  # coco: keep images without persons
     crowd: Literal["ignore", "foreground", "background"] = "ignore"  # coco iscrowd regions
     size: int = 256  # model resolution (long side resized, then padded to size×size)
+    trimap_band: int = 3  # evaluation: px either side of the true boundary for the trimap metrics
     synthetic_train: int = 512
     synthetic_val: int = 64
     seed: int = 0

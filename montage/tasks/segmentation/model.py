@@ -20,6 +20,7 @@ class SegModelConfig:
     pretrained: bool = True
     weights_path: str = ""
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+    full_res_skip: int = 0  # width of a full-resolution conv block on the input used as the finest skip; 0 = none
     attention: bool = True
     encoder_dropout: float = 0.1
     bottleneck_dropout: float = 0.2
@@ -40,7 +41,7 @@ class SegmentationUNet(nn.Module):
         super().__init__()
         self.encoder = ENCODERS.get(cfg.encoder)(
             in_channels=3, pretrained=cfg.pretrained, weights_path=cfg.weights_path or None,
-            dropout=cfg.encoder_dropout, bottleneck_dropout=cfg.bottleneck_dropout,
+            dropout=cfg.encoder_dropout, bottleneck_dropout=cfg.bottleneck_dropout, full_res=cfg.full_res_skip,
         )
         self.decoder = UNetDecoder(
             self.encoder.channels, self.encoder.strides, cfg.decoder_channels,

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from montage.platform.config import SectionSpec
 from montage.platform.imaging import Letterbox, image_grid, letterbox, list_images, read_image, restore, write_image
-from montage.platform.metrics import alpha_metrics, binary_metrics
+from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metrics
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.tasks.segmentation.data import SegDataConfig, build_datasets, to_tensor_image
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
@@ -69,6 +69,7 @@ class SegmentationTask(Task):
         pred_bin = (prob > 0.5) & (valid > 0)
         out = binary_metrics(pred_bin, (target > 0.5) & (valid > 0))
         out.update({f"alpha_{k}": v for k, v in alpha_metrics(prob * valid, target * valid).items()})
+        out.update({f"trimap_{k}": v for k, v in trimap_metrics(prob * valid, target * valid, self.cfg.data.trimap_band).items()})
         terms = self.losses(logits, batch)
         out["loss"] = terms["total"].detach().expand(prob.shape[0])
         return out
