@@ -43,7 +43,7 @@ def test_bare_off_is_the_word_not_a_bool(tmp_path: Path) -> None:
         ("train.amp=fp8", "train.amp: 'fp8' is not one of"),
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
         ("train.epochs=0", "epochs must be >= 1"),
-        ("model.encoder=resnet99", "unknown encoder 'resnet99'; valid: resnet18, resnet34, resnet50, tiny"),
+        ("model.encoder=resnet99", "unknown encoder 'resnet99'; valid: resnet18, resnet34, resnet50, small, tiny"),
         ("train.epochs.x=1", "config key 'train.epochs' is a value, not a section"),
         ("train", "not of the form key=value"),
         ("data.augment.hflip=yes", "data.augment.hflip: expected float"),
