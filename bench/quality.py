@@ -30,9 +30,9 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from montage.platform.config import load_config  # noqa: E402
+from montage.core.config import load_config  # noqa: E402
+from montage.core.registry import TASKS  # noqa: E402
 from montage.platform.loop import Hook, Loop  # noqa: E402
-from montage.platform.registry import TASKS  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop  # noqa: E402
 
 TASK_NAMES = ("segmentation", "harmonization", "pix2pix")

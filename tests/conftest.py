@@ -86,8 +86,8 @@ def seg_config(tmp_path: Path):
 
 
 def _tiny(task: str, tmp_path: Path, overrides, base: list[str] | None = None, yaml: Path | None = None):
-    from montage.platform.config import load_config
-    from montage.platform.registry import TASKS
+    from montage.core.config import load_config
+    from montage.core.registry import TASKS
 
     return load_config(task, TASKS.get(task).spec, yaml, (TINY[task] if base is None else base) + [
         f"run.storage={tmp_path / 'runs'}",
