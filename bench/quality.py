@@ -119,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             base_key = f"untrained:{row.metric}" if row.baseline == "untrained" else row.baseline
             base = [r[base_key] for r in runs]
             trained = [r[row.metric] for r in runs]
-            ratio = [t / b if b else float("nan") for t, b in zip(trained, base)]
+            ratio = [t / b for t, b in zip(trained, base) if b]  # an untrained IoU of 0 has no ratio
             value = statistics.median(trained) if row.mode == "max" else statistics.median(ratio)
+            ratio_text = fmt(ratio) if len(ratio) == len(trained) else "—"
             met = "" if not row.target else ("yes" if (value >= row.limit if row.mode == "max" else value <= row.limit) else "no")
             all_met &= met != "no"
             kind = "untrained model" if row.baseline == "untrained" else {"val/baseline_fmse": "composite", "val/baseline_l1": "mean face"}[row.baseline]
             lines.append(
-                f"| {task} | {row.metric} | {kind} | {fmt(base)} | {fmt(trained)} | {fmt(ratio)} | {row.target} | {met} "
+                f"| {task} | {row.metric} | {kind} | {fmt(base)} | {fmt(trained)} | {ratio_text} | {row.target} | {met} "
                 f"| {fmt([r['steps'] for r in runs])} | {fmt([r['wall_s'] for r in runs])} |"
             )
     print("\n".join(lines))
