@@ -113,10 +113,9 @@ def recipe_config(tmp_path: Path):
     trains) in one process under tmp_path, at the global batch of its configured workers."""
 
     def make(task: str, *overrides: str):
-        from importlib.resources import files
+        from montage.core.paths import packaged_config
 
-        yaml = Path(str(files("montage") / "configs" / f"{task}-tiny.yaml"))
-        cfg = _tiny(task, tmp_path, ["train.progress=false", "tracking.enabled=false", *overrides], base=[], yaml=yaml)
+        cfg = _tiny(task, tmp_path, ["train.progress=false", "tracking.enabled=false", *overrides], base=[], yaml=packaged_config(f"{task}-tiny"))
         cfg.train.batch_size *= cfg.scaling.workers
         cfg.scaling.workers = 1
         return cfg
