@@ -18,7 +18,7 @@ def photo_folder() -> Path:
     """32 JPEG photos (512 px) with PNG masks, written once per bench run."""
     import cv2
 
-    from montage.tasks.segmentation.sources import SyntheticPersons
+    from montage.platform.masks import SyntheticPersons
 
     tmp = Path(tempfile.gettempdir()) / f"montage-bench-photos-{os.getpid()}"
     if not (tmp / "mask" / "031.png").is_file():
@@ -34,8 +34,8 @@ def photo_folder() -> Path:
 
 def pipeline(n: int, workers: int, cache: bool, size: int = 384) -> float:
     """images/s of decode (OpenCV) + albumentations + collate at ``size`` from JPEG files."""
+    from montage.platform.masks import ImageMaskFolder
     from montage.tasks.segmentation.data import SegDataConfig, SegmentationDataset
-    from montage.tasks.segmentation.sources import ImageMaskFolder
 
     tmp = photo_folder()
     ds = SegmentationDataset(ImageMaskFolder(str(tmp / "img"), str(tmp / "mask")), size, SegDataConfig().augment, cache=cache)

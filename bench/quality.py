@@ -30,9 +30,10 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from montage.platform.config import load_config  # noqa: E402
+from montage.core.config import load_config  # noqa: E402
+from montage.core.paths import packaged_config  # noqa: E402
+from montage.core.registry import TASKS  # noqa: E402
 from montage.platform.loop import Hook, Loop  # noqa: E402
-from montage.platform.registry import TASKS  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop  # noqa: E402
 
 TASK_NAMES = ("segmentation", "harmonization", "pix2pix")
@@ -58,15 +59,9 @@ ROWS: dict[str, list[Row]] = {
 }
 
 
-def packaged(task: str) -> str:
-    from importlib.resources import files
-
-    return str(files("montage") / "configs" / f"{task}-tiny.yaml")
-
-
 def measure(task: str, seed: int, overrides: list[str]) -> dict[str, float]:
     """Train the tiny recipe once; the untrained and best-epoch validation metrics."""
-    cfg = load_config(task, TASKS.get(task).spec, packaged(task), [f"train.seed={seed}", "tracking.enabled=false", "train.progress=false", *overrides])
+    cfg = load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), [f"train.seed={seed}", "tracking.enabled=false", "train.progress=false", *overrides])
     cfg.train.batch_size *= cfg.scaling.workers  # one process, the global batch of the configured workers
     cfg.scaling.workers = 1
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")), hooks=[])

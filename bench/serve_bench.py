@@ -43,15 +43,16 @@ def main() -> int:
     import ray
     import requests
 
+    from montage.launch.local import fit_local
     from montage.platform.imaging import decode_image, encode_png
     from montage.platform.inference import load_predictor
-    from montage.platform.runner import fit_local
+    from montage.platform.masks import SyntheticPersons, textured_background
     from montage.serve.app import load_serve_config, run
     from montage.serve.imaging import Placement, paste
-    from montage.tasks.segmentation.sources import SyntheticPersons, textured_background
 
     tmp = Path(tempfile.mkdtemp(prefix="montage-serve-bench-"))
-    ckpts = {t: fit_local(_tiny(t, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={t}", "data.size=64"]))["best_checkpoint"] for t in ("segmentation", "harmonization")}
+    over = ["tracking.enabled=false", "train.max_steps=1", "data.size=64"]
+    ckpts = {t: fit_local(_tiny(t, tmp, [*over, f"run.name={t}"]))["best_checkpoint"] for t in ("segmentation", "harmonization")}
     s = args.size
     person = encode_png(SyntheticPersons(1, size=s, seed=3).load(0)[0])
     background = encode_png(textured_background(np.random.default_rng(1), s, s))
@@ -92,7 +93,8 @@ def main() -> int:
         with ThreadPoolExecutor(clients) as pool:
             lat = list(pool.map(call, range(args.requests)))
         wall = time.perf_counter() - t0
-        print(f"{clients:7d} {statistics.median(lat) * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {statistics.median(lat) / statistics.median(local):17.2f}")
+        p50 = statistics.median(lat)
+        print(f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {p50 / statistics.median(local):17.2f}")
     from ray import serve
 
     serve.shutdown()

@@ -50,14 +50,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from conftest import TINY  # noqa: E402  the tiny per-task settings the tests use
-
-from montage.platform.config import load_config  # noqa: E402
-from montage.platform.build import build_modules, make_loader  # noqa: E402
-from montage.platform.loop import Hook  # noqa: E402
-from montage.platform.registry import TASKS  # noqa: E402
-from montage.platform.runner import WorkerEnv, build_loop, make_task, seed_everything  # noqa: E402
 from input_pipeline import pipeline  # noqa: E402
 from turns import Baton, BatonHook, peak_mb, reset_peak, take_turns  # noqa: E402
+
+from montage.core.config import load_config  # noqa: E402
+from montage.core.registry import TASKS  # noqa: E402
+from montage.platform.build import build_modules, make_loader  # noqa: E402
+from montage.platform.loop import Hook  # noqa: E402
+from montage.platform.runner import WorkerEnv, build_loop, make_task, seed_everything  # noqa: E402
 
 SIZES = {  # (tiny, realistic) overrides per task
     "segmentation": (["data.size=64"], ["model.encoder=resnet34", "model.decoder_channels=[256,128,64,32,16]", "data.size=256"]),
@@ -186,7 +186,7 @@ def from_checkpoints(metrics: dict[str, Any], checkpoints: list[dict[str, Any]],
 
 def ray_fit(task: str, storage: str, extra: list[str], steps: int, workers: int, epochs: int) -> dict[str, float]:
     """A TorchTrainer fit in the bench's running Ray."""
-    from montage.platform.train import fit_ray
+    from montage.launch.train import fit_ray
 
     cfg = config(task, storage, [*extra, *ray_overrides(steps, epochs, workers), f"run.name=bench-{task}-{workers}-{time.time_ns()}"])
     out = fit_ray(cfg, launched_at=time.time())
@@ -198,7 +198,7 @@ def ray_fit(task: str, storage: str, extra: list[str], steps: int, workers: int,
 
 def cli_run(task: str, storage: str, extra: list[str], no_ray: bool = False) -> dict[str, Any]:
     """``montage train`` in a fresh process, as a user types it; returns the summary it prints."""
-    cmd = [sys.executable, "-m", "montage.platform.cli", "train", task, *overrides(task, storage, extra), f"run.name=cli-{time.time_ns()}"]
+    cmd = [sys.executable, "-m", "montage.cli", "train", task, *overrides(task, storage, extra), f"run.name=cli-{time.time_ns()}"]
     if no_ray:
         cmd.append("--no-ray")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -225,7 +225,7 @@ def cli_startup(storage: str, no_ray: bool) -> float:
 
 def tune_startup(storage: str, trials: int) -> list[float]:
     """Seconds from each Tune trial's start to its TorchTrainer's first train step."""
-    from montage.platform.tune import load_tune_config, run_sweep
+    from montage.launch.tune import load_tune_config, run_sweep
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"
     tcfg, base, params = load_tune_config(ROOT / "tune_configs" / "segmentation-tiny.yaml", [

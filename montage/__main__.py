@@ -2,6 +2,6 @@
 
 import sys
 
-from montage.platform.cli import main
+from montage.cli import main
 
 sys.exit(main())

@@ -17,18 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from montage.platform.config import load_config
-from montage.platform.registry import TASKS
+from montage.core.config import load_config
+from montage.core.paths import packaged_config, packaged_tune
+from montage.core.registry import TASKS
 
 log = logging.getLogger("montage.demo")
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TUNE_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
-
-
-def packaged_config(name: str) -> Path:
-    return CONFIG_DIR / f"{name}.yaml"
-
 
 def _step(n: int, text: str) -> None:
     log.info("[demo %d/6] %s", n, text)
@@ -39,12 +32,12 @@ def run_demo(out: Path, workers: int = 2) -> int:
 
     import requests
 
-    from montage.platform import sweep_tracking as st
+    from montage.launch.train import fit_ray
+    from montage.launch.tune import load_tune_config, run_sweep
     from montage.platform.imaging import decode_image, write_image
-    from montage.platform.train import fit_ray
-    from montage.platform.tune import load_tune_config, run_sweep
+    from montage.platform.masks import SyntheticPersons, textured_background
     from montage.serve.app import load_serve_config, run
-    from montage.tasks.segmentation.sources import SyntheticPersons, textured_background
+    from montage.tracking import registry as st
 
     t0 = time.perf_counter()
     out = out.resolve()
@@ -130,10 +123,6 @@ def run_demo(out: Path, workers: int = 2) -> int:
     print(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")
     print(f"  serve it:  MLFLOW_TRACKING_URI={uri} montage serve --config serve.yaml")
     return 0
-
-
-def packaged_tune(name: str) -> Path:
-    return TUNE_DIR / f"{name}.yaml"
 
 
 def _run_id_of(uri: str, task: str, run_name: str) -> str:

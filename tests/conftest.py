@@ -86,8 +86,8 @@ def seg_config(tmp_path: Path):
 
 
 def _tiny(task: str, tmp_path: Path, overrides, base: list[str] | None = None, yaml: Path | None = None):
-    from montage.platform.config import load_config
-    from montage.platform.registry import TASKS
+    from montage.core.config import load_config
+    from montage.core.registry import TASKS
 
     return load_config(task, TASKS.get(task).spec, yaml, (TINY[task] if base is None else base) + [
         f"run.storage={tmp_path / 'runs'}",
@@ -113,10 +113,9 @@ def recipe_config(tmp_path: Path):
     trains) in one process under tmp_path, at the global batch of its configured workers."""
 
     def make(task: str, *overrides: str):
-        from importlib.resources import files
+        from montage.core.paths import packaged_config
 
-        yaml = Path(str(files("montage") / "configs" / f"{task}-tiny.yaml"))
-        cfg = _tiny(task, tmp_path, ["train.progress=false", "tracking.enabled=false", *overrides], base=[], yaml=yaml)
+        cfg = _tiny(task, tmp_path, ["train.progress=false", "tracking.enabled=false", *overrides], base=[], yaml=packaged_config(f"{task}-tiny"))
         cfg.train.batch_size *= cfg.scaling.workers
         cfg.scaling.workers = 1
         return cfg

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from montage.platform.config import ConfigError, flatten, load_config, parse_override, to_dict
-from montage.platform.registry import TASKS, Registry, UnknownNameError
+from montage.core.config import ConfigError, flatten, load_config, parse_override, to_dict
+from montage.core.registry import TASKS, Registry, UnknownNameError
 
 SPEC = TASKS.get("segmentation").spec
 
@@ -44,6 +44,7 @@ def test_bare_off_is_the_word_not_a_bool(tmp_path: Path) -> None:
         ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
         ("train.epochs=0", "epochs must be >= 1"),
         ("model.encoder=resnet99", "unknown encoder 'resnet99'; valid: resnet18, resnet34, resnet50, small, tiny"),
+        ("data.source=cocoo", "data.source: unknown mask source 'cocoo'; valid: coco, folder, supervisely, synthetic"),
         ("train.epochs.x=1", "config key 'train.epochs' is a value, not a section"),
         ("train", "not of the form key=value"),
         ("data.augment.hflip=yes", "data.augment.hflip: expected float"),

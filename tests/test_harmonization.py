@@ -16,7 +16,7 @@ from montage.platform.runner import WorkerEnv, build_loop
 from montage.tasks.harmonization.data import IHarmony4, PerturbConfig, SyntheticPairs, make_composite
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss, foreground_mse, lab_colour_loss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet
-from montage.tasks.harmonization.task import Harmonizer
+from montage.tasks.harmonization.task import HarmonizationPredictor
 
 
 class ListIdentity(nn.Module):
@@ -128,7 +128,7 @@ def test_inference_at_another_size_keeps_background_bit_identical() -> None:
     torch.manual_seed(0)
     net = HarmonizationUNet(HarmModelConfig(widths=[8, 16, 32]))
     nn.init.normal_(net.head.weight, std=0.5)  # a non-identity transform
-    h = Harmonizer(net, size=32)
+    h = HarmonizationPredictor(net, size=32)
     rng = np.random.default_rng(0)
     comp = rng.integers(0, 255, (77, 131, 3), dtype=np.uint8)
     mask = np.zeros((77, 131), np.uint8)
@@ -161,8 +161,8 @@ def test_identity_model_scores_the_composite_baseline_and_training_beats_it(reci
 
 
 def test_cutouts_source_and_predict_cli(tiny_config, tmp_path: Path) -> None:
-    from montage.platform.cli import main
-    from montage.platform.runner import fit_local
+    from montage.cli import main
+    from montage.launch.local import fit_local
     from montage.tasks.harmonization.data import CutoutsOnBackgrounds
 
     rng = np.random.default_rng(0)

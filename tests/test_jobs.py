@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from montage.platform.cli import main
+from montage.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["num_samples=1", "base.train.epochs=1", "scheduler.grace_period=1", "base.data.size=32",

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from montage.core.config import SectionSpec, load_config
+from montage.core.registry import TASKS
+from montage.launch.local import fit_local
 from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from montage.platform.config import SectionSpec, load_config
 from montage.platform.loop import Hook
-from montage.platform.registry import TASKS
-from montage.platform.runner import fit_local
 from montage.platform.task import Modules, Task
 
 
@@ -165,6 +165,27 @@ def test_onecycle_steps_per_optimizer_step_and_resumes_exactly(tmp_path: Path) -
     for k in a["nets"]["net"]:
         assert torch.equal(a["nets"]["net"][k], b["nets"]["net"][k]), k
     assert b["schedulers"]["main"]["last_epoch"] == 32
+
+
+class Crash(Hook):
+    def after_epoch(self, loop, metrics) -> None:
+        if loop.epoch == 2:
+            raise RuntimeError("boom at epoch 2")
+
+
+def test_a_crashed_training_marks_its_mlflow_run_failed(tmp_path: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = toy_cfg(tmp_path, "train.epochs=4", "run.name=crash", "tracking.enabled=true", f"tracking.uri={uri}",
+                  f"tracking.artifacts={tmp_path / 'mlartifacts'}", "train.sample_every=0")
+    with pytest.raises(RuntimeError, match="boom at epoch 2"):
+        fit_local(cfg, extra_hooks=[Crash()])
+    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs([mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("montage-toy").experiment_id])
+    assert len(runs) == 1
+    assert runs[0].info.status == "FAILED"
+    assert "boom at epoch 2" in runs[0].data.tags["montage.error"]
+    assert [m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(runs[0].info.run_id, "val/mse")] == [1, 2]
 
 
 def test_checkpoint_checks_task_model_and_format(tmp_path: Path) -> None:

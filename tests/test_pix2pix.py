@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from montage.cli import main
+from montage.launch.local import fit_local
 from montage.platform.checkpoint import load_checkpoint
-from montage.platform.cli import main
-from montage.platform.runner import WorkerEnv, build_loop, fit_local
+from montage.platform.runner import WorkerEnv, build_loop
 from montage.tasks.pix2pix.data import AnnotationError, crop_face, parse_catflw, prepare_catflw, render_heatmaps
 from montage.tasks.pix2pix.losses import GanLossConfig, discriminator_loss, generator_adversarial_loss, smoothed_targets
 from montage.tasks.pix2pix.model import GanModelConfig, PatchDiscriminator, UNetGenerator

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from montage.cli import _summary
+from montage.launch.train import fit_ray
 from montage.platform.checkpoint import load_checkpoint
-from montage.platform.cli import _summary
-from montage.platform.train import fit_ray
+
+
+def _staged() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")}
 
 
 def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tmp_path: Path) -> None:
     cfg = seg_config("scaling.workers=2", "train.epochs=1", "train.max_steps=2", "run.name=ddp")
+    before = _staged()
     out = fit_ray(cfg)
     assert out["error"] is None
+    assert _staged() == before  # rank 0's best-checkpoint staging folder is gone
     assert out["metrics"]["epoch"] == 1
     assert 0 < out["metrics"]["time/startup_s"] < 300  # launch → rank 0's first step
     assert out["metrics"]["mem/peak_rss_mb"] > 50 and out["metrics"]["time/train_s"] > 0

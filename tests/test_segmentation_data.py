@@ -11,8 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from montage.platform.imaging import ImageError, letterbox, restore
+from montage.platform.masks import CocoPersons, ImageMaskFolder, SuperviselyPersons, SyntheticPersons
 from montage.tasks.segmentation.data import SegDataConfig, SegmentationDataset, build_datasets
-from montage.tasks.segmentation.sources import CocoPersons, ImageMaskFolder, SuperviselyPersons, SyntheticPersons
 
 
 def _write_rgb(path: Path, h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -11,7 +11,7 @@ from montage.nn.unet import AttentionGate, PretrainedWeightsError, _load_resnet
 from montage.platform.metrics import alpha_metrics, binary_metrics, boundary_band, trimap_metrics
 from montage.platform.task import Task
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
-from montage.tasks.segmentation.model import SegModelConfig, SegmentationUNet
+from montage.tasks.segmentation.model import SegmentationUNet, SegModelConfig
 
 
 class ListIdentity(nn.Module):
@@ -93,7 +93,7 @@ def test_attention_gate_formula_and_shapes() -> None:
     g, x = torch.randn(2, 8, 16, 16), torch.randn(2, 4, 16, 16)
     out = gate(g, x)
     assert out.shape == x.shape
-    assert gate.last_alpha.shape == (2, 1, 16, 16)
+    assert gate.coefficients(g, x).shape == (2, 1, 16, 16)
     assert torch.allclose(out, x * torch.sigmoid(torch.tensor(1.0)))  # α = σ(ψ(ReLU(0)) + 1)
 
 
@@ -102,7 +102,7 @@ def test_unet_shapes_attention_maps_and_size() -> None:
     model = SegmentationUNet(cfg).eval()
     x = torch.rand(2, 3, 64, 64)
     assert model(x).shape == (2, 1, 64, 64)
-    maps = model.decoder.attention_maps()
+    maps = model.decoder.attention_maps(model.encoder(x))
     assert [m.shape[-1] for m in maps] == [4, 8, 16, 32]  # one gate per skip
     n = sum(p.numel() for p in model.parameters())
     assert 5_000 < n < 60_000, n
@@ -119,7 +119,7 @@ def test_full_resolution_skip_reaches_the_finest_decoder_block() -> None:
         feats = model.encoder(torch.rand(1, 3, 64, 64))
         assert [f.shape[-1] for f in feats] == [64, 32, 16, 8, 4, 2]
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 1, 64, 64)
-    assert [m.shape[-1] for m in model.decoder.attention_maps()] == [4, 8, 16, 32, 64]  # the last gate is at full size
+    assert [m.shape[-1] for m in model.decoder.attention_maps(feats)] == [4, 8, 16, 32, 64]  # the last gate is at full size
     with pytest.raises(ValueError, match="decoder needs 5 channel widths"):
         SegmentationUNet(SegModelConfig(encoder="small", pretrained=False, full_res_skip=16, decoder_channels=[16, 16, 16, 16, 16, 16]))
 

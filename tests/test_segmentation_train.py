@@ -9,8 +9,9 @@ import mlflow
 import numpy as np
 import torch
 
-from montage.platform.cli import main
-from montage.platform.runner import WorkerEnv, build_loop, fit_local
+from montage.cli import main
+from montage.launch.local import fit_local
+from montage.platform.runner import WorkerEnv, build_loop
 
 
 def test_the_tiny_recipe_learns_thin_limbs_far_past_the_untrained_model(recipe_config) -> None:

@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 import requests
-
 from conftest import _tiny
 
 
@@ -34,7 +33,7 @@ def _decode(data: bytes) -> np.ndarray:
 def server(ray_session, tmp_path_factory):
     from ray import serve
 
-    from montage.platform.runner import fit_local
+    from montage.launch.local import fit_local
     from montage.serve.app import load_serve_config, run
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -138,7 +137,7 @@ def test_sixteen_concurrent_requests(server) -> None:
 
 
 def test_reload_switches_the_model_in_place(server) -> None:
-    from montage.platform.runner import fit_local
+    from montage.launch.local import fit_local
     from montage.serve.app import load_serve_config, run
 
     tmp = server["tmp"]

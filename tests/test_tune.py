@@ -13,14 +13,13 @@ import mlflow
 import pytest
 import torch
 import yaml
-
-from montage.platform import sweep_tracking as st
-from montage.platform.checkpoint import load_checkpoint
-from montage.platform.config import ConfigError
-from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
-from montage.platform.tune import TuneConfig, load_tune_config, run_sweep, trial_concurrency
-
 from conftest import TINY_SEG
+
+from montage.core.config import ConfigError
+from montage.launch.tune import TuneConfig, load_tune_config, run_sweep, trial_concurrency
+from montage.platform.checkpoint import load_checkpoint
+from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
+from montage.tracking import registry as st
 
 
 def write_tune(tmp_path: Path, name: str = "t.yaml", **extra) -> Path:
@@ -99,7 +98,7 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"trials.csv", "tune_config.yaml", "optuna"} <= parent_artifacts
 
-    assert result.registered and result.registered["promoted"] and result.registered["version"] == "1"
+    assert result.registered and result.registered.promoted and result.registered.version == "1"
     champ = st.champion("segmentation")
     assert str(champ.version) == "1" and champ.tags["montage.metric"] == "val/iou"
     # the champion's weights reproduce the best trial's val metric
@@ -113,7 +112,7 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
 
     # a worse registration leaves the champion alone; promote by hand moves it
     reg = st.register_checkpoint(base, result.best["checkpoint"], result.best["mlflow_run_id"], "val/iou", "max", 0.0, "manual", {}, "better")
-    assert reg["version"] == "2" and not reg["promoted"]
+    assert reg.version == "2" and not reg.promoted
     assert str(st.champion("segmentation").version) == "1"
     st.promote("segmentation", "2")
     assert str(st.champion("segmentation").version) == "2"
@@ -123,7 +122,7 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
 def test_interrupted_sweep_resumes_without_duplicate_runs(ray_session, tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     path = write_tune(tmp_path, max_concurrent=1, num_samples=2, scheduler={"name": "none"})
-    cmd = [sys.executable, "-m", "montage.platform.cli", "tune", str(path), "name=intr", "--promote", "never"]
+    cmd = [sys.executable, "-m", "montage.cli", "tune", str(path), "name=intr", "--promote", "never"]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = tmp_path / "tune" / "intr" / "trials"
     deadline = time.time() + 180

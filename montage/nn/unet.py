@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from montage.platform.registry import Registry
+from montage.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class AttentionGate(nn.Module):
     """Additive attention on a skip connection: α = σ(ψ(ReLU(W_g·g + W_x·x + b))), out = α·x.
 
     ``g`` is the gating signal from the coarser decoder level, already upsampled to the
-    skip's resolution. ``last_alpha`` keeps the most recent coefficients for inspection.
+    skip's resolution. The module keeps no state: :meth:`UNetDecoder.attention_maps` recomputes
+    the coefficients for inspection.
     """
 
     def __init__(self, g_ch: int, x_ch: int, inter_ch: int) -> None:
@@ -69,12 +70,13 @@ class AttentionGate(nn.Module):
         self.w_g = nn.Conv2d(g_ch, inter_ch, 1, bias=True)  # carries the bias b
         self.w_x = nn.Conv2d(x_ch, inter_ch, 1, bias=False)
         self.psi = nn.Conv2d(inter_ch, 1, 1, bias=True)
-        self.last_alpha: torch.Tensor | None = None
+
+    def coefficients(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """α, (B, 1, H, W) in (0, 1)."""
+        return torch.sigmoid(self.psi(F.relu(self.w_g(g) + self.w_x(x))))
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        alpha = torch.sigmoid(self.psi(F.relu(self.w_g(g) + self.w_x(x))))
-        self.last_alpha = alpha.detach()
-        return x * alpha
+        return x * self.coefficients(g, x)
 
 
 class DecoderBlock(nn.Module):
@@ -140,8 +142,18 @@ class UNetDecoder(nn.Module):
                 x = block(x, skip)
         return x
 
-    def attention_maps(self) -> list[torch.Tensor]:
-        return [b.gate.last_alpha for b in self.blocks if b.gate is not None and b.gate.last_alpha is not None]
+    @torch.no_grad()
+    def attention_maps(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The attention coefficients of every gate (coarse → fine) for encoder features ``feats``."""
+        maps: list[torch.Tensor] = []
+        gates = [b.gate for b in self.blocks if b.gate is not None]
+        handles = [g.register_forward_hook(lambda m, inputs, _out: maps.append(m.coefficients(*inputs))) for g in gates]
+        try:
+            self(feats)
+        finally:
+            for h in handles:
+                h.remove()
+        return maps
 
 
 # ----------------------------------------------------------------------------- encoders

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from montage.platform.config import ExperimentConfig, OptimConfig, SchedConfig
+from montage.core.config import ExperimentConfig, OptimConfig, SchedConfig
 from montage.platform.task import Modules, Task
 
 

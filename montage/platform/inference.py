@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from montage.core.config import build_config
+from montage.core.registry import TASKS
 from montage.platform.checkpoint import load_checkpoint
-from montage.platform.config import build_config
-from montage.platform.registry import TASKS
 from montage.platform.task import Task
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from montage.core.config import to_dict
 from montage.platform.build import resolve_amp
-from montage.platform.config import to_dict
 from montage.platform.task import Batch, Modules, Task
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class Hook:
     def after_epoch(self, loop: "Loop", metrics: dict[str, float]) -> None: ...
 
     def after_train(self, loop: "Loop") -> None: ...
+
+    def on_error(self, loop: "Loop", exc: BaseException) -> None:
+        """The run is ending on ``exc`` (raised again after every hook has seen it)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -226,6 +229,17 @@ class Loop:
         return {f"val/{k}": v for k, v in self._reduce(sums, counts).items()}
 
     def fit(self) -> dict[str, float]:
+        try:
+            return self._fit()
+        except BaseException as exc:
+            for hook in self.hooks:
+                try:
+                    hook.on_error(self, exc)
+                except Exception:  # noqa: BLE001 - never hide the original error
+                    log.exception("hook %s failed while handling %r", type(hook).__name__, exc)
+            raise
+
+    def _fit(self) -> dict[str, float]:
         cfg = self.cfg.train
         for hook in self.hooks:
             hook.before_train(self)

@@ -11,8 +11,8 @@ import typing
 from importlib.metadata import entry_points
 from typing import Any
 
-from montage.platform.config import OptimConfig, RunConfig, ScalingConfig, SchedConfig, TrackingConfig, TrainConfig, to_dict
-from montage.platform.registry import TASKS
+from montage.core.config import OptimConfig, RunConfig, ScalingConfig, SchedConfig, TrackingConfig, TrainConfig, to_dict
+from montage.core.registry import TASKS
 
 
 def _type(tp: Any) -> str:

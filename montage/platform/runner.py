@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from montage.platform.config import ExperimentConfig, build_config, save_config, to_dict
+from montage.core.config import ExperimentConfig, build_config, to_dict
+from montage.core.registry import TASKS
 from montage.platform.build import build_modules, make_loader, optimizer_steps_per_epoch
+from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from montage.platform.loop import Hook, Loop
-from montage.platform.registry import TASKS
 from montage.platform.task import Task
 
 log = logging.getLogger(__name__)
@@ -107,45 +107,3 @@ def resume_state(path: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"nothing to resume: {path} does not exist")
     return load_checkpoint(path, task=cfg.task, model_config=to_dict(cfg.model))
-
-
-def fit_local(
-    cfg: ExperimentConfig,
-    resume: str | Path | None = None,
-    device: str | None = None,
-    extra_hooks: list[Hook] | None = None,
-    launched_at: float | None = None,
-) -> dict[str, Any]:
-    """Train in this process: same loop, hooks and files as under Ray, one rank, no DDP.
-
-    Writes ``<run.storage>/<run.name>/{config.yaml,latest.pt,best.pt}``; returns a summary.
-    """
-    from montage.platform.tracking import MlflowHook, prepare_tracking
-
-    if resume is not None:
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        cfg.run.name, cfg.run.storage = run_dir.name, str(run_dir.parent)
-    cfg.run.name = default_run_name(cfg)
-    run_dir = Path(cfg.run.storage) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    dev = torch.device(device or ("cuda" if cfg.scaling.gpus and torch.cuda.is_available() else "cpu"))
-    ckpt = CheckpointHook(run_dir, latest=True, every=cfg.train.checkpoint_every)
-    hooks: list[Hook] = [ckpt]
-    if cfg.tracking.enabled:
-        prepare_tracking(cfg)
-        hooks.append(MlflowHook(cfg, best_path=ckpt.best_path))
-    hooks += extra_hooks or []
-    loop = build_loop(cfg, WorkerEnv(device=dev, launched_at=launched_at), hooks)
-    if resume is not None:
-        loop.load_state_dict(resume_state(resume, cfg))
-        log.info("resumed %s at epoch %d (best %s=%s)", run_dir, loop.epoch, loop.best.metric, loop.best.value)
-    metrics = loop.fit()
-    mlflow_hook = next((h for h in hooks if getattr(h, "key", "") == "mlflow"), None)
-    return {
-        "run_dir": str(run_dir),
-        "metrics": metrics,
-        "best": {"metric": loop.best.metric, "value": loop.best.value, "epoch": loop.best.epoch},
-        "best_checkpoint": str(ckpt.best_path) if ckpt.best_path.is_file() else None,
-        "mlflow_run_id": getattr(mlflow_hook, "run_id", None),
-    }

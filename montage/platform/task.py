@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from montage.platform.config import ExperimentConfig, SectionSpec
+from montage.core.config import ExperimentConfig, SectionSpec
 
 Batch = dict[str, torch.Tensor]
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
-from montage.platform.config import from_dict, merge, parse_override, read_yaml, set_dotted, to_dict
+from montage.core.config import from_dict, merge, parse_override, read_yaml, set_dotted, to_dict
 from montage.platform.imaging import encode_png
 from montage.serve.deployments import Harmonizer, Pix2Pix, Segmenter
 from montage.serve.imaging import Limits, Placement, RequestError, decode_upload, mask_from_upload, paste, refine_alpha
@@ -186,13 +186,12 @@ class Ingress:
 def _model(cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str) -> Any:
     if not cfg.enabled:
         return None
-    source = cfg.source or f"models:/montage-{task}@champion"
-    revision = ""
-    if source.startswith("models:/") and "@" in source:  # pin the alias's current version so a
-        from montage.platform.sweep_tracking import _client  # reload after a promotion reconfigures
+    from montage.tracking.registry import CHAMPION, model_name, resolve_version
 
-        name, alias = source[len("models:/") :].split("@", 1)
-        revision = str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    source = cfg.source or f"models:/{model_name(task)}@{CHAMPION}"
+    revision = ""
+    if source.startswith("models:/"):  # pin the alias's current version so a reload after a promotion reconfigures
+        revision = resolve_version(source, tracking_uri)
     elif Path(source).exists():
         revision = str(Path(source).stat().st_mtime_ns)
     return cls.options(
@@ -203,7 +202,7 @@ def _model(cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str) -> Any
 
 
 def build_app(cfg: ServeConfig) -> Any:
-    from montage.platform.tracking import resolve_tracking_uri
+    from montage.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking_uri)
     return Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus}).bind(
@@ -216,7 +215,7 @@ def build_app(cfg: ServeConfig) -> Any:
 
 def run(cfg: ServeConfig, blocking: bool = False) -> Any:
     """Start (or update in place: replicas reconfigure to new sources) the application."""
-    from montage.platform.train import ensure_ray
+    from montage.launch.session import ensure_ray
 
     ensure_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

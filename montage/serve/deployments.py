@@ -19,16 +19,14 @@ def resolve_source(source: str, tracking_uri: str = "") -> tuple[str, str]:
     from pathlib import Path
 
     if source.startswith("models:/"):
-        from montage.platform.sweep_tracking import _client, download_model_checkpoint
+        from montage.tracking.registry import download_model_checkpoint, parse_model_uri, resolve_version
 
         path = download_model_checkpoint(source, tracking_uri)
         label = source
-        name_ref = source[len("models:/") :]
         try:
-            client = _client(tracking_uri)
-            if "@" in name_ref:
-                name, alias = name_ref.split("@", 1)
-                label = f"{name} v{client.get_model_version_by_alias(name, alias).version} (@{alias})"
+            name, alias, _ = parse_model_uri(source)
+            if alias:
+                label = f"{name} v{resolve_version(source, tracking_uri)} (@{alias})"
         except Exception:  # noqa: BLE001 - the label is informational
             pass
         return str(path), label

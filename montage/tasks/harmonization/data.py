@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import albumentations as A
 import cv2
@@ -26,9 +26,8 @@ from torch.utils.data import Dataset, Subset
 
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError, list_images, read_image, read_mask
-from montage.tasks.segmentation.data import letterbox_ops, to_tensor_image
-from montage.tasks.segmentation.sources import SOURCES as MASK_SOURCES
-from montage.tasks.segmentation.sources import SyntheticPersons
+from montage.platform.masks import SyntheticPersons, build_mask_source, check_source_name
+from montage.platform.transforms import letterbox_ops, to_tensor_image
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,13 @@ class HarmDataConfig:
     root: str = ""  # iharmony4 root, or the cut-out folder
     subsets: list[str] = field(default_factory=lambda: list(IHARMONY4_SUBSETS))
     backgrounds: str = ""  # cutouts: folder of background photos
-    mask_source: str = "folder"  # masks: coco | supervisely | folder
+    mask_source: str = "folder"  # masks: any mask source (coco | supervisely | folder | synthetic)
     images: str = ""
     annotations: str = ""
     masks: str = ""
+    classes: list[str] = field(default_factory=list)  # masks=supervisely: person class titles; empty = any '*person*'
+    keep_negatives: bool = False  # masks=coco: keep images without persons
+    crowd: Literal["ignore", "foreground", "background"] = "ignore"  # masks=coco: iscrowd regions
     size: int = 256
     synthetic_train: int = 512
     synthetic_val: int = 64
@@ -75,6 +77,7 @@ class HarmDataConfig:
         unknown = [s for s in self.subsets if s not in IHARMONY4_SUBSETS]
         if unknown:
             raise ValueError(f"unknown iHarmony4 subsets {unknown}; valid: {', '.join(IHARMONY4_SUBSETS)}")
+        check_source_name(self.mask_source, "data.mask_source")
 
 
 # ----------------------------------------------------------------------- perturbation
@@ -343,13 +346,10 @@ def _source(cfg: HarmDataConfig, split: str) -> PairSource:
         return IHarmony4(cfg.root, cfg.subsets, "test" if val else "train")
     if cfg.source == "cutouts":
         return CutoutsOnBackgrounds(cfg.root, cfg.backgrounds, cfg.synthetic_val if val else cfg.synthetic_train, cfg.perturb)
-    factory: Callable = MASK_SOURCES.get(cfg.mask_source)
-    if cfg.mask_source == "coco":
-        masks = factory(cfg.images, cfg.annotations)
-    elif cfg.mask_source == "folder":
-        masks = factory(cfg.images, cfg.masks)
-    else:
-        masks = factory(cfg.images)
+    masks = build_mask_source(
+        cfg.mask_source, cfg.images, annotations=cfg.annotations, masks=cfg.masks, classes=cfg.classes,
+        keep_negatives=cfg.keep_negatives, crowd=cfg.crowd, size=cfg.size, seed=cfg.seed,
+    )
     return PerturbedMasks(masks, cfg.perturb)
 
 

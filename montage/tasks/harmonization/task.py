@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from montage.platform.config import SectionSpec
+from montage.core.config import SectionSpec
 from montage.platform.imaging import ImageError, image_grid, letterbox, read_image, read_mask, write_image
 from montage.platform.metrics import fmse_255, mse_255, psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
+from montage.platform.transforms import to_tensor_image
 from montage.tasks.harmonization.data import HarmDataConfig, build_datasets
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet, apply_transform
-from montage.tasks.segmentation.data import to_tensor_image
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class HarmonizationTask(Task):
         return image_grid([batch["composite"], batch["mask"], pred, batch["target"]])
 
     # ---------------------------------------------------------------------- inference
-    def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> "Harmonizer":
-        return Harmonizer(nets["net"], self.cfg.data.size, device)
+    def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> "HarmonizationPredictor":
+        return HarmonizationPredictor(nets["net"], self.cfg.data.size, device)
 
     @classmethod
     def add_predict_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,7 @@ class HarmonizationTask(Task):
         return [Path(args.output)]
 
 
-class Harmonizer:
+class HarmonizationPredictor:
     """Any-size composites + masks → harmonized images of the same size.
 
     The colour transform is predicted at the model's size from a letterboxed copy, cropped,

@@ -113,7 +113,10 @@ def _find_annotation(image: Path, src: Path) -> Path | None:
     return None
 
 
-def prepare_catflw(src: str | Path, out: str | Path, size: int = 256, sigma: float = 3.5, seed: int = 0, channels: int = 1, margin: float = 0.1, splits: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict[str, Any]:
+def prepare_catflw(
+    src: str | Path, out: str | Path, size: int = 256, sigma: float = 3.5, seed: int = 0, channels: int = 1,
+    margin: float = 0.1, splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> dict[str, Any]:
     """Prepare CatFLW into aligned A/B pairs; returns (and writes) a report of what was done."""
     src, out = Path(src), Path(out)
     if not src.is_dir():

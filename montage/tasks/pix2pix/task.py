@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from montage.core.config import OptimConfig, SectionSpec
 from montage.nn.losses import VGGFeatures, perceptual_loss
-from montage.platform.config import OptimConfig, SectionSpec
 from montage.platform.imaging import image_grid, write_image
 from montage.platform.metrics import psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
@@ -130,7 +130,9 @@ class Pix2PixTask(Task):
             "ssim": ssim(to_unit(fake), to_unit(b)),
             "d_real_acc": (real_logits > 0).float().flatten(1).mean(1),
             "d_fake_acc": (fake_logits < 0).float().flatten(1).mean(1),
-            "d_loss": 0.5 * (bce(real_logits, torch.ones_like(real_logits), reduction="none") + bce(fake_logits, torch.zeros_like(fake_logits), reduction="none")).flatten(1).mean(1),
+            "d_loss": 0.5 * (
+                bce(real_logits, torch.ones_like(real_logits), reduction="none") + bce(fake_logits, torch.zeros_like(fake_logits), reduction="none")
+            ).flatten(1).mean(1),
             "g_gan": bce(fake_logits, torch.ones_like(fake_logits), reduction="none").flatten(1).mean(1),
             "loss": (fake - b).abs().mean().expand(n),
         }

@@ -14,7 +14,8 @@ from torch.utils.data import Dataset, Subset
 
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
-from montage.tasks.segmentation.sources import SOURCES, DataFormatError, MaskSource, Sample
+from montage.platform.masks import DataFormatError, MaskSource, Sample, build_mask_source, check_source_name
+from montage.platform.transforms import letterbox_ops, to_tensor_image
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,7 @@ class SegDataConfig:
             raise ValueError(f"size must be a multiple of 32 (>= 32), got {self.size}")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
-
-
-def letterbox_ops(size: int) -> list[A.BasicTransform]:
-    """Resize the long side to ``size`` and pad to size×size: deterministic, so a cache can
-    store the result and augmentation runs on it."""
-    return [
-        A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
-        A.PadIfNeeded(min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-    ]
+        check_source_name(self.source)
 
 
 def build_transform(aug: AugmentConfig | None, seed: int | None = None) -> A.Compose:
@@ -96,11 +89,6 @@ def build_transform(aug: AugmentConfig | None, seed: int | None = None) -> A.Com
         ]
         ops = [op for op in ops if op.p > 0]
     return A.Compose(ops, mask_interpolation=cv2.INTER_LINEAR, seed=seed)
-
-
-def to_tensor_image(img: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) → float (3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
 
 
 class SegmentationDataset(Dataset):
@@ -160,23 +148,14 @@ class SegmentationDataset(Dataset):
 def build_source(cfg: SegDataConfig, split: str) -> MaskSource | None:
     """The source for ``split`` ("train" or "val"); None for val when it is carved from train."""
     val = split == "val"
-    kind = cfg.source
-    factory = SOURCES.get(kind)
-    if kind == "synthetic":
-        return factory(cfg.synthetic_val if val else cfg.synthetic_train, size=cfg.size, seed=cfg.seed + (1 if val else 0))
     images = cfg.val_images if val else cfg.images
-    if val and not images:
+    if val and cfg.source != "synthetic" and not images:
         return None
-    if not images:
-        raise ValueError(f"data.images must be set for source '{kind}'")
-    if kind == "coco":
-        ann = cfg.val_annotations if val else cfg.annotations
-        return factory(images, ann, keep_negatives=cfg.keep_negatives, crowd=cfg.crowd)
-    if kind == "supervisely":
-        return factory(images, classes=cfg.classes)
-    if kind == "folder":
-        return factory(images, cfg.val_masks if val else cfg.masks)
-    return factory(images)
+    return build_mask_source(
+        cfg.source, images, annotations=cfg.val_annotations if val else cfg.annotations, masks=cfg.val_masks if val else cfg.masks,
+        classes=cfg.classes, keep_negatives=cfg.keep_negatives, crowd=cfg.crowd,
+        count=cfg.synthetic_val if val else cfg.synthetic_train, size=cfg.size, seed=cfg.seed + (1 if val else 0),
+    )
 
 
 def build_datasets(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Dataset]:

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from montage.platform.config import SectionSpec
+from montage.core.config import SectionSpec
 from montage.platform.imaging import Letterbox, image_grid, letterbox, list_images, read_image, restore, write_image
 from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metrics
 from montage.platform.task import Batch, Modules, Stepper, Task
-from montage.tasks.segmentation.data import SegDataConfig, build_datasets, to_tensor_image
+from montage.platform.transforms import to_tensor_image
+from montage.tasks.segmentation.data import SegDataConfig, build_datasets
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
-from montage.tasks.segmentation.model import SegModelConfig, SegmentationUNet
+from montage.tasks.segmentation.model import SegmentationUNet, SegModelConfig
 
 log = logging.getLogger(__name__)
 

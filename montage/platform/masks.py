@@ -18,8 +18,8 @@ from typing import Any, Callable, Protocol
 import cv2
 import numpy as np
 
+from montage.core.registry import Registry
 from montage.platform.imaging import ImageError, decode_image, list_images, read_image, read_mask
-from montage.platform.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class MaskSource(Protocol):
     def name(self, i: int) -> str: ...
 
 
-SOURCES: Registry[Callable[..., MaskSource]] = Registry("segmentation data source")
+SOURCES: Registry[Callable[..., MaskSource]] = Registry("mask source")
 
 
 class DataFormatError(ValueError):
@@ -304,3 +304,31 @@ SOURCES.register("coco")(CocoPersons)
 SOURCES.register("supervisely")(SuperviselyPersons)
 SOURCES.register("folder")(ImageMaskFolder)
 SOURCES.register("synthetic")(SyntheticPersons)
+
+
+def build_mask_source(
+    kind: str, images: str = "", *, annotations: str = "", masks: str = "", classes: list[str] | None = None,
+    keep_negatives: bool = False, crowd: str = "ignore", count: int = 0, size: int = 64, seed: int = 0,
+) -> MaskSource:
+    """A registered mask source from the fields a task's data config holds (every task builds its
+    person masks through here): ``coco`` uses annotations, keep_negatives, crowd; ``supervisely``
+    classes; ``folder`` masks; ``synthetic`` count, size, seed; any other registered source
+    gets ``images``."""
+    factory = SOURCES.get(kind)
+    if kind == "synthetic":
+        return factory(count, size=size, seed=seed)
+    if not images:
+        raise ValueError(f"data.images must be set for source '{kind}'")
+    if kind == "coco":
+        return factory(images, annotations, keep_negatives=keep_negatives, crowd=crowd)
+    if kind == "supervisely":
+        return factory(images, classes=list(classes or []))
+    if kind == "folder":
+        return factory(images, masks)
+    return factory(images)
+
+
+def check_source_name(kind: str, key: str = "data.source") -> None:
+    """Fail at config load, naming the valid sources, instead of inside a Ray worker."""
+    if kind not in SOURCES:
+        raise ValueError(f"{key}: unknown mask source '{kind}'; valid: {', '.join(SOURCES.names())}")

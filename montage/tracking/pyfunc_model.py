@@ -12,7 +12,6 @@ from typing import Any
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-
 # predict() is deliberately unannotated (see below); MLflow would warn about it at class creation
 warnings.filterwarnings("ignore", message=r"Add type hints to the `predict` method")
 

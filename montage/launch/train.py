@@ -8,17 +8,17 @@ worker restores model, optimizers, schedulers, scalers, epoch and best-so-far.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from montage.core.config import ExperimentConfig, to_dict
+from montage.launch.session import ensure_ray, storage_path
 from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
-from montage.platform.config import ExperimentConfig, to_dict
 from montage.platform.loop import Hook, Loop
 from montage.platform.runner import CheckpointHook, WorkerEnv, build_loop, config_from_tree, default_run_name
-from montage.platform.tracking import MlflowHook, git_commit, prepare_tracking
+from montage.tracking.runs import MlflowHook, git_commit, prepare_tracking
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from montage.platform.cli import setup_logging
+    from montage.core.logs import setup_logging
 
     setup_logging(quiet_ray=True)
     cfg = config_from_tree(config["config"])
@@ -57,37 +57,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap_loader=lambda dl: ray.train.torch.prepare_data_loader(dl, move_to_device=False),
         launched_at=config.get("launched_at"),
     )
-    hooks: list[Hook] = []
-    if rank == 0:
-        staging = CheckpointHook(tempfile.mkdtemp(prefix="montage-best-"), latest=False)
-        hooks.append(staging)
-        if cfg.tracking.enabled:
-            hooks.append(MlflowHook(cfg, tags=config.get("tags"), best_path=staging.best_path))
-    hooks.append(RayReportHook())
-    loop = build_loop(cfg, env, hooks)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            loop.load_state_dict(load_checkpoint(folder, task=cfg.task, model_config=to_dict(cfg.model)))
+    with tempfile.TemporaryDirectory(prefix="montage-best-") as staging_dir:  # removed after the fit, even on error
+        hooks: list[Hook] = []
         if rank == 0:
-            log.info("resumed at epoch %d (best %s=%s)", loop.epoch, loop.best.metric, loop.best.value)
-    loop.fit()
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / $RAY_ADDRESS (``auto``: a ``ray start`` cluster on this machine),
-    or else start a private local Ray, once per process. Never guesses: a stale
-    ``ray start`` record on this machine must not make a laptop run wait on a dead head."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING, configure_logging=True)
-
-
-def storage_path(storage: str) -> str:
-    return storage if "://" in storage else str(Path(storage).resolve())
+            staging = CheckpointHook(staging_dir, latest=False)
+            hooks.append(staging)
+            if cfg.tracking.enabled:
+                hooks.append(MlflowHook(cfg, tags=config.get("tags"), best_path=staging.best_path))
+        hooks.append(RayReportHook())
+        loop = build_loop(cfg, env, hooks)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                loop.load_state_dict(load_checkpoint(folder, task=cfg.task, model_config=to_dict(cfg.model)))
+            if rank == 0:
+                log.info("resumed at epoch %d (best %s=%s)", loop.epoch, loop.best.metric, loop.best.value)
+        loop.fit()
 
 
 def make_trainer(
@@ -160,13 +145,6 @@ def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | Non
 
 
 def _monitor(cfg: ExperimentConfig) -> tuple[str, str]:
-    from montage.platform.registry import TASKS
+    from montage.core.registry import TASKS
 
     return TASKS.get(cfg.task).monitor
-
-
-def download_checkpoint(path: str) -> str:
-    """A Ray checkpoint on remote storage (s3://, gs://) → a local folder."""
-    import ray.train
-
-    return ray.train.Checkpoint(path).to_directory()

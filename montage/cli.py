@@ -14,39 +14,13 @@ from typing import Any, Sequence
 LAUNCHED_AT = time.time()  # before the heavy imports: `montage train` reports start-up from here
 log = logging.getLogger("montage")
 
-NOISY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "filelock", "ray.train", "ray.tune", "ray.serve", "optuna")
-
-
-def setup_logging(level: int = logging.INFO, quiet_ray: bool = True) -> None:
-    """montage's own loggers at ``level``; everything else (Ray, MLflow, ...) at warnings.
-
-    Adds a handler only where none exists (a Ray worker already has Ray's)."""
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-    logging.getLogger("montage").setLevel(level)
-    root.setLevel(logging.WARNING if quiet_ray else level)
-    if quiet_ray:
-        for name in NOISY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def resolve_config_path(config: str | None) -> Path | None:
-    """A YAML path, or the name of a config shipped in ``montage/configs`` (e.g. segmentation-tiny)."""
-    if config is None:
-        return None
-    path = Path(config)
-    if path.is_file():
-        return path
-    packaged = Path(__file__).resolve().parent.parent / "configs" / f"{config.removesuffix('.yaml')}.yaml"
-    return packaged if packaged.is_file() else path
+from montage.core.logs import setup_logging  # noqa: E402  (light: no torch, Ray or MLflow)
+from montage.core.paths import resolve_config_path  # noqa: E402
 
 
 def _load(task: str, config: str | None, overrides: Sequence[str]) -> Any:
-    from montage.platform.config import load_config
-    from montage.platform.registry import TASKS
+    from montage.core.config import load_config
+    from montage.core.registry import TASKS
 
     task_cls = TASKS.get(task)
     return load_config(task, task_cls.spec, resolve_config_path(config), list(overrides))
@@ -60,11 +34,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("scaling.gpus=true")
     cfg = _load(args.task, args.config, overrides)
     if args.no_ray:
-        from montage.platform.runner import fit_local
+        from montage.launch.local import fit_local
 
         summary = fit_local(cfg, resume=args.resume, launched_at=LAUNCHED_AT)
     else:
-        from montage.platform.train import fit_ray
+        from montage.launch.train import fit_ray
 
         summary = fit_ray(cfg, resume=args.resume, address=args.address, launched_at=LAUNCHED_AT)
     print(json.dumps(_summary(summary), indent=2, default=str))
@@ -85,8 +59,8 @@ def _summary(s: dict[str, Any]) -> dict[str, Any]:
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
+    from montage.core.registry import TASKS
     from montage.platform.inference import load_for_inference
-    from montage.platform.registry import TASKS
 
     task_cls = TASKS.get(args.task)
     parser = argparse.ArgumentParser(prog=f"montage predict {args.task}")
@@ -100,7 +74,7 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from montage.platform.registry import TASKS
+    from montage.core.registry import TASKS
 
     for name in TASKS.names():
         cls = TASKS.get(name)
@@ -112,7 +86,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     """Print the resolved config (defaults + file + overrides) as YAML."""
     import yaml
 
-    from montage.platform.config import to_dict
+    from montage.core.config import to_dict
 
     cfg = _load(args.task, args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -120,7 +94,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from montage.platform.tune import load_tune_config, run_sweep
+    from montage.launch.tune import load_tune_config, run_sweep
 
     overrides = list(args.overrides)
     if args.promote:
@@ -145,7 +119,7 @@ def format_sweep(result: Any, metric: str) -> str:
         lines.append(f"best: {result.best['name']} {metric}={_fmt(result.best['metrics'].get(f'best/{metric}'))}")
     if result.registered:
         r = result.registered
-        lines.append(f"registered {r['name']} version {r['version']}" + (" → @champion" if r["promoted"] else " (champion kept)"))
+        lines.append(f"registered {r.name} version {r.version}" + (" → @champion" if r.promoted else " (champion kept)"))
     return "\n".join(lines)
 
 
@@ -154,7 +128,7 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from montage.platform import sweep_tracking as st
+    from montage.tracking import registry as st
 
     if args.action == "promote":
         if not args.version:
@@ -187,13 +161,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, extra: list[str]) -> int:
-    from montage.platform.submit import submit
+    from montage.launch.submit import submit
 
     return submit([args.command, *extra], args.address, args.working_dir, args.tracking_uri or "", follow=not args.no_follow, python=args.python)
 
 
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
-    from montage.platform.registry import DATA_COMMANDS
+    from montage.core.registry import DATA_COMMANDS
 
     return DATA_COMMANDS.get(args.name)(extra)
 
@@ -278,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from montage.core.config import ConfigError
+    from montage.core.registry import UnknownNameError
     from montage.platform.checkpoint import CheckpointError
-    from montage.platform.config import ConfigError
     from montage.platform.imaging import ImageError
-    from montage.platform.registry import UnknownNameError
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

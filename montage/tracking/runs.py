@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from montage.platform.config import ExperimentConfig, flatten, to_dict
+from montage.core.config import ExperimentConfig, flatten, to_dict
 from montage.platform.loop import Hook, Loop
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class MlflowHook(Hook):
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         with tempfile.TemporaryDirectory() as tmp:
-            from montage.platform.config import save_config
+            from montage.core.config import save_config
 
             path = Path(tmp) / "config.yaml"
             save_config(self.cfg, path)
@@ -136,6 +136,13 @@ class MlflowHook(Hook):
         if loop.stop_reason:
             self.client.set_tag(self.run_id, "montage.stop_reason", loop.stop_reason)
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    def on_error(self, loop: Loop, exc: BaseException) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        self.client.set_tag(self.run_id, "montage.error", repr(exc)[:4000])
+        self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
 
     def log_model(self, checkpoint: Path, metric: str, value: float | None) -> None:
         log_checkpoint_model(self.cfg.tracking.uri, self.run_id, checkpoint, self.cfg.task, {metric: value})

@@ -12,27 +12,16 @@ from typing import Any
 
 import yaml
 
-from montage.platform.config import ExperimentConfig, to_dict
-from montage.platform.tracking import get_experiment_id, git_commit, log_checkpoint_model, resolve_tracking_uri
+from montage.core.config import ExperimentConfig, to_dict
+from montage.tracking.registry import client as mlflow_client
+from montage.tracking.registry import register_checkpoint
+from montage.tracking.runs import get_experiment_id, git_commit
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-
-
-def model_name(task: str) -> str:
-    return f"montage-{task}"
-
-
-def _client(uri: str = "") -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
-
-
 def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: str, resume: bool) -> str:
     """Create the sweep's parent run (or find it again when resuming)."""
-    client = _client(base.tracking.uri)
+    client = mlflow_client(base.tracking.uri)
     exp_id = get_experiment_id(client, base.tracking.experiment, base.tracking.artifacts, base.tracking.uri)
     if resume:
         found = client.search_runs([exp_id], f"tags.`montage.sweep` = '{tcfg.name}' and tags.`montage.role` = 'sweep'")
@@ -70,7 +59,7 @@ def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
 
 def finish_sweep(trials: list[dict[str, Any]], best: dict[str, Any] | None, tcfg: Any, base: ExperimentConfig, params: list[Any], parent_id: str) -> dict[str, Any] | None:
     """Record every trial's outcome, summarise on the parent, register and promote the best."""
-    client = _client(base.tracking.uri)
+    client = mlflow_client(base.tracking.uri)
     children = _child_runs(client, parent_id)
     exp_id = client.get_run(parent_id).info.experiment_id
     for t in trials:
@@ -140,7 +129,7 @@ def optuna_plots(trials: list[dict[str, Any]], params: list[Any], tcfg: Any, out
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from optuna.visualization.matplotlib import plot_param_importances, plot_parallel_coordinate
+        from optuna.visualization.matplotlib import plot_parallel_coordinate, plot_param_importances
 
         for name, fn in (("parallel_coordinate", plot_parallel_coordinate), ("param_importances", plot_param_importances)):
             try:
@@ -157,81 +146,3 @@ def optuna_plots(trials: list[dict[str, Any]], params: list[Any], tcfg: Any, out
     except ImportError as exc:
         log.warning("optuna plots skipped: %s", exc)
     return written
-
-
-# ------------------------------------------------------------------------- registry
-
-
-def _local_checkpoint(checkpoint: str) -> Path:
-    """A checkpoint folder/file on this machine (remote Ray checkpoints are downloaded)."""
-    from montage.platform.checkpoint import resolve_checkpoint_path
-
-    if "://" not in checkpoint:
-        return resolve_checkpoint_path(checkpoint)
-    from montage.platform.train import download_checkpoint
-
-    return resolve_checkpoint_path(download_checkpoint(checkpoint))
-
-
-def register_checkpoint(base: ExperimentConfig, checkpoint: str, run_id: str, metric: str, mode: str, value: float, sweep: str, params: dict[str, Any], promote: str = "better") -> dict[str, Any]:
-    """Register ``checkpoint`` as a new version of ``montage-<task>``; move ``@champion`` to it
-    when ``promote`` is ``always``, or ``better`` and it beats the champion on ``metric``."""
-    name = model_name(base.task)
-    path = _local_checkpoint(checkpoint)
-    info = log_checkpoint_model(base.tracking.uri, run_id, path, base.task, {metric: value}, registered_name=name)
-    version = str(info.registered_model_version)
-    client = _client(base.tracking.uri)
-    tags = {"montage.metric": metric, "montage.mode": mode, "montage.value": repr(float(value)), "montage.sweep": sweep, "montage.params": yaml.safe_dump(params, default_flow_style=True).strip()}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
-    current = champion(base.task, base.tracking.uri)
-    promoted = False
-    if promote == "always" or (promote == "better" and beats(value, mode, metric, current)):
-        client.set_registered_model_alias(name, CHAMPION, version)
-        promoted = True
-    log.info("registered %s version %s (%s=%.5g)%s", name, version, metric, value, f"; now @{CHAMPION}" if promoted else "")
-    return {"name": name, "version": version, "promoted": promoted, "value": value, "metric": metric}
-
-
-def beats(value: float, mode: str, metric: str, current: Any) -> bool:
-    if current is None:
-        return True
-    if current.tags.get("montage.metric") != metric:
-        return True  # a champion judged on another metric cannot be compared: the sweep's rules win
-    old = float(current.tags.get("montage.value", "nan"))
-    if old != old:  # NaN
-        return True
-    return value > old if mode == "max" else value < old
-
-
-def champion(task: str, uri: str = "") -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return _client(uri).get_model_version_by_alias(model_name(task), CHAMPION)
-    except MlflowException:
-        return None
-
-
-def list_versions(task: str, uri: str = "") -> list[Any]:
-    client = _client(uri)
-    return sorted(client.search_model_versions(f"name = '{model_name(task)}'"), key=lambda v: int(v.version))
-
-
-def promote(task: str, version: str, uri: str = "") -> None:
-    _client(uri).set_registered_model_alias(model_name(task), CHAMPION, str(version))
-
-
-def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:
-    """``models:/montage-<task>@champion`` (or a bare task name) → the local checkpoint file."""
-    import mlflow
-
-    from montage.platform.checkpoint import resolve_checkpoint_path
-
-    model_uri = uri_or_task if uri_or_task.startswith("models:/") else f"models:/{model_name(uri_or_task)}@{CHAMPION}"
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
-    hits = list(local.rglob("*.pt"))
-    if not hits:
-        raise FileNotFoundError(f"{model_uri} holds no checkpoint artifact")
-    return resolve_checkpoint_path(hits[0])

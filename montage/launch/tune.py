@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from montage.platform.config import ConfigError, ExperimentConfig, ScalingConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
-from montage.platform.registry import TASKS
+from montage.core.config import ConfigError, ExperimentConfig, ScalingConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
+from montage.core.registry import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def parse_space(space: dict[str, dict], base: ExperimentConfig) -> list[Param]:
     params = []
     tree = to_dict(base)
     spec = TASKS.get(base.task).spec
-    from montage.platform.config import build_config
+    from montage.core.config import build_config
 
     for key, d in space.items():
         if not isinstance(d, dict) or "type" not in d:
@@ -135,8 +135,8 @@ def parse_space(space: dict[str, dict], base: ExperimentConfig) -> list[Param]:
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneConfig, ExperimentConfig, list[Param]]:
     """Read and validate a tune config; ``overrides`` ``a.b=c`` apply to the tune config itself
     (``num_samples=2``, ``storage=...``) or, under ``base.``, to the training config."""
-    from montage.platform.cli import resolve_config_path
-    from montage.platform.config import parse_override
+    from montage.core.config import parse_override
+    from montage.core.paths import resolve_config_path
 
     path = Path(path)
     tree = read_yaml(path)
@@ -195,9 +195,9 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from montage.platform.cli import setup_logging
+    from montage.core.logs import setup_logging
+    from montage.launch.train import make_trainer
     from montage.platform.runner import config_from_tree
-    from montage.platform.train import make_trainer
 
     setup_logging()
     tree = copy.deepcopy(base_tree)
@@ -231,9 +231,9 @@ def run_sweep(tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], res
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from montage.platform import sweep_tracking as st
-    from montage.platform.tracking import prepare_tracking
-    from montage.platform.train import ensure_ray, storage_path
+    from montage.launch.session import ensure_ray, storage_path
+    from montage.tracking import sweeps as st
+    from montage.tracking.runs import prepare_tracking
 
     if resume and not tcfg.name:
         raise ConfigError("--resume needs the sweep's name= (its folder under storage)")
