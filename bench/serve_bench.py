@@ -52,7 +52,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="montage-serve-bench-"))
     over = ["tracking.enabled=false", "train.max_steps=1", "data.size=64"]
-    ckpts = {t: fit_local(_tiny(t, tmp, [*over, f"run.name={t}"]))["best_checkpoint"] for t in ("segmentation", "harmonization")}
+    ckpts = {t: fit_local(_tiny(t, tmp, [*over, f"run.name={t}"])).best_checkpoint for t in ("segmentation", "harmonization")}
     s = args.size
     person = encode_png(SyntheticPersons(1, size=s, seed=3).load(0)[0])
     background = encode_png(textured_background(np.random.default_rng(1), s, s))

@@ -190,10 +190,10 @@ def ray_fit(task: str, storage: str, extra: list[str], steps: int, workers: int,
 
     cfg = config(task, storage, [*extra, *ray_overrides(steps, epochs, workers), f"run.name=bench-{task}-{workers}-{time.time_ns()}"])
     out = fit_ray(cfg, launched_at=time.time())
-    if out["error"]:
-        raise RuntimeError(out["error"])
+    if out.error:
+        raise RuntimeError(out.error)
     # each worker ran ``steps`` batches, so the global rate scales with workers
-    return from_checkpoints(out["metrics"], out["checkpoints"], workers * steps * cfg.train.batch_size)
+    return from_checkpoints(out.metrics, [{"path": c.path, "metrics": c.metrics} for c in out.checkpoints], workers * steps * cfg.train.batch_size)
 
 
 def cli_run(task: str, storage: str, extra: list[str], no_ray: bool = False) -> dict[str, Any]:

@@ -42,18 +42,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         summary = fit_ray(cfg, resume=args.resume, address=args.address, launched_at=LAUNCHED_AT)
     print(json.dumps(_summary(summary), indent=2, default=str))
-    return 1 if summary.get("error") else 0
+    return 1 if summary.error else 0
 
 
-def _summary(s: dict[str, Any]) -> dict[str, Any]:
+def _summary(s: Any) -> dict[str, Any]:
+    """A RunSummary as the JSON ``montage train`` prints: the metrics worth reading, each kept checkpoint's epoch."""
+    import dataclasses
+
     keep = ("val/", "best/", "train/total", "epoch", "time/", "mem/")
 
     def kept(m: dict[str, Any] | None) -> dict[str, Any]:
         return {k: v for k, v in (m or {}).items() if k.startswith(keep)}
 
-    metrics = kept(s.get("metrics"))
-    checkpoints = [{"path": c["path"], "epoch": c["metrics"].get("epoch"), "metrics": kept(c["metrics"])} for c in s.get("checkpoints", [])]
-    return {**s, "metrics": metrics, **({"checkpoints": checkpoints} if checkpoints else {})}
+    out = {k: v for k, v in dataclasses.asdict(s).items() if v not in (None, [])}
+    out["metrics"] = kept(s.metrics)
+    if s.checkpoints:
+        out["checkpoints"] = [{"path": c.path, "epoch": c.metrics.get("epoch"), "metrics": kept(c.metrics)} for c in s.checkpoints]
+    return out
 
 
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
@@ -109,9 +114,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def format_sweep(result: Any, metric: str) -> str:
+    from montage.tracking.sweeps import TrialStatus
+
     keys = list(result.table[0]["params"]) if result.table else []
     head = ["trial", "status", "epochs", *keys, f"best {metric}"]
-    rows = [[t["name"], t["status"], str(t["epochs"]), *[_fmt(t["params"][k]) for k in keys], _fmt(t["metrics"].get(f"best/{metric}"))] for t in result.table]
+    rows = [[t["name"], TrialStatus(t["status"]).value, str(t["epochs"]), *[_fmt(t["params"][k]) for k in keys], _fmt(t["metrics"].get(f"best/{metric}"))] for t in result.table]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     lines = [f"sweep {result.name} (MLflow parent run {result.parent_run_id})", "  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -57,12 +57,12 @@ def run_demo(out: Path, workers: int = 2) -> int:
         if workers != 2:  # keep the global batch (and so the recipe) of the 2-worker configuration
             cfg.train.batch_size = max(1, cfg.train.batch_size * 2 // workers)
         res = fit_ray(cfg)
-        if res["error"] or not res["best_checkpoint"]:
-            log.error("%s training failed: %s", task, res["error"])
+        if res.error or not res.best_checkpoint or not res.mlflow_run_id:
+            log.error("%s training failed: %s", task, res.error or "no best checkpoint or MLflow run")
             return 1
-        best = next((c["metrics"] for c in res["checkpoints"] if c["path"] == res["best_checkpoint"]), res["metrics"])
+        best = res.best_metrics
         metric, mode = TASKS.get(task).monitor
-        st.register_checkpoint(cfg, res["best_checkpoint"], _run_id_of(uri, task, cfg.run.name), metric, mode, best[metric], "demo", {}, "always")
+        st.register_checkpoint(cfg, res.best_checkpoint, res.mlflow_run_id, metric, mode, best[metric], "demo", {}, "always")
         if task == "segmentation":
             rows += [(task, "val/iou", best["val/iou"], "≥ 0.90"), ("", "val/dice", best["val/dice"], "≥ 0.93"),
                      ("", "val/trimap_acc", best["val/trimap_acc"], "")]
@@ -123,11 +123,3 @@ def run_demo(out: Path, workers: int = 2) -> int:
     print(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")
     print(f"  serve it:  MLFLOW_TRACKING_URI={uri} montage serve --config serve.yaml")
     return 0
-
-
-def _run_id_of(uri: str, task: str, run_name: str) -> str:
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=[f"montage-{task}"], filter_string=f"attributes.run_name = '{run_name}'")
-    return str(runs.iloc[0]["run_id"])

@@ -180,11 +180,11 @@ def test_cutouts_source_and_predict_cli(tiny_config, tmp_path: Path) -> None:
     out = fit_local(tiny_config("harmonization", "run.name=h", "tracking.enabled=false"))
     _write(tmp_path / "comp.png", comp)
     cv2.imwrite(str(tmp_path / "mask.png"), mask)
-    rc = main(["predict", "harmonization", "--checkpoint", out["best_checkpoint"], "--composite", str(tmp_path / "comp.png"),
+    rc = main(["predict", "harmonization", "--checkpoint", out.best_checkpoint, "--composite", str(tmp_path / "comp.png"),
                "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png"), "--sharpen", "0.5"])
     assert rc == 0
     res = cv2.cvtColor(cv2.imread(str(tmp_path / "out.png")), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(res[mask == 0], comp[mask == 0])
     cv2.imwrite(str(tmp_path / "small.png"), mask[:10, :10])
-    assert main(["predict", "harmonization", "--checkpoint", out["best_checkpoint"], "--composite", str(tmp_path / "comp.png"),
+    assert main(["predict", "harmonization", "--checkpoint", out.best_checkpoint, "--composite", str(tmp_path / "comp.png"),
                  "--mask", str(tmp_path / "small.png"), "--output", str(tmp_path / "x.png")]) == 2

@@ -85,12 +85,12 @@ def adam_steps(path: Path) -> int:
 
 def test_fit_learns_and_writes_checkpoints(tmp_path: Path) -> None:
     out = fit_local(toy_cfg(tmp_path, "train.epochs=15", "optim.lr=0.05", "run.name=a"))
-    assert out["best"]["value"] < 0.05
+    assert out.best_value < 0.05
     run = tmp_path / "a"
     assert (run / "best.pt").is_file() and (run / "latest.pt").is_file() and (run / "config.yaml").is_file()
     assert adam_steps(run / "latest.pt") == 15 * 8  # 64 samples / 8 per batch, 15 epochs
     state = load_checkpoint(run / "best.pt", task="toy")
-    assert state["best"]["metric"] == "val/mse" and state["epoch"] == out["best"]["epoch"]
+    assert state["best"]["metric"] == "val/mse" and state["epoch"] == out.best_epoch
 
 
 def test_accumulation_steps_once_per_k_batches(tmp_path: Path) -> None:
@@ -113,15 +113,15 @@ def test_grad_clip_bounds_the_update(tmp_path: Path) -> None:
 
 def test_early_stopping(tmp_path: Path) -> None:
     out = fit_local(toy_cfg(tmp_path, "train.epochs=50", "optim.lr=1e-9", "train.early_stop=2", "run.name=es"))
-    assert out["metrics"]["epoch"] < 50  # lr ~0: no improvement after epoch 1 → stop at epoch 3
-    assert out["metrics"]["epoch"] == 3
+    assert out.metrics["epoch"] < 50  # lr ~0: no improvement after epoch 1 → stop at epoch 3
+    assert out.metrics["epoch"] == 3
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     fit_local(toy_cfg(tmp_path, "train.epochs=4", "optim.lr=0.02", "run.name=straight", "sched.name=cosine_restarts", "sched.t0=2"))
     fit_local(toy_cfg(tmp_path, "train.epochs=2", "optim.lr=0.02", "run.name=split", "sched.name=cosine_restarts", "sched.t0=2"))
     resumed = fit_local(toy_cfg(tmp_path, "train.epochs=4", "optim.lr=0.02", "sched.name=cosine_restarts", "sched.t0=2"), resume=tmp_path / "split")
-    assert resumed["metrics"]["epoch"] == 4
+    assert resumed.metrics["epoch"] == 4
     a = load_checkpoint(tmp_path / "straight" / "latest.pt")
     b = load_checkpoint(tmp_path / "split" / "latest.pt")
     for k in a["nets"]["net"]:
@@ -222,11 +222,11 @@ def test_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
 def test_compiled_nets_train_and_save_bare_weights(tmp_path: Path) -> None:
     # the "eager" backend runs dynamo's capture without a compiler: the plumbing, quickly
     out = fit_local(toy_cfg(tmp_path, "train.epochs=2", "optim.lr=0.05", "train.compile=default", "train.compile_backend=eager", "run.name=comp"))
-    assert out["metrics"]["val/mse"] < 1.0
+    assert out.metrics["val/mse"] < 1.0
     state = load_checkpoint(tmp_path / "comp" / "best.pt", task="toy")
     assert sorted(state["nets"]["net"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # no _orig_mod. prefix
     resumed = fit_local(toy_cfg(tmp_path, "train.epochs=3", "train.compile=default", "train.compile_backend=eager"), resume=tmp_path / "comp")
-    assert resumed["metrics"]["epoch"] == 3
+    assert resumed.metrics["epoch"] == 3
 
 
 def test_unwrap_sees_through_compile_and_data_parallel() -> None:
@@ -240,8 +240,8 @@ def test_epoch_metrics_time_memory_and_startup(tmp_path: Path) -> None:
 
     launched = time.time() - 5.0  # as if the command had started 5 s ago
     out = fit_local(toy_cfg(tmp_path, "train.epochs=1", "run.name=t"), launched_at=launched)
-    m = out["metrics"]
+    m = out.metrics
     assert 5.0 <= m["time/startup_s"] < 60
     assert 0 < m["time/train_s"] <= m["time/epoch_s"]
     assert m["mem/peak_rss_mb"] > 50  # this process holds torch: tens of MiB at least
-    assert "time/startup_s" not in fit_local(toy_cfg(tmp_path, "train.epochs=1", "run.name=t2"))["metrics"]
+    assert "time/startup_s" not in fit_local(toy_cfg(tmp_path, "train.epochs=1", "run.name=t2")).metrics

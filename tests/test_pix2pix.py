@@ -156,7 +156,7 @@ def test_short_run_lowers_val_l1_and_predicts(tiny_config, tmp_path: Path) -> No
     import mlflow
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    run_id = out["mlflow_run_id"]
+    run_id = out.mlflow_run_id
     l1 = [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, "val/l1")]
     print("val/l1 per epoch:", [round(v, 4) for v in l1])
     assert len(l1) == 5 and min(l1[1:]) < 0.8 * l1[0]
@@ -165,10 +165,10 @@ def test_short_run_lowers_val_l1_and_predicts(tiny_config, tmp_path: Path) -> No
 
     pts = np.random.default_rng(0).uniform(8, 56, (48, 2))
     (tmp_path / "lm.json").write_text(json.dumps({"labels": pts.tolist(), "size": 64}))
-    assert main(["predict", "pix2pix", "--checkpoint", out["best_checkpoint"], "--landmarks", str(tmp_path / "lm.json"), "--output", str(tmp_path / "gen")]) == 0
+    assert main(["predict", "pix2pix", "--checkpoint", out.best_checkpoint, "--landmarks", str(tmp_path / "lm.json"), "--output", str(tmp_path / "gen")]) == 0
     assert cv2.imread(str(tmp_path / "gen" / "lm.png")).shape == (32, 32, 3)
     (tmp_path / "bad.json").write_text(json.dumps({"labels": [[1, 2]] * 5}))
-    assert main(["predict", "pix2pix", "--checkpoint", out["best_checkpoint"], "--landmarks", str(tmp_path / "bad.json"), "--output", str(tmp_path / "gen")]) == 2
+    assert main(["predict", "pix2pix", "--checkpoint", out.best_checkpoint, "--landmarks", str(tmp_path / "bad.json"), "--output", str(tmp_path / "gen")]) == 2
 
 
 def test_generator_checkpointing_keeps_outputs_and_gradients() -> None:

@@ -21,15 +21,15 @@ def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tm
     cfg = seg_config("scaling.workers=2", "train.epochs=1", "train.max_steps=2", "run.name=ddp")
     before = _staged()
     out = fit_ray(cfg)
-    assert out["error"] is None
+    assert out.error is None
     assert _staged() == before  # rank 0's best-checkpoint staging folder is gone
-    assert out["metrics"]["epoch"] == 1
-    assert 0 < out["metrics"]["time/startup_s"] < 300  # launch → rank 0's first step
-    assert out["metrics"]["mem/peak_rss_mb"] > 50 and out["metrics"]["time/train_s"] > 0
-    assert [c["metrics"]["epoch"] for c in out["checkpoints"]] == [1]
+    assert out.metrics["epoch"] == 1
+    assert 0 < out.metrics["time/startup_s"] < 300  # launch → rank 0's first step
+    assert out.metrics["mem/peak_rss_mb"] > 50 and out.metrics["time/train_s"] > 0
+    assert [c.metrics["epoch"] for c in out.checkpoints] == [1]
     shown = _summary(out)["checkpoints"][0]  # what `montage train` prints per kept checkpoint
     assert shown["epoch"] == 1 and shown["metrics"]["time/train_s"] > 0 and "train/total" in shown["metrics"]
-    state = load_checkpoint(out["checkpoint"], task="segmentation")
+    state = load_checkpoint(out.checkpoint, task="segmentation")
     assert state["epoch"] == 1 and "net" in state["nets"]
     assert not any(k.startswith("module.") for k in state["nets"]["net"])  # saved unwrapped from DDP
 
@@ -41,8 +41,8 @@ def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tm
 
     resumed_cfg = seg_config("scaling.workers=2", "train.epochs=2", "train.max_steps=2")
     out2 = fit_ray(resumed_cfg, resume=str(tmp_path / "runs" / "ddp"))
-    assert out2["error"] is None
-    assert out2["metrics"]["epoch"] == 2  # continued from epoch 1, did not restart
+    assert out2.error is None
+    assert out2.metrics["epoch"] == 2  # continued from epoch 1, did not restart
     runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
     assert list(runs["run_id"]) == [run_id]  # the same MLflow run continued
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val/iou")]
@@ -61,7 +61,7 @@ def test_fresh_run_refuses_to_overwrite(ray_session, seg_config, tmp_path: Path)
 def test_two_worker_fit_of_other_tasks(ray_session, tiny_config, task: str) -> None:
     cfg = tiny_config(task, "scaling.workers=2", "train.epochs=1", "train.max_steps=2", f"run.name={task}")
     out = fit_ray(cfg)
-    assert out["error"] is None and out["metrics"]["epoch"] == 1
+    assert out.error is None and out.metrics["epoch"] == 1
     mlflow.set_tracking_uri(cfg.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[f"montage-{task}"])
     assert len(runs) == 1

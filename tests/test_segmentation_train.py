@@ -35,7 +35,7 @@ def test_fit_logs_to_mlflow_and_predict_writes_rgba(seg_config, tmp_path: Path) 
     runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
     assert len(runs) == 1
     run = runs.iloc[0]
-    assert run["run_id"] == out["mlflow_run_id"]
+    assert run["run_id"] == out.mlflow_run_id
     assert run["params.loss.dice"] == "1.0" and run["params.model.encoder"] == "tiny"
     assert 0 <= run["metrics.val/iou"] <= 1 and "metrics.train/bce" in runs.columns
     client = mlflow.MlflowClient()
@@ -55,7 +55,7 @@ def test_fit_logs_to_mlflow_and_predict_writes_rgba(seg_config, tmp_path: Path) 
     inputs = tmp_path / "in"
     inputs.mkdir()
     cv2.imwrite(str(inputs / "p.jpg"), image)
-    rc = main(["predict", "segmentation", "--checkpoint", out["best_checkpoint"], "--input", str(inputs), "--output", str(tmp_path / "pred"), "--tta"])
+    rc = main(["predict", "segmentation", "--checkpoint", out.best_checkpoint, "--input", str(inputs), "--output", str(tmp_path / "pred"), "--tta"])
     assert rc == 0
     rgba = cv2.imread(str(tmp_path / "pred" / "p.png"), cv2.IMREAD_UNCHANGED)
     assert rgba.shape == (45, 70, 4)

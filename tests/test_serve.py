@@ -40,7 +40,7 @@ def server(ray_session, tmp_path_factory):
     ckpts = {}
     for task in ("segmentation", "harmonization", "pix2pix"):
         out = fit_local(_tiny(task, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={task}"]))
-        ckpts[task] = out["best_checkpoint"]
+        ckpts[task] = out.best_checkpoint
     port = _free_port()
     overrides = [f"port={port}", "max_side=1024", "pix2pix.enabled=true"] + [f"{t}.source={p}" for t, p in ckpts.items()]
     cfg = load_serve_config(None, overrides)
@@ -141,7 +141,7 @@ def test_reload_switches_the_model_in_place(server) -> None:
     from montage.serve.app import load_serve_config, run
 
     tmp = server["tmp"]
-    new = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg2"]))["best_checkpoint"]
+    new = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg2"])).best_checkpoint
     run(load_serve_config(None, server["overrides"] + [f"segmentation.source={new}"]))
     health = requests.get(f"{server['url']}/healthz", timeout=30).json()
     assert health["models"]["segmentation"] == new

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from montage.core.config import ExperimentConfig, save_config
 from montage.platform.loop import Hook
-from montage.platform.runner import CheckpointHook, WorkerEnv, build_loop, default_run_name, resume_state
+from montage.platform.runner import CheckpointHook, RunSummary, WorkerEnv, build_loop, default_run_name, resume_state
 from montage.tracking.runs import MlflowHook, prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ def fit_local(
     device: str | None = None,
     extra_hooks: list[Hook] | None = None,
     launched_at: float | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train in this process: same loop, hooks and files as under Ray, one rank, no DDP.
 
     Writes ``<run.storage>/<run.name>/{config.yaml,latest.pt,best.pt}``; returns a summary.
@@ -48,10 +47,9 @@ def fit_local(
         log.info("resumed %s at epoch %d (best %s=%s)", run_dir, loop.epoch, loop.best.metric, loop.best.value)
     metrics = loop.fit()
     mlflow_hook = next((h for h in hooks if getattr(h, "key", "") == "mlflow"), None)
-    return {
-        "run_dir": str(run_dir),
-        "metrics": metrics,
-        "best": {"metric": loop.best.metric, "value": loop.best.value, "epoch": loop.best.epoch},
-        "best_checkpoint": str(ckpt.best_path) if ckpt.best_path.is_file() else None,
-        "mlflow_run_id": getattr(mlflow_hook, "run_id", None),
-    }
+    latest = run_dir / "latest.pt"
+    return RunSummary(
+        run_dir=str(run_dir), metrics=metrics, best_metric=loop.best.metric, best_value=loop.best.value, best_epoch=loop.best.epoch,
+        best_checkpoint=str(ckpt.best_path) if ckpt.best_path.is_file() else None, checkpoint=str(latest) if latest.is_file() else None,
+        mlflow_run_id=getattr(mlflow_hook, "run_id", None),
+    )

@@ -17,7 +17,7 @@ from montage.core.config import ExperimentConfig, to_dict
 from montage.launch.session import ensure_ray, storage_path
 from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from montage.platform.loop import Hook, Loop
-from montage.platform.runner import CheckpointHook, WorkerEnv, build_loop, config_from_tree, default_run_name
+from montage.platform.runner import CheckpointHook, KeptCheckpoint, RunSummary, WorkerEnv, build_loop, config_from_tree, default_run_name
 from montage.tracking.runs import MlflowHook, git_commit, prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def make_trainer(
     )
 
 
-def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | None = None, launched_at: float | None = None) -> dict[str, Any]:
+def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | None = None, launched_at: float | None = None) -> RunSummary:
     """Train ``cfg`` with a TorchTrainer of ``scaling.workers`` DDP workers.
 
     ``resume``: a run folder ``<storage>/<name>`` (or just a run name under ``run.storage``)
@@ -134,14 +134,23 @@ def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | Non
     result = trainer.fit()
     best = result.get_best_checkpoint(*_monitor(cfg)) if result.best_checkpoints else None
     kept = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("epoch", 0))
-    return {
-        "run_dir": str(run_dir),
-        "metrics": dict(result.metrics or {}),
-        "checkpoints": [{"path": c.path, "metrics": m} for c, m in kept],  # the kept ones, by epoch
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "best_checkpoint": best.path if best else None,
-        "error": repr(result.error) if result.error else None,
-    }
+    metric, _ = _monitor(cfg)
+    best_metrics = dict(next((m for c, m in kept if best is not None and c.path == best.path), {}))
+    latest = result.checkpoint.path if result.checkpoint else None
+    return RunSummary(
+        run_dir=str(run_dir), metrics=dict(result.metrics or {}), best_metric=metric, best_value=best_metrics.get(metric),
+        best_epoch=int(best_metrics.get("epoch", -1)), best_checkpoint=best.path if best else None, checkpoint=latest,
+        checkpoints=[KeptCheckpoint(c.path, dict(m)) for c, m in kept], mlflow_run_id=_mlflow_run_id(latest, cfg),
+        error=repr(result.error) if result.error else None,
+    )
+
+
+def _mlflow_run_id(checkpoint: str | None, cfg: ExperimentConfig) -> str | None:
+    """Rank 0's MLflow run, read back from the hook state saved in a local checkpoint."""
+    if checkpoint is None or "://" in checkpoint or not cfg.tracking.enabled:
+        return None
+    state = load_checkpoint(checkpoint, task=cfg.task)
+    return state.get("hooks", {}).get("mlflow", {}).get("run_id") or None
 
 
 def _monitor(cfg: ExperimentConfig) -> tuple[str, str]:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from montage.core.config import ConfigError, ExperimentConfig, ScalingConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
 from montage.core.registry import TASKS
+from montage.tracking.sweeps import TrialStatus
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,11 @@ def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[dic
         trial_id = m.get("trial_id", "")
         epochs = int(m.get("epoch", 0) or 0)
         if r.error is not None:
-            status = "failed"
+            status = TrialStatus.FAILED
         elif epochs < base.train.epochs:
-            status = "stopped early"
+            status = TrialStatus.STOPPED
         else:
-            status = "finished"
+            status = TrialStatus.FINISHED
         rows.append({
             "trial_id": trial_id,
             "name": trial_name(trial_id),

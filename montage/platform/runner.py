@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +71,35 @@ class CheckpointHook(Hook):
             save_checkpoint(state or loop.state_dict(), self.folder / "latest.pt")
         if self.every and loop.epoch % self.every == 0:
             save_checkpoint(state or loop.state_dict(), self.folder / f"epoch_{loop.epoch:03d}.pt")
+
+
+@dataclass(frozen=True)
+class KeptCheckpoint:
+    """A checkpoint a run kept, with the metrics of the epoch that wrote it."""
+
+    path: str
+    metrics: dict[str, float]
+
+
+@dataclass
+class RunSummary:
+    """What a fit returns, in this process or under Ray."""
+
+    run_dir: str
+    metrics: dict[str, float]  # the last epoch's
+    best_metric: str
+    best_value: float | None
+    best_epoch: int
+    best_checkpoint: str | None
+    checkpoint: str | None = None  # the latest checkpoint
+    checkpoints: list[KeptCheckpoint] = field(default_factory=list)  # kept ones by epoch (Ray's CheckpointConfig)
+    mlflow_run_id: str | None = None
+    error: str | None = None
+
+    @property
+    def best_metrics(self) -> dict[str, float]:
+        """The metrics of the epoch that wrote the best checkpoint (the last epoch's when unknown)."""
+        return next((c.metrics for c in self.checkpoints if c.path == self.best_checkpoint), self.metrics)
 
 
 @dataclass

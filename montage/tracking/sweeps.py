@@ -7,6 +7,7 @@ import csv
 import logging
 import tempfile
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,14 @@ from montage.tracking.registry import register_checkpoint
 from montage.tracking.runs import get_experiment_id, git_commit
 
 log = logging.getLogger(__name__)
+
+
+class TrialStatus(str, Enum):
+    """How a sweep trial ended (the value is what tables and MLflow tags show)."""
+
+    FINISHED = "finished"
+    STOPPED = "stopped early"  # by the scheduler (ASHA)
+    FAILED = "failed"
 
 def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: str, resume: bool) -> str:
     """Create the sweep's parent run (or find it again when resuming)."""
@@ -67,12 +76,13 @@ def finish_sweep(trials: list[dict[str, Any]], best: dict[str, Any] | None, tcfg
         if run is None:  # failed before its first epoch: still leave a record
             run = client.create_run(exp_id, run_name=t["name"], tags={"mlflow.parentRunId": parent_id, "montage.trial": t["trial_id"], "montage.sweep": tcfg.name})
         rid = run.info.run_id
-        client.set_tag(rid, "montage.trial_status", t["status"])
-        client.set_tag(rid, "montage.stopped_early", str(t["status"].startswith("stopped")).lower())
+        status = TrialStatus(t["status"])
+        client.set_tag(rid, "montage.trial_status", status.value)
+        client.set_tag(rid, "montage.stopped_early", str(status is TrialStatus.STOPPED).lower())
         if t["error"]:
             client.set_tag(rid, "montage.error", t["error"][:5000])
             client.set_terminated(rid, "FAILED")
-        elif t["status"].startswith("stopped"):
+        elif status is TrialStatus.STOPPED:
             client.set_terminated(rid, "KILLED")
         elif client.get_run(rid).info.status == "RUNNING":
             client.set_terminated(rid, "FINISHED")
@@ -84,7 +94,8 @@ def finish_sweep(trials: list[dict[str, Any]], best: dict[str, Any] | None, tcfg
             w = csv.writer(fh)
             w.writerow(["trial", "status", "epochs", *keys, tcfg.metric, f"best/{tcfg.metric}"])
             for t in trials:
-                w.writerow([t["name"], t["status"], t["epochs"], *[t["params"].get(k) for k in keys], t["metrics"].get(tcfg.metric), t["metrics"].get(f"best/{tcfg.metric}")])
+                status = TrialStatus(t["status"]).value
+                w.writerow([t["name"], status, t["epochs"], *[t["params"].get(k) for k in keys], t["metrics"].get(tcfg.metric), t["metrics"].get(f"best/{tcfg.metric}")])
         client.log_artifact(parent_id, str(table))
         for path in optuna_plots(trials, params, tcfg, Path(tmp)):
             client.log_artifact(parent_id, str(path), "optuna")
