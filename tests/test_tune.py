@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,8 +82,11 @@ def test_space_parsing_and_concurrency(tmp_path: Path) -> None:
 def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     tcfg, base, params = load_tune_config(write_tune(tmp_path), ["name=sw"])
+    staged = {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")}
     result = run_sweep(tcfg, base, params)
     assert len(result.table) == 2 and not result.errors
+    # trials stage their best checkpoint in their own run folder: even one ASHA stops leaves nothing in /tmp
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")} == staged
     assert all(0 < t["metrics"]["time/startup_s"] < 300 for t in result.table)  # trial start → first step
     assert result.table[0]["params"] == {"loss.dice": 1.0, "optim.lr": 0.003}  # points_to_evaluate first
 

@@ -7,11 +7,13 @@ worker restores model, optimizers, schedulers, scalers, epoch and best-so-far.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from montage.core.config import ExperimentConfig, to_dict
 from montage.launch.session import ensure_ray, storage_path
@@ -38,6 +40,23 @@ class RayReportHook(Hook):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+@contextlib.contextmanager
+def _staging(cfg: ExperimentConfig) -> Iterator[str]:
+    """Where rank 0 keeps the best checkpoint for MLflow: inside the run's own folder on local
+    storage (a worker killed by a failure or by ASHA leaves nothing in /tmp; a rerun reuses it),
+    a temporary folder for remote storage. Removed when the fit ends."""
+    if "://" in cfg.run.storage:
+        with tempfile.TemporaryDirectory(prefix="montage-best-") as tmp:
+            yield tmp
+        return
+    folder = Path(storage_path(cfg.run.storage)) / cfg.run.name / ".montage-best"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield str(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The function every TorchTrainer worker runs."""
     import ray.train
@@ -57,7 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap_loader=lambda dl: ray.train.torch.prepare_data_loader(dl, move_to_device=False),
         launched_at=config.get("launched_at"),
     )
-    with tempfile.TemporaryDirectory(prefix="montage-best-") as staging_dir:  # removed after the fit, even on error
+    with _staging(cfg) as staging_dir:
         hooks: list[Hook] = []
         if rank == 0:
             staging = CheckpointHook(staging_dir, latest=False)
