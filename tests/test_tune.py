@@ -27,7 +27,7 @@ def write_tune(tmp_path: Path, name: str = "t.yaml", **extra) -> Path:
     cfg = {
         "task": "segmentation",
         "base": "segmentation-tiny",
-        "overrides": [o for o in TINY_SEG if not o.startswith("scaling.")] + ["train.epochs=2"],
+        "overrides": [o for o in TINY_SEG if not o.startswith("scaling.")] + ["train.epochs=2", f"tracking.artifacts={tmp_path / 'mlartifacts'}"],
         "num_samples": 2,
         "seed": 0,
         "search_space": {
