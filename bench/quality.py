@@ -33,6 +33,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from montage.core.config import load_config  # noqa: E402
 from montage.core.paths import packaged_config  # noqa: E402
 from montage.core.registry import TASKS  # noqa: E402
+from montage.launch.local import as_one_process  # noqa: E402
 from montage.platform.loop import Hook, Loop  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop  # noqa: E402
 
@@ -62,8 +63,7 @@ ROWS: dict[str, list[Row]] = {
 def measure(task: str, seed: int, overrides: list[str]) -> dict[str, float]:
     """Train the tiny recipe once; the untrained and best-epoch validation metrics."""
     cfg = load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), [f"train.seed={seed}", "tracking.enabled=false", "train.progress=false", *overrides])
-    cfg.train.batch_size *= cfg.scaling.workers  # one process, the global batch of the configured workers
-    cfg.scaling.workers = 1
+    as_one_process(cfg)
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")), hooks=[])
     untrained = loop.evaluate()
     t0 = time.perf_counter()

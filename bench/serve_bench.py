@@ -23,11 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from conftest import _tiny  # noqa: E402
+
+def smoke(task: str, overrides: list[str]):
+    """The packaged smallest config of ``task`` (what the tests train)."""
+    from montage.core.config import load_config
+    from montage.core.paths import packaged_config
+    from montage.core.registry import TASKS
+
+    return load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-smoke"), overrides)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -52,7 +58,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="montage-serve-bench-"))
     over = ["tracking.enabled=false", "train.max_steps=1", "data.size=64"]
-    ckpts = {t: fit_local(_tiny(t, tmp, [*over, f"run.name={t}"])).best_checkpoint for t in ("segmentation", "harmonization")}
+    ckpts = {t: fit_local(smoke(t, [*over, f"run.name={t}", f"run.storage={tmp / 'runs'}"])).best_checkpoint for t in ("segmentation", "harmonization")}
     s = args.size
     person = encode_png(SyntheticPersons(1, size=s, seed=3).load(0)[0])
     background = encode_png(textured_background(np.random.default_rng(1), s, s))

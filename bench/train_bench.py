@@ -42,18 +42,17 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 # Ray Train's controller polls its workers every 2 s by default, so each fit's tear-down waits up to
 # that long; a faster poll shortens this bench (8+ fits) and changes no figure it reports
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-from conftest import TINY  # noqa: E402  the tiny per-task settings the tests use
 from input_pipeline import pipeline  # noqa: E402
 from turns import Baton, BatonHook, peak_mb, reset_peak, take_turns  # noqa: E402
 
 from montage.core.config import load_config  # noqa: E402
+from montage.core.paths import packaged_config  # noqa: E402
 from montage.core.registry import TASKS  # noqa: E402
 from montage.platform.build import build_modules, make_loader  # noqa: E402
 from montage.platform.loop import Hook  # noqa: E402
@@ -83,14 +82,14 @@ def cuda() -> bool:
 
 def overrides(task: str, storage: str, extra: list[str]) -> list[str]:
     gpu = ["scaling.gpus=true"] if cuda() else []
-    return TINY[task] + [
+    return [
         "tracking.enabled=false", f"run.storage={storage}", "data.synthetic_train=1024", "data.synthetic_val=8",
         "train.max_val_steps=1", "train.sample_every=0", *gpu, *extra,
     ]
 
 
 def config(task: str, storage: str, extra: list[str]):
-    return load_config(task, TASKS.get(task).spec, None, overrides(task, storage, extra))
+    return load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-smoke"), overrides(task, storage, extra))
 
 
 # --------------------------------------------------------------------------- throughput
@@ -198,7 +197,7 @@ def ray_fit(task: str, storage: str, extra: list[str], steps: int, workers: int,
 
 def cli_run(task: str, storage: str, extra: list[str], no_ray: bool = False) -> dict[str, Any]:
     """``montage train`` in a fresh process, as a user types it; returns the summary it prints."""
-    cmd = [sys.executable, "-m", "montage.cli", "train", task, *overrides(task, storage, extra), f"run.name=cli-{time.time_ns()}"]
+    cmd = [sys.executable, "-m", "montage.cli", "train", task, "--config", f"{task}-smoke", *overrides(task, storage, extra), f"run.name=cli-{time.time_ns()}"]
     if no_ray:
         cmd.append("--no-ray")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -236,7 +235,7 @@ def tune_startup(storage: str, trials: int) -> list[float]:
     result = run_sweep(tcfg, base, params)
     if result.errors:
         raise RuntimeError(result.errors)
-    return [t["metrics"]["time/startup_s"] for t in result.table]
+    return [t.metrics["time/startup_s"] for t in result.table]
 
 
 # ------------------------------------------------------------------------------- pipeline (the model side; the input side is input_pipeline.py)

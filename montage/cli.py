@@ -107,23 +107,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tcfg, base, params = load_tune_config(args.config, overrides)
     result = run_sweep(tcfg, base, params, resume=args.resume, address=args.address)
     print(format_sweep(result, tcfg.metric))
-    if result.table and all(t["error"] for t in result.table):
+    if result.table and all(t.error for t in result.table):
         log.error("every trial failed; the first error: %s", result.errors[0])
         return 1
     return 0
 
 
 def format_sweep(result: Any, metric: str) -> str:
-    from montage.tracking.sweeps import TrialStatus
 
-    keys = list(result.table[0]["params"]) if result.table else []
+    keys = list(result.table[0].params) if result.table else []
     head = ["trial", "status", "epochs", *keys, f"best {metric}"]
-    rows = [[t["name"], TrialStatus(t["status"]).value, str(t["epochs"]), *[_fmt(t["params"][k]) for k in keys], _fmt(t["metrics"].get(f"best/{metric}"))] for t in result.table]
+    rows = [[t.name, t.status.value, str(t.epochs), *[_fmt(t.params[k]) for k in keys], _fmt(t.best(metric))] for t in result.table]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     lines = [f"sweep {result.name} (MLflow parent run {result.parent_run_id})", "  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     if result.best:
-        lines.append(f"best: {result.best['name']} {metric}={_fmt(result.best['metrics'].get(f'best/{metric}'))}")
+        lines.append(f"best: {result.best.name} {metric}={_fmt(result.best.best(metric))}")
     if result.registered:
         r = result.registered
         lines.append(f"registered {r.name} version {r.version}" + (" → @champion" if r.promoted else " (champion kept)"))

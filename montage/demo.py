@@ -32,6 +32,7 @@ def run_demo(out: Path, workers: int = 2) -> int:
 
     import requests
 
+    from montage.launch.local import with_workers
     from montage.launch.train import fit_ray
     from montage.launch.tune import load_tune_config, run_sweep
     from montage.platform.imaging import decode_image, write_image
@@ -51,11 +52,8 @@ def run_demo(out: Path, workers: int = 2) -> int:
     rows: list[tuple[str, str, float, str]] = []  # (model, metric, value, target)
     for n, task in ((1, "segmentation"), (2, "harmonization")):
         _step(n, f"{task}: a {workers}-worker TorchTrainer (DDP) on synthetic data, its best checkpoint registered as champion")
-        cfg = load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), [
-            f"scaling.workers={workers}", f"run.name={task}-{stamp}", *common,
-        ])
-        if workers != 2:  # keep the global batch (and so the recipe) of the 2-worker configuration
-            cfg.train.batch_size = max(1, cfg.train.batch_size * 2 // workers)
+        # the recipe's global batch (and so its steps) on however many workers were asked for
+        cfg = with_workers(load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), [f"run.name={task}-{stamp}", *common]), workers)
         res = fit_ray(cfg)
         if res.error or not res.best_checkpoint or not res.mlflow_run_id:
             log.error("%s training failed: %s", task, res.error or "no best checkpoint or MLflow run")
@@ -80,7 +78,7 @@ def run_demo(out: Path, workers: int = 2) -> int:
     if sweep.registered is None or sweep.best is None:
         log.error("the sweep produced no model: %s", sweep.errors[:1])
         return 1
-    m = sweep.best["metrics"]
+    m = sweep.best.metrics
     ratio = m["best/val/l1"] / m["val/baseline_l1"]
     rows += [("pix2pix", "val/l1", m["best/val/l1"], f"{ratio:.2f}× mean face (≤ 0.60×)"),
              ("  mean-face baseline", "val/l1", m["val/baseline_l1"], "")]
@@ -117,7 +115,7 @@ def run_demo(out: Path, workers: int = 2) -> int:
     print(f"  {'model':22s} {'metric':16s} {'value':>8s}  target")
     for task, metric, value, bar in rows:
         print(f"  {task:22s} {metric:16s} {value:8.4g}  {bar}")
-    print(f"  sweep: {sweep.name}, best {sweep.best['name']}; champions: {', '.join(f'{k}: {v}' for k, v in health['models'].items())}")
+    print(f"  sweep: {sweep.name}, best {sweep.best.name}; champions: {', '.join(f'{k}: {v}' for k, v in health['models'].items())}")
     print(f"  /v1/composite answered in {latency * 1000:.0f} ms")
     print(f"  outputs:   {out}/result.png (alpha.png, composite.png, mask.png, person.png, background.png)")
     print(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")

@@ -14,20 +14,20 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import TINY_SEG
 
 from montage.core.config import ConfigError
 from montage.launch.tune import TuneConfig, load_tune_config, run_sweep, trial_concurrency
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
 from montage.tracking import registry as st
+from montage.tracking.sweeps import TrialStatus
 
 
 def write_tune(tmp_path: Path, name: str = "t.yaml", **extra) -> Path:
     cfg = {
         "task": "segmentation",
-        "base": "segmentation-tiny",
-        "overrides": [o for o in TINY_SEG if not o.startswith("scaling.")] + ["train.epochs=2", f"tracking.artifacts={tmp_path / 'mlartifacts'}"],
+        "base": "segmentation-smoke",
+        "overrides": ["train.epochs=2", f"tracking.artifacts={tmp_path / 'mlartifacts'}"],
         "num_samples": 2,
         "seed": 0,
         "search_space": {
@@ -87,8 +87,8 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     assert len(result.table) == 2 and not result.errors
     # trials stage their best checkpoint in their own run folder: even one ASHA stops leaves nothing in /tmp
     assert {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")} == staged
-    assert all(0 < t["metrics"]["time/startup_s"] < 300 for t in result.table)  # trial start → first step
-    assert result.table[0]["params"] == {"loss.dice": 1.0, "optim.lr": 0.003}  # points_to_evaluate first
+    assert all(0 < t.metrics["time/startup_s"] < 300 for t in result.table)  # trial start → first step
+    assert result.table[0].params == {"loss.dice": 1.0, "optim.lr": 0.003}  # points_to_evaluate first
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
@@ -112,10 +112,10 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
     loop.load_state_dict(state)
     assert loop.evaluate()["val/iou"] == pytest.approx(float(champ.tags["montage.value"]), abs=1e-5)
-    assert float(champ.tags["montage.value"]) == pytest.approx(result.best["metrics"]["best/val/iou"])
+    assert float(champ.tags["montage.value"]) == pytest.approx(result.best.best("val/iou"))
 
     # a worse registration leaves the champion alone; promote by hand moves it
-    reg = st.register_checkpoint(base, result.best["checkpoint"], result.best["mlflow_run_id"], "val/iou", "max", 0.0, "manual", {}, "better")
+    reg = st.register_checkpoint(base, result.best.checkpoint, result.best.mlflow_run_id, "val/iou", "max", 0.0, "manual", {}, "better")
     assert reg.version == "2" and not reg.promoted
     assert str(st.champion("segmentation").version) == "1"
     st.promote("segmentation", "2")
@@ -145,8 +145,8 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(ray_session, tmp_path:
     assert len(result.table) == 2 and not result.errors
     # the trial that never started before the interrupt ran on resume; the interrupted one was
     # resumed or, when Tune had already recorded it as stopped, kept with its epochs
-    assert sum(t["status"] == "finished" for t in result.table) >= 1, result.table
-    assert all(t["epochs"] >= 1 for t in result.table), result.table
+    assert sum(t.status is TrialStatus.FINISHED for t in result.table) >= 1, result.table
+    assert all(t.epochs >= 1 for t in result.table), result.table
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
     assert (runs["tags.montage.role"] == "sweep").sum() == 1  # the same parent run

@@ -16,6 +16,21 @@ from montage.tracking.runs import MlflowHook, prepare_tracking
 log = logging.getLogger(__name__)
 
 
+def with_workers(cfg: ExperimentConfig, workers: int) -> ExperimentConfig:
+    """``cfg`` on ``workers`` workers at the global batch its configured workers have (the
+    per-worker batch scaled, so a recipe's steps and learning rate stay as measured)."""
+    global_batch = cfg.train.batch_size * cfg.scaling.workers
+    if global_batch % workers:
+        log.warning("the global batch %d does not split over %d workers: %d per worker", global_batch, workers, max(1, global_batch // workers))
+    cfg.train.batch_size, cfg.scaling.workers = max(1, global_batch // workers), workers
+    return cfg
+
+
+def as_one_process(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` for :func:`fit_local`: one process at the global batch of its configured workers."""
+    return with_workers(cfg, 1)
+
+
 def fit_local(
     cfg: ExperimentConfig,
     resume: str | Path | None = None,

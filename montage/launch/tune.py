@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from montage.core.config import ConfigError, ExperimentConfig, ScalingConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
 from montage.core.registry import TASKS
-from montage.tracking.sweeps import TrialStatus
+from montage.tracking.registry import Registration
+from montage.tracking.sweeps import TrialRecord, TrialStatus
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +220,9 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
 class SweepResult:
     name: str
     parent_run_id: str
-    table: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    registered: dict[str, Any] | None
+    table: list[TrialRecord]
+    best: TrialRecord | None
+    registered: Registration | None
     errors: list[str]
 
 
@@ -274,14 +275,14 @@ def run_sweep(tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], res
     trials = _collect(grid, params, base)
     best = _best_trial(trials, tcfg)
     if best is not None:
-        best["checkpoint"] = _best_checkpoint(f"{sweep['trials_storage']}/{best['name']}", tcfg)
+        best.checkpoint = _best_checkpoint(f"{sweep['trials_storage']}/{best.name}", tcfg)
     registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
-    errors = [t["error"] for t in trials if t["error"]]
+    errors = [t.error for t in trials if t.error]
     return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
 
 
-def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[dict[str, Any]]:
-    """Ray's ResultGrid → plain dicts: trial, params, final metrics, status."""
+def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[TrialRecord]:
+    """Ray's ResultGrid → trial records: params, final metrics, status."""
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
@@ -293,25 +294,24 @@ def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[dic
             status = TrialStatus.STOPPED
         else:
             status = TrialStatus.FINISHED
-        rows.append({
-            "trial_id": trial_id,
-            "name": trial_name(trial_id),
-            "params": {p.key: (r.config or {}).get(p.safe) for p in params},
-            "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float)) and ("/" in k or k == "epoch")},
-            "epochs": epochs,
-            "status": status,
-            "error": f"{type(r.error).__name__}: {r.error}" if r.error is not None else "",
-        })
+        rows.append(TrialRecord(
+            trial_id=trial_id,
+            name=trial_name(trial_id),
+            params={p.key: (r.config or {}).get(p.safe) for p in params},
+            metrics={k: v for k, v in m.items() if isinstance(v, (int, float)) and ("/" in k or k == "epoch")},
+            epochs=epochs,
+            status=status,
+            error=f"{type(r.error).__name__}: {r.error}" if r.error is not None else "",
+        ))
     return rows
 
 
-def _best_trial(trials: list[dict[str, Any]], tcfg: TuneConfig) -> dict[str, Any] | None:
-    key = f"best/{tcfg.metric}"
-    scored = [t for t in trials if not t["error"] and key in t["metrics"] and not math.isnan(t["metrics"][key])]
+def _best_trial(trials: list[TrialRecord], tcfg: TuneConfig) -> TrialRecord | None:
+    scored = [t for t in trials if not t.error and t.best(tcfg.metric) is not None and not math.isnan(t.best(tcfg.metric))]
     if not scored:
         return None
     pick = max if tcfg.mode == "max" else min
-    return pick(scored, key=lambda t: t["metrics"][key])
+    return pick(scored, key=lambda t: t.best(tcfg.metric))
 
 
 def _best_checkpoint(trainer_dir: str, tcfg: TuneConfig) -> str | None:

@@ -332,3 +332,15 @@ def check_source_name(kind: str, key: str = "data.source") -> None:
     """Fail at config load, naming the valid sources, instead of inside a Ray worker."""
     if kind not in SOURCES:
         raise ValueError(f"{key}: unknown mask source '{kind}'; valid: {', '.join(SOURCES.names())}")
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index lists holding out ``fraction`` of ``n`` samples (at least one)
+    for validation: the same split on every rank, every run with that seed."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise ValueError(f"only {n} samples: too few to hold out a validation split of {fraction:g}")
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return order[n_val:], order[:n_val]

@@ -137,14 +137,21 @@ def promote(task: str, version: str, uri: str = "") -> None:
 
 def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:
     """``models:/<name>@<alias>``, ``models:/<name>/<version>`` (or a bare task name, meaning
-    its champion) → the local checkpoint file."""
+    its champion) → the local checkpoint file. The version is looked up with a client bound to
+    ``tracking_uri`` and its artifacts fetched from where they are stored."""
     import mlflow
 
     from montage.platform.checkpoint import resolve_checkpoint_path
 
     model_uri = uri_or_task if uri_or_task.startswith("models:/") else f"models:/{model_name(uri_or_task)}@{CHAMPION}"
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri)))
+    name, alias, version = parse_model_uri(model_uri)
+    mlc = client(tracking_uri)
+    mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
+    source = mv.source
+    if source.startswith("models:/") and mv.model_id:  # registered from a logged model by id
+        source = mlc.get_logged_model(mv.model_id).artifact_location
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=resolve_tracking_uri(tracking_uri)))
     hits = list(local.rglob("*.pt"))
     if not hits:
-        raise FileNotFoundError(f"{model_uri} holds no checkpoint artifact")
+        raise FileNotFoundError(f"{model_uri} (version {mv.version}) holds no checkpoint artifact")
     return resolve_checkpoint_path(hits[0])

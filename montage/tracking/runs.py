@@ -12,6 +12,7 @@ import os
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +149,45 @@ class MlflowHook(Hook):
         log_checkpoint_model(self.cfg.tracking.uri, self.run_id, checkpoint, self.cfg.task, {metric: value})
 
 
-def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, task: str, metrics: dict[str, Any], registered_name: str | None = None) -> Any:
-    """Log ``checkpoint`` as a pyfunc model of run ``run_id`` (models-from-code: nothing pickled)."""
-    import mlflow
+@dataclass(frozen=True)
+class LoggedCheckpoint:
+    """A checkpoint logged as an MLflow model (and, when asked, registered as a version)."""
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(uri))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"checkpoint": str(checkpoint)},
-            pip_requirements=["montage"],
-            registered_model_name=registered_name,
-            tags={"montage.task": task, **{f"montage.{k}": str(v) for k, v in metrics.items()}},
-        )
-    return info
+    model_id: str
+    model_uri: str  # models:/<model_id>
+    registered_model_version: str | None = None
+
+
+def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, task: str, metrics: dict[str, Any], registered_name: str | None = None) -> LoggedCheckpoint:
+    """Log ``checkpoint`` as a pyfunc model of run ``run_id`` (models-from-code: nothing pickled)
+    and register it as a new version of ``registered_name`` when given. Client calls only: the
+    process-wide tracking URI and active run are left alone."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    run = client.get_run(run_id)
+    tags = {"montage.task": task, **{f"montage.{k}": str(v) for k, v in metrics.items()}}
+    model = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id, tags=tags, model_type="pyfunc")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(path=str(local), python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)}, pip_requirements=["montage"])
+            client.log_model_artifacts(model.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    step = int(run.data.metrics.get("epoch", 0) or 0)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    version = None
+    if registered_name:
+        try:
+            client.create_registered_model(registered_name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        mv = client.create_model_version(registered_name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
+        version = str(mv.version)
+    return LoggedCheckpoint(model_id=model.model_id, model_uri=f"models:/{model.model_id}", registered_model_version=version)

@@ -7,6 +7,7 @@ import csv
 import logging
 import tempfile
 import warnings
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,26 @@ class TrialStatus(str, Enum):
     FINISHED = "finished"
     STOPPED = "stopped early"  # by the scheduler (ASHA)
     FAILED = "failed"
+
+
+@dataclass
+class TrialRecord:
+    """One sweep trial as it ended: what it tried, what it scored, where its results are."""
+
+    trial_id: str
+    name: str
+    params: dict[str, Any]  # dotted config key → value
+    metrics: dict[str, float]  # its last report (val/*, best/*, time/*, epoch)
+    epochs: int
+    status: TrialStatus
+    error: str = ""
+    checkpoint: str | None = None  # its best checkpoint (set for the sweep's best trial)
+    mlflow_run_id: str | None = None  # its child run under the sweep's parent
+
+    def best(self, metric: str) -> float | None:
+        """Its best value of ``metric`` over the epochs it ran."""
+        return self.metrics.get(f"best/{metric}")
+
 
 def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: str, resume: bool) -> str:
     """Create the sweep's parent run (or find it again when resuming)."""
@@ -66,27 +87,27 @@ def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
     return {r.data.tags.get("montage.trial", ""): r for r in runs}
 
 
-def finish_sweep(trials: list[dict[str, Any]], best: dict[str, Any] | None, tcfg: Any, base: ExperimentConfig, params: list[Any], parent_id: str) -> dict[str, Any] | None:
+def finish_sweep(trials: list[TrialRecord], best: TrialRecord | None, tcfg: Any, base: ExperimentConfig, params: list[Any], parent_id: str) -> dict[str, Any] | None:
     """Record every trial's outcome, summarise on the parent, register and promote the best."""
     client = mlflow_client(base.tracking.uri)
     children = _child_runs(client, parent_id)
     exp_id = client.get_run(parent_id).info.experiment_id
     for t in trials:
-        run = children.get(t["trial_id"])
+        run = children.get(t.trial_id)
         if run is None:  # failed before its first epoch: still leave a record
-            run = client.create_run(exp_id, run_name=t["name"], tags={"mlflow.parentRunId": parent_id, "montage.trial": t["trial_id"], "montage.sweep": tcfg.name})
+            run = client.create_run(exp_id, run_name=t.name, tags={"mlflow.parentRunId": parent_id, "montage.trial": t.trial_id, "montage.sweep": tcfg.name})
         rid = run.info.run_id
-        status = TrialStatus(t["status"])
+        status = t.status
         client.set_tag(rid, "montage.trial_status", status.value)
         client.set_tag(rid, "montage.stopped_early", str(status is TrialStatus.STOPPED).lower())
-        if t["error"]:
-            client.set_tag(rid, "montage.error", t["error"][:5000])
+        if t.error:
+            client.set_tag(rid, "montage.error", t.error[:5000])
             client.set_terminated(rid, "FAILED")
         elif status is TrialStatus.STOPPED:
             client.set_terminated(rid, "KILLED")
         elif client.get_run(rid).info.status == "RUNNING":
             client.set_terminated(rid, "FINISHED")
-        t["mlflow_run_id"] = rid
+        t.mlflow_run_id = rid
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.csv"
         keys = [p.key for p in params]
@@ -94,32 +115,31 @@ def finish_sweep(trials: list[dict[str, Any]], best: dict[str, Any] | None, tcfg
             w = csv.writer(fh)
             w.writerow(["trial", "status", "epochs", *keys, tcfg.metric, f"best/{tcfg.metric}"])
             for t in trials:
-                status = TrialStatus(t["status"]).value
-                w.writerow([t["name"], status, t["epochs"], *[t["params"].get(k) for k in keys], t["metrics"].get(tcfg.metric), t["metrics"].get(f"best/{tcfg.metric}")])
+                w.writerow([t.name, t.status.value, t.epochs, *[t.params.get(k) for k in keys], t.metrics.get(tcfg.metric), t.best(tcfg.metric)])
         client.log_artifact(parent_id, str(table))
         for path in optuna_plots(trials, params, tcfg, Path(tmp)):
             client.log_artifact(parent_id, str(path), "optuna")
     registered = None
     if best is not None:
-        value = best["metrics"][f"best/{tcfg.metric}"]
+        value = best.best(tcfg.metric)
         client.log_metric(parent_id, f"best/{tcfg.metric}", value)
-        client.set_tag(parent_id, "montage.best_trial", best["name"])
-        for k, v in best["params"].items():
+        client.set_tag(parent_id, "montage.best_trial", best.name)
+        for k, v in best.params.items():
             client.set_tag(parent_id, f"best.{k}", str(v))
-        if best.get("checkpoint"):
-            registered = register_checkpoint(base, best["checkpoint"], best["mlflow_run_id"], tcfg.metric, tcfg.mode, value, tcfg.name, best["params"], tcfg.promote)
-    all_failed = all(t["error"] for t in trials)
+        if best.checkpoint and best.mlflow_run_id:
+            registered = register_checkpoint(base, best.checkpoint, best.mlflow_run_id, tcfg.metric, tcfg.mode, value, tcfg.name, best.params, tcfg.promote)
+    all_failed = all(t.error for t in trials)
     client.set_terminated(parent_id, "FAILED" if all_failed else "FINISHED")
     return registered
 
 
-def optuna_plots(trials: list[dict[str, Any]], params: list[Any], tcfg: Any, out: Path) -> list[Path]:
+def optuna_plots(trials: list[TrialRecord], params: list[Any], tcfg: Any, out: Path) -> list[Path]:
     """Parallel-coordinate and parameter-importance PNGs from the finished trials (via an
     in-memory Optuna study; matplotlib backend, no plotly needed)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    done = [t for t in trials if not t["error"] and f"best/{tcfg.metric}" in t["metrics"]]
+    done = [t for t in trials if not t.error and t.best(tcfg.metric) is not None]
     if len(done) < 2:
         return []
     dists = {}
@@ -132,8 +152,8 @@ def optuna_plots(trials: list[dict[str, Any]], params: list[Any], tcfg: Any, out
             dists[p.key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.kind == "loguniform")
     study = optuna.create_study(direction="maximize" if tcfg.mode == "max" else "minimize")
     for t in done:
-        values = {k: (str(v) if params[i].kind == "choice" else v) for i, (k, v) in enumerate(t["params"].items())}
-        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=t["metrics"][f"best/{tcfg.metric}"]))
+        values = {k: (str(v) if params[i].kind == "choice" else v) for i, (k, v) in enumerate(t.params.items())}
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=t.best(tcfg.metric)))
     written = []
     try:
         import matplotlib

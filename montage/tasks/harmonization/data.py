@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Subset
 
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError, list_images, read_image, read_mask
-from montage.platform.masks import SyntheticPersons, build_mask_source, check_source_name
+from montage.platform.masks import SyntheticPersons, build_mask_source, check_source_name, holdout_split
 from montage.platform.transforms import letterbox_ops, to_tensor_image
 
 log = logging.getLogger(__name__)
@@ -362,12 +362,7 @@ def build_datasets(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, D
             HarmonizationDataset(_source(cfg, "val"), cfg.size, cfg.seed + 1, cache=cache),
         )
     src = _source(cfg, "train")  # one mask source: hold out a seeded fraction
-    n = len(src)
-    n_val = max(1, int(round(n * cfg.val_fraction)))
-    if n_val >= n:
-        raise ValueError(f"only {n} samples: too few to hold out a validation split")
-    order = np.random.default_rng(cfg.seed).permutation(n).tolist()
-    train_idx, val_idx = order[n_val:], order[:n_val]
+    train_idx, val_idx = holdout_split(len(src), cfg.val_fraction, cfg.seed)
     return (
         Subset(HarmonizationDataset(src, cfg.size, cfg.seed, aug, cache=cache, indices=train_idx), train_idx),
         Subset(HarmonizationDataset(src, cfg.size, cfg.seed + 1, cache=cache, indices=val_idx), val_idx),

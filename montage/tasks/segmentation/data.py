@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
-from montage.platform.masks import DataFormatError, MaskSource, Sample, build_mask_source, check_source_name
+from montage.platform.masks import DataFormatError, MaskSource, Sample, build_mask_source, check_source_name, holdout_split
 from montage.platform.transforms import letterbox_ops, to_tensor_image
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,7 @@ def build_datasets(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Da
             SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache),
             SegmentationDataset(val_src, cfg.size, None, cfg.on_error, cache=cache),
         )
-    n = len(train_src)
-    n_val = max(1, int(round(n * cfg.val_fraction)))
-    if n_val >= n:
-        raise ValueError(f"only {n} samples: too few to hold out a validation split")
-    order = np.random.default_rng(cfg.seed).permutation(n).tolist()
-    train_idx, val_idx = order[n_val:], order[:n_val]
+    train_idx, val_idx = holdout_split(len(train_src), cfg.val_fraction, cfg.seed)
     train = SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache, indices=train_idx)
     val_ds = SegmentationDataset(train_src, cfg.size, None, cfg.on_error, cache=cache, indices=val_idx)
     return Subset(train, train_idx), Subset(val_ds, val_idx)
