@@ -82,6 +82,7 @@ class TrainConfig:
     batch_size: int = 8
     accumulate: int = 1  # gradient accumulation steps per optimizer step
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    check_replicas: int = 0  # DDP debugging: every N optimizer steps, fail unless all ranks hold identical weights
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA if supported
     early_stop: int = 0  # patience in epochs without improvement of the monitor; 0 = off
     seed: int = 0
@@ -113,8 +114,9 @@ class ScalingConfig:
     gpus: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    max_failures: int = 0
-    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint after a failure
+    keep_checkpoints: int = 2  # checkpoints kept on storage: the best by the task's metric, and the latest
+    sync_batchnorm: bool = False  # GPUs: batch-norm statistics over the global batch (SyncBatchNorm)
 
     def __post_init__(self) -> None:
         if self.workers < 1:

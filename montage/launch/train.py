@@ -57,6 +57,18 @@ def _staging(cfg: ExperimentConfig) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _sync_batchnorm(net: Any, cfg: ExperimentConfig, world: int) -> Any:
+    """Batch norm over the global batch (``scaling.sync_batchnorm``; GPUs only in PyTorch)."""
+    import torch
+
+    if not cfg.scaling.sync_batchnorm or world == 1:
+        return net
+    if not (cfg.scaling.gpus and torch.cuda.is_available()):
+        log.warning("scaling.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel): batch norm stays per worker")
+        return net
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The function every TorchTrainer worker runs."""
     import ray.train
@@ -72,8 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         rank=rank,
         world_size=world,
-        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
-        wrap_loader=lambda dl: ray.train.torch.prepare_data_loader(dl, move_to_device=False),
+        wrap_model=lambda m: ray.train.torch.prepare_model(_sync_batchnorm(m, cfg, world), move_to_device=False),
         launched_at=config.get("launched_at"),
     )
     with _staging(cfg) as staging_dir:

@@ -34,7 +34,7 @@ def norm_layer(kind: str, ch: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm2d(ch, affine=True)
     if kind == "group":
-        return nn.GroupNorm(min(8, ch), ch)
+        return nn.GroupNorm(math.gcd(8, ch), ch)  # up to 8 groups that divide the channels
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm '{kind}'; valid: batch, instance, group, none")
@@ -170,10 +170,10 @@ class ResNetEncoder(nn.Module):
 
     def __init__(
         self, resnet: nn.Module, channels: Sequence[int], in_channels: int = 3, dropout: float = 0.0,
-        bottleneck_dropout: float = 0.0, full_res: int = 0,
+        bottleneck_dropout: float = 0.0, full_res: int = 0, norm: str = "batch",
     ) -> None:
         super().__init__()
-        self.full_res = ConvBlock(in_channels, full_res) if full_res else None
+        self.full_res = ConvBlock(in_channels, full_res, norm=norm) if full_res else None
         if in_channels != 3:
             old = resnet.conv1
             resnet.conv1 = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
@@ -224,8 +224,13 @@ def _load_resnet(name: str, pretrained: bool, weights_path: str | None) -> nn.Mo
 def _torchvision_encoder(name: str, channels: Sequence[int]) -> Callable[..., nn.Module]:
     def build(
         in_channels: int = 3, pretrained: bool = False, weights_path: str | None = None, dropout: float = 0.0,
-        bottleneck_dropout: float = 0.0, full_res: int = 0,
+        bottleneck_dropout: float = 0.0, full_res: int = 0, norm: str = "batch",
     ) -> nn.Module:
+        if norm != "batch":
+            raise ValueError(
+                f"norm '{norm}': the {name} encoder is torchvision's, with batch norm (its ImageNet weights need it); "
+                "group norm is available for the tiny and small encoders; across GPUs use scaling.sync_batchnorm=true"
+            )
         return ResNetEncoder(_load_resnet(name, pretrained, weights_path), channels, in_channels, dropout, bottleneck_dropout, full_res)
 
     return build
@@ -239,12 +244,15 @@ ENCODERS.register("resnet50")(_torchvision_encoder("resnet50", [64, 256, 512, 10
 class _TinyResNet(nn.Module):
     """A ResNet of torchvision BasicBlocks at tiny widths (tests, CPU demos)."""
 
-    def __init__(self, widths: Sequence[int]) -> None:
+    def __init__(self, widths: Sequence[int], norm: str = "batch") -> None:
         super().__init__()
         from torchvision.models.resnet import BasicBlock
 
+        def make_norm(ch: int) -> nn.Module:
+            return norm_layer(norm, ch)
+
         self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = make_norm(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = widths[0]
@@ -252,19 +260,19 @@ class _TinyResNet(nn.Module):
             stride = 1 if i == 1 else 2
             down = None
             if stride != 1 or cin != w:
-                down = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
-            setattr(self, f"layer{i}", BasicBlock(cin, w, stride, down))
+                down = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), make_norm(w))
+            setattr(self, f"layer{i}", BasicBlock(cin, w, stride, down, norm_layer=make_norm))
             cin = w
 
 
 def _tiny_encoder(name: str, widths: Sequence[int]) -> Callable[..., nn.Module]:
     def build(
         in_channels: int = 3, pretrained: bool = False, weights_path: str | None = None, dropout: float = 0.0,
-        bottleneck_dropout: float = 0.0, full_res: int = 0,
+        bottleneck_dropout: float = 0.0, full_res: int = 0, norm: str = "batch",
     ) -> nn.Module:
         if pretrained or weights_path:
             raise PretrainedWeightsError(f"the '{name}' encoder has no pretrained weights; use resnet18/34/50")
-        return ResNetEncoder(_TinyResNet(widths), widths, in_channels, dropout, bottleneck_dropout, full_res)
+        return ResNetEncoder(_TinyResNet(widths, norm), widths, in_channels, dropout, bottleneck_dropout, full_res, norm)
 
     return build
 

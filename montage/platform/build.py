@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from montage.core.config import ExperimentConfig, OptimConfig, SchedConfig
+from montage.platform.sampling import ShardSampler
 from montage.platform.task import Modules, Task
 
 
@@ -66,17 +67,19 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def make_loader(dataset: Dataset, cfg: ExperimentConfig, train: bool, device: torch.device) -> DataLoader:
+def make_loader(dataset: Dataset, cfg: ExperimentConfig, train: bool, device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's loader: a :class:`ShardSampler` picks its share of each global batch
+    (training) or of the validation set. Loader processes start afresh each epoch (not
+    persistent) so they see the epoch the loop sets on the dataset."""
     workers = cfg.train.loader_workers
     gen = torch.Generator()
-    gen.manual_seed(cfg.train.seed)
+    gen.manual_seed(cfg.train.seed)  # reseeded per (seed, rank, epoch) by the loop: loader processes' base seeds
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > cfg.train.batch_size,
+        sampler=ShardSampler(len(dataset), cfg.train.batch_size, rank, world_size, train=train, seed=cfg.train.seed),
         num_workers=workers,
-        persistent_workers=workers > 0,
+        persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=device.type == "cuda",
         worker_init_fn=seed_worker,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from montage.core.config import to_dict
 from montage.platform.build import resolve_amp
+from montage.platform.sampling import seed_for, seed_process, set_data_epoch
 from montage.platform.task import Batch, Modules, Task
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,10 @@ class _Stepper:
         self.stepped.add(name)
         if loop.cfg.sched.per_step and name in loop.m.schedulers:
             loop.m.schedulers[name].step()
+        loop.optimizer_steps += 1
+        every = loop.cfg.train.check_replicas
+        if every and loop.world_size > 1 and loop.optimizer_steps % every == 0:
+            loop.check_replicas()
 
 
 @dataclass
@@ -125,6 +130,8 @@ class Loop:
         self.should_stop = False
         self.stop_reason = ""
         self.startup_s: float | None = None  # launch → first batch in a train step
+        self.optimizer_steps = 0  # in this process (not restored on resume)
+        self.replica_checks = 0
 
     # -- context -----------------------------------------------------------------------
     def autocast(self) -> Any:
@@ -154,6 +161,31 @@ class Loop:
             return {k: (t[i, 0] / t[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
         return {k: sums[k] / max(counts[k], 1) for k in keys}
 
+    def _sum(self, value: float) -> float:
+        """``value`` summed over the ranks."""
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            t = torch.tensor([value], dtype=torch.float64, device=self._reduce_device())
+            dist.all_reduce(t)
+            return float(t.item())
+        return value
+
+    def check_replicas(self) -> None:
+        """Fail unless every rank holds bit-identical parameters (what DDP promises after each
+        optimizer step). Compares a per-tensor fingerprint (float64 sum and sum of squares)."""
+        fp = replica_fingerprint(self.m)
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        fp = fp.to(self._reduce_device())
+        gathered = [torch.empty_like(fp) for _ in range(self.world_size)]
+        dist.all_gather(gathered, fp)
+        bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+        if bad:
+            raise RuntimeError(
+                f"DDP replicas diverged at epoch {self.epoch + 1}, optimizer step {self.optimizer_steps}: "
+                f"rank(s) {bad} hold other weights than rank 0"
+            )
+        self.replica_checks += 1
+
     def _reduce_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -169,12 +201,16 @@ class Loop:
         cfg = self.cfg.train
         for net in self.m.nets.values():
             net.train()
+        # every draw of this epoch is a function of (seed, rank, epoch): resumable, and the sample
+        # order and augmentation of the global batch do not depend on the number of workers
+        seed_process(seed_for(cfg.seed, self.rank, self.epoch))
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)  # DistributedSampler: a fresh, agreed shuffle per epoch
+            sampler.set_epoch(self.epoch)  # ShardSampler: one permutation per epoch, agreed by all ranks
         gen = getattr(self.train_loader, "generator", None)
         if isinstance(gen, torch.Generator):
-            gen.manual_seed(cfg.seed + self.epoch)  # the shuffle depends on (seed, epoch) only: resumable
+            gen.manual_seed(seed_for(cfg.seed, self.rank, self.epoch, 1))  # loader processes' base seeds
+        set_data_epoch(getattr(self.train_loader, "dataset", None), self.epoch)
         total = _len_or_none(self.train_loader)
         if cfg.max_steps:
             total = min(total, cfg.max_steps) if total else cfg.max_steps
@@ -213,6 +249,7 @@ class Loop:
             net.eval()
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
+        samples = 0
         self.sample_image = None
         for i, batch in enumerate(self.val_loader):
             if self.cfg.train.max_val_steps and i >= self.cfg.train.max_val_steps:
@@ -226,7 +263,10 @@ class Loop:
                 v = v.detach().float()
                 sums[k] = sums.get(k, 0.0) + float(v.sum())
                 counts[k] = counts.get(k, 0.0) + v.numel()
-        return {f"val/{k}": v for k, v in self._reduce(sums, counts).items()}
+            samples += _batch_len(batch)
+        out = {f"val/{k}": v for k, v in self._reduce(sums, counts).items()}
+        out["val/samples"] = self._sum(samples)  # each validation sample once, over all ranks
+        return out
 
     def fit(self) -> dict[str, float]:
         try:
@@ -255,6 +295,8 @@ class Loop:
             metrics["lr"] = next(iter(self.m.optimizers.values())).param_groups[0]["lr"] if self.m.optimizers else 0.0
             metrics["time/epoch_s"] = time.perf_counter() - t0
             metrics.update(self._resources())
+            if self.cfg.train.check_replicas and self.world_size > 1:
+                metrics["ddp/replica_checks"] = float(self.replica_checks)
             self._update_best(metrics)
             self.epoch += 1
             self.last_metrics = metrics
@@ -341,6 +383,21 @@ def peak_rss_mb() -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def replica_fingerprint(m: Modules) -> torch.Tensor:
+    """Float64 (sum, sum of squares) of every parameter of every network, in a fixed order."""
+    parts = []
+    with torch.no_grad():
+        for name in sorted(m.nets):
+            for p in m.unwrap(name).parameters():
+                d = p.detach().double()
+                parts += [d.sum(), (d * d).sum()]
+    return torch.stack(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _batch_len(batch: Batch) -> int:
+    return next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim), 0)
 
 
 def _len_or_none(loader: Any) -> int | None:

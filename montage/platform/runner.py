@@ -7,22 +7,20 @@ wrappers; :func:`fit_local` calls it in the current process for debugging and te
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from montage.core.config import ExperimentConfig, build_config, to_dict
 from montage.core.registry import TASKS
 from montage.platform.build import build_modules, make_loader, optimizer_steps_per_epoch
 from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from montage.platform.loop import Hook, Loop
+from montage.platform.sampling import seed_process
 from montage.platform.task import Task
 
 log = logging.getLogger(__name__)
@@ -42,9 +40,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_process(seed)
 
 
 class CheckpointHook(Hook):
@@ -110,7 +106,6 @@ class WorkerEnv:
     rank: int = 0
     world_size: int = 1
     wrap_model: Callable[[nn.Module], nn.Module] | None = None
-    wrap_loader: Callable[[DataLoader], Any] | None = None
     launched_at: float | None = None  # time.time() at the user's command, for the start-up figure
 
 
@@ -120,10 +115,8 @@ def build_loop(cfg: ExperimentConfig, env: WorkerEnv, hooks: list[Hook]) -> Loop
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     task = make_task(cfg)
     train_ds, val_ds = task.datasets()
-    train_loader = make_loader(train_ds, cfg, train=True, device=env.device)
-    val_loader = make_loader(val_ds, cfg, train=False, device=env.device)
-    if env.wrap_loader is not None:
-        train_loader, val_loader = env.wrap_loader(train_loader), env.wrap_loader(val_loader)
+    train_loader = make_loader(train_ds, cfg, train=True, device=env.device, rank=env.rank, world_size=env.world_size)
+    val_loader = make_loader(val_ds, cfg, train=False, device=env.device, rank=env.rank, world_size=env.world_size)
     modules = build_modules(task, env.device, env.wrap_model, optimizer_steps_per_epoch(train_loader, cfg))
     return Loop(task, modules, train_loader, val_loader, env.device, hooks, env.rank, env.world_size, env.launched_at)
 

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, Subset
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError, list_images, read_image, read_mask
 from montage.platform.masks import SyntheticPersons, build_mask_source, check_source_name, holdout_split
+from montage.platform.sampling import seed_for
 from montage.platform.transforms import letterbox_ops, to_tensor_image
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,7 @@ class HarmonizationDataset(Dataset):
             ops += [op for op in (A.HorizontalFlip(p=hflip), A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=affine)) if op.p > 0]
         self.transform = A.Compose(ops, additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR, seed=seed)
         self.train = augment is not None
+        self.epoch = 0
         self.pairs = SampleCache(self._letterboxed, range(len(source)) if indices is None else indices, cache, type(source).__name__)
 
     def __len__(self) -> int:
@@ -328,8 +330,13 @@ class HarmonizationDataset(Dataset):
         out = self.letterbox(image=comp, mask=mask, target=target)
         return out["image"], out["mask"], out["target"]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation draws are seeded per (seed, epoch, sample): resumable, the same on any number of workers."""
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         comp, mask, target = self.pairs(i)
+        self.transform.set_random_seed(seed_for(self.seed, self.epoch, i))
         out = self.transform(image=comp, mask=mask, target=target)
         return {
             "composite": to_tensor_image(out["image"]),

@@ -37,11 +37,12 @@ class HarmLossConfig:
 
 
 def lab_colour_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
-    """Σ_c w_c · mean over the mask of |Lab(pred) − Lab(target)|_c / 100."""
+    """Σ_c w_c · mean over the mask of |Lab(pred) − Lab(target)|_c / 100, per image, averaged over
+    the batch (per-image: a global batch's gradient does not depend on how DDP splits it)."""
     diff = (rgb_to_lab(pred) - rgb_to_lab(target)).abs() / 100
     w = torch.tensor(weights, device=pred.device, dtype=diff.dtype).view(1, 3, 1, 1)
-    area = mask.float().sum().clamp(min=1.0)
-    return (diff * w * mask).sum() / area
+    area = mask.float().sum((1, 2, 3)).clamp(min=1.0)
+    return ((diff * w * mask).sum((1, 2, 3)) / area).mean()
 
 
 def foreground_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, min_area: float = 0.05) -> torch.Tensor:

@@ -242,7 +242,7 @@ class SyntheticFaces(Dataset):
 class AlignedPairs(Dataset):
     """``<root>/<split>/A/<name>.(png|npy)`` ↔ ``<root>/<split>/B/<name>.png``, resized to ``size``."""
 
-    def __init__(self, root: str | Path, split: str, size: int, hflip: float = 0.0, cache: bool = False) -> None:
+    def __init__(self, root: str | Path, split: str, size: int, hflip: float = 0.0, cache: bool = False, seed: int = 0) -> None:
         base = Path(root) / split
         if not (base / "A").is_dir() or not (base / "B").is_dir():
             raise FileNotFoundError(f"aligned pairs need {base}/A and {base}/B")
@@ -250,7 +250,7 @@ class AlignedPairs(Dataset):
         self.pairs = [(a, b_files[a.stem]) for a in sorted((base / "A").iterdir()) if a.stem in b_files]
         if not self.pairs:
             raise FileNotFoundError(f"no A/B pairs with matching names in {base}")
-        self.size, self.hflip = size, hflip
+        self.size, self.hflip, self.seed, self.epoch = size, hflip, seed, 0
         self.samples = SampleCache(self._decoded, range(len(self.pairs)), cache, f"{base} pairs")
 
     def __len__(self) -> int:
@@ -268,9 +268,13 @@ class AlignedPairs(Dataset):
             a = self._resize(read_image(a_path, mode="unchanged"))
         return a, self._resize(read_image(b_path))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Flips are drawn per (seed, epoch, sample): resumable, the same on any number of workers."""
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         a, b = self.samples(i)
-        if self.hflip and np.random.random() < self.hflip:
+        if self.hflip and np.random.default_rng([self.seed, self.epoch, i]).random() < self.hflip:
             a, b = a[:, ::-1], b[:, ::-1]
         return {"a": to_tanh(a), "b": to_tanh(b)}
 
@@ -282,7 +286,7 @@ def build_datasets(cfg: GanDataConfig, channels: int, cache: bool = False) -> tu
             SyntheticFaces(cfg.synthetic_train, cfg.size, cfg.sigma, cfg.seed, channels, cache=cache),
             SyntheticFaces(cfg.synthetic_val, cfg.size, cfg.sigma, cfg.seed + 1, channels, cache=cache),
         )
-    return AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip, cache=cache), AlignedPairs(cfg.root, "val", cfg.size, cache=cache)
+    return AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip, cache=cache, seed=cfg.seed), AlignedPairs(cfg.root, "val", cfg.size, cache=cache)
 
 
 def catflw_command(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Subset
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
 from montage.platform.masks import DataFormatError, MaskSource, Sample, build_mask_source, check_source_name, holdout_split
+from montage.platform.sampling import seed_for
 from montage.platform.transforms import letterbox_ops, to_tensor_image
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class SegmentationDataset(Dataset):
             raise ValueError("the data source is empty")
         self.source = source
         self.transform = build_transform(augment, seed)
+        self.seed, self.epoch = seed or 0, 0
         self.on_error = on_error
         self.letterbox = A.Compose(letterbox_ops(size), mask_interpolation=cv2.INTER_LINEAR)
         self.samples = SampleCache(self._letterboxed, range(len(source)) if indices is None else indices, cache, f"{type(source).__name__}")
@@ -134,8 +136,13 @@ class SegmentationDataset(Dataset):
                 log.warning("skipping bad sample %s: %s", self.source.name(j), exc)
         raise ImageError("too many consecutive bad samples; check the dataset")
 
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation draws are seeded per (seed, epoch, sample): resumable, the same on any number of workers."""
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image, alpha, valid = self.samples(i)
+        self.transform.set_random_seed(seed_for(self.seed, self.epoch, i))
         out = self.transform(image=image, masks=[alpha, valid])
         alpha_t, valid_t = out["masks"]
         return {

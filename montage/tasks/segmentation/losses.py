@@ -51,7 +51,8 @@ class SegmentationLoss(nn.Module):
         valid = torch.ones_like(target) if valid is None else valid
         prob = torch.sigmoid(logits)
         terms = {
-            "bce": (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum() / valid.sum().clamp(min=1),
+            # per-image means, then their mean: a global batch's gradient does not depend on how DDP splits it
+            "bce": ((F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)).mean(),
             "dice": soft_dice_loss(prob * valid, target * valid),
             "edge": edge_loss(prob, target),
         }
