@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 
@@ -78,3 +79,50 @@ def test_replica_check_catches_diverged_ranks(tmp_path: Path) -> None:
     with torch.no_grad():
         net.weight[0, 0] += 1e-7  # one float32 ulp-scale change
     assert not torch.equal(before, replica_fingerprint(m))
+
+
+def _state(path: str, task: str) -> dict:
+    return load_checkpoint(path, task=task)
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    """Bit-identical nested state (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"differs at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ at {where}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"length differs at {where}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{a!r} != {b!r} at {where}"
+
+
+@pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
+def test_resume_under_ray_matches_the_uninterrupted_run(ray_session, tiny_config, tmp_path: Path, task: str) -> None:
+    # 2 DDP workers, augmentation and dropout as configured, a per-step one-cycle schedule whose
+    # learning rate changes across the resume point
+    common = ["scaling.workers=2", "train.batch_size=4", "train.epochs=2", "sched.name=onecycle"]
+    straight = fit_ray(tiny_config(task, *common, "run.name=straight", "tracking.enabled=false"))
+    paused = fit_ray(tiny_config(task, *common, "run.name=paused", "train.pause_after=1"))
+    assert straight.error is None and paused.error is None
+    assert paused.metrics["epoch"] == 1
+    resumed = fit_ray(tiny_config(task, *common), resume=str(tmp_path / "runs" / "paused"))
+    assert resumed.error is None and resumed.metrics["epoch"] == 2
+
+    a, b = _state(straight.checkpoint, task), _state(resumed.checkpoint, task)
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("nets", "optimizers", "schedulers", "scalers"):
+        _assert_same(a[part], b[part], part)
+    lrs = [c.metrics["lr"] for c in straight.checkpoints]
+    assert lrs[0] != lrs[1]  # the schedule moved across the resume point
+    assert resumed.metrics[straight.best_metric] == straight.metrics[straight.best_metric]
+
+    # one MLflow run for both legs, each epoch once
+    client = mlflow.MlflowClient(tiny_config(task).tracking.uri)
+    run = client.get_run(resumed.mlflow_run_id)
+    assert resumed.mlflow_run_id == paused.mlflow_run_id and run.info.status == "FINISHED"
+    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]

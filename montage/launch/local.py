@@ -11,7 +11,7 @@ import torch
 from montage.core.config import ExperimentConfig, save_config
 from montage.platform.loop import Hook
 from montage.platform.runner import CheckpointHook, RunSummary, WorkerEnv, build_loop, default_run_name, resume_state
-from montage.tracking.runs import MlflowHook, prepare_tracking
+from montage.tracking.runs import MlflowHook, open_run, prepare_tracking
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def fit_local(
     hooks: list[Hook] = [ckpt]
     if cfg.tracking.enabled:
         prepare_tracking(cfg)
+        cfg.tracking.run_id = open_run(cfg, str(run_dir.resolve()), resume=resume is not None)
         hooks.append(MlflowHook(cfg, best_path=ckpt.best_path))
     hooks += extra_hooks or []
     loop = build_loop(cfg, WorkerEnv(device=dev, launched_at=launched_at), hooks)

@@ -20,7 +20,7 @@ from montage.launch.session import ensure_ray, storage_path
 from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from montage.platform.loop import Hook, Loop
 from montage.platform.runner import CheckpointHook, KeptCheckpoint, RunSummary, WorkerEnv, build_loop, config_from_tree, default_run_name
-from montage.tracking.runs import MlflowHook, git_commit, prepare_tracking
+from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +157,38 @@ def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | Non
             raise FileNotFoundError(f"nothing to resume: run folder {run_dir} does not exist")
         if not resume and run_dir.exists():
             raise FileExistsError(f"run folder {run_dir} exists: pass --resume {run_dir} to continue it, or choose another run.name")
+    started = 0
     if cfg.tracking.enabled:
         prepare_tracking(cfg)
+        cfg.tracking.run_id = open_run(cfg, str(run_dir), resume=bool(resume))
+        started = starts(cfg, cfg.tracking.run_id)
     ensure_ray(address)
-    trainer = make_trainer(cfg, tags={"mlflow.source.git.commit": git_commit()}, launched_at=launched_at or time.time())
-    result = trainer.fit()
+    import ray.train
+
+    trainer = make_trainer(cfg, launched_at=launched_at or time.time())
+    failure: BaseException | None = None
+    try:
+        result = trainer.fit()
+        failure = result.error
+    except ray.train.TrainingFailedError as exc:  # V2 raises once the restarts allowed are spent
+        failure, result = exc, _stored_result(run_dir)
+    except KeyboardInterrupt as exc:
+        if cfg.tracking.enabled:
+            end_failed_run(cfg, cfg.tracking.run_id, exc)
+        raise
+    restarts = 0
+    if cfg.tracking.enabled:
+        restarts = max(0, starts(cfg, cfg.tracking.run_id) - started - 1)
+        if failure is not None:
+            end_failed_run(cfg, cfg.tracking.run_id, failure)
+    if restarts:
+        log.warning("%s: the workers restarted %d time(s) from the latest checkpoint after failures (scaling.max_failures=%d)", cfg.run.name, restarts, cfg.scaling.max_failures)
+    error = _explain(failure, cfg, run_dir) if failure is not None else None
+    if error:
+        log.error("%s", error)
+    if result is None:
+        return RunSummary(run_dir=str(run_dir), metrics={}, best_metric=_monitor(cfg)[0], best_value=None, best_epoch=-1,
+                          best_checkpoint=None, mlflow_run_id=cfg.tracking.run_id or None, error=error, restarts=restarts)
     best = result.get_best_checkpoint(*_monitor(cfg)) if result.best_checkpoints else None
     kept = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("epoch", 0))
     metric, _ = _monitor(cfg)
@@ -170,17 +197,32 @@ def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | Non
     return RunSummary(
         run_dir=str(run_dir), metrics=dict(result.metrics or {}), best_metric=metric, best_value=best_metrics.get(metric),
         best_epoch=int(best_metrics.get("epoch", -1)), best_checkpoint=best.path if best else None, checkpoint=latest,
-        checkpoints=[KeptCheckpoint(c.path, dict(m)) for c, m in kept], mlflow_run_id=_mlflow_run_id(latest, cfg),
-        error=repr(result.error) if result.error else None,
+        checkpoints=[KeptCheckpoint(c.path, dict(m)) for c, m in kept], mlflow_run_id=cfg.tracking.run_id or None,
+        error=error, restarts=restarts,
     )
 
 
-def _mlflow_run_id(checkpoint: str | None, cfg: ExperimentConfig) -> str | None:
-    """Rank 0's MLflow run, read back from the hook state saved in a local checkpoint."""
-    if checkpoint is None or "://" in checkpoint or not cfg.tracking.enabled:
+def _stored_result(run_dir: Path) -> Any:
+    """What a failed run left on storage (its kept checkpoints), or None."""
+    import ray.train
+
+    try:
+        return ray.train.Result.from_path(str(run_dir))
+    except Exception as exc:  # noqa: BLE001 - failed before its first report: nothing stored
+        log.debug("no stored result at %s: %s", run_dir, exc)
         return None
-    state = load_checkpoint(checkpoint, task=cfg.task)
-    return state.get("hooks", {}).get("mlflow", {}).get("run_id") or None
+
+
+def _explain(error: BaseException, cfg: ExperimentConfig, run_dir: Path) -> str:
+    """The error a failed fit returns, with what to do next."""
+    text = f"{type(error).__name__}: {error}"
+    lost = any(s in text for s in ("died", "ActorDiedError", "WorkerGroupError", "unexpectedly", "SIGKILL", "exit code"))
+    if lost:
+        return (
+            f"training failed: a worker process was lost ({text.splitlines()[0][:300]}). scaling.max_failures={cfg.scaling.max_failures} "
+            f"restart(s) allowed; continue from the latest checkpoint with --resume {run_dir}"
+        )
+    return text
 
 
 def _monitor(cfg: ExperimentConfig) -> tuple[str, str]:

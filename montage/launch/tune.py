@@ -200,6 +200,7 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     from montage.core.logs import setup_logging
     from montage.launch.train import make_trainer
     from montage.platform.runner import config_from_tree
+    from montage.tracking.runs import end_failed_run, open_run
 
     setup_logging()
     tree = copy.deepcopy(base_tree)
@@ -210,9 +211,13 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     tree["run"]["storage"] = sweep["trials_storage"]
     tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
     cfg = config_from_tree(tree)
-    tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
-    result = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags, launched_at=started).fit()
+    if cfg.tracking.enabled:  # one MLflow run per trial, found again when the sweep is resumed
+        tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
+        cfg.tracking.run_id = open_run(cfg, f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}", tags=tags)
+    result = make_trainer(cfg, callbacks=[TuneReportCallback()], launched_at=started).fit()
     if result.error:
+        if cfg.tracking.enabled:
+            end_failed_run(cfg, cfg.tracking.run_id, result.error)
         raise result.error
 
 

@@ -304,6 +304,10 @@ class Loop:
                 log.info(self.describe(metrics))
             for hook in self.hooks:
                 hook.after_epoch(self, metrics)
+            if cfg.pause_after and cfg.pause_after <= self.epoch < cfg.epochs:
+                self.should_stop = True
+                self.stop_reason = f"paused after epoch {self.epoch} of {cfg.epochs} (train.pause_after): continue with --resume"
+                log.info(self.stop_reason)
         for hook in self.hooks:
             hook.after_train(self)
         return self.last_metrics

@@ -91,6 +91,7 @@ class RunSummary:
     checkpoints: list[KeptCheckpoint] = field(default_factory=list)  # kept ones by epoch (Ray's CheckpointConfig)
     mlflow_run_id: str | None = None
     error: str | None = None
+    restarts: int = 0  # worker-group restarts after failures (Ray's FailureConfig)
 
     @property
     def best_metrics(self) -> dict[str, float]:

@@ -76,8 +76,82 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
+RUN_DIR_TAG = "montage.run_dir"  # where the run's checkpoints live: finds the run again on resume
+STARTS_TAG = "montage.starts"  # times training started in this run (first start, resumes, restarts)
+
+
+def _client(cfg: ExperimentConfig) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.uri))
+
+
+def create_run(cfg: ExperimentConfig, tags: dict[str, str] | None = None) -> str:
+    """A new MLflow run for ``cfg``: tags, the flattened config as params, the config file."""
+    from mlflow.entities import Param
+
+    from montage.core.config import save_config
+
+    t = cfg.tracking
+    client = _client(cfg)
+    uri = resolve_tracking_uri(t.uri)
+    exp_id = get_experiment_id(client, t.experiment or f"montage-{cfg.task}", t.artifacts, uri)
+    all_tags = {"montage.task": cfg.task, "mlflow.source.git.commit": git_commit(), **(tags or {})}
+    if t.parent_run_id:
+        all_tags["mlflow.parentRunId"] = t.parent_run_id
+    run_id = client.create_run(exp_id, run_name=cfg.run.name or None, tags={k: v for k, v in all_tags.items() if v}).info.run_id
+    params = [Param(k, _param_value(v)) for k, v in flatten(to_dict(cfg)).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        save_config(cfg, path)
+        client.log_artifact(run_id, str(path))
+    log.info("MLflow run %s in experiment '%s' (%s)", run_id, t.experiment, uri)
+    return run_id
+
+
+def find_run(cfg: ExperimentConfig, run_dir: str) -> str | None:
+    """The run that logs the training in ``run_dir`` (under the sweep's parent when there is one)."""
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment or f"montage-{cfg.task}")
+    if exp is None:
+        return None
+    query = f"tags.`{RUN_DIR_TAG}` = '{run_dir}'"
+    if cfg.tracking.parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{cfg.tracking.parent_run_id}'"
+    found = client.search_runs([exp.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def open_run(cfg: ExperimentConfig, run_dir: str, tags: dict[str, str] | None = None, resume: bool = False) -> str:
+    """Driver side, before the workers start: the run a training logs into. A resumed training
+    (``resume``, or a restored Tune trial under the same parent) finds its run again; otherwise a
+    new run is created. Workers attach to it, so a restart after a failure keeps one run."""
+    if cfg.tracking.run_id:
+        return cfg.tracking.run_id
+    found = find_run(cfg, run_dir) if resume or cfg.tracking.parent_run_id else None
+    return found or create_run(cfg, {RUN_DIR_TAG: run_dir, **(tags or {})})
+
+
+def starts(cfg: ExperimentConfig, run_id: str) -> int:
+    """How many times training started in ``run_id`` (see :data:`STARTS_TAG`)."""
+    return int(_client(cfg).get_run(run_id).data.tags.get(STARTS_TAG, "0") or 0)
+
+
+def end_failed_run(cfg: ExperimentConfig, run_id: str, error: BaseException | str) -> None:
+    """Driver side, after a failed fit: its workers may have been killed before they could say
+    so. Mark the run FAILED (KILLED for an interrupt) with the error as a tag."""
+    client = _client(cfg)
+    interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+    client.set_tag(run_id, "montage.error", repr(error)[:4000])
+    client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
+
+
 class MlflowHook(Hook):
-    """Logs a training run to MLflow (attach to ``run_id`` when resuming)."""
+    """Logs a training run to MLflow: the run the launcher opened (``tracking.run_id``), the one
+    saved in the checkpoint when resuming, or a new one. Epochs already in the run's history (an
+    epoch redone after a restart) are not logged twice."""
 
     key = "mlflow"
 
@@ -87,6 +161,7 @@ class MlflowHook(Hook):
         self.best_path = Path(best_path) if best_path else None
         self.run_id: str | None = None
         self.client: Any = None
+        self.logged_epochs: set[int] = set()
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id or ""}
@@ -95,36 +170,21 @@ class MlflowHook(Hook):
         self.run_id = state.get("run_id") or None
 
     def before_train(self, loop: Loop) -> None:
-        import mlflow
-        from mlflow.entities import Param
-
-        t = self.cfg.tracking
-        uri = resolve_tracking_uri(t.uri)
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        if self.run_id:
+        self.client = _client(self.cfg)
+        self.run_id = self.run_id or self.cfg.tracking.run_id or create_run(self.cfg, self.tags)
+        run = self.client.get_run(self.run_id)
+        if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
-            log.info("resuming MLflow run %s", self.run_id)
-            return
-        exp_id = get_experiment_id(self.client, t.experiment or f"montage-{self.cfg.task}", t.artifacts, uri)
-        tags = {"montage.task": self.cfg.task, "mlflow.source.git.commit": git_commit(), **self.tags}
-        if t.parent_run_id:
-            tags["mlflow.parentRunId"] = t.parent_run_id
-        run = self.client.create_run(exp_id, run_name=self.cfg.run.name or None, tags={k: v for k, v in tags.items() if v})
-        self.run_id = run.info.run_id
-        params = [Param(k, _param_value(v)) for k, v in flatten(to_dict(self.cfg)).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
-        with tempfile.TemporaryDirectory() as tmp:
-            from montage.core.config import save_config
-
-            path = Path(tmp) / "config.yaml"
-            save_config(self.cfg, path)
-            self.client.log_artifact(self.run_id, str(path))
-        log.info("MLflow run %s in experiment '%s' (%s)", self.run_id, t.experiment, uri)
+        self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
+        if self.logged_epochs:
+            log.info("continuing MLflow run %s (epochs %d–%d logged)", self.run_id, min(self.logged_epochs), max(self.logged_epochs))
+        self.client.set_tag(self.run_id, STARTS_TAG, str(int(run.data.tags.get(STARTS_TAG, "0") or 0) + 1))
 
     def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        if loop.epoch in self.logged_epochs:  # redone after a restart: the first record stands
+            return
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, loop.epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=ms)
