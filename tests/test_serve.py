@@ -146,3 +146,51 @@ def test_reload_switches_the_model_in_place(server) -> None:
     health = requests.get(f"{server['url']}/healthz", timeout=30).json()
     assert health["models"]["segmentation"] == new
     assert requests.post(f"{server['url']}/v1/segment", files={"image": _png(_img(30, 30))}, timeout=60).status_code == 200
+
+
+def test_reload_on_champion_serves_the_promoted_version(server) -> None:
+    """Serve on ``@champion``, promote another version with different weights, ``--reload``:
+    the answers are now that version's (checked against its checkpoint run locally)."""
+    from montage.core.config import load_config
+    from montage.core.paths import packaged_config
+    from montage.core.registry import TASKS
+    from montage.launch.local import fit_local
+    from montage.platform.inference import load_predictor
+    from montage.serve.app import load_serve_config, run
+    from montage.tracking import registry as reg
+    from montage.tracking.runs import create_run, prepare_tracking
+
+    tmp = server["tmp"]
+    uri = f"sqlite:///{tmp / 'registry.db'}"
+    tracking = [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'registry-artifacts'}"]
+    base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
+    prepare_tracking(base)
+    first = server["ckpts"]["segmentation"]
+    other = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg-other", "train.seed=7"])).best_checkpoint
+    v1 = reg.register_checkpoint(base, first, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
+    v2 = reg.register_checkpoint(base, other, create_run(base), "val/iou", "max", 0.4, "manual", {}, "better")
+    assert v1.promoted and not v2.promoted  # 0.4 < 0.5: the champion stays v1
+
+    overrides = server["overrides"] + ["segmentation.source=models:/montage-segmentation@champion", f"tracking_uri={uri}"]
+    image = _img(40, 56, seed=5)
+
+    def served_alpha() -> np.ndarray:
+        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
+        assert r.status_code == 200
+        return _decode(r.content)[..., 3]
+
+    def local_alpha(path: str) -> np.ndarray:
+        return (load_predictor(path, task="segmentation")([image])[0] * 255).round().astype(np.uint8)
+
+    run(load_serve_config(None, overrides))
+    assert "v1" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+    before = served_alpha()
+    assert np.abs(before.astype(int) - local_alpha(first)).max() <= 1
+
+    reg.promote("segmentation", v2.version, uri)
+    run(load_serve_config(None, overrides))  # what `montage serve --reload` does
+    assert "v2" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+    after = served_alpha()
+    assert np.abs(after.astype(int) - local_alpha(other)).max() <= 1
+    assert np.abs(after.astype(int) - before).max() > 10  # the two models are told apart
+    run(load_serve_config(None, server["overrides"]))  # back to the module's checkpoints

@@ -214,15 +214,23 @@ def _stored_result(run_dir: Path) -> Any:
 
 
 def _explain(error: BaseException, cfg: ExperimentConfig, run_dir: Path) -> str:
-    """The error a failed fit returns, with what to do next."""
-    text = f"{type(error).__name__}: {error}"
-    lost = any(s in text for s in ("died", "ActorDiedError", "WorkerGroupError", "unexpectedly", "SIGKILL", "exit code"))
-    if lost:
-        return (
-            f"training failed: a worker process was lost ({text.splitlines()[0][:300]}). scaling.max_failures={cfg.scaling.max_failures} "
-            f"restart(s) allowed; continue from the latest checkpoint with --resume {run_dir}"
-        )
-    return text
+    """The error a failed fit returns: what failed on which rank, and what to do next."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        parts = []
+        for rank, exc in sorted(failures.items()):
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            died = next((ln for ln in lines if "actor died" in ln.lower() or "worker exit detail" in ln.lower()), "")
+            parts.append(f"rank {rank}: {type(exc).__name__}: {(died or (lines[-1] if lines else ''))[:300]}")
+        detail = "; ".join(parts)
+    else:
+        detail = f"{type(error).__name__}: {str(error).strip()[:500]}"
+    lost = any(s in detail.lower() for s in ("died", "unexpectedly", "actor", "connection error"))
+    head = "a worker process was lost" if lost else "a worker raised"
+    return (
+        f"training failed: {head} ({detail}). scaling.max_failures={cfg.scaling.max_failures} restart(s) allowed; "
+        f"continue from the latest checkpoint with --resume {run_dir}"
+    )
 
 
 def _monitor(cfg: ExperimentConfig) -> tuple[str, str]:
