@@ -99,13 +99,17 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from montage.launch.tune import load_tune_config, run_sweep
+    from montage.launch.tune import SweepInterrupted, load_tune_config, run_sweep
 
     overrides = list(args.overrides)
     if args.promote:
         overrides.append(f"promote={args.promote}")
     tcfg, base, params = load_tune_config(args.config, overrides)
-    result = run_sweep(tcfg, base, params, resume=args.resume, address=args.address)
+    try:
+        result = run_sweep(tcfg, base, params, resume=args.resume, address=args.address)
+    except SweepInterrupted as exc:
+        print(str(exc).replace("<config>", str(args.config)))
+        return 130  # the shell's code for an interrupt
     print(format_sweep(result, tcfg.metric))
     if result.table and all(t.error for t in result.table):
         log.error("every trial failed; the first error: %s", result.errors[0])

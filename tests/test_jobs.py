@@ -1,6 +1,6 @@
 """Job submission to a real local Ray head, both `montage submit` and plain `ray job submit`.
 
-(Named to run before the tests that start the shared in-process Ray session.)
+(conftest.py runs these before any test starts the shared in-process Ray session.)
 """
 
 from __future__ import annotations

@@ -58,13 +58,17 @@ def test_fresh_run_refuses_to_overwrite(ray_session, seg_config, tmp_path: Path)
         fit_ray(seg_config(), resume=str(tmp_path / "runs" / "absent"))
 
 
-@pytest.mark.parametrize("task", ["harmonization", "pix2pix"])
-def test_two_worker_fit_of_other_tasks(ray_session, tiny_config, task: str) -> None:
-    cfg = tiny_config(task, "scaling.workers=2", "train.epochs=1", "train.max_steps=2", f"run.name={task}")
+def test_keep_checkpoints_keeps_the_k_best_and_the_latest(ray_session, tiny_config, tmp_path: Path) -> None:
+    """``scaling.keep_checkpoints=K``: the K best epochs by the monitored metric stay on storage
+    (min mode here: harmonization's fMSE), plus the latest when it is not among them (resuming
+    needs it); every other checkpoint is deleted."""
+    cfg = tiny_config("harmonization", "scaling.keep_checkpoints=2", "train.epochs=5", "train.max_steps=2", "run.name=prune")
     out = fit_ray(cfg)
-    assert out.error is None and out.metrics["epoch"] == 1
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    runs = mlflow.search_runs(experiment_names=[f"montage-{task}"])
-    assert len(runs) == 1
-    metric = {"harmonization": "metrics.val/fmse", "pix2pix": "metrics.val/l1"}[task]
-    assert runs.iloc[0][metric] >= 0
+    assert out.error is None
+    history = {int(m.step): m.value for m in mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(out.mlflow_run_id, "val/fmse")}
+    assert sorted(history) == [1, 2, 3, 4, 5]
+    best_two = set(sorted(history, key=lambda e: history[e])[:2])
+    on_storage = {load_checkpoint(p, task="harmonization")["epoch"] for p in (tmp_path / "runs" / "prune").glob("checkpoint_*")}
+    assert on_storage == best_two | {5}, (history, on_storage)
+    assert min(history, key=lambda e: history[e]) in on_storage and out.best_epoch == min(history, key=lambda e: history[e])
+    assert len(on_storage) <= 3

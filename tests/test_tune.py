@@ -20,7 +20,6 @@ from montage.launch.tune import TuneConfig, load_tune_config, run_sweep, trial_c
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
 from montage.tracking import registry as st
-from montage.tracking.sweeps import TrialStatus
 
 
 def write_tune(tmp_path: Path, name: str = "t.yaml", **extra) -> Path:
@@ -123,35 +122,57 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     assert [str(v.version) for v in st.list_versions("segmentation")] == ["1", "2"]
 
 
-def test_interrupted_sweep_resumes_without_duplicate_runs(ray_session, tmp_path: Path) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    path = write_tune(tmp_path, max_concurrent=1, num_samples=2, scheduler={"name": "none"})
-    cmd = [sys.executable, "-m", "montage.cli", "tune", str(path), "name=intr", "--promote", "never"]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    trials = tmp_path / "tune" / "intr" / "trials"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(trials.glob("*/checkpoint_*")):
-        time.sleep(1)
-    assert list(trials.glob("*/checkpoint_*")), "the first trial never checkpointed"
-    proc.send_signal(signal.SIGINT)  # Tune saves its state and stops
-    proc.wait(timeout=120)
+def _trial_dirs(trials: Path) -> list[Path]:
+    return sorted((p for p in trials.glob("trial_*") if p.is_dir()), key=lambda p: p.stat().st_ctime)
 
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
-        tcfg, base, params = load_tune_config(path, ["name=intr", "promote=never"])
-        result = run_sweep(tcfg, base, params, resume=True)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
-    assert len(result.table) == 2 and not result.errors
-    # the trial that never started before the interrupt ran on resume; the interrupted one was
-    # resumed or, when Tune had already recorded it as stopped, kept with its epochs
-    assert sum(t.status is TrialStatus.FINISHED for t in result.table) >= 1, result.table
-    assert all(t.epochs >= 1 for t in result.table), result.table
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
-    assert (runs["tags.montage.role"] == "sweep").sum() == 1  # the same parent run
-    children = runs[runs["tags.mlflow.parentRunId"] == result.parent_run_id]
-    assert len(children) == 2 and children["tags.montage.trial"].nunique() == 2  # no duplicates
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_sweep_resumes_every_trial_once(ray_session, tmp_path: Path, sig: signal.Signals) -> None:
+    """``montage tune`` stopped during trial 2 of 3, then ``--resume``: every trial ends, none runs
+    twice, one MLflow child per trial, the champion registered once."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    path = write_tune(tmp_path, max_concurrent=1, num_samples=3, scheduler={"name": "none"})
+    cmd = [sys.executable, "-m", "montage.cli", "tune", str(path), "name=intr"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials = tmp_path / "tune" / "intr" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # trial 2 has its first checkpoint
+        dirs = _trial_dirs(trials)
+        if len(dirs) >= 2 and any(dirs[1].glob("checkpoint_*")):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before trial 2 checkpointed"
+    first = _trial_dirs(trials)[0].name
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=180)
+    if sig == signal.SIGINT:  # Tune saves its state and returns; nothing is registered
+        assert proc.returncode == 130, out[-3000:]
+        assert "interrupted" in out and "--resume" in out and "registered" not in out
+    else:
+        assert proc.returncode == -signal.SIGKILL
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = [ln for ln in resumed.stdout.splitlines() if ln.startswith("trial_")]
+    assert len(rows) == 3 and all(" finished " in ln for ln in rows), resumed.stdout
+    assert "registered montage-segmentation version 1 → @champion" in resumed.stdout
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("montage-segmentation")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("montage.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 3 and len({c.data.tags["montage.trial"] for c in children}) == 3
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.tags["montage.trial_status"] == "finished"
+        assert sorted(int(m.step) for m in client.get_metric_history(c.info.run_id, "epoch")) == [1, 2]
+    starts = {c.info.run_name: int(c.data.tags["montage.starts"]) for c in children}
+    assert starts[first] == 1, starts  # the trial that ended before the interrupt did not run again
+    assert sum(starts.values()) <= 4, starts  # at most the interrupted trial started twice
+    assert len(reg_versions := client.search_model_versions("name = 'montage-segmentation'")) == 1, reg_versions
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -221,6 +221,10 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
         raise result.error
 
 
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped (Ctrl-C / SIGINT) before every trial ended; Tune saved its state."""
+
+
 @dataclass
 class SweepResult:
     name: str
@@ -277,6 +281,13 @@ def run_sweep(tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], res
             run_config=tune.RunConfig(name=tcfg.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=tcfg.max_failures), verbose=0),
         )
     grid = tuner.fit()
+    ended = grid.num_terminated + grid.num_errors
+    if ended < tcfg.num_samples:  # Tune returns early on SIGINT, its state saved: nothing is registered
+        st.interrupt_sweep(base, parent_id, f"{ended} of {tcfg.num_samples} trials ended")
+        raise SweepInterrupted(
+            f"sweep {tcfg.name} interrupted: {ended} of {tcfg.num_samples} trials ended, its state is saved in {sweep_dir}; "
+            f"continue it with: montage tune <config> name={tcfg.name} --resume"
+        )
     trials = _collect(grid, params, base)
     best = _best_trial(trials, tcfg)
     if best is not None:

@@ -81,6 +81,13 @@ def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: 
     return rid
 
 
+def interrupt_sweep(base: ExperimentConfig, parent_id: str, why: str) -> None:
+    """The sweep's parent run stops as KILLED until ``--resume`` sets it running again."""
+    client = mlflow_client(base.tracking.uri)
+    client.set_tag(parent_id, "montage.interrupted", why)
+    client.set_terminated(parent_id, "KILLED")
+
+
 def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
     exp_id = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
