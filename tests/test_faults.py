@@ -16,24 +16,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from montage.launch.session import train_worker_pids
 from montage.launch.train import fit_ray
 from montage.platform.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes in /proc")]
 log = logging.getLogger(__name__)
-
-
-def _train_workers() -> list[int]:
-    """PIDs of live Ray Train worker processes (their title names the actor class)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if b"RayTrainWorker" in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
 
 
 class Killer(threading.Thread):
@@ -46,7 +34,7 @@ class Killer(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             if any(self.run_dir.glob("checkpoint_*")):
-                pids = _train_workers()
+                pids = train_worker_pids()
                 if pids:
                     self.pid = pids[-1]
                     os.kill(self.pid, signal.SIGKILL)

@@ -29,7 +29,7 @@ def test_promotion_rules(tiny_config) -> None:
     assert register(metric="val/loss", mode="min", value=0.9, promote="always").promoted and champion() == "5"
     assert not register(metric="val/loss", mode="min", value=0.01, promote="never").promoted and champion() == "5"
     versions = reg.list_versions("segmentation", base.tracking.uri)
-    assert [v.version for v in versions] == ["1", "2", "3", "4", "5", "6"]
+    assert [str(v.version) for v in versions] == ["1", "2", "3", "4", "5", "6"]
     assert versions[5].tags["montage.value"] == "0.01" and versions[5].tags["montage.mode"] == "min"
 
 

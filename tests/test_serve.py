@@ -182,6 +182,7 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
     def local_alpha(path: str) -> np.ndarray:
         return (load_predictor(path, task="segmentation")([image])[0] * 255).round().astype(np.uint8)
 
+    assert np.abs(local_alpha(other).astype(int) - local_alpha(first)).max() > 3  # the two models answer differently
     run(load_serve_config(None, overrides))
     assert "v1" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
     before = served_alpha()
@@ -192,5 +193,5 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
     assert "v2" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
     after = served_alpha()
     assert np.abs(after.astype(int) - local_alpha(other)).max() <= 1
-    assert np.abs(after.astype(int) - before).max() > 10  # the two models are told apart
+    assert np.abs(after.astype(int) - before).max() > 3  # and the service switched
     run(load_serve_config(None, server["overrides"]))  # back to the module's checkpoints

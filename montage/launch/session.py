@@ -21,3 +21,17 @@ def ensure_ray(address: str | None = None) -> None:
 
 def storage_path(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker processes on this machine (Linux: their process title
+    names the ``RayTrainWorker`` actor), for fault-injection tests and drills."""
+    pids = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(pids)
