@@ -182,6 +182,17 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     return DATA_COMMANDS.get(args.name)(extra)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from montage.tracking.registry import CHAMPION, model_name
+    from montage.tracking.variants import export_model, report_dict
+
+    source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
+    output = args.output or f"{args.task}.onnx"
+    variant = export_model(args.task, source, output, opset=args.opset, dynamic_batch=args.dynamic_batch, tracking_uri=args.tracking_uri or "", register=args.register)
+    print(json.dumps(report_dict(variant), indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from montage.demo import run_demo
 
@@ -231,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     mo.set_defaults(func=cmd_models)
 
+    ex = sub.add_parser("export", help="export a model to ONNX, checked against PyTorch with ONNX Runtime, registered as a variant")
+    ex.add_argument("task")
+    ex.add_argument("--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension (spatial size is always dynamic, in multiples of the network's stride)")
+    ex.add_argument("--output", help="the .onnx file (default <task>.onnx)")
+    ex.add_argument("--register", action=argparse.BooleanOptionalAction, default=None, help="register as a new version (default: when the source is a registered model)")
+    ex.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
+    ex.set_defaults(func=cmd_export)
+
     sv = sub.add_parser("serve", help="the Ray Serve application (segment, harmonize, composite, pix2pix)")
     sv.add_argument("--config", help="serve YAML (e.g. serve.yaml)")
     sv.add_argument("overrides", nargs="*", help="e.g. segmentation.source=runs/x/best.pt port=8080")
@@ -265,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from montage.core.config import ConfigError
     from montage.core.registry import UnknownNameError
     from montage.platform.checkpoint import CheckpointError
+    from montage.platform.export import ExportError
     from montage.platform.imaging import ImageError
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -279,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, quiet_ray=not args.verbose)
     try:
         return args.func(args, extra) if getattr(args, "wants_extra", False) else args.func(args)
-    except (ConfigError, UnknownNameError, CheckpointError, ImageError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, UnknownNameError, CheckpointError, ImageError, FileNotFoundError, FileExistsError, ValueError, ExportError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -99,6 +99,11 @@ class Task(ABC):
         """A callable: list of inputs → list of outputs at each input's own size."""
         raise NotImplementedError(f"task '{self.name}' has no predictor")
 
+    def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> Any:
+        """The inference network to export and its inputs from a validation ``batch``, as a
+        :class:`montage.platform.export.ExportSpec`."""
+        raise NotImplementedError(f"task '{self.name}' cannot be exported")
+
     @classmethod
     def add_predict_args(cls, parser: Any) -> None:
         """Task-specific ``montage predict <task>`` arguments."""

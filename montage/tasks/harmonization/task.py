@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from montage.core.config import SectionSpec
+from montage.platform.export import ExportSpec
 from montage.platform.imaging import ImageError, image_grid, letterbox, read_image, read_mask, write_image
 from montage.platform.metrics import fmse_255, mse_255, psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
@@ -75,6 +76,10 @@ class HarmonizationTask(Task):
         return image_grid([batch["composite"], batch["mask"], pred, batch["target"]])
 
     # ---------------------------------------------------------------------- inference
+    def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> ExportSpec:
+        inputs = {"composite": batch["composite"], "mask": batch["mask"]}
+        return ExportSpec(nets["net"], inputs, ["harmonized"], multiple=2 ** (len(self.cfg.model.widths) - 1))
+
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> "HarmonizationPredictor":
         return HarmonizationPredictor(nets["net"], self.cfg.data.size, device)
 

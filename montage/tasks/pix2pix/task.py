@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from montage.core.config import OptimConfig, SectionSpec
 from montage.nn.losses import VGGFeatures, perceptual_loss
+from montage.platform.export import ExportSpec
 from montage.platform.imaging import image_grid, write_image
 from montage.platform.metrics import psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
@@ -143,6 +144,9 @@ class Pix2PixTask(Task):
         return image_grid([heat, to_unit(fake), to_unit(batch["b"])])
 
     # ---------------------------------------------------------------------- inference
+    def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> ExportSpec:
+        return ExportSpec(nets["g"], {"heatmap": batch["a"]}, ["face"], multiple=2**self.cfg.model.num_downs)
+
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> "Pix2PixPredictor":
         return Pix2PixPredictor(nets["g"], self.cfg.data.size, self.cfg.data.sigma, self.cfg.model.in_channels, device)
 

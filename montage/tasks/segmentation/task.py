@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from montage.core.config import SectionSpec
+from montage.platform.export import ExportSpec
 from montage.platform.imaging import Letterbox, image_grid, letterbox, list_images, read_image, restore, write_image
 from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metrics
 from montage.platform.task import Batch, Modules, Stepper, Task
@@ -87,6 +88,9 @@ class SegmentationTask(Task):
         parser.add_argument("--output", required=True, help="folder for the RGBA PNG cut-outs")
         parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
         parser.add_argument("--threshold", type=float, default=None, help="binarise alpha at this value")
+
+    def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> ExportSpec:
+        return ExportSpec(nets["net"], {"image": batch["image"]}, ["alpha_logits"], multiple=32)
 
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device, tta: bool = False) -> "SegmentationPredictor":
         return SegmentationPredictor(nets["net"], self.cfg.data.size, device, tta=tta)

@@ -1,0 +1,112 @@
+"""Deployment variants of a registered model: export a version (or a checkpoint) to ONNX,
+check it, and register the result as a new version of ``montage-<task>`` with tags saying what
+it is (variant, runtime, size, parameters, the largest difference from its parent)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from montage.platform.export import ExportReport, export_onnx
+from montage.tracking.registry import client, download_model_checkpoint, model_name, parse_model_uri, resolve_version
+from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An exported model and, when registered, its version."""
+
+    report: ExportReport
+    parent: str  # the source it was made from (models:/name/N for a registered version)
+    name: str = ""
+    version: str = ""
+
+
+def validation_batch(inst: Any, size: int = 2) -> dict[str, Any]:
+    """The first ``size`` validation samples of the checkpoint's own data config."""
+    from torch.utils.data import DataLoader
+
+    try:
+        val = inst.datasets()[1]
+    except Exception as exc:  # noqa: BLE001 - say which data is missing, not a deep traceback
+        raise FileNotFoundError(f"cannot build the validation data of this checkpoint's config to check the export: {exc}") from exc
+    if len(val) == 0:
+        raise ValueError("the validation set is empty: nothing to check the export on")
+    return next(iter(DataLoader(val, batch_size=min(size, len(val)), shuffle=False)))
+
+
+def export_model(
+    task: str, source: str, output: str | Path, opset: int = 18, dynamic_batch: bool = False, tracking_uri: str = "", register: bool | None = None,
+) -> Variant:
+    """Export ``source`` (``models:/…``, or a checkpoint path) of ``task`` to ONNX at
+    ``output``, checked with ONNX Runtime on validation inputs; register it (default: when
+    the source is a registered model) as a new version tagged ``variant=onnx``."""
+    from montage.platform.inference import load_for_inference
+
+    parent = source
+    if source.startswith("models:/"):
+        name, alias, version = parse_model_uri(source)
+        parent = f"models:/{name}/{resolve_version(source, tracking_uri) if alias else version}"
+        checkpoint = download_model_checkpoint(parent, tracking_uri)
+    else:
+        checkpoint = Path(source)
+    inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
+    report = export_onnx(inst.export_spec(nets, validation_batch(inst)), output, opset=opset, dynamic_batch=dynamic_batch)
+    if register is None:
+        register = source.startswith("models:/")
+    if not register:
+        return Variant(report, parent)
+    version = register_onnx(task, Path(report.path), parent, report, tracking_uri)
+    return Variant(report, parent, model_name(task), version)
+
+
+def register_onnx(task: str, onnx_path: Path, parent: str, report: ExportReport, tracking_uri: str = "") -> str:
+    """Log ``onnx_path`` as an MLflow ONNX model and register it as a new version of
+    ``montage-<task>`` (no alias moves: promoting stays the user's choice)."""
+    import mlflow
+    import onnx
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
+    mlc = client(tracking_uri)
+    name = model_name(task)
+    run_id = None
+    if parent.startswith("models:/"):
+        pname, _, pversion = parse_model_uri(parent)
+        run_id = mlc.get_model_version(pname, pversion).run_id
+    if run_id is None:
+        exp = get_experiment_id(mlc, f"montage-{task}", "mlartifacts", resolve_tracking_uri(tracking_uri))
+        run_id = mlc.create_run(exp, run_name=f"export-{onnx_path.stem}", tags={"montage.task": task, "montage.role": "export"}).info.run_id
+        mlc.set_terminated(run_id, "FINISHED")
+    tags = {
+        "montage.variant": "onnx", "montage.runtime": "onnxruntime", "montage.parent": parent, "montage.opset": str(report.opset),
+        "montage.size_mb": f"{report.size_mb:.3f}", "montage.params": str(report.params), "montage.max_abs_diff": f"{report.max_abs_diff:.3g}",
+        "montage.dynamic_batch": str(report.dynamic_batch).lower(),
+    }
+    experiment_id = mlc.get_run(run_id).info.experiment_id
+    model = mlc.create_logged_model(experiment_id, name="onnx", source_run_id=run_id, tags=tags, model_type="onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model"
+        mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(local))
+        mlc.log_model_artifacts(model.model_id, str(local))
+    mlc.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    try:
+        mlc.create_registered_model(name)
+    except MlflowException as exc:
+        if "ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    mv = mlc.create_model_version(name, source=model.artifact_location, run_id=run_id, tags=tags)
+    log.info("registered %s version %s: ONNX of %s (%s)", name, mv.version, parent, ", ".join(f"{k[8:]}={v}" for k, v in tags.items()))
+    return str(mv.version)
+
+
+def report_dict(variant: Variant) -> dict[str, Any]:
+    out = {"parent": variant.parent, **asdict(variant.report)}
+    if variant.version:
+        out["registered"] = f"models:/{variant.name}/{variant.version}"
+    return out

@@ -1,0 +1,59 @@
+"""ONNX export: every task's inference network round-trips (ONNX Runtime vs PyTorch, at the
+validation inputs and at another batch and spatial size), a registered version is exported
+and registered as a tagged variant, and bad sources get clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from montage.launch.local import fit_local
+from montage.platform.checkpoint import CheckpointError
+from montage.platform.export import run_session, session
+from montage.tracking import registry as reg
+from montage.tracking.variants import export_model
+
+
+@pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
+def test_export_round_trips_at_any_batch_and_size(tiny_config, tmp_path: Path, task: str) -> None:
+    ckpt = fit_local(tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")).best_checkpoint
+    variant = export_model(task, ckpt, tmp_path / f"{task}.onnx", dynamic_batch=True)
+    report = variant.report
+    assert not variant.version  # a checkpoint file is not registered unless asked
+    assert report.max_abs_diff < 1e-4
+    first, other = report.checked_shapes
+    assert other[0] == first[0] + 1 and other[2:] != first[2:]  # another batch and another size were checked
+    assert report.size_mb > 0 and report.params > 1000
+
+    # the file alone, in ONNX Runtime, at a third shape: the outputs have the inputs' size
+    sess = session(report.path)
+    inputs = {i.name: torch.rand(3, 1 if i.name in ("mask", "heatmap") else 3, first[2] * 2, first[3]) for i in sess.get_inputs()}
+    (out,) = run_session(sess, inputs)[:1]
+    assert out.shape[0] == 3 and out.shape[2:] == (first[2] * 2, first[3]) and np.isfinite(out).all()
+
+
+def test_export_of_a_registered_version_becomes_a_tagged_variant(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config("segmentation", "train.max_steps=1", "run.name=reg", "tracking.log_model=false")
+    fit = fit_local(cfg)
+    reg.register_checkpoint(cfg, fit.best_checkpoint, fit.mlflow_run_id, "val/iou", "max", 0.5, "manual", {}, "better")
+    variant = export_model("segmentation", "models:/montage-segmentation@champion", tmp_path / "seg.onnx", tracking_uri=cfg.tracking.uri)
+    assert (variant.name, variant.version, variant.parent) == ("montage-segmentation", "2", "models:/montage-segmentation/1")
+    mv = reg.client(cfg.tracking.uri).get_model_version("montage-segmentation", "2")
+    assert mv.tags["montage.variant"] == "onnx" and mv.tags["montage.runtime"] == "onnxruntime"
+    assert mv.tags["montage.parent"] == "models:/montage-segmentation/1" and float(mv.tags["montage.size_mb"]) > 0
+    assert str(reg.champion("segmentation", cfg.tracking.uri).version) == "1"  # promoting stays the user's choice
+
+
+def test_bad_sources_get_clear_errors(tiny_config, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        export_model("segmentation", str(tmp_path / "missing.pt"), tmp_path / "x.onnx")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError):
+        export_model("segmentation", str(junk), tmp_path / "x.onnx")
+    ckpt = fit_local(tiny_config("pix2pix", "tracking.enabled=false", "train.max_steps=1", "run.name=p")).best_checkpoint
+    with pytest.raises(CheckpointError, match="pix2pix"):
+        export_model("segmentation", ckpt, tmp_path / "x.onnx")  # a checkpoint of another task
