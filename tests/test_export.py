@@ -57,3 +57,21 @@ def test_bad_sources_get_clear_errors(tiny_config, tmp_path: Path) -> None:
     ckpt = fit_local(tiny_config("pix2pix", "tracking.enabled=false", "train.max_steps=1", "run.name=p")).best_checkpoint
     with pytest.raises(CheckpointError, match="pix2pix"):
         export_model("segmentation", ckpt, tmp_path / "x.onnx")  # a checkpoint of another task
+
+
+def test_onnx_predictors_answer_like_the_torch_ones(tiny_config, tmp_path: Path) -> None:
+    """The task predictors with their exported network in ONNX Runtime (what Serve's
+    ``runtime: onnx`` runs): same outputs as PyTorch at an arbitrary image size."""
+    from montage.platform.inference import load_onnx_predictor, load_predictor
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)
+    mask = np.zeros((45, 70), np.uint8)
+    mask[10:35, 20:50] = 255
+    for task, args in (("segmentation", ([image],)), ("harmonization", ([image], [mask]))):
+        ckpt = fit_local(tiny_config(task, "tracking.enabled=false", "train.max_steps=2", f"run.name=p-{task}")).best_checkpoint
+        onnx_path = export_model(task, ckpt, tmp_path / f"{task}.onnx").report.path
+        ours = load_onnx_predictor(onnx_path, ckpt, task=task)(*args)[0]
+        ref = load_predictor(ckpt, task=task, device="cpu")(*args)[0]
+        assert ours.shape == ref.shape
+        assert np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)).max() <= (1e-4 if task == "segmentation" else 1), task

@@ -195,3 +195,41 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
     assert np.abs(after.astype(int) - local_alpha(other)).max() <= 1
     assert np.abs(after.astype(int) - before).max() > 3  # and the service switched
     run(load_serve_config(None, server["overrides"]))  # back to the module's checkpoints
+
+
+def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
+    """``segmentation.runtime=onnx`` on a registered ONNX variant (``montage export``): the same
+    HTTP API, the answers of the PyTorch model it was exported from."""
+    from montage.core.config import load_config
+    from montage.core.paths import packaged_config
+    from montage.core.registry import TASKS
+    from montage.serve.app import load_serve_config, run
+    from montage.tracking import registry as reg
+    from montage.tracking.runs import create_run, prepare_tracking
+    from montage.tracking.variants import export_model
+
+    tmp = server["tmp"]
+    uri = f"sqlite:///{tmp / 'onnx-registry.db'}"
+    tracking = [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'onnx-artifacts'}"]
+    base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
+    prepare_tracking(base)
+    ckpt = server["ckpts"]["segmentation"]
+    reg.register_checkpoint(base, ckpt, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
+    variant = export_model("segmentation", "models:/montage-segmentation/1", tmp / "seg.onnx", dynamic_batch=True, tracking_uri=uri)
+    image = _img(40, 56, seed=9)
+
+    def alpha() -> np.ndarray:
+        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
+        assert r.status_code == 200
+        return _decode(r.content)[..., 3].astype(int)
+
+    torch_alpha = alpha()  # the module's server runs this checkpoint in PyTorch
+    run(load_serve_config(None, server["overrides"] + [f"segmentation.source=models:/montage-segmentation/{variant.version}", "segmentation.runtime=onnx", f"tracking_uri={uri}"]))
+    try:
+        assert "onnx" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+        assert np.abs(alpha() - torch_alpha).max() <= 1
+        with ThreadPoolExecutor(8) as pool:  # batched by @serve.batch through ONNX Runtime
+            codes = list(pool.map(lambda _: requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60).status_code, range(8)))
+        assert codes == [200] * 8
+    finally:
+        run(load_serve_config(None, server["overrides"]))

@@ -29,6 +29,43 @@ def load_for_inference(path: str | Path, task: str | None = None, device: str | 
     return inst, nets
 
 
+class OnnxNet(nn.Module):
+    """An exported network run by ONNX Runtime, in place of the PyTorch one inside a task's
+    predictor (tensors in, tensors out, on the caller's device). ``transform`` is the same call
+    for predictors that use a network's named method (harmonization)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        from montage.platform.export import session
+
+        self.path = str(path)
+        self.session = session(path)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else 0  # exported without --dynamic-batch
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        from montage.platform.export import run_session
+
+        n = self.fixed_batch
+        if n and xs[0].shape[0] != n:  # a fixed-batch model runs a larger batch in slices
+            parts = [self.forward(*(x[i : i + n] for x in xs)) for i in range(0, xs[0].shape[0], n)]
+            return torch.cat(parts)
+        out = run_session(self.session, dict(zip(self.input_names, xs)))[0]
+        return torch.from_numpy(out).to(xs[0].device)
+
+    def transform(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.forward(*xs)
+
+
+def load_onnx_predictor(onnx_path: str | Path, checkpoint: str | Path, task: str | None = None) -> Any:
+    """A task's predictor whose exported network runs in ONNX Runtime (CPU, or CUDA / TensorRT
+    when present); ``checkpoint`` (the version it was exported from) supplies the config."""
+    inst, nets = load_for_inference(checkpoint, task, "cpu")
+    nets = {**nets, inst.export_net: OnnxNet(onnx_path)}
+    return inst.make_predictor(nets, torch.device("cpu"))
+
+
 def load_predictor(path: str | Path, task: str | None = None, device: str | torch.device | None = None) -> Any:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inst, nets = load_for_inference(path, task, device)

@@ -63,6 +63,7 @@ class Task(ABC):
     name: ClassVar[str]
     spec: ClassVar[SectionSpec]
     monitor: ClassVar[tuple[str, str]]  # (metric, "max" | "min"), e.g. ("val/iou", "max")
+    export_net: ClassVar[str] = "net"  # the network export_spec exports (and an ONNX runtime replaces)
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg

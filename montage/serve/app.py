@@ -28,6 +28,7 @@ log = logging.getLogger("montage.serve")
 @dataclass
 class ModelServeConfig:
     source: str = ""  # models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint path
+    runtime: str = "torch"  # torch | onnx (a registered ONNX variant from `montage export`, run by ONNX Runtime)
     enabled: bool = True
     num_replicas: int = 1
     num_cpus: float = 0.25  # small by default: ingress + three models fit a 2-core laptop
@@ -186,6 +187,8 @@ class Ingress:
 def _model(cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str) -> Any:
     if not cfg.enabled:
         return None
+    if cfg.runtime not in ("torch", "onnx"):
+        raise ValueError(f"{task}.runtime: unknown '{cfg.runtime}'; valid: torch, onnx")
     from montage.tracking.registry import CHAMPION, model_name, resolve_version
 
     source = cfg.source or f"models:/{model_name(task)}@{CHAMPION}"
@@ -197,7 +200,10 @@ def _model(cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str) -> Any
     return cls.options(
         num_replicas=cfg.num_replicas,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        user_config={"source": source, "revision": revision, "tracking_uri": tracking_uri, "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+        user_config={
+            "source": source, "runtime": cfg.runtime, "revision": revision, "tracking_uri": tracking_uri,
+            "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        },
     ).bind()
 
 

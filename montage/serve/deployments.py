@@ -46,10 +46,16 @@ class _ModelDeployment:
         self.label = ""
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from montage.platform.inference import load_predictor
+        from montage.platform.inference import load_onnx_predictor, load_predictor
 
-        path, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
-        predictor = load_predictor(path, task=self.task)
+        if user_config.get("runtime", "torch") == "onnx":
+            from montage.tracking.variants import onnx_variant_files
+
+            onnx_path, checkpoint, label = onnx_variant_files(user_config["source"], user_config.get("tracking_uri", ""))
+            predictor = load_onnx_predictor(onnx_path, checkpoint, task=self.task)
+        else:
+            path, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
+            predictor = load_predictor(path, task=self.task)
         self.predictor, self.label = predictor, label  # swap only once the new model is loaded
         self.run_batch.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
         self.run_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.01)))

@@ -56,7 +56,8 @@ def export_model(
     else:
         checkpoint = Path(source)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
-    report = export_onnx(inst.export_spec(nets, validation_batch(inst)), output, opset=opset, dynamic_batch=dynamic_batch)
+    batch = validation_batch(inst, size=2 if dynamic_batch else 1)  # a static batch is fixed at the example's
+    report = export_onnx(inst.export_spec(nets, batch), output, opset=opset, dynamic_batch=dynamic_batch)
     if register is None:
         register = source.startswith("models:/")
     if not register:
@@ -103,6 +104,26 @@ def register_onnx(task: str, onnx_path: Path, parent: str, report: ExportReport,
     mv = mlc.create_model_version(name, source=model.artifact_location, run_id=run_id, tags=tags)
     log.info("registered %s version %s: ONNX of %s (%s)", name, mv.version, parent, ", ".join(f"{k[8:]}={v}" for k, v in tags.items()))
     return str(mv.version)
+
+
+def onnx_variant_files(source: str, tracking_uri: str = "") -> tuple[str, str, str]:
+    """A registered ONNX variant → (its .onnx file, the checkpoint it was exported from, a label)."""
+    import mlflow
+
+    if not source.startswith("models:/"):
+        raise ValueError(f"runtime onnx serves a registered ONNX variant (models:/montage-<task>/<version>, made by `montage export`), not {source!r}")
+    name, alias, version = parse_model_uri(source)
+    mlc = client(tracking_uri)
+    mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
+    if mv.tags.get("montage.variant") != "onnx":
+        raise ValueError(f"{source} (version {mv.version}) is not an ONNX variant; make one with `montage export <task> --source {source}`")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=resolve_tracking_uri(tracking_uri)))
+    found = sorted(local.rglob("*.onnx"))
+    if not found:
+        raise FileNotFoundError(f"{source} (version {mv.version}) holds no .onnx file")
+    parent = mv.tags["montage.parent"]
+    checkpoint = download_model_checkpoint(parent, tracking_uri)
+    return str(found[0]), str(checkpoint), f"{name} v{mv.version} (onnx of {parent})"
 
 
 def report_dict(variant: Variant) -> dict[str, Any]:

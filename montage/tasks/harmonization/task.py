@@ -77,8 +77,10 @@ class HarmonizationTask(Task):
 
     # ---------------------------------------------------------------------- inference
     def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> ExportSpec:
+        # the predictor applies the network's low-resolution transform (gain, bias) at full size:
+        # export that, not the composited output
         inputs = {"composite": batch["composite"], "mask": batch["mask"]}
-        return ExportSpec(nets["net"], inputs, ["harmonized"], multiple=2 ** (len(self.cfg.model.widths) - 1))
+        return ExportSpec(TransformOnly(nets["net"]), inputs, ["transform"], multiple=2 ** (len(self.cfg.model.widths) - 1))
 
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> "HarmonizationPredictor":
         return HarmonizationPredictor(nets["net"], self.cfg.data.size, device)
@@ -97,6 +99,17 @@ class HarmonizationTask(Task):
         out = self.make_predictor(nets, device)([comp], [mask], blend=args.blend, sharpen=args.sharpen)[0]
         write_image(args.output, out)
         return [Path(args.output)]
+
+
+class TransformOnly(nn.Module):
+    """The harmonization network's ``transform`` as its ``forward`` (what is exported)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, composite: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net.transform(composite, mask)
 
 
 class HarmonizationPredictor:

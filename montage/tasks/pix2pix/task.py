@@ -60,6 +60,7 @@ def mean_target(dataset: Dataset, limit: int = 512) -> torch.Tensor:
 class Pix2PixTask(Task):
     name = "pix2pix"
     monitor = ("val/l1", "min")
+    export_net = "g"
     spec = SectionSpec(
         model=GanModelConfig,
         data=GanDataConfig,
