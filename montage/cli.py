@@ -193,6 +193,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from montage.tracking.registry import CHAMPION, model_name
+    from montage.tracking.variants import quantize_model, report_dict
+
+    source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
+    output = args.output or f"{args.task}-int8.onnx"
+    variant = quantize_model(args.task, source, output, samples=args.samples, tracking_uri=args.tracking_uri or "", register=args.register)
+    print(json.dumps(report_dict(variant), indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from montage.demo import run_demo
 
@@ -252,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--register", action=argparse.BooleanOptionalAction, default=None, help="register as a new version (default: when the source is a registered model)")
     ex.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     ex.set_defaults(func=cmd_export)
+
+    op = sub.add_parser("optimize", help="an optimised variant of a model: INT8 (static QDQ, ONNX Runtime), registered as a variant")
+    op.add_argument("task")
+    op.add_argument("--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file")
+    op.add_argument("--method", choices=["quantize"], default="quantize", help="quantize: INT8 static quantization (pruning and distillation are not built yet)")
+    op.add_argument("--samples", type=int, default=32, help="validation samples to calibrate on")
+    op.add_argument("--output", help="the .onnx file (default <task>-int8.onnx)")
+    op.add_argument("--register", action=argparse.BooleanOptionalAction, default=None, help="register as a new version (default: when the source is a registered model)")
+    op.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
+    op.set_defaults(func=cmd_optimize)
 
     sv = sub.add_parser("serve", help="the Ray Serve application (segment, harmonize, composite, pix2pix)")
     sv.add_argument("--config", help="serve YAML (e.g. serve.yaml)")

@@ -75,3 +75,21 @@ def test_onnx_predictors_answer_like_the_torch_ones(tiny_config, tmp_path: Path)
         ref = load_predictor(ckpt, task=task, device="cpu")(*args)[0]
         assert ours.shape == ref.shape
         assert np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)).max() <= (1e-4 if task == "segmentation" else 1), task
+
+
+def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Path) -> None:
+    from montage.tracking.variants import quantize_model
+
+    cfg = tiny_config("segmentation", "train.max_steps=2", "run.name=q", "tracking.log_model=false")
+    fit = fit_local(cfg)
+    reg.register_checkpoint(cfg, fit.best_checkpoint, fit.mlflow_run_id, "val/iou", "max", 0.5, "manual", {}, "better")
+    variant = quantize_model("segmentation", "models:/montage-segmentation@champion", tmp_path / "seg-int8.onnx", samples=8, tracking_uri=cfg.tracking.uri)
+    fp32 = export_model("segmentation", fit.best_checkpoint, tmp_path / "seg.onnx", dynamic_batch=True)
+    report = variant.report
+    assert report.size_mb < fp32.report.size_mb  # 8-bit weights
+    # logits of the INT8 model within a bound of the fp32 PyTorch network on the calibration samples
+    assert 0 < report.max_abs_diff < 0.5, report.max_abs_diff
+    mv = reg.client(cfg.tracking.uri).get_model_version("montage-segmentation", variant.version)
+    assert mv.tags["montage.variant"] == "int8" and mv.tags["montage.parent"] == "models:/montage-segmentation/1"
+    with pytest.raises(ValueError, match="calibration set"):
+        quantize_model("segmentation", fit.best_checkpoint, tmp_path / "x.onnx", samples=0)

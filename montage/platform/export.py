@@ -147,3 +147,36 @@ def export_onnx(spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_bat
     )
     log.info("exported %s (%.2f MB, %d parameters) in %.1f s; max |ONNX − PyTorch| = %.2g on %s", path, report.size_mb, report.params, export_s, worst, shapes)
     return report
+
+
+def quantize_int8(onnx_path: str | Path, output: str | Path, calibration: list[dict[str, torch.Tensor]], per_channel: bool = True) -> Path:
+    """Static INT8 quantization (QDQ, signed 8-bit activations and weights, per-channel weights)
+    of an ONNX model with ONNX Runtime, calibrated (min/max) on ``calibration`` inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise ValueError("the calibration set is empty: INT8 quantization needs representative inputs")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            item = next(self.items, None)
+            return None if item is None else {k: v.detach().cpu().float().numpy() for k, v in item.items()}
+
+    prepared = output.with_suffix(".prep.onnx")
+    try:
+        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    mb_in, mb_out = Path(onnx_path).stat().st_size / 2**20, output.stat().st_size / 2**20
+    log.info("quantized %s → %s (%.2f → %.2f MB) on %d calibration inputs", onnx_path, output, mb_in, mb_out, len(calibration))
+    return output

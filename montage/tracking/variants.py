@@ -48,13 +48,7 @@ def export_model(
     the source is a registered model) as a new version tagged ``variant=onnx``."""
     from montage.platform.inference import load_for_inference
 
-    parent = source
-    if source.startswith("models:/"):
-        name, alias, version = parse_model_uri(source)
-        parent = f"models:/{name}/{resolve_version(source, tracking_uri) if alias else version}"
-        checkpoint = download_model_checkpoint(parent, tracking_uri)
-    else:
-        checkpoint = Path(source)
+    parent, checkpoint = _resolve(source, tracking_uri)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
     batch = validation_batch(inst, size=2 if dynamic_batch else 1)  # a static batch is fixed at the example's
     report = export_onnx(inst.export_spec(nets, batch), output, opset=opset, dynamic_batch=dynamic_batch)
@@ -66,7 +60,56 @@ def export_model(
     return Variant(report, parent, model_name(task), version)
 
 
-def register_onnx(task: str, onnx_path: Path, parent: str, report: ExportReport, tracking_uri: str = "") -> str:
+def _resolve(source: str, tracking_uri: str) -> tuple[str, Path]:
+    """(the parent a variant records: models:/name/N or the path, the local checkpoint)."""
+    if source.startswith("models:/"):
+        name, alias, version = parse_model_uri(source)
+        parent = f"models:/{name}/{resolve_version(source, tracking_uri) if alias else version}"
+        return parent, download_model_checkpoint(parent, tracking_uri)
+    return source, Path(source)
+
+
+def quantize_model(task: str, source: str, output: str | Path, samples: int = 32, tracking_uri: str = "", register: bool | None = None) -> Variant:
+    """Static INT8 (QDQ, per-channel) of ``source``'s exported network, calibrated on ``samples``
+    validation samples; checked against the fp32 PyTorch network on those samples; registered
+    (default: when the source is a registered model) as a variant ``int8``."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from montage.platform.export import quantize_int8, run_session, session
+    from montage.platform.inference import load_for_inference
+
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1 (the calibration set), got {samples}")
+    parent, checkpoint = _resolve(source, tracking_uri)
+    inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
+    validation_batch(inst)  # a clear error when the validation data cannot be built
+    loader = DataLoader(inst.datasets()[1], batch_size=1, shuffle=False)
+    specs = [inst.export_spec(nets, b) for b, _ in zip(loader, range(samples))]
+    output = Path(output)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(specs[0], Path(tmp) / "fp32.onnx", dynamic_batch=True)
+        quantize_int8(fp32.path, output, [s.inputs for s in specs])
+    sess, module, worst = session(output), specs[0].module.eval(), 0.0
+    with torch.no_grad():
+        for s in specs:
+            ref = module(*s.inputs.values()).float().numpy()
+            worst = max(worst, float(np.abs(ref - run_session(sess, s.inputs)[0]).max()))
+    report = ExportReport(
+        path=str(output), opset=fp32.opset, inputs=fp32.inputs, outputs=fp32.outputs, dynamic_batch=True, max_abs_diff=worst,
+        checked_shapes=[list(next(iter(s.inputs.values())).shape) for s in specs[:2]], size_mb=output.stat().st_size / 2**20,
+        params=fp32.params, export_s=fp32.export_s,
+    )
+    log.info("INT8 %s: %.2f MB (fp32 ONNX %.2f MB); max |INT8 − PyTorch fp32| = %.3g over %d samples", output, report.size_mb, fp32.size_mb, worst, len(specs))
+    if register is None:
+        register = source.startswith("models:/")
+    if not register:
+        return Variant(report, parent)
+    return Variant(report, parent, model_name(task), register_onnx(task, output, parent, report, tracking_uri, variant="int8"))
+
+
+def register_onnx(task: str, onnx_path: Path, parent: str, report: ExportReport, tracking_uri: str = "", variant: str = "onnx") -> str:
     """Log ``onnx_path`` as an MLflow ONNX model and register it as a new version of
     ``montage-<task>`` (no alias moves: promoting stays the user's choice)."""
     import mlflow
@@ -85,12 +128,12 @@ def register_onnx(task: str, onnx_path: Path, parent: str, report: ExportReport,
         run_id = mlc.create_run(exp, run_name=f"export-{onnx_path.stem}", tags={"montage.task": task, "montage.role": "export"}).info.run_id
         mlc.set_terminated(run_id, "FINISHED")
     tags = {
-        "montage.variant": "onnx", "montage.runtime": "onnxruntime", "montage.parent": parent, "montage.opset": str(report.opset),
+        "montage.variant": variant, "montage.runtime": "onnxruntime", "montage.parent": parent, "montage.opset": str(report.opset),
         "montage.size_mb": f"{report.size_mb:.3f}", "montage.params": str(report.params), "montage.max_abs_diff": f"{report.max_abs_diff:.3g}",
         "montage.dynamic_batch": str(report.dynamic_batch).lower(),
     }
     experiment_id = mlc.get_run(run_id).info.experiment_id
-    model = mlc.create_logged_model(experiment_id, name="onnx", source_run_id=run_id, tags=tags, model_type="onnx")
+    model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type="onnx")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
         mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(local))
@@ -115,7 +158,7 @@ def onnx_variant_files(source: str, tracking_uri: str = "") -> tuple[str, str, s
     name, alias, version = parse_model_uri(source)
     mlc = client(tracking_uri)
     mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
-    if mv.tags.get("montage.variant") != "onnx":
+    if mv.tags.get("montage.runtime") != "onnxruntime":
         raise ValueError(f"{source} (version {mv.version}) is not an ONNX variant; make one with `montage export <task> --source {source}`")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=resolve_tracking_uri(tracking_uri)))
     found = sorted(local.rglob("*.onnx"))
@@ -123,7 +166,7 @@ def onnx_variant_files(source: str, tracking_uri: str = "") -> tuple[str, str, s
         raise FileNotFoundError(f"{source} (version {mv.version}) holds no .onnx file")
     parent = mv.tags["montage.parent"]
     checkpoint = download_model_checkpoint(parent, tracking_uri)
-    return str(found[0]), str(checkpoint), f"{name} v{mv.version} (onnx of {parent})"
+    return str(found[0]), str(checkpoint), f"{name} v{mv.version} ({mv.tags.get('montage.variant')} onnx of {parent})"
 
 
 def report_dict(variant: Variant) -> dict[str, Any]:
