@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,10 +120,12 @@ def export_onnx(spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_bat
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        program = torch.onnx.export(
-            module, tuple(inputs.values()), dynamo=True, opset_version=opset, input_names=list(inputs), output_names=spec.outputs,
-            dynamic_shapes=_dynamic_shapes(spec, dynamic_batch), verbose=False,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # axis-renaming notices of the exporter
+            program = torch.onnx.export(
+                module, tuple(inputs.values()), dynamo=True, opset_version=opset, input_names=list(inputs), output_names=spec.outputs,
+                dynamic_shapes=_dynamic_shapes(spec, dynamic_batch), verbose=False,
+            )
         program.save(str(path))
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; name what failed
         raise ExportError(f"torch.onnx.export of {type(module).__name__} failed: {exc}") from exc
