@@ -151,20 +151,14 @@ def test_reload_switches_the_model_in_place(server) -> None:
 def test_reload_on_champion_serves_the_promoted_version(server) -> None:
     """Serve on ``@champion``, promote another version with different weights, ``--reload``:
     the answers are now that version's (checked against its checkpoint run locally)."""
-    from montage.core.config import load_config
-    from montage.core.paths import packaged_config
-    from montage.core.registry import TASKS
     from montage.launch.local import fit_local
     from montage.platform.inference import load_predictor
     from montage.serve.app import load_serve_config, run
     from montage.tracking import registry as reg
-    from montage.tracking.runs import create_run, prepare_tracking
+    from montage.tracking.runs import create_run
 
     tmp = server["tmp"]
-    uri = f"sqlite:///{tmp / 'registry.db'}"
-    tracking = [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'registry-artifacts'}"]
-    base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
-    prepare_tracking(base)
+    uri, base = _registry(tmp, "registry")
     first = server["ckpts"]["segmentation"]
     other = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg-other", "train.seed=7"])).best_checkpoint
     v1 = reg.register_checkpoint(base, first, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
@@ -200,19 +194,13 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
 def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
     """``segmentation.runtime=onnx`` on a registered ONNX variant (``montage export``): the same
     HTTP API, the answers of the PyTorch model it was exported from."""
-    from montage.core.config import load_config
-    from montage.core.paths import packaged_config
-    from montage.core.registry import TASKS
     from montage.serve.app import load_serve_config, run
     from montage.tracking import registry as reg
-    from montage.tracking.runs import create_run, prepare_tracking
+    from montage.tracking.runs import create_run
     from montage.tracking.variants import export_model
 
     tmp = server["tmp"]
-    uri = f"sqlite:///{tmp / 'onnx-registry.db'}"
-    tracking = [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'onnx-artifacts'}"]
-    base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
-    prepare_tracking(base)
+    uri, base = _registry(tmp, "onnx-registry")
     ckpt = server["ckpts"]["segmentation"]
     reg.register_checkpoint(base, ckpt, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
     variant = export_model("segmentation", "models:/montage-segmentation/1", tmp / "seg.onnx", dynamic_batch=True, tracking_uri=uri)
@@ -233,3 +221,16 @@ def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
         assert codes == [200] * 8
     finally:
         run(load_serve_config(None, server["overrides"]))
+
+def _registry(tmp, name: str):
+    """(tracking URI, a segmentation config on it) for a registry of the test's own."""
+    from montage.core.config import load_config
+    from montage.core.paths import packaged_config
+    from montage.core.registry import TASKS
+    from montage.tracking.runs import prepare_tracking
+
+    uri = f"sqlite:///{tmp / f'{name}.db'}"
+    tracking = [f"tracking.uri={uri}", f"tracking.artifacts={tmp / f'{name}-artifacts'}"]
+    base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
+    prepare_tracking(base)
+    return uri, base
