@@ -72,7 +72,7 @@ def test_shard_sampler_splits_each_global_batch_and_shards_validation_once() -> 
 
 
 def test_replica_check_catches_diverged_ranks(tmp_path: Path) -> None:
-    from montage.platform.loop import replica_fingerprint
+    from montage.platform.replicas import replica_fingerprint
     from montage.platform.task import Modules
 
     net = torch.nn.Linear(4, 2)

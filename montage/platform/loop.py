@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from montage.core.config import to_dict
 from montage.platform.build import resolve_amp
+from montage.platform.replicas import diverged_ranks
 from montage.platform.sampling import seed_for, seed_process, set_data_epoch
 from montage.platform.task import Batch, Modules, Task
 
@@ -170,20 +171,14 @@ class Loop:
         return value
 
     def check_replicas(self) -> None:
-        """Fail unless every rank holds bit-identical parameters (what DDP promises after each
-        optimizer step). Compares a per-tensor fingerprint (float64 sum and sum of squares)."""
-        fp = replica_fingerprint(self.m)
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        fp = fp.to(self._reduce_device())
-        gathered = [torch.empty_like(fp) for _ in range(self.world_size)]
-        dist.all_gather(gathered, fp)
-        bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
-        if bad:
-            raise RuntimeError(
-                f"DDP replicas diverged at epoch {self.epoch + 1}, optimizer step {self.optimizer_steps}: "
-                f"rank(s) {bad} hold other weights than rank 0"
-            )
+        """Fail unless every rank holds bit-identical parameters (see :mod:`montage.platform.replicas`)."""
+        if dist.is_available() and dist.is_initialized():
+            diverged = diverged_ranks(self.m, self.world_size, self._reduce_device())
+            if diverged:
+                raise RuntimeError(
+                    f"DDP replicas diverged at epoch {self.epoch + 1}, optimizer step {self.optimizer_steps}: "
+                    f"rank(s) {diverged} hold other weights than rank 0"
+                )
         self.replica_checks += 1
 
     def _reduce_device(self) -> torch.device:
@@ -387,17 +382,6 @@ def peak_rss_mb() -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def replica_fingerprint(m: Modules) -> torch.Tensor:
-    """Float64 (sum, sum of squares) of every parameter of every network, in a fixed order."""
-    parts = []
-    with torch.no_grad():
-        for name in sorted(m.nets):
-            for p in m.unwrap(name).parameters():
-                d = p.detach().double()
-                parts += [d.sum(), (d * d).sum()]
-    return torch.stack(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def _batch_len(batch: Batch) -> int:
