@@ -148,6 +148,22 @@ class TrackingConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation: train against a teacher's outputs as well as the labels.
+    ``teacher``: a checkpoint path or ``models:/montage-<task>@champion`` (empty: off); the
+    loss term ``distill`` (soft-target KL for segmentation logits at ``temperature``, L1 to the
+    teacher's images for harmonization and pix2pix) enters the total with ``weight``."""
+
+    teacher: str = ""
+    weight: float = 1.0
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.temperature <= 0:
+            raise ValueError(f"distill: weight must be >= 0 and temperature > 0, got {self.weight}, {self.temperature}")
+
+
+@dataclass
 class ExperimentConfig:
     task: str
     model: Any
@@ -159,6 +175,7 @@ class ExperimentConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass(frozen=True)

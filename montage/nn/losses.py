@@ -111,6 +111,15 @@ def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(sobel(pred), sobel(target))
 
 
+def distill_kl_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-pixel Bernoulli KL(teacher ‖ student) of logits softened by ``temperature``, times
+    T² (Hinton et al.'s scaling, so the gradient size does not shrink with T); 0 when equal."""
+    t, s = teacher.float() / temperature, student.float() / temperature
+    pt = torch.sigmoid(t)
+    kl = pt * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - pt) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.mean() * temperature**2
+
+
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 − (2·Σpt + eps) / (Σp + Σt + eps), per sample, averaged over the batch."""
     dims = tuple(range(1, prob.ndim))

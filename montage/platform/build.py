@@ -119,4 +119,9 @@ def build_modules(
         mode = None if cfg.train.compile == "default" else cfg.train.compile
         nets = {name: torch.compile(net, mode=mode, backend=cfg.train.compile_backend) for name, net in nets.items()}
     schedulers = {name: make_scheduler(opt, cfg.sched, cfg.train.epochs, steps_per_epoch) for name, opt in optimizers.items()}
-    return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None})
+    teacher = None
+    if cfg.distill.teacher:
+        from montage.platform.inference import load_teacher
+
+        teacher = load_teacher(task, cfg.distill.teacher, device)
+    return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None}, teacher=teacher)

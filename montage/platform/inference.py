@@ -29,6 +29,18 @@ def load_for_inference(path: str | Path, task: str | None = None, device: str | 
     return inst, nets
 
 
+def load_teacher(task: Task, path: str | Path, device: str | torch.device) -> nn.Module:
+    """The frozen teacher network for ``distill.teacher`` (a local checkpoint of the same task;
+    its own architecture, from its own config)."""
+    if "://" in str(path):
+        raise ValueError(f"distill.teacher {path!r} must be a local checkpoint here (the launchers download models:/ URIs)")
+    _, nets = load_for_inference(path, task=task.name, device=device)
+    teacher = nets[task.export_net].eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 class OnnxNet(nn.Module):
     """An exported network run by ONNX Runtime, in place of the PyTorch one inside a task's
     predictor (tensors in, tensors out, on the caller's device). ``transform`` is the same call

@@ -29,6 +29,7 @@ class Modules:
     nets: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     schedulers: dict[str, Any] = field(default_factory=dict)
+    teacher: nn.Module | None = None  # frozen, in eval mode (distill.teacher)
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.nets[name]
@@ -115,6 +116,13 @@ class Task(ABC):
         raise NotImplementedError(f"task '{self.name}' has no predict command")
 
     # -- helpers -------------------------------------------------------------------
+    def add_distill(self, terms: dict[str, torch.Tensor], distill: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Add the ``distill`` term (when there is a teacher) to ``terms`` and their ``total``."""
+        if distill is not None:
+            terms["distill"] = distill
+            terms["total"] = terms["total"] + self.cfg.distill.weight * distill
+        return terms
+
     @staticmethod
     def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
         """Σ weight·term over the terms with a non-zero weight."""

@@ -135,6 +135,12 @@ def promote(task: str, version: str, uri: str = "") -> None:
     client(uri).set_registered_model_alias(model_name(task), CHAMPION, str(version))
 
 
+def resolve_teacher(cfg: ExperimentConfig) -> None:
+    """``distill.teacher`` given as ``models:/…`` → the downloaded checkpoint (in place)."""
+    if cfg.distill.teacher.startswith("models:/"):
+        cfg.distill.teacher = str(download_model_checkpoint(cfg.distill.teacher, cfg.tracking.uri))
+
+
 def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:
     """``models:/<name>@<alias>``, ``models:/<name>/<version>`` (or a bare task name, meaning
     its champion) → the local checkpoint file. The version is looked up with a client bound to

@@ -61,6 +61,10 @@ class HarmonizationTask(Task):
         with stepper.autocast():
             pred = m["net"](batch["composite"], batch["mask"])
         terms = self.losses(pred, batch)
+        if m.teacher is not None:  # the teacher's harmonized image as a second target (L1)
+            with torch.no_grad(), stepper.autocast():
+                teacher = m.teacher(batch["composite"], batch["mask"])
+            terms = self.add_distill(terms, (pred.float() - teacher.float()).abs().mean())
         stepper.optimize(terms["total"])
         return {k: v.detach() for k, v in terms.items()}
 

@@ -108,7 +108,12 @@ class Pix2PixTask(Task):
         try:
             with stepper.autocast():
                 terms = self.generator_terms(d, a, fake, b)
-            loss_g = self.weighted_total(terms, self.cfg.loss.weights())
+            terms["total"] = self.weighted_total(terms, self.cfg.loss.weights())
+            if m.teacher is not None:  # the teacher generator's face as a second target (L1)
+                with torch.no_grad(), stepper.autocast():
+                    teacher = m.teacher(a)
+                terms = self.add_distill(terms, (fake.float() - teacher.float()).abs().mean())
+            loss_g = terms.pop("total")
             stepper.optimize(loss_g, "g")
         finally:
             set_requires_grad(d, True)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from montage.core.config import SectionSpec
+from montage.nn.losses import distill_kl_logits
 from montage.platform.export import ExportSpec
 from montage.platform.imaging import Letterbox, image_grid, letterbox, list_images, read_image, restore, write_image
 from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metrics
@@ -60,6 +61,10 @@ class SegmentationTask(Task):
         with stepper.autocast():
             logits = m["net"](batch["image"])
         terms = self.losses(logits, batch)
+        if m.teacher is not None:
+            with torch.no_grad(), stepper.autocast():
+                teacher = m.teacher(batch["image"])
+            terms = self.add_distill(terms, distill_kl_logits(logits, teacher, self.cfg.distill.temperature))
         stepper.optimize(terms["total"])
         return {k: v.detach() for k, v in terms.items()}
 
