@@ -36,6 +36,25 @@ def smoke(task: str, overrides: list[str]):
     return load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-smoke"), overrides)
 
 
+def int8_sources(ckpts: dict[str, str], tmp: Path) -> list[str]:
+    """Register both checkpoints in a registry of the bench's own, quantize each to INT8 (a
+    registered variant) and return the serve overrides that run those variants in ONNX Runtime."""
+    from montage.tracking import registry as reg
+    from montage.tracking.runs import create_run, prepare_tracking
+    from montage.tracking.variants import quantize_model
+
+    uri = f"sqlite:///{tmp / 'registry.db'}"
+    out = [f"tracking_uri={uri}"]
+    for task, ckpt in ckpts.items():
+        cfg = smoke(task, [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'artifacts'}"])
+        prepare_tracking(cfg)
+        metric, mode = ("val/iou", "max") if task == "segmentation" else ("val/fmse", "min")
+        version = reg.register_checkpoint(cfg, ckpt, create_run(cfg), metric, mode, 0.0, "bench", {}, "always").version
+        variant = quantize_model(task, f"models:/montage-{task}/{version}", tmp / f"{task}-int8.onnx", samples=8, tracking_uri=uri)
+        out += [f"{task}.source=models:/montage-{task}/{variant.version}", f"{task}.runtime=onnx"]
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -45,6 +64,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--size", type=int, default=512)
+    p.add_argument("--int8", action="store_true", help="also serve INT8 variants of both models (runtime: onnx) and measure them")
     args = p.parse_args()
     import ray
     import requests
@@ -81,7 +101,8 @@ def main() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    run(load_serve_config(None, [f"port={port}", f"segmentation.source={ckpts['segmentation']}", f"harmonization.source={ckpts['harmonization']}"]))
+    torch_sources = [f"segmentation.source={ckpts['segmentation']}", f"harmonization.source={ckpts['harmonization']}"]
+    run(load_serve_config(None, [f"port={port}", *torch_sources]))
     url = f"http://127.0.0.1:{port}/v1/composite"
 
     def call(_: int) -> float:
@@ -90,17 +111,22 @@ def main() -> int:
         r.raise_for_status()
         return time.perf_counter() - t0
 
-    call(0)
     print(f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; tiny models (the figures are the platform's cost, not model compute)")
     print(f"in-process pipeline: p50 {statistics.median(local) * 1000:.0f} ms, p95 {pct(local, 0.95) * 1000:.0f} ms, {1 / statistics.mean(local):.1f} req/s")
-    print(f"{'clients':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s':>6s} {'p50 ÷ in-process':>17s}")
-    for clients in (1, 4, 16):
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            lat = list(pool.map(call, range(args.requests)))
-        wall = time.perf_counter() - t0
-        p50 = statistics.median(lat)
-        print(f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {p50 / statistics.median(local):17.2f}")
+    runtimes = {"torch fp32": [f"port={port}", *torch_sources]}
+    if args.int8:
+        runtimes["onnxruntime int8"] = [f"port={port}", *int8_sources(ckpts, tmp)]
+    for name, overrides in runtimes.items():
+        run(load_serve_config(None, overrides))  # in place: replicas reconfigure to the new sources
+        call(0)
+        print(f"\n{name}\n{'clients':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s':>6s} {'p50 ÷ in-process':>17s}")
+        for clients in (1, 4, 16):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                lat = list(pool.map(call, range(args.requests)))
+            wall = time.perf_counter() - t0
+            p50 = statistics.median(lat)
+            print(f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {p50 / statistics.median(local):17.2f}")
     from ray import serve
 
     serve.shutdown()
