@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -130,6 +131,7 @@ def main() -> int:
     from ray import serve
 
     serve.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
