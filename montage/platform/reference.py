@@ -11,8 +11,9 @@ import typing
 from importlib.metadata import entry_points
 from typing import Any
 
-from montage.core.config import OptimConfig, RunConfig, ScalingConfig, SchedConfig, TrackingConfig, TrainConfig, to_dict
+from montage.core.config import to_dict
 from montage.core.registry import TASKS
+from montage.core.sections import DistillConfig, InitConfig, OptimConfig, RunConfig, ScalingConfig, SchedConfig, TrackingConfig, TrainConfig
 
 
 def _type(tp: Any) -> str:
@@ -45,7 +46,8 @@ def _section(title: str, cls: type, prefix: str, defaults: dict[str, Any] | None
 def reference() -> str:
     lines = ["# Configuration reference", "", "Generated from the config dataclasses by `python -m montage.platform.reference`;",
              "every key can be set in a YAML file or as `key=value` on the command line.", "", "## Platform sections (every task)", ""]
-    for name, cls in (("optim", OptimConfig), ("sched", SchedConfig), ("train", TrainConfig), ("scaling", ScalingConfig), ("run", RunConfig), ("tracking", TrackingConfig)):
+    for name, cls in (("optim", OptimConfig), ("sched", SchedConfig), ("train", TrainConfig), ("scaling", ScalingConfig), ("run", RunConfig), ("tracking", TrackingConfig),
+                      ("distill", DistillConfig), ("init", InitConfig)):
         lines += _section(f"`{name}`", cls, name)
     # the installed tasks (entry points), not ones a test or notebook registered at run time
     for task in sorted(ep.name for ep in entry_points(group="montage.tasks")):
