@@ -44,6 +44,9 @@ def test_export_of_a_registered_version_becomes_a_tagged_variant(tiny_config, tm
     mv = reg.client(cfg.tracking.uri).get_model_version("montage-segmentation", "2")
     assert mv.tags["montage.variant"] == "onnx" and mv.tags["montage.runtime"] == "onnxruntime"
     assert mv.tags["montage.parent"] == "models:/montage-segmentation/1" and float(mv.tags["montage.size_mb"]) > 0
+    # measured against the parent on its validation data: the same network, so the same quality
+    assert mv.tags["montage.quality_metric"] == "val/iou" and abs(float(mv.tags["montage.quality_delta"])) < 1e-4
+    assert float(mv.tags["montage.latency_ms"]) > 0 and float(mv.tags["montage.parent_latency_ms"]) > 0
     assert str(reg.champion("segmentation", cfg.tracking.uri).version) == "1"  # promoting stays the user's choice
 
 

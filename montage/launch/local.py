@@ -11,7 +11,7 @@ import torch
 from montage.core.config import ExperimentConfig, save_config
 from montage.platform.loop import Hook
 from montage.platform.runner import CheckpointHook, RunSummary, WorkerEnv, build_loop, default_run_name, resume_state
-from montage.tracking.registry import resolve_teacher
+from montage.tracking.registry import resolve_model_sources
 from montage.tracking.runs import MlflowHook, open_run, prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def fit_local(
         cfg.tracking.run_id = open_run(cfg, str(run_dir.resolve()), resume=resume is not None)
         hooks.append(MlflowHook(cfg, best_path=ckpt.best_path))
     hooks += extra_hooks or []
-    resolve_teacher(cfg)
+    resolve_model_sources(cfg)
     loop = build_loop(cfg, WorkerEnv(device=dev, launched_at=launched_at), hooks)
     if resume is not None:
         loop.load_state_dict(resume_state(resume, cfg))

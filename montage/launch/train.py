@@ -20,7 +20,7 @@ from montage.launch.session import ensure_ray, storage_path
 from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from montage.platform.loop import Hook, Loop
 from montage.platform.runner import CheckpointHook, KeptCheckpoint, RunSummary, WorkerEnv, build_loop, config_from_tree, default_run_name
-from montage.tracking.registry import resolve_teacher
+from montage.tracking.registry import resolve_model_sources
 from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     setup_logging(quiet_ray=True)
     cfg = config_from_tree(config["config"])
-    resolve_teacher(cfg)  # each worker fetches a models:/ teacher for itself (nodes share no disk)
+    resolve_model_sources(cfg)  # each worker fetches a models:/ teacher for itself (nodes share no disk)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     env = WorkerEnv(

@@ -105,6 +105,8 @@ def build_modules(
     ``steps_per_epoch`` (optimizer steps) sizes a per-step schedule."""
     cfg = task.cfg
     nets = task.build_nets()
+    if cfg.init.checkpoint:
+        init_from_checkpoint(task, nets, cfg.init.checkpoint)
     for name, net in nets.items():
         net.to(device)
         if cfg.train.channels_last:
@@ -125,3 +127,20 @@ def build_modules(
 
         teacher = load_teacher(task, cfg.distill.teacher, device)
     return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None}, teacher=teacher)
+
+
+def init_from_checkpoint(task: Task, nets: dict[str, nn.Module], path: str) -> None:
+    """``init.checkpoint``: every network ``path`` holds starts from its weights, reshaped to
+    them first (a channel-pruned network trains in its pruned shape)."""
+    from montage.platform.checkpoint import load_checkpoint
+    from montage.platform.pruning import conform
+
+    if "://" in path:
+        raise ValueError(f"init.checkpoint {path!r} must be a local checkpoint here (the launchers download models:/ URIs)")
+    saved = load_checkpoint(path, task=task.name)["nets"]
+    missing = sorted(set(nets) - set(saved))
+    if missing:
+        raise ValueError(f"init.checkpoint {path} holds no weights for network(s) {', '.join(missing)}")
+    for name, net in nets.items():
+        conform(net, saved[name])
+        net.load_state_dict(saved[name])

@@ -11,6 +11,7 @@ from torch import nn
 from montage.core.config import build_config
 from montage.core.registry import TASKS
 from montage.platform.checkpoint import load_checkpoint
+from montage.platform.pruning import conform
 from montage.platform.task import Task
 
 
@@ -24,6 +25,7 @@ def load_for_inference(path: str | Path, task: str | None = None, device: str | 
     for name, net in nets.items():
         if name not in state["nets"]:
             continue  # e.g. a discriminator not needed at inference is still saved; extra nets ignored
+        conform(net, state["nets"][name])  # a channel-pruned network: its layer widths come from the weights
         net.load_state_dict(state["nets"][name])
         net.to(device).eval()
     return inst, nets

@@ -106,6 +106,15 @@ class Task(ABC):
         :class:`montage.platform.export.ExportSpec`."""
         raise NotImplementedError(f"task '{self.name}' cannot be exported")
 
+    def from_exported(self, net: nn.Module) -> nn.Module:
+        """The exported network (``export_spec``'s module, e.g. run by ONNX Runtime) as the
+        training network ``eval_step`` calls (identity unless the export is a part of it)."""
+        return net
+
+    def student_overrides(self) -> list[str]:
+        """Config overrides of a smaller student of this config (``montage optimize --method distill``)."""
+        raise NotImplementedError(f"task '{self.name}' names no default student: pass the student's model.* overrides")
+
     @classmethod
     def add_predict_args(cls, parser: Any) -> None:
         """Task-specific ``montage predict <task>`` arguments."""

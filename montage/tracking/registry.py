@@ -135,10 +135,13 @@ def promote(task: str, version: str, uri: str = "") -> None:
     client(uri).set_registered_model_alias(model_name(task), CHAMPION, str(version))
 
 
-def resolve_teacher(cfg: ExperimentConfig) -> None:
-    """``distill.teacher`` given as ``models:/…`` → the downloaded checkpoint (in place)."""
+def resolve_model_sources(cfg: ExperimentConfig) -> None:
+    """``distill.teacher`` and ``init.checkpoint`` given as ``models:/…`` → the downloaded
+    checkpoints (in place)."""
     if cfg.distill.teacher.startswith("models:/"):
         cfg.distill.teacher = str(download_model_checkpoint(cfg.distill.teacher, cfg.tracking.uri))
+    if cfg.init.checkpoint.startswith("models:/"):
+        cfg.init.checkpoint = str(download_model_checkpoint(cfg.init.checkpoint, cfg.tracking.uri))
 
 
 def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:

@@ -25,6 +25,7 @@ class Variant:
     parent: str  # the source it was made from (models:/name/N for a registered version)
     name: str = ""
     version: str = ""
+    measurement: Measurement | None = None
 
 
 def validation_batch(inst: Any, size: int = 2) -> dict[str, Any]:
@@ -48,19 +49,20 @@ def export_model(
     the source is a registered model) as a new version tagged ``variant=onnx``."""
     from montage.platform.inference import load_for_inference
 
-    parent, checkpoint = _resolve(source, tracking_uri)
+    parent, checkpoint = resolve_source(source, tracking_uri)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
     batch = validation_batch(inst, size=2 if dynamic_batch else 1)  # a static batch is fixed at the example's
     report = export_onnx(inst.export_spec(nets, batch), output, opset=opset, dynamic_batch=dynamic_batch)
+    m = measure(checkpoint, onnx_path=report.path)
     if register is None:
         register = source.startswith("models:/")
     if not register:
-        return Variant(report, parent)
-    version = register_onnx(task, Path(report.path), parent, report, tracking_uri)
-    return Variant(report, parent, model_name(task), version)
+        return Variant(report, parent, measurement=m)
+    version = register_onnx(task, Path(report.path), parent, report, tracking_uri, extra_tags=m.tags())
+    return Variant(report, parent, model_name(task), version, m)
 
 
-def _resolve(source: str, tracking_uri: str) -> tuple[str, Path]:
+def resolve_source(source: str, tracking_uri: str) -> tuple[str, Path]:
     """(the parent a variant records: models:/name/N or the path, the local checkpoint)."""
     if source.startswith("models:/"):
         name, alias, version = parse_model_uri(source)
@@ -82,7 +84,7 @@ def quantize_model(task: str, source: str, output: str | Path, samples: int = 32
 
     if samples < 1:
         raise ValueError(f"--samples must be >= 1 (the calibration set), got {samples}")
-    parent, checkpoint = _resolve(source, tracking_uri)
+    parent, checkpoint = resolve_source(source, tracking_uri)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
     validation_batch(inst)  # a clear error when the validation data cannot be built
     loader = DataLoader(inst.datasets()[1], batch_size=1, shuffle=False)
@@ -102,14 +104,17 @@ def quantize_model(task: str, source: str, output: str | Path, samples: int = 32
         params=fp32.params, export_s=fp32.export_s,
     )
     log.info("INT8 %s: %.2f MB (fp32 ONNX %.2f MB); max |INT8 − PyTorch fp32| = %.3g over %d samples", output, report.size_mb, fp32.size_mb, worst, len(specs))
+    m = measure(checkpoint, onnx_path=output)
     if register is None:
         register = source.startswith("models:/")
     if not register:
-        return Variant(report, parent)
-    return Variant(report, parent, model_name(task), register_onnx(task, output, parent, report, tracking_uri, variant="int8"))
+        return Variant(report, parent, measurement=m)
+    return Variant(report, parent, model_name(task), register_onnx(task, output, parent, report, tracking_uri, variant="int8", extra_tags=m.tags()), m)
 
 
-def register_onnx(task: str, onnx_path: Path, parent: str, report: ExportReport, tracking_uri: str = "", variant: str = "onnx") -> str:
+def register_onnx(
+    task: str, onnx_path: Path, parent: str, report: ExportReport, tracking_uri: str = "", variant: str = "onnx", extra_tags: dict[str, str] | None = None,
+) -> str:
     """Log ``onnx_path`` as an MLflow ONNX model and register it as a new version of
     ``montage-<task>`` (no alias moves: promoting stays the user's choice)."""
     import mlflow
@@ -130,7 +135,7 @@ def register_onnx(task: str, onnx_path: Path, parent: str, report: ExportReport,
     tags = {
         "montage.variant": variant, "montage.runtime": "onnxruntime", "montage.parent": parent, "montage.opset": str(report.opset),
         "montage.size_mb": f"{report.size_mb:.3f}", "montage.params": str(report.params), "montage.max_abs_diff": f"{report.max_abs_diff:.3g}",
-        "montage.dynamic_batch": str(report.dynamic_batch).lower(),
+        "montage.dynamic_batch": str(report.dynamic_batch).lower(), **(extra_tags or {}),
     }
     experiment_id = mlc.get_run(run_id).info.experiment_id
     model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type="onnx")
@@ -171,6 +176,69 @@ def onnx_variant_files(source: str, tracking_uri: str = "") -> tuple[str, str, s
 
 def report_dict(variant: Variant) -> dict[str, Any]:
     out = {"parent": variant.parent, **asdict(variant.report)}
+    if variant.measurement is not None:
+        out["measured"] = {**asdict(variant.measurement), "delta": variant.measurement.delta}
     if variant.version:
         out["registered"] = f"models:/{variant.name}/{variant.version}"
     return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A variant next to its parent on the parent's validation data, on this machine's CPU:
+    the task's monitored metric and the inference network's latency at batch 1."""
+
+    metric: str
+    mode: str
+    value: float
+    parent_value: float
+    latency_ms: float
+    parent_latency_ms: float
+
+    @property
+    def delta(self) -> float:
+        return self.value - self.parent_value
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "montage.quality_metric": self.metric, "montage.quality": f"{self.value:.6g}", "montage.parent_quality": f"{self.parent_value:.6g}",
+            "montage.quality_delta": f"{self.delta:+.4g}", "montage.latency_ms": f"{self.latency_ms:.2f}",
+            "montage.parent_latency_ms": f"{self.parent_latency_ms:.2f}", "montage.speedup": f"{self.parent_latency_ms / self.latency_ms:.2f}",
+        }
+
+
+def measure(parent: str | Path, checkpoint: str | Path | None = None, onnx_path: str | Path | None = None, runs: int = 20) -> Measurement:
+    """Measure a variant — a checkpoint (pruned, student) or an ONNX file exported from
+    ``parent`` — against ``parent``: validation metric, and p50 latency at batch 1 with the two
+    networks run in turns (this machine's speed drifts; turns keep the ratio fair)."""
+    import torch
+
+    from montage.platform.evaluate import evaluation_loop, latency_pair
+    from montage.platform.inference import OnnxNet
+
+    def prepare(ckpt: str | Path, onnx: str | Path | None) -> tuple[float, Any, str, str]:
+        loop = evaluation_loop(ckpt)
+        metric, mode = loop.task.monitor
+        spec = loop.task.export_spec(loop.m.nets, validation_batch(loop.task, 1))
+        module = spec.module.eval()
+        if onnx is not None:
+            module = OnnxNet(onnx)
+            loop.m.nets[loop.task.export_net] = loop.task.from_exported(module)
+        with torch.no_grad():
+            value = loop.evaluate()[metric]
+        inputs = tuple(spec.inputs.values())
+        return value, lambda: module(*inputs), metric, mode
+
+    parent_value, parent_fn, metric, mode = prepare(parent, None)
+    value, fn, _, _ = prepare(checkpoint or parent, onnx_path)
+    with torch.no_grad():
+        parent_ms, ms = latency_pair(parent_fn, fn, runs=runs)
+    m = Measurement(metric, mode, value, parent_value, ms, parent_ms)
+    log.info("%s %.5g (parent %.5g, %+.4g); p50 %.1f ms at batch 1 (parent %.1f ms, %.2f×)", metric, value, parent_value, m.delta, ms, parent_ms, parent_ms / ms)
+    return m
+
+
+def tag_version(task: str, version: str, tags: dict[str, str], tracking_uri: str = "") -> None:
+    mlc = client(tracking_uri)
+    for k, v in tags.items():
+        mlc.set_model_version_tag(model_name(task), version, k, v)

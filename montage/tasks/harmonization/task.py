@@ -86,6 +86,13 @@ class HarmonizationTask(Task):
         inputs = {"composite": batch["composite"], "mask": batch["mask"]}
         return ExportSpec(TransformOnly(nets["net"]), inputs, ["transform"], multiple=2 ** (len(self.cfg.model.widths) - 1))
 
+    def from_exported(self, net: nn.Module) -> nn.Module:
+        return Composited(net)
+
+    def student_overrides(self) -> list[str]:
+        widths = [max(4, w // 2) for w in self.cfg.model.widths]
+        return [f"model.widths=[{', '.join(map(str, widths))}]"]
+
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> "HarmonizationPredictor":
         return HarmonizationPredictor(nets["net"], self.cfg.data.size, device)
 
@@ -103,6 +110,21 @@ class HarmonizationTask(Task):
         out = self.make_predictor(nets, device)([comp], [mask], blend=args.blend, sharpen=args.sharpen)[0]
         write_image(args.output, out)
         return [Path(args.output)]
+
+
+class Composited(nn.Module):
+    """An exported transform network (``TransformOnly``, e.g. in ONNX Runtime) as the whole
+    harmonization network: ``forward`` composites, ``transform`` is the export."""
+
+    def __init__(self, exported: nn.Module) -> None:
+        super().__init__()
+        self.exported = exported
+
+    def forward(self, composite: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return apply_transform(composite, mask, self.exported(composite, mask))
+
+    def transform(self, composite: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.exported(composite, mask)
 
 
 class TransformOnly(nn.Module):

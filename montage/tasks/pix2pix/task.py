@@ -153,6 +153,9 @@ class Pix2PixTask(Task):
     def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> ExportSpec:
         return ExportSpec(nets["g"], {"heatmap": batch["a"]}, ["face"], multiple=2**self.cfg.model.num_downs)
 
+    def student_overrides(self) -> list[str]:
+        return [f"model.ngf={max(4, self.cfg.model.ngf // 2)}"]
+
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> "Pix2PixPredictor":
         return Pix2PixPredictor(nets["g"], self.cfg.data.size, self.cfg.data.sigma, self.cfg.model.in_channels, device)
 

@@ -97,6 +97,14 @@ class SegmentationTask(Task):
     def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> ExportSpec:
         return ExportSpec(nets["net"], {"image": batch["image"]}, ["alpha_logits"], multiple=32)
 
+    STUDENT_ENCODER = {"resnet50": "resnet18", "resnet34": "small", "resnet18": "small", "small": "tiny", "tiny": "tiny"}
+
+    def student_overrides(self) -> list[str]:
+        m = self.cfg.model
+        decoder = ", ".join(str(max(4, c // 2)) for c in m.decoder_channels)
+        return [f"model.encoder={self.STUDENT_ENCODER.get(m.encoder, 'tiny')}", "model.pretrained=false", f"model.decoder_channels=[{decoder}]",
+                f"model.full_res_skip={m.full_res_skip // 2}"]
+
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device, tta: bool = False) -> "SegmentationPredictor":
         return SegmentationPredictor(nets["net"], self.cfg.data.size, device, tta=tta)
 
@@ -131,7 +139,9 @@ class SegmentationPredictor:
         self.tta = tta
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, images: Sequence[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
+        """``tta`` (default: the predictor's setting) averages with the horizontally flipped
+        image's prediction: two forward passes."""
         boxes: list[Letterbox] = []
         tensors = []
         for img in images:
@@ -140,7 +150,7 @@ class SegmentationPredictor:
             tensors.append(to_tensor_image(padded))
         x = torch.stack(tensors).to(self.device)
         prob = torch.sigmoid(self.net(x).float())
-        if self.tta:
+        if self.tta if tta is None else tta:
             prob = 0.5 * (prob + torch.sigmoid(self.net(x.flip(-1)).float()).flip(-1))
         prob = prob[:, 0].cpu().numpy()
         return [np.clip(restore(p, box, cv2.INTER_LINEAR), 0, 1) for p, box in zip(prob, boxes)]
