@@ -110,6 +110,20 @@ def _at_least_two_strides(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (in eval mode) with every convolution → batch-norm pair folded into
+    the convolution, when the network traces with ``torch.fx``; else ``module`` itself. Left
+    unfolded, INT8 quantization sees the norms as separate float ops between quantize /
+    dequantize pairs."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(module.eval())
+    except Exception as exc:  # noqa: BLE001 - control flow fx cannot trace: export as is
+        log.debug("batch norms left unfolded in %s: %s", type(module).__name__, exc)
+        return module
+
+
 def export_onnx(spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_batch: bool = False, tolerance: float = 1e-3) -> ExportReport:
     """Export ``spec.module`` to ``path`` and check it with ONNX Runtime (raises
     :class:`ExportError` when the outputs differ from PyTorch by more than ``tolerance``)."""
@@ -123,7 +137,7 @@ def export_onnx(spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_bat
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # axis-renaming notices of the exporter
             program = torch.onnx.export(
-                module, tuple(inputs.values()), dynamo=True, opset_version=opset, input_names=list(inputs), output_names=spec.outputs,
+                fold_batchnorm(module), tuple(inputs.values()), dynamo=True, opset_version=opset, input_names=list(inputs), output_names=spec.outputs,
                 dynamic_shapes=_dynamic_shapes(spec, dynamic_batch), verbose=False,
             )
         program.save(str(path))
