@@ -149,7 +149,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     champ = st.champion(args.task, args.tracking_uri or "")
     for v in st.list_versions(args.task, args.tracking_uri or ""):
         mark = f"@{st.CHAMPION}" if champ is not None and str(champ.version) == str(v.version) else ""
-        print(f"{v.name} v{v.version:<4} {v.tags.get('montage.metric', '?')}={v.tags.get('montage.value', '?'):<12} sweep={v.tags.get('montage.sweep', '-')} run={v.run_id} {mark}")
+        t = v.tags
+        variant = f"{t.get('montage.variant', 'fp32'):<11} {t.get('montage.runtime', 'torch'):<11}"
+        measured = f" params={t['montage.params']} p50={t['montage.latency_ms']}ms Δ{t['montage.quality_delta']}" if "montage.latency_ms" in t else ""
+        judged = f"{t.get('montage.metric', '?')}={t.get('montage.value', '?'):<12}"
+        print(f"{v.name} v{v.version:<4} {variant} {judged} sweep={t.get('montage.sweep', '-')}{measured} run={v.run_id} {mark}")
     return 0
 
 
@@ -158,15 +162,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from montage.serve.app import load_serve_config, run
 
+    if args.overrides[:1] == ["keygen"]:  # `montage serve keygen`: a new API key and its hash line
+        from montage.serve.access import new_key
+
+        if args.overrides[1:]:
+            raise ValueError("montage serve keygen takes no arguments")
+        key, line = new_key()
+        print(f"API key (give it to the client; it is shown only now and never stored):\n  {key}")
+        print(f"Add this line to the file named by auth.api_keys_file (e.g. serve_keys.txt, kept out of git):\n  {line}")
+        print(f"Clients send:  Authorization: Bearer {key}")
+        return 0
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     cfg = load_serve_config(resolve_config_path(args.config), args.overrides)
     if args.reload:
-        run(cfg, blocking=False)
+        run(cfg, blocking=False, insecure=args.insecure)
         print(f"application '{cfg.name}' updated: replicas now serve the configured sources")
         return 0
-    print(f"serving on http://{cfg.host}:{cfg.port}/ (Ctrl-C to stop)")
-    run(cfg, blocking=True)
+    from montage.serve.access import check_bind, resolve_settings
+
+    access = resolve_settings(cfg.auth, cfg.cors)
+    check_bind(cfg.host, access, args.insecure)  # refuse before saying "serving"
+    print(f"serving on http://{cfg.host}:{cfg.port}/ (API keys {'on' if access.auth else 'off'}; Ctrl-C to stop)")
+    run(cfg, blocking=True, insecure=args.insecure)
     return 0
 
 
@@ -195,13 +213,31 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from montage.tracking.registry import CHAMPION, model_name
-    from montage.tracking.variants import quantize_model, report_dict
 
     source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
-    output = args.output or f"{args.task}-int8.onnx"
-    variant = quantize_model(args.task, source, output, samples=args.samples, tracking_uri=args.tracking_uri or "", register=args.register)
-    print(json.dumps(report_dict(variant), indent=2))
+    uri = args.tracking_uri or ""
+    if args.method == "quantize":
+        from montage.tracking.variants import quantize_model, report_dict
+
+        output = args.output or f"{args.task}-int8.onnx"
+        variant = quantize_model(args.task, source, output, samples=args.samples, tracking_uri=uri, register=args.register)
+        print(json.dumps(report_dict(variant), indent=2))
+        return 0
+    from montage.launch.optimize import distill_model, prune_model
+
+    common = {"overrides": args.overrides, "tracking_uri": uri, "register": args.register, "no_ray": args.no_ray, "address": args.address}
+    if args.method == "prune":
+        made = prune_model(args.task, source, ratio=args.ratio, mode=args.prune_mode, epochs=2 if args.epochs is None else args.epochs, **common)
+    else:
+        made = distill_model(args.task, source, student=args.student, weight=args.weight, temperature=args.temperature, epochs=args.epochs, **common)
+    print(json.dumps(made.as_dict(), indent=2, default=str))
     return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from montage.serve.report import monitor
+
+    return monitor(args.url, watch=args.watch, png=args.png, api_key=args.api_key or os.environ.get("MONTAGE_API_KEY", ""))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -264,21 +300,32 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     ex.set_defaults(func=cmd_export)
 
-    op = sub.add_parser("optimize", help="an optimised variant of a model: INT8 (static QDQ, ONNX Runtime), registered as a variant")
+    op = sub.add_parser("optimize", help="an optimised variant of a model (INT8, pruned, distilled student), measured against it and registered")
     op.add_argument("task")
     op.add_argument("--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file")
-    op.add_argument("--method", choices=["quantize"], default="quantize", help="quantize: INT8 static quantization (pruning and distillation are not built yet)")
-    op.add_argument("--samples", type=int, default=32, help="validation samples to calibrate on")
-    op.add_argument("--output", help="the .onnx file (default <task>-int8.onnx)")
+    op.add_argument("--method", choices=["quantize", "prune", "distill"], default="quantize",
+                    help="quantize: INT8 static quantization (ONNX Runtime); prune: channel pruning (Torch-Pruning) + fine-tune; distill: train a smaller student")
+    op.add_argument("overrides", nargs="*", help="prune/distill: overrides of the training run, e.g. scaling.workers=2 train.batch_size=8")
+    op.add_argument("--samples", type=int, default=32, help="quantize: validation samples to calibrate on")
+    op.add_argument("--output", help="quantize: the .onnx file (default <task>-int8.onnx)")
+    op.add_argument("--ratio", type=float, default=0.5, help="prune: fraction of channels (or of weights, magnitude mode) removed")
+    op.add_argument("--prune-mode", choices=["channels", "magnitude"], default="channels", help="prune: structured channels (default) or unstructured L1 magnitude")
+    op.add_argument("--epochs", type=int, help="prune: fine-tune epochs (default 2; 0 = none); distill: training epochs (default: the teacher's config)")
+    op.add_argument("--student", nargs="*", default=[], help="distill: the student's config overrides (default: the task's smaller model, e.g. model.encoder=tiny)")
+    op.add_argument("--weight", type=float, default=1.0, help="distill: distill.weight")
+    op.add_argument("--temperature", type=float, default=2.0, help="distill: distill.temperature")
+    op.add_argument("--no-ray", action="store_true", help="prune/distill: train in this process instead of a Ray Train run")
+    op.add_argument("--address", help="prune/distill: Ray address (default $RAY_ADDRESS, else a private local Ray)")
     op.add_argument("--register", action=argparse.BooleanOptionalAction, default=None, help="register as a new version (default: when the source is a registered model)")
     op.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     op.set_defaults(func=cmd_optimize)
 
     sv = sub.add_parser("serve", help="the Ray Serve application (segment, harmonize, composite, pix2pix)")
     sv.add_argument("--config", help="serve YAML (e.g. serve.yaml)")
-    sv.add_argument("overrides", nargs="*", help="e.g. segmentation.source=runs/x/best.pt port=8080")
+    sv.add_argument("overrides", nargs="*", help="e.g. segmentation.source=runs/x/best.pt port=8080; or `keygen`: print a new API key and its hash line")
     sv.add_argument("--reload", action="store_true", help="update a running application (e.g. after `montage models promote`) and exit")
     sv.add_argument("--address", help="Ray cluster address, e.g. auto for a `ray start` cluster")
+    sv.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys (anyone who reaches the port can call /v1/*)")
     sv.set_defaults(func=cmd_serve)
 
     sb = sub.add_parser("submit", help="run `montage tune|train ...` as a Ray job on a cluster and stream its logs")
@@ -296,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("tasks", help="list the registered tasks")
     ls.set_defaults(func=cmd_tasks)
+
+    mn = sub.add_parser("monitor", help="latency per stage, errors, drift and anomalies of a running application (GET /v1/monitor)")
+    mn.add_argument("--url", default="http://127.0.0.1:8000", help="the application's HTTP address")
+    mn.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    mn.add_argument("--png", help="write a PNG of p95 latency and drift (PSI) over time")
+    mn.add_argument("--api-key", help="bearer key when the server has auth on (default $MONTAGE_API_KEY)")
+    mn.set_defaults(func=cmd_monitor)
 
     d = sub.add_parser("demo", help="a short end-to-end run on synthetic data")
     d.add_argument("--out", default="demo_out")

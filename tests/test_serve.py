@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -11,22 +10,10 @@ import numpy as np
 import pytest
 import requests
 from conftest import _tiny
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(arr: np.ndarray) -> bytes:
-    if arr.ndim == 3:
-        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    return cv2.imencode(".png", arr)[1].tobytes()
-
-
-def _decode(data: bytes) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+from serve_helpers import decode as _decode
+from serve_helpers import free_port as _free_port
+from serve_helpers import img as _img
+from serve_helpers import png as _png
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +36,12 @@ def server(ray_session, tmp_path_factory):
     serve.shutdown()
 
 
-def _img(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-
-
 def test_endpoints_return_images_of_the_input_size(server) -> None:
     url = server["url"]
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert health["status"] == "ok" and set(health["models"]) == {"segmentation", "harmonization", "pix2pix"}
-    assert "<form" in requests.get(url, timeout=30).text
+    page = requests.get(url, timeout=30).text  # the page (tests/test_serve_hardening.py drives it in a browser)
+    assert 'id="person"' in page and 'data-auth="0"' in page  # auth off: no key field
 
     r = requests.post(f"{url}/v1/segment", files={"image": _png(_img(73, 121))}, params={"refine": "true"}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -234,3 +218,19 @@ def _registry(tmp, name: str):
     base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
     prepare_tracking(base)
     return uri, base
+
+
+def test_tta_is_a_request_option(server) -> None:
+    """``?tta=true`` averages with the mirrored image's prediction, so a mirrored input gets
+    the mirrored answer (within a level of rounding); the same on /v1/composite."""
+    image = _img(64, 64, seed=11)
+
+    def alpha(img: np.ndarray, tta: str) -> np.ndarray:
+        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(img)}, params={"tta": tta}, timeout=60)
+        assert r.status_code == 200
+        return _decode(r.content)[..., 3].astype(int)
+
+    assert np.abs(alpha(image[:, ::-1].copy(), "true") - alpha(image, "true")[:, ::-1]).max() <= 1
+    assert alpha(image, "false").shape == (64, 64)
+    r = requests.post(f"{server['url']}/v1/composite", files={"person": _png(image), "background": _png(_img(80, 90, 3))}, params={"tta": "true"}, timeout=60)
+    assert r.status_code == 200 and _decode(r.content).shape[:2] == (80, 90)

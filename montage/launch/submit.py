@@ -12,7 +12,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 EXCLUDES = [".venv", ".git", "runs", "mlartifacts", "mlruns.db", "demo_out", "**/__pycache__", "*.egg-info"]
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION", "AWS_REGION")
+# MLflow basic-auth credentials (cluster.yaml runs the server with --app-name basic-auth) travel with the job
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def submit(command: list[str], address: str, working_dir: str = ".", tracking_uri: str = "", follow: bool = True, python: str = "python") -> int:

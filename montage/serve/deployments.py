@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
 from ray import serve
+
+from montage.serve.monitoring import ModelMonitor, version_tag
 
 log = logging.getLogger("montage.serve")
 
@@ -44,6 +47,7 @@ class _ModelDeployment:
     def __init__(self) -> None:
         self.predictor: Any = None
         self.label = ""
+        self.monitor = ModelMonitor(self.task)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         from montage.platform.inference import load_onnx_predictor, load_predictor
@@ -54,15 +58,21 @@ class _ModelDeployment:
             onnx_path, checkpoint, label = onnx_variant_files(user_config["source"], user_config.get("tracking_uri", ""))
             predictor = load_onnx_predictor(onnx_path, checkpoint, task=self.task)
         else:
-            path, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
-            predictor = load_predictor(path, task=self.task)
+            checkpoint, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
+            predictor = load_predictor(checkpoint, task=self.task)
         self.predictor, self.label = predictor, label  # swap only once the new model is loaded
-        self.run_batch.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
-        self.run_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.01)))
+        self.monitor.configure(user_config.get("monitoring"), version_tag(user_config, label), str(checkpoint))
+        for batched in (self.run_batch, getattr(self, "run_batch_tta", None)):
+            if batched is not None:
+                batched.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
+                batched.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.01)))
         log.info("%s deployment serves %s", self.task, label)
 
     def version(self) -> str:
         return self.label
+
+    def monitor_summary(self) -> dict[str, Any]:
+        return self.monitor.summary()
 
 
 @serve.deployment(name="Segmenter")
@@ -71,10 +81,21 @@ class Segmenter(_ModelDeployment):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        return self.predictor(images)
+        t0 = time.perf_counter()
+        out = self.predictor(images)
+        self.monitor.observe_segmentation(images, out, t0)
+        return out
 
-    async def __call__(self, image: np.ndarray) -> np.ndarray:
-        return await self.run_batch(image)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def run_batch_tta(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Requests with ``?tta=true`` (flip averaging: two forward passes), batched apart."""
+        t0 = time.perf_counter()
+        out = self.predictor(images, tta=True)
+        self.monitor.observe_segmentation(images, out, t0)
+        return out
+
+    async def __call__(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
+        return await (self.run_batch_tta if tta else self.run_batch)(image)
 
 
 @serve.deployment(name="Harmonizer")
@@ -83,12 +104,15 @@ class Harmonizer(_ModelDeployment):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def run_batch(self, items: list[tuple[np.ndarray, np.ndarray, float]]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
         out = []
         for blend in sorted({b for _, _, b in items}):  # one forward per blend value (almost always one)
             idx = [i for i, (_, _, b) in enumerate(items) if b == blend]
             res = self.predictor([items[i][0] for i in idx], [items[i][1] for i in idx], blend=blend)
             out.extend(zip(idx, res))
-        return [r for _, r in sorted(out, key=lambda t: t[0])]
+        results = [r for _, r in sorted(out, key=lambda t: t[0])]
+        self.monitor.observe_harmonization(items, results, t0)
+        return results
 
     async def __call__(self, composite: np.ndarray, mask: np.ndarray, blend: float = 1.0) -> np.ndarray:
         return await self.run_batch((composite, mask, blend))
@@ -100,7 +124,10 @@ class Pix2Pix(_ModelDeployment):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def run_batch(self, inputs: list[Any]) -> list[np.ndarray]:
-        return self.predictor(inputs)
+        t0 = time.perf_counter()
+        out = self.predictor(inputs)
+        self.monitor.record_batch(len(inputs), (time.perf_counter() - t0) * 1000)
+        return out
 
     async def __call__(self, landmarks_or_heatmap: Any) -> np.ndarray:
         return await self.run_batch(landmarks_or_heatmap)

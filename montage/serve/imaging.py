@@ -31,11 +31,13 @@ def decode_upload(data: bytes | None, field: str, limits: Limits, mode: str = "r
         raise RequestError(f"missing file field '{field}'", 422)
     if len(data) > limits.max_bytes:
         raise RequestError(f"'{field}' is {len(data)} bytes; the limit is {limits.max_bytes}", 413)
-    _check_declared_size(data, field, limits)
+    orientation = _check_declared_size(data, field, limits)
     try:
         img = decode_image(data, what=f"'{field}'", mode=mode)
     except ImageError as exc:
         raise RequestError(str(exc)) from exc
+    if mode == "unchanged" and orientation > 1:  # OpenCV applies EXIF orientation except in this mode: masks match their photo
+        img = _orient(img, orientation)
     h, w = img.shape[:2]
     if max(h, w) > limits.max_side:
         raise RequestError(f"'{field}' is {w}x{h}; the limit is {limits.max_side} px per side", 413)
@@ -44,17 +46,39 @@ def decode_upload(data: bytes | None, field: str, limits: Limits, mode: str = "r
     return img
 
 
-def _check_declared_size(data: bytes, field: str, limits: Limits) -> None:
-    """Refuse an oversized image from its header alone, before decoding allocates it."""
+def _check_declared_size(data: bytes, field: str, limits: Limits) -> int:
+    """Refuse an oversized image from its header alone, before decoding allocates it; returns the
+    EXIF orientation (1 when none)."""
+    orientation = 1
     try:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
+            try:
+                orientation = int(im.getexif().get(0x0112, 1) or 1)
+            except Exception:  # noqa: BLE001 - a broken EXIF block: decode as stored
+                orientation = 1
+    except Image.DecompressionBombError as exc:  # the header claims far more pixels than any limit: never hand it to OpenCV
+        raise RequestError(f"'{field}' claims too many pixels ({exc}); the limit is {limits.max_side} px per side", 413) from exc
     except Exception:  # noqa: BLE001 - not readable by Pillow: OpenCV's decoder reports it
-        return
+        return 1
     if max(w, h) > limits.max_side:
         raise RequestError(f"'{field}' is {w}x{h}; the limit is {limits.max_side} px per side", 413)
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (2..8) the way a viewer (and OpenCV's other modes) shows it."""
+    if orientation in (5, 6, 7, 8):
+        img = cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE if orientation in (5, 6) else cv2.ROTATE_90_COUNTERCLOCKWISE)
+    if orientation in (2, 5, 7):
+        img = cv2.flip(img, 1)  # mirrored left-right
+    elif orientation == 4:
+        img = cv2.flip(img, 0)  # mirrored top-bottom
+    elif orientation == 3:
+        img = cv2.rotate(img, cv2.ROTATE_180)
+    return np.ascontiguousarray(img)
 
 
 def mask_from_upload(img: np.ndarray) -> np.ndarray:

@@ -234,6 +234,10 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, task: str, met
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "model"
             mlflow.pyfunc.save_model(path=str(local), python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)}, pip_requirements=["montage"])
+            if registered_name:  # a registered version carries the statistics Serve's drift detection compares with
+                from montage.tracking.drift import write_reference
+
+                write_reference(local, checkpoint, task)
             client.log_model_artifacts(model.model_id, str(local))
     except BaseException:
         client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
