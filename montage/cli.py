@@ -219,8 +219,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.method == "quantize":
         from montage.tracking.variants import quantize_model, report_dict
 
-        output = args.output or f"{args.task}-int8.onnx"
-        variant = quantize_model(args.task, source, output, samples=args.samples, tracking_uri=uri, register=args.register)
+        output = args.output or f"{args.task}-{args.precision}.onnx"
+        variant = quantize_model(args.task, source, output, samples=args.samples, tracking_uri=uri, register=args.register, precision=args.precision)
         print(json.dumps(report_dict(variant), indent=2))
         return 0
     from montage.launch.optimize import distill_model, prune_model
@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="quantize: INT8 static quantization (ONNX Runtime); prune: channel pruning (Torch-Pruning) + fine-tune; distill: train a smaller student")
     op.add_argument("overrides", nargs="*", help="prune/distill: overrides of the training run, e.g. scaling.workers=2 train.batch_size=8")
     op.add_argument("--samples", type=int, default=32, help="quantize: validation samples to calibrate on")
-    op.add_argument("--output", help="quantize: the .onnx file (default <task>-int8.onnx)")
+    op.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="quantize: int8 (static, ONNX Runtime CPU) or fp16 (GPU providers)")
+    op.add_argument("--output", help="quantize: the .onnx file (default <task>-<precision>.onnx)")
     op.add_argument("--ratio", type=float, default=0.5, help="prune: fraction of channels (or of weights, magnitude mode) removed")
     op.add_argument("--prune-mode", choices=["channels", "magnitude"], default="channels", help="prune: structured channels (default) or unstructured L1 magnitude")
     op.add_argument("--epochs", type=int, help="prune: fine-tune epochs (default 2; 0 = none); distill: training epochs (default: the teacher's config)")

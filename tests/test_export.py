@@ -96,3 +96,18 @@ def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Pa
     assert mv.tags["montage.variant"] == "int8" and mv.tags["montage.parent"] == "models:/montage-segmentation/1"
     with pytest.raises(ValueError, match="calibration set"):
         quantize_model("segmentation", fit.best_checkpoint, tmp_path / "x.onnx", samples=0)
+    with pytest.raises(ValueError, match="int8, fp16"):
+        quantize_model("segmentation", fit.best_checkpoint, tmp_path / "x.onnx", precision="int4")
+
+
+def test_fp16_variant_runs_and_stays_near_fp32(tiny_config, tmp_path: Path) -> None:
+    """fp16 (for GPU providers) runs in ONNX Runtime here too, float32 in and out, its weights half the size."""
+    from montage.tracking.variants import quantize_model
+
+    ckpt = fit_local(tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h16")).best_checkpoint
+    fp32 = export_model("harmonization", ckpt, tmp_path / "h.onnx", dynamic_batch=True)
+    half = quantize_model("harmonization", ckpt, tmp_path / "h16.onnx", samples=2, precision="fp16")
+    saved_mb = fp32.report.size_mb - half.report.size_mb  # 2 bytes a weight, beside the graph's own structure
+    assert saved_mb > 0.8 * fp32.report.params * 2 / 2**20 and 0 <= half.report.max_abs_diff < 0.05
+    sess = session(half.report.path)
+    assert [i.type for i in sess.get_inputs()] == ["tensor(float)", "tensor(float)"]

@@ -197,3 +197,17 @@ def quantize_int8(onnx_path: str | Path, output: str | Path, calibration: list[d
     mb_in, mb_out = Path(onnx_path).stat().st_size / 2**20, output.stat().st_size / 2**20
     log.info("quantized %s → %s (%.2f → %.2f MB) on %d calibration inputs", onnx_path, output, mb_in, mb_out, len(calibration))
     return output
+
+
+def convert_fp16(onnx_path: str | Path, output: str | Path) -> Path:
+    """The ONNX model with its weights and computation in float16 (inputs and outputs stay
+    float32): the format for GPU execution providers (CUDA, TensorRT); on a CPU most kernels
+    run it through casts, slower than fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(output))
+    log.info("fp16 %s → %s (%.2f → %.2f MB)", onnx_path, output, Path(onnx_path).stat().st_size / 2**20, output.stat().st_size / 2**20)
+    return output

@@ -71,17 +71,23 @@ def resolve_source(source: str, tracking_uri: str) -> tuple[str, Path]:
     return source, Path(source)
 
 
-def quantize_model(task: str, source: str, output: str | Path, samples: int = 32, tracking_uri: str = "", register: bool | None = None) -> Variant:
-    """Static INT8 (QDQ, per-channel) of ``source``'s exported network, calibrated on ``samples``
-    validation samples; checked against the fp32 PyTorch network on those samples; registered
-    (default: when the source is a registered model) as a variant ``int8``."""
+def quantize_model(
+    task: str, source: str, output: str | Path, samples: int = 32, tracking_uri: str = "", register: bool | None = None, precision: str = "int8",
+) -> Variant:
+    """``precision`` int8: static INT8 (QDQ, per-channel) of ``source``'s exported network,
+    calibrated on ``samples`` validation samples; fp16: its weights and activations in half
+    precision (inputs and outputs stay float32; for GPU execution providers). Checked against
+    the fp32 PyTorch network on those samples; registered (default: when the source is a
+    registered model) as a variant named after the precision."""
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
 
-    from montage.platform.export import quantize_int8, run_session, session
+    from montage.platform.export import convert_fp16, quantize_int8, run_session, session
     from montage.platform.inference import load_for_inference
 
+    if precision not in ("int8", "fp16"):
+        raise ValueError(f"--precision: unknown '{precision}'; valid: int8, fp16")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1 (the calibration set), got {samples}")
     parent, checkpoint = resolve_source(source, tracking_uri)
@@ -92,7 +98,10 @@ def quantize_model(task: str, source: str, output: str | Path, samples: int = 32
     output = Path(output)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(specs[0], Path(tmp) / "fp32.onnx", dynamic_batch=True)
-        quantize_int8(fp32.path, output, [s.inputs for s in specs])
+        if precision == "int8":
+            quantize_int8(fp32.path, output, [s.inputs for s in specs])
+        else:
+            convert_fp16(fp32.path, output)
     sess, module, worst = session(output), specs[0].module.eval(), 0.0
     with torch.no_grad():
         for s in specs:
@@ -103,13 +112,13 @@ def quantize_model(task: str, source: str, output: str | Path, samples: int = 32
         checked_shapes=[list(next(iter(s.inputs.values())).shape) for s in specs[:2]], size_mb=output.stat().st_size / 2**20,
         params=fp32.params, export_s=fp32.export_s,
     )
-    log.info("INT8 %s: %.2f MB (fp32 ONNX %.2f MB); max |INT8 − PyTorch fp32| = %.3g over %d samples", output, report.size_mb, fp32.size_mb, worst, len(specs))
+    log.info("%s %s: %.2f MB (fp32 ONNX %.2f MB); max |%s − PyTorch fp32| = %.3g over %d samples", precision, output, report.size_mb, fp32.size_mb, precision, worst, len(specs))
     m = measure(checkpoint, onnx_path=output)
     if register is None:
         register = source.startswith("models:/")
     if not register:
         return Variant(report, parent, measurement=m)
-    return Variant(report, parent, model_name(task), register_onnx(task, output, parent, report, tracking_uri, variant="int8", extra_tags=m.tags()), m)
+    return Variant(report, parent, model_name(task), register_onnx(task, output, parent, report, tracking_uri, variant=precision, extra_tags=m.tags()), m)
 
 
 def register_onnx(
