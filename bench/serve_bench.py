@@ -1,12 +1,19 @@
 """``/v1/composite`` latency and throughput over HTTP vs the same pipeline in-process.
 
-    python bench/serve_bench.py [--requests 32] [--size 512]
+    python bench/serve_bench.py [--requests 32] [--size 512] [--models tiny|default] [--fused] [--int8] [k=v ...]
 
 Trains tiny segmentation and harmonization checkpoints (seconds), starts the Serve
 application on a local Ray, then for 1, 4 and 16 concurrent clients sends 512×512 person +
 background PNGs and reports p50/p95 latency and requests/s, next to the same work
 (decode → segment → paste → harmonize → encode) called in this process: the ratio is
-Serve's overhead.
+Serve's overhead. After the one-client level, where that time went, from the application's
+own ``GET /v1/monitor`` (the ingress's stages and each model's time per batch): the client's
+p50 minus the ingress's is the HTTP proxy and the transfer; a model stage minus that model's
+batch time is its handle hop (queueing, ``@serve.batch`` wait, the array's transfer both ways).
+``--fused`` also measures the same application with ``fused: true`` (the models in the ingress
+replica, no hops); ``--models default`` uses the production networks (ResNet-34 UNet at 384,
+harmonization widths 32–512 at 256, random weights) instead of tiny ones; ``k=v`` overrides the
+serve config (e.g. ``segmentation.batch_wait_timeout_s=0.002``).
 """
 
 from __future__ import annotations
@@ -56,6 +63,53 @@ def int8_sources(ckpts: dict[str, str], tmp: Path) -> list[str]:
     return out
 
 
+def untrained(task: str, tmp: Path) -> str:
+    """A checkpoint of the production network of ``task`` with random weights, on synthetic data."""
+    from montage.core.config import load_config, to_dict
+    from montage.core.paths import packaged_config
+    from montage.core.registry import TASKS
+    from montage.platform.checkpoint import save_checkpoint
+
+    over = ["data.source=synthetic", "model.pretrained=false"] if task == "segmentation" else ["data.source=synthetic"]
+    cfg = load_config(task, TASKS.get(task).spec, packaged_config(task), over)
+    nets = TASKS.get(task)(cfg).build_nets(pretrained=False)
+    return str(save_checkpoint({"task": task, "config": to_dict(cfg), "nets": {k: v.state_dict() for k, v in nets.items()}}, tmp / f"{task}-default.pt"))
+
+
+def breakdown(url: str, client_p50: float) -> str:
+    """Where a one-client ``/v1/composite`` spent its time, from ``GET /v1/monitor`` (p50s, ms)."""
+    import requests
+
+    doc = requests.get(f"{url}/v1/monitor", timeout=30).json()
+    ep = doc["endpoints"]["/v1/composite"]
+    st = {k: v["p50"] for k, v in ep["stages"].items()}
+    model = {t: doc["models"].get(t, {}).get("batch_ms", {}).get("p50", 0.0) for t in ("segmentation", "harmonization")}
+    ingress = ep["latency_ms"]["p50"]
+    parts = [
+        f"proxy+HTTP {client_p50 * 1000 - ingress:.0f}", f"decode {st.get('decode', 0):.0f}",
+        f"segment {st.get('segment', 0):.0f} (model {model['segmentation']:.0f}, hop {st.get('segment', 0) - model['segmentation']:.0f})",
+        f"paste {st.get('paste', 0):.0f}",
+        f"harmonize {st.get('harmonize', 0):.0f} (model {model['harmonization']:.0f}, hop {st.get('harmonize', 0) - model['harmonization']:.0f})",
+        f"encode {st.get('encode', 0):.0f}",
+    ]
+    return f"  one client, p50 ms: client {client_p50 * 1000:.0f} = " + " + ".join(parts) + f" + rest {ingress - sum(st.values()):.0f}"
+
+
+def settled(url: str, timeout: float = 900) -> None:
+    """Wait until no model is still computing its drift reference (a replica serving a checkpoint
+    without a stored one computes it in the background at start: minutes of CPU for the
+    production networks, which would be measured as Serve's cost)."""
+    import requests
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        states = {t: m.get("reference") for t, m in requests.get(f"{url}/v1/monitor", timeout=30).json()["models"].items()}
+        if "pending" not in states.values():
+            return
+        time.sleep(2)
+    raise TimeoutError(f"drift references still pending after {timeout} s: {states}")
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -66,6 +120,9 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--int8", action="store_true", help="also serve INT8 variants of both models (runtime: onnx) and measure them")
+    p.add_argument("--fused", action="store_true", help="also serve with fused: true (the models inside the ingress replica)")
+    p.add_argument("--models", choices=["tiny", "default"], default="tiny", help="tiny networks (the platform's cost) or the production ones")
+    p.add_argument("overrides", nargs="*", help="serve config overrides, e.g. segmentation.batch_wait_timeout_s=0.002")
     args = p.parse_args()
     import ray
     import requests
@@ -79,7 +136,10 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="montage-serve-bench-"))
     over = ["tracking.enabled=false", "train.max_steps=1", "data.size=64"]
-    ckpts = {t: fit_local(smoke(t, [*over, f"run.name={t}", f"run.storage={tmp / 'runs'}"])).best_checkpoint for t in ("segmentation", "harmonization")}
+    if args.models == "tiny":
+        ckpts = {t: fit_local(smoke(t, [*over, f"run.name={t}", f"run.storage={tmp / 'runs'}"])).best_checkpoint for t in ("segmentation", "harmonization")}
+    else:
+        ckpts = {t: untrained(t, tmp) for t in ("segmentation", "harmonization")}
     s = args.size
     person = encode_png(SyntheticPersons(1, size=s, seed=3).load(0)[0])
     background = encode_png(textured_background(np.random.default_rng(1), s, s))
@@ -102,8 +162,9 @@ def main() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    base = [f"port={port}", f"monitoring.window={args.requests}", *args.overrides]
     torch_sources = [f"segmentation.source={ckpts['segmentation']}", f"harmonization.source={ckpts['harmonization']}"]
-    run(load_serve_config(None, [f"port={port}", *torch_sources]))
+    run(load_serve_config(None, [*base, *torch_sources]))
     url = f"http://127.0.0.1:{port}/v1/composite"
 
     def call(_: int) -> float:
@@ -112,14 +173,18 @@ def main() -> int:
         r.raise_for_status()
         return time.perf_counter() - t0
 
-    print(f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; tiny models (the figures are the platform's cost, not model compute)")
+    what = "tiny models (the figures are the platform's cost, not model compute)" if args.models == "tiny" else "the production networks (random weights)"
+    print(f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; {what}; serve overrides: {args.overrides or 'none'}")
     print(f"in-process pipeline: p50 {statistics.median(local) * 1000:.0f} ms, p95 {pct(local, 0.95) * 1000:.0f} ms, {1 / statistics.mean(local):.1f} req/s")
-    runtimes = {"torch fp32": [f"port={port}", *torch_sources]}
+    runtimes = {"torch fp32": [*base, *torch_sources]}
+    if args.fused:
+        runtimes["torch fp32, fused"] = [*base, *torch_sources, "fused=true"]
     if args.int8:
-        runtimes["onnxruntime int8"] = [f"port={port}", *int8_sources(ckpts, tmp)]
+        runtimes["onnxruntime int8"] = [*base, *int8_sources(ckpts, tmp)]
     for name, overrides in runtimes.items():
         run(load_serve_config(None, overrides))  # in place: replicas reconfigure to the new sources
         call(0)
+        settled(url.rsplit("/v1/", 1)[0])
         print(f"\n{name}\n{'clients':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s':>6s} {'p50 ÷ in-process':>17s}")
         for clients in (1, 4, 16):
             t0 = time.perf_counter()
@@ -127,7 +192,9 @@ def main() -> int:
                 lat = list(pool.map(call, range(args.requests)))
             wall = time.perf_counter() - t0
             p50 = statistics.median(lat)
-            print(f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {p50 / statistics.median(local):17.2f}")
+            print(f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {p50 / statistics.median(local):17.2f}", flush=True)
+            if clients == 1:
+                print(breakdown(url.rsplit("/v1/", 1)[0], p50), flush=True)
     from ray import serve
 
     serve.shutdown()

@@ -21,7 +21,7 @@ from montage.core.config import from_dict, merge, parse_override, read_yaml, set
 from montage.platform.imaging import encode_png
 from montage.serve import access
 from montage.serve.access import AuthConfig, CorsConfig
-from montage.serve.deployments import Harmonizer, Pix2Pix, Segmenter
+from montage.serve.deployments import Harmonizer, LocalModel, Pix2Pix, Segmenter, unit_alpha
 from montage.serve.imaging import Limits, Placement, RequestError, decode_upload, mask_from_upload, paste, refine_alpha
 from montage.serve.monitoring import IngressMonitor, MonitoringConfig, RequestMetrics, gather_summary, record_input, stage
 from montage.serve.page import page_html
@@ -38,7 +38,10 @@ class ModelServeConfig:
     num_cpus: float = 0.25  # small by default: ingress + three models fit a 2-core laptop
     num_gpus: float = 0.0  # fractional GPUs allowed
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.01
+    # how long @serve.batch waits for more requests: a lone request waited the whole 10 ms at each model
+    # before; under load a batch forms anyway from what queued during the previous forward (GPUs may want a few ms)
+    batch_wait_timeout_s: float = 0.0
+    threads: int = 0  # torch intra-op threads in a replica; 0: what Ray sets from num_cpus (1 for a fractional CPU)
     max_ongoing_requests: int = 16  # per replica; keep >= max_batch_size so batches can fill
     max_queued_requests: int = 64  # per caller (the ingress); past it the ingress answers 503 + Retry-After; -1: unbounded
 
@@ -61,6 +64,9 @@ class ServeConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
     name: str = "montage"
+    # run the models inside the ingress replica: no deployment-handle hop (lowest latency at low load),
+    # but no model replicas of their own (they scale and queue with the ingress)
+    fused: bool = False
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
 
@@ -94,7 +100,8 @@ def png(arr: np.ndarray) -> Response:
 class Ingress:
     def __init__(self, segmenter: Any, harmonizer: Any, pix2pix: Any, limits: dict[str, int], monitoring: dict[str, Any] | None = None,
                  access_settings: access.AccessSettings | None = None) -> None:
-        self.segmenter, self.harmonizer, self.pix2pix = segmenter, harmonizer, pix2pix
+        # fused: the models run in this replica (LocalModel), called like deployment handles
+        self.segmenter, self.harmonizer, self.pix2pix = (LocalModel.from_spec(h) if isinstance(h, dict) else h for h in (segmenter, harmonizer, pix2pix))
         access.configure(access_settings or access.AccessSettings())
         self.limits = Limits(**limits)
         self.monitor = IngressMonitor(monitoring)
@@ -136,7 +143,7 @@ class Ingress:
     ) -> Response:
         img = await self._read(image, "image")
         with stage("segment"):
-            alpha = await self._need(self.segmenter, "segmentation").remote(img, tta)
+            alpha = unit_alpha(await self._need(self.segmenter, "segmentation").remote(img, tta))
         alpha = refine_alpha(alpha, img, threshold, refine)
         return png(np.dstack([img, (alpha * 255).round().astype(np.uint8)]))
 
@@ -172,7 +179,7 @@ class Ingress:
         p = await self._read(person, "person")
         bg = await self._read(background, "background")
         with stage("segment"):
-            alpha = await self._need(self.segmenter, "segmentation").remote(p, tta)
+            alpha = unit_alpha(await self._need(self.segmenter, "segmentation").remote(p, tta))
         with stage("paste"):
             raw, mask = paste(p, alpha, bg, where)
         with stage("harmonize"):
@@ -217,7 +224,10 @@ class Ingress:
             raise RequestError(str(exc)) from exc
 
 
-def _model(cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str, monitoring: MonitoringConfig | None = None, retry_after_s: float = 1.0) -> Any:
+def _model(
+    cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str, monitoring: MonitoringConfig | None = None, retry_after_s: float = 1.0, fused: bool = False,
+) -> Any:
+    """The bound deployment of a model, or (``fused``) what the ingress needs to run it itself."""
     if not cfg.enabled:
         return None
     if cfg.runtime not in ("torch", "onnx"):
@@ -230,15 +240,18 @@ def _model(cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str, monito
         revision = resolve_version(source, tracking_uri)
     elif Path(source).exists():
         revision = str(Path(source).stat().st_mtime_ns)
+    user_config = {
+        "source": source, "runtime": cfg.runtime, "revision": revision, "tracking_uri": tracking_uri,
+        "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "threads": cfg.threads,
+        "monitoring": to_dict(monitoring or MonitoringConfig()),
+    }
+    if fused:
+        return LocalModel.spec(cls, user_config)
     return cls.options(
         num_replicas=cfg.num_replicas,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         **_overload(task, cfg.max_ongoing_requests, cfg.max_queued_requests, retry_after_s),
-        user_config={
-            "source": source, "runtime": cfg.runtime, "revision": revision, "tracking_uri": tracking_uri,
-            "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-            "monitoring": to_dict(monitoring or MonitoringConfig()),
-        },
+        user_config=user_config,
     ).bind()
 
 
@@ -250,9 +263,9 @@ def build_app(cfg: ServeConfig) -> Any:
     settings = access.resolve_settings(cfg.auth, cfg.cors, cfg.retry_after_s, max_body_bytes=2 * cfg.max_bytes + 1024 * 1024)
     overload = _overload("ingress", cfg.ingress_max_ongoing_requests, cfg.ingress_max_queued_requests, cfg.retry_after_s)
     return Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus}, **overload).bind(
-        _model(Segmenter, cfg.segmentation, "segmentation", uri, cfg.monitoring, cfg.retry_after_s),
-        _model(Harmonizer, cfg.harmonization, "harmonization", uri, cfg.monitoring, cfg.retry_after_s),
-        _model(Pix2Pix, cfg.pix2pix, "pix2pix", uri, cfg.monitoring, cfg.retry_after_s),
+        _model(Segmenter, cfg.segmentation, "segmentation", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
+        _model(Harmonizer, cfg.harmonization, "harmonization", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
+        _model(Pix2Pix, cfg.pix2pix, "pix2pix", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
         {"max_side": cfg.max_side, "max_bytes": cfg.max_bytes},
         to_dict(cfg.monitoring),
         access_settings=settings,

@@ -232,6 +232,7 @@ class ModelMonitor:
         self.drift: DriftDetector | None = None
         self.reference_state = "none"  # none | pending | stored | computed | unavailable
         self.batches: deque[int] = deque(maxlen=500)
+        self.forward_ms: deque[float] = deque(maxlen=500)
         self.recent: deque[tuple[float, int]] = deque(maxlen=5000)  # (time, batch size) for images/s
         self.started = time.time()
         self.anomalies: dict[str, int] = {}
@@ -246,6 +247,7 @@ class ModelMonitor:
         self.m = _Metrics.get() if self.cfg.enabled else None
         self.tags = {"model": self.task, "version": version}
         self.batches.clear()
+        self.forward_ms.clear()
         self.recent.clear()
         self.started = time.time()
         self.anomalies, self.images, self.drift = {}, 0, None
@@ -288,6 +290,7 @@ class ModelMonitor:
         self.m.images.inc(size, tags=self.tags)
         self.m.forward.observe(ms, tags=self.tags)
         self.batches.append(size)
+        self.forward_ms.append(ms)
         self.recent.append((time.time(), size))
         self.images += size
 
@@ -346,6 +349,7 @@ class ModelMonitor:
             "version": self.tags["version"], "enabled": self.cfg.enabled, "images": self.images,
             "images_per_s": round(last_minute / max(1e-3, min(60.0, now - self.started)), 3),
             "batch_size": {"mean": round(float(np.mean(b)), 2) if b else 0.0, "max": max(b, default=0), "batches": len(b)},
+            "batch_ms": _percentiles(list(self.forward_ms)),  # the model's own time per batch (the rest of a stage is the hop)
             "reference": self.reference_state, "anomalies": dict(self.anomalies),
         }
         if self.drift is not None:
