@@ -20,7 +20,7 @@ from montage.platform.checkpoint import load_checkpoint, save_checkpoint
 from montage.platform.pruning import PruneReport, count_params, prune_channels, prune_magnitude
 from montage.platform.runner import RunSummary
 from montage.tracking.registry import model_name, register_checkpoint
-from montage.tracking.variants import Measurement, measure, resolve_source, tag_version, validation_batch
+from montage.tracking.variants import Measurement, measure, registers, resolve_source, tag_version, validation_batch
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _params(checkpoint: str | Path, task: str) -> int:
 
 def _register(task: str, variant: TrainedVariant, cfg: ExperimentConfig, extra: dict[str, str]) -> str:
     m = variant.measurement
-    reg = register_checkpoint(cfg, variant.checkpoint, variant.mlflow_run_id or "", m.metric, m.mode, m.value, sweep="", params=extra, promote="never")
+    reg = register_checkpoint(cfg, variant.checkpoint, variant.mlflow_run_id or "", m.metric, m.mode, m.value, sweep="", params={}, promote="never")
     size_mb = Path(variant.checkpoint).stat().st_size / 2**20
     tags = {
         "montage.variant": variant.variant, "montage.runtime": "torch", "montage.parent": variant.parent, "montage.params": str(variant.params),
@@ -131,9 +131,7 @@ def prune_model(
         name, parent, best, _params(best, task), parent_params, m,
         run_dir=summary.run_dir if summary else str(run_dir), mlflow_run_id=summary.mlflow_run_id if summary else None, prune=report, overrides=list(overrides),
     )
-    if register is None:
-        register = source.startswith("models:/")
-    if register:
+    if registers(source, register):
         if variant.mlflow_run_id is None:
             raise ValueError("registering a variant needs its MLflow run: fine-tune it (--epochs > 0, tracking on) or pass --no-register")
         variant.registered = _register(task, variant, cfg, {"montage.prune_mode": mode, "montage.prune_ratio": f"{ratio:g}"})
@@ -164,9 +162,7 @@ def distill_model(
         "student", parent, str(summary.best_checkpoint), _params(summary.best_checkpoint, task), _params(checkpoint, task), m,
         run_dir=summary.run_dir, mlflow_run_id=summary.mlflow_run_id, overrides=student,
     )
-    if register is None:
-        register = source.startswith("models:/")
-    if register:
+    if registers(source, register):
         if variant.mlflow_run_id is None:
             raise ValueError("registering a student needs its MLflow run (tracking.enabled=true) or --no-register")
         variant.registered = _register(task, variant, cfg, {"montage.student": " ".join(student), "montage.distill_weight": f"{weight:g}"})

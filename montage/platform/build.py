@@ -133,7 +133,7 @@ def init_from_checkpoint(task: Task, nets: dict[str, nn.Module], path: str) -> N
     """``init.checkpoint``: every network ``path`` holds starts from its weights, reshaped to
     them first (a channel-pruned network trains in its pruned shape)."""
     from montage.platform.checkpoint import load_checkpoint
-    from montage.platform.pruning import conform
+    from montage.platform.pruning import load_weights
 
     if "://" in path:
         raise ValueError(f"init.checkpoint {path!r} must be a local checkpoint here (the launchers download models:/ URIs)")
@@ -142,5 +142,4 @@ def init_from_checkpoint(task: Task, nets: dict[str, nn.Module], path: str) -> N
     if missing:
         raise ValueError(f"init.checkpoint {path} holds no weights for network(s) {', '.join(missing)}")
     for name, net in nets.items():
-        conform(net, saved[name])
-        net.load_state_dict(saved[name])
+        load_weights(net, saved[name])

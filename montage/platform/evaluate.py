@@ -17,25 +17,26 @@ from montage.platform.loop import Loop
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
 
 
-def evaluation_loop(checkpoint: str | Path) -> Loop:
+def evaluation_loop(checkpoint: str | Path, exported: nn.Module | None = None) -> Loop:
     """A loop over the checkpoint's own validation data with its networks loaded (CPU, one
-    process, nothing tracked or trained)."""
+    process, nothing tracked or trained); with ``exported`` (e.g. an ``OnnxNet``), that network
+    in place of the checkpoint's exported one."""
     state = load_checkpoint(checkpoint)
     cfg = config_from_tree(state["config"])
     cfg.init.checkpoint, cfg.distill.teacher = str(checkpoint), ""
     cfg.tracking.enabled, cfg.train.progress, cfg.train.cache_data, cfg.train.compile = False, False, False, "off"
     cfg.scaling.workers, cfg.scaling.gpus = 1, False
-    return build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
+    loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
+    if exported is not None:
+        loop.m.nets[loop.task.export_net] = loop.task.from_exported(exported)
+    return loop
 
 
 def evaluate(checkpoint: str | Path, exported: nn.Module | None = None) -> dict[str, float]:
     """The checkpoint's validation metrics; with ``exported`` (e.g. an ``OnnxNet``), those of
     that network in place of the checkpoint's exported one."""
-    loop = evaluation_loop(checkpoint)
-    if exported is not None:
-        loop.m.nets[loop.task.export_net] = loop.task.from_exported(exported)
     with torch.no_grad():
-        return loop.evaluate()
+        return evaluation_loop(checkpoint, exported).evaluate()
 
 
 def latency_pair(a: Callable[[], Any], b: Callable[[], Any], runs: int = 20, warmup: int = 3) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from torch import nn
 from montage.core.config import build_config
 from montage.core.registry import TASKS
 from montage.platform.checkpoint import load_checkpoint
-from montage.platform.pruning import conform
+from montage.platform.pruning import load_weights
 from montage.platform.task import Task
 
 
@@ -25,8 +25,7 @@ def load_for_inference(path: str | Path, task: str | None = None, device: str | 
     for name, net in nets.items():
         if name not in state["nets"]:
             continue  # e.g. a discriminator not needed at inference is still saved; extra nets ignored
-        conform(net, state["nets"][name])  # a channel-pruned network: its layer widths come from the weights
-        net.load_state_dict(state["nets"][name])
+        load_weights(net, state["nets"][name])  # a channel-pruned network: its layer widths come from the weights
         net.to(device).eval()
     return inst, nets
 

@@ -92,7 +92,7 @@ def prune_channels(net: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: floa
     pruner.step()
     _fix_group_norms(net)
     report = PruneReport("channels", ratio, before[0], count_params(net), before[1], conv_channels(net), zero_fraction(net))
-    log.info("pruned %.0f %% of the channels: %d → %d parameters, %d → %d conv channels", ratio * 100, *before[:1], report.params_after, before[1], report.channels_after)
+    log.info("pruned %.0f %% of the channels: %d → %d parameters, %d → %d conv channels", ratio * 100, before[0], report.params_after, before[1], report.channels_after)
     return report
 
 
@@ -129,9 +129,8 @@ def conform(net: nn.Module, state: Mapping[str, Any]) -> bool:
             continue
         changed = True
         if isinstance(m, _CONVS):
-            transposed = isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
             a, b = w.shape[:2]  # (out, in/groups), or (in, out/groups) for a transposed convolution
-            m.in_channels, m.out_channels = (a, b * m.groups) if transposed else (b * m.groups, a)
+            m.in_channels, m.out_channels = (a, b * m.groups) if m.transposed else (b * m.groups, a)
         elif isinstance(m, nn.Linear):
             m.out_features, m.in_features = w.shape
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
@@ -148,3 +147,10 @@ def conform(net: nn.Module, state: Mapping[str, Any]) -> bool:
         if getattr(m, "bias", None) is not None and f"{name}.bias" in state:
             m.bias = _param(state[f"{name}.bias"])
     return changed
+
+
+def load_weights(net: nn.Module, state: Mapping[str, Any]) -> None:
+    """Load ``state`` into ``net``, reshaped to its widths first (:func:`conform`): a network
+    built from its config takes a channel-pruned checkpoint's weights."""
+    conform(net, state)
+    net.load_state_dict(state)

@@ -86,20 +86,20 @@ class _ModelDeployment:
 class Segmenter(_ModelDeployment):
     task = "segmentation"
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def _segment(self, images: list[np.ndarray], tta: bool) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        out = self.predictor(images)
+        out = self.predictor(images, tta=tta)
         self.monitor.observe_segmentation(images, out, t0)
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        return self._segment(images, tta=False)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def run_batch_tta(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Requests with ``?tta=true`` (flip averaging: two forward passes), batched apart."""
-        t0 = time.perf_counter()
-        out = self.predictor(images, tta=True)
-        self.monitor.observe_segmentation(images, out, t0)
-        return out
+        return self._segment(images, tta=True)
 
     async def __call__(self, image: np.ndarray, tta: bool = False) -> np.ndarray:
         """The alpha as uint8 (0–255): a quarter of float32's bytes across the hop (see :func:`unit_alpha`)."""

@@ -54,12 +54,15 @@ def export_model(
     batch = validation_batch(inst, size=2 if dynamic_batch else 1)  # a static batch is fixed at the example's
     report = export_onnx(inst.export_spec(nets, batch), output, opset=opset, dynamic_batch=dynamic_batch)
     m = measure(checkpoint, onnx_path=report.path)
-    if register is None:
-        register = source.startswith("models:/")
-    if not register:
+    if not registers(source, register):
         return Variant(report, parent, measurement=m)
     version = register_onnx(task, Path(report.path), parent, report, tracking_uri, extra_tags=m.tags())
     return Variant(report, parent, model_name(task), version, m)
+
+
+def registers(source: str, register: bool | None) -> bool:
+    """Whether a variant of ``source`` is registered: as asked, by default when the source is a registered model."""
+    return source.startswith("models:/") if register is None else register
 
 
 def resolve_source(source: str, tracking_uri: str) -> tuple[str, Path]:
@@ -114,9 +117,7 @@ def quantize_model(
     )
     log.info("%s %s: %.2f MB (fp32 ONNX %.2f MB); max |%s − PyTorch fp32| = %.3g over %d samples", precision, output, report.size_mb, fp32.size_mb, precision, worst, len(specs))
     m = measure(checkpoint, onnx_path=output)
-    if register is None:
-        register = source.startswith("models:/")
-    if not register:
+    if not registers(source, register):
         return Variant(report, parent, measurement=m)
     return Variant(report, parent, model_name(task), register_onnx(task, output, parent, report, tracking_uri, variant=precision, extra_tags=m.tags()), m)
 
@@ -226,13 +227,11 @@ def measure(parent: str | Path, checkpoint: str | Path | None = None, onnx_path:
     from montage.platform.inference import OnnxNet
 
     def prepare(ckpt: str | Path, onnx: str | Path | None) -> tuple[float, Any, str, str]:
-        loop = evaluation_loop(ckpt)
+        exported = OnnxNet(onnx) if onnx is not None else None
+        loop = evaluation_loop(ckpt, exported)
         metric, mode = loop.task.monitor
-        spec = loop.task.export_spec(loop.m.nets, validation_batch(loop.task, 1))
-        module = spec.module.eval()
-        if onnx is not None:
-            module = OnnxNet(onnx)
-            loop.m.nets[loop.task.export_net] = loop.task.from_exported(module)
+        spec = loop.task.export_spec(loop.m.nets, validation_batch(loop.task, 1))  # the inputs latency is timed on
+        module = exported if exported is not None else spec.module.eval()
         with torch.no_grad():
             value = loop.evaluate()[metric]
         inputs = tuple(spec.inputs.values())
