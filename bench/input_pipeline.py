@@ -38,10 +38,17 @@ def pipeline(n: int, workers: int, cache: bool, size: int = 384) -> float:
     from montage.tasks.segmentation.data import SegDataConfig, SegmentationDataset
 
     tmp = photo_folder()
-    ds = SegmentationDataset(ImageMaskFolder(str(tmp / "img"), str(tmp / "mask")), size, SegDataConfig().augment, cache=cache)
+    ds = SegmentationDataset(
+        ImageMaskFolder(str(tmp / "img"), str(tmp / "mask")), size, SegDataConfig().augment, cache=cache
+    )
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=8, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
+        ds,
+        batch_size=8,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+        pin_memory=torch.cuda.is_available(),
     )
     seen, t0 = 0, None
     while seen < n:

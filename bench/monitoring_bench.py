@@ -46,7 +46,10 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="montage-monitoring-bench-"))
     over = ["tracking.enabled=false", "train.max_steps=1", "data.size=64"]
-    ckpts = {t: fit_local(smoke(t, [*over, f"run.name={t}", f"run.storage={tmp / 'runs'}"])).best_checkpoint for t in ("segmentation", "harmonization")}
+    ckpts = {
+        t: fit_local(smoke(t, [*over, f"run.name={t}", f"run.storage={tmp / 'runs'}"])).best_checkpoint
+        for t in ("segmentation", "harmonization")
+    }
     s = args.size
     person_img = SyntheticPersons(1, size=s, seed=3).load(0)[0]
     bg_img = textured_background(np.random.default_rng(1), s, s)
@@ -64,7 +67,11 @@ def main() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    base = [f"port={port}", f"segmentation.source={ckpts['segmentation']}", f"harmonization.source={ckpts['harmonization']}"]
+    base = [
+        f"port={port}",
+        f"segmentation.source={ckpts['segmentation']}",
+        f"harmonization.source={ckpts['harmonization']}",
+    ]
     url = f"http://127.0.0.1:{port}"
 
     def call() -> float:
@@ -81,12 +88,21 @@ def main() -> int:
                 call()
             if mode == "on":  # the drift reference is computed in the background: let it finish first
                 end = time.time() + 120
-                while time.time() < end and any(m.get("reference") == "pending" for m in requests.get(f"{url}/v1/monitor", timeout=30).json()["models"].values()):
+                while time.time() < end and any(
+                    m.get("reference") == "pending"
+                    for m in requests.get(f"{url}/v1/monitor", timeout=30).json()["models"].values()
+                ):
                     time.sleep(0.5)
             results[mode] += [call() for _ in range(args.requests)]
 
-    print(f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; tiny models; 1 client; {args.rounds} × {args.requests} requests per mode")
-    print(f"monitoring work per /v1/composite in process (features of 2 inputs, alpha, colour change): median {statistics.median(work) * 1000:.2f} ms")
+    print(
+        f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; tiny models; 1 client; {args.rounds} × "
+        f"{args.requests} requests per mode"
+    )
+    print(
+        "monitoring work per /v1/composite in process (features of 2 inputs, alpha, colour change): median "
+        f"{statistics.median(work) * 1000:.2f} ms"
+    )
     print(f"{'monitoring':>10s} {'p50 ms':>7s} {'p95 ms':>7s}")
     for mode, lat in results.items():
         print(f"{mode:>10s} {statistics.median(lat) * 1000:7.1f} {pct(lat, 0.95) * 1000:7.1f}")

@@ -50,14 +50,23 @@ def speed(task: str, size: int, runs: int, tmp: Path) -> list[tuple[str, ...]]:
     from montage.platform.export import export_onnx, quantize_int8, run_session, session
     from montage.platform.pruning import prune_channels
 
-    cfg = load_config(task, TASKS.get(task).spec, packaged_config(task), ["model.pretrained=false", f"data.size={size}"] if task == "segmentation" else [f"data.size={size}"])
+    cfg = load_config(
+        task,
+        TASKS.get(task).spec,
+        packaged_config(task),
+        ["model.pretrained=false", f"data.size={size}"] if task == "segmentation" else [f"data.size={size}"],
+    )
     inst = TASKS.get(task)(cfg)
     nets = {k: v.eval() for k, v in inst.build_nets(pretrained=False).items()}
     gen = torch.Generator().manual_seed(0)
-    example = {"image": torch.rand(1, 3, size, size, generator=gen), "composite": torch.rand(1, 3, size, size, generator=gen)}
+    example = {
+        "image": torch.rand(1, 3, size, size, generator=gen),
+        "composite": torch.rand(1, 3, size, size, generator=gen),
+    }
     example["mask"] = (torch.rand(1, 1, size, size, generator=gen) > 0.5).float()
     spec = inst.export_spec(nets, example)
     fp32 = export_onnx(spec, tmp / f"{task}.onnx", dynamic_batch=True)
+
     def sample(k: str, v: torch.Tensor) -> torch.Tensor:
         x = torch.rand(1, *v.shape[1:], generator=gen)
         return (x > 0.5).float() if k == "mask" else x
@@ -82,6 +91,7 @@ def speed(task: str, size: int, runs: int, tmp: Path) -> list[tuple[str, ...]]:
             def run(n: int, net=net) -> None:
                 with torch.no_grad():
                     net(*batch(n).values())
+
             mb = fp32.size_mb if name == "torch eager" else fp32.size_mb * pruned_report.params_after / fp32.params
             params = fp32.params if name == "torch eager" else pruned_report.params_after
         else:
@@ -89,13 +99,25 @@ def speed(task: str, size: int, runs: int, tmp: Path) -> list[tuple[str, ...]]:
 
             def run(n: int, sess=sess) -> None:
                 run_session(sess, batch(n))
+
             mb = (int8.stat().st_size if name == "onnx int8" else Path(fp32.path).stat().st_size) / 2**20
         one = timed(lambda: run(1), runs)
         eight = timed(lambda: run(8), max(2, runs // 3))
         p50, p95, ips = pct(one, 0.5), pct(one, 0.95), 8 / statistics.median(eight)
         base = base or (p50, ips)
         ratios = (f"{base[0] / p50:.2f}×", f"{ips / base[1]:.2f}×")
-        rows.append((task, name, f"{mb:.1f}", f"{params / 1e6:.2f}M", f"{p50 * 1000:.0f}", f"{p95 * 1000:.0f}", f"{ips:.2f}", *ratios))
+        rows.append(
+            (
+                task,
+                name,
+                f"{mb:.1f}",
+                f"{params / 1e6:.2f}M",
+                f"{p50 * 1000:.0f}",
+                f"{p95 * 1000:.0f}",
+                f"{ips:.2f}",
+                *ratios,
+            )
+        )
         print(" | ".join(rows[-1]), flush=True)
     return rows
 
@@ -110,9 +132,16 @@ def tta_cost(size: int, runs: int) -> str:
     from montage.core.registry import TASKS
     from montage.platform.evaluate import latency_pair
 
-    cfg = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation"), ["model.pretrained=false", f"data.size={size}"])
+    cfg = load_config(
+        "segmentation",
+        TASKS.get("segmentation").spec,
+        packaged_config("segmentation"),
+        ["model.pretrained=false", f"data.size={size}"],
+    )
     inst = TASKS.get("segmentation")(cfg)
-    predictor = inst.make_predictor({k: v.eval() for k, v in inst.build_nets(pretrained=False).items()}, torch.device("cpu"))
+    predictor = inst.make_predictor(
+        {k: v.eval() for k, v in inst.build_nets(pretrained=False).items()}, torch.device("cpu")
+    )
     photo = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     one, two = latency_pair(lambda: predictor([photo], tta=False), lambda: predictor([photo], tta=True), runs=runs)
     return f"segmentation ?tta=true at {size}²: p50 {two:.0f} ms vs {one:.0f} ms without ({two / one:.2f}×)"
@@ -131,7 +160,13 @@ def quality(task: str, tmp: Path) -> list[tuple[str, ...]]:
     from montage.tracking.variants import quantize_model
 
     epochs = {"segmentation": 6, "harmonization": 4}[task]
-    over = ["tracking.enabled=false", "train.progress=false", f"train.epochs={epochs}", f"run.storage={tmp / 'runs'}", f"run.name={task}-parent"]
+    over = [
+        "tracking.enabled=false",
+        "train.progress=false",
+        f"train.epochs={epochs}",
+        f"run.storage={tmp / 'runs'}",
+        f"run.name={task}-parent",
+    ]
     cfg = as_one_process(load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), over))
     t0 = time.perf_counter()
     parent = fit_local(cfg).best_checkpoint
@@ -142,7 +177,19 @@ def quality(task: str, tmp: Path) -> list[tuple[str, ...]]:
 
     def row(variant: str, value: float, params: str, note: str) -> None:
         rel = f"{(value / parent_value - 1) * 100:+.1f} %" if parent_value else "—"
-        rows.append((task, metric, variant, f"{parent_value:.4g}", f"{value:.4g}", f"{value - parent_value:+.4g}", rel, params, note))
+        rows.append(
+            (
+                task,
+                metric,
+                variant,
+                f"{parent_value:.4g}",
+                f"{value:.4g}",
+                f"{value - parent_value:+.4g}",
+                rel,
+                params,
+                note,
+            )
+        )
         print(" | ".join(rows[-1]), flush=True)
 
     int8 = quantize_model(task, parent, tmp / f"q-{task}-int8.onnx", samples=32, register=False)
@@ -151,11 +198,20 @@ def quality(task: str, tmp: Path) -> list[tuple[str, ...]]:
     half = max(1, epochs // 2)
     t0 = time.perf_counter()
     pruned = prune_model(task, parent, ratio=0.5, epochs=half, overrides=run, register=False, no_ray=True)
-    row("pruned-0.5 + fine-tune", pruned.measurement.value, f"{pruned.parent_params / pruned.params:.1f}× fewer", f"{half} epochs fine-tune, {time.perf_counter() - t0:.0f} s")
+    row(
+        "pruned-0.5 + fine-tune",
+        pruned.measurement.value,
+        f"{pruned.parent_params / pruned.params:.1f}× fewer",
+        f"{half} epochs fine-tune, {time.perf_counter() - t0:.0f} s",
+    )
     t0 = time.perf_counter()
     student = distill_model(task, parent, epochs=epochs, overrides=run, register=False, no_ray=True)
-    row("student (distilled)", student.measurement.value, f"{student.parent_params / student.params:.1f}× fewer",
-        f"{' '.join(student.overrides)}; {epochs} epochs, {time.perf_counter() - t0:.0f} s (parent {parent_s:.0f} s)")
+    row(
+        "student (distilled)",
+        student.measurement.value,
+        f"{student.parent_params / student.params:.1f}× fewer",
+        f"{' '.join(student.overrides)}; {epochs} epochs, {time.perf_counter() - t0:.0f} s (parent {parent_s:.0f} s)",
+    )
     return rows
 
 

@@ -62,7 +62,12 @@ ROWS: dict[str, list[Row]] = {
 
 def measure(task: str, seed: int, overrides: list[str]) -> dict[str, float]:
     """Train the tiny recipe once; the untrained and best-epoch validation metrics."""
-    cfg = load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), [f"train.seed={seed}", "tracking.enabled=false", "train.progress=false", *overrides])
+    cfg = load_config(
+        task,
+        TASKS.get(task).spec,
+        packaged_config(f"{task}-tiny"),
+        [f"train.seed={seed}", "tracking.enabled=false", "train.progress=false", *overrides],
+    )
     as_one_process(cfg)
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu")), hooks=[])
     untrained = loop.evaluate()
@@ -102,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         if t not in ROWS:
             parser.error(f"unknown task '{t}'; valid: {', '.join(TASK_NAMES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines = ["| task | metric | baseline | baseline value | trained | ratio | target | met | steps | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | metric | baseline | baseline value | trained | ratio | target | met | steps | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     all_met = True
     for task in tasks:
         over = [o.split(".", 1)[1] for o in args.overrides if o.startswith(task + ".")]
@@ -117,11 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             ratio = [t / b for t, b in zip(trained, base) if b]  # an untrained IoU of 0 has no ratio
             value = statistics.median(trained) if row.mode == "max" else statistics.median(ratio)
             ratio_text = fmt(ratio) if len(ratio) == len(trained) else "—"
-            met = "" if not row.target else ("yes" if (value >= row.limit if row.mode == "max" else value <= row.limit) else "no")
+            met = (
+                ""
+                if not row.target
+                else ("yes" if (value >= row.limit if row.mode == "max" else value <= row.limit) else "no")
+            )
             all_met &= met != "no"
-            kind = "untrained model" if row.baseline == "untrained" else {"val/baseline_fmse": "composite", "val/baseline_l1": "mean face"}[row.baseline]
+            kind = (
+                "untrained model"
+                if row.baseline == "untrained"
+                else {"val/baseline_fmse": "composite", "val/baseline_l1": "mean face"}[row.baseline]
+            )
             lines.append(
-                f"| {task} | {row.metric} | {kind} | {fmt(base)} | {fmt(trained)} | {ratio_text} | {row.target} | {met} "
+                f"| {task} | {row.metric} | {kind} | {fmt(base)} | {fmt(trained)} | {ratio_text} | {row.target} | "
+                f"{met} "
                 f"| {fmt([r['steps'] for r in runs])} | {fmt([r['wall_s'] for r in runs])} |"
             )
     print("\n".join(lines))

@@ -44,10 +44,22 @@ def main() -> int:
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
 
     def config(name: str, failures: int):
-        return load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), [
-            "scaling.workers=2", f"scaling.max_failures={failures}", f"train.epochs={args.epochs}", f"data.synthetic_train={args.samples}",
-            f"run.name={name}", f"run.storage={tmp / 'runs'}", f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'art'}", "tracking.log_model=false",
-        ])
+        return load_config(
+            "segmentation",
+            TASKS.get("segmentation").spec,
+            packaged_config("segmentation-smoke"),
+            [
+                "scaling.workers=2",
+                f"scaling.max_failures={failures}",
+                f"train.epochs={args.epochs}",
+                f"data.synthetic_train={args.samples}",
+                f"run.name={name}",
+                f"run.storage={tmp / 'runs'}",
+                f"tracking.uri={uri}",
+                f"tracking.artifacts={tmp / 'art'}",
+                "tracking.log_model=false",
+            ],
+        )
 
     def epoch_times(run_id: str) -> dict[int, float]:
         return {int(m.step): m.timestamp / 1000 for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "epoch")}
@@ -82,9 +94,21 @@ def main() -> int:
         first_after = min(t for t in ends.values() if t > kill)
         rows = [
             ("undisturbed fit, wall", f"{base_s:.1f} s", f"{args.epochs} epochs, {epoch_s:.1f} s per epoch"),
-            ("killed fit, wall", f"{killed_s:.1f} s", f"{killed_s / base_s:.2f}× undisturbed; restarts reported: {out.restarts}"),
-            ("restart time", f"{first_after - kill - epoch_s:.1f} s", "kill → first epoch of the new worker group done, minus one epoch"),
-            ("training lost", f"{kill - ends[checkpointed]:.1f} s", f"kill − the checkpoint of epoch {checkpointed} it resumed from"),
+            (
+                "killed fit, wall",
+                f"{killed_s:.1f} s",
+                f"{killed_s / base_s:.2f}× undisturbed; restarts reported: {out.restarts}",
+            ),
+            (
+                "restart time",
+                f"{first_after - kill - epoch_s:.1f} s",
+                "kill → first epoch of the new worker group done, minus one epoch",
+            ),
+            (
+                "training lost",
+                f"{kill - ends[checkpointed]:.1f} s",
+                f"kill − the checkpoint of epoch {checkpointed} it resumed from",
+            ),
             ("epochs logged", ", ".join(str(e) for e in sorted(ends)), "one MLflow run, each epoch once"),
         ]
         width = max(len(r[0]) for r in rows)

@@ -58,7 +58,9 @@ def int8_sources(ckpts: dict[str, str], tmp: Path) -> list[str]:
         prepare_tracking(cfg)
         metric, mode = ("val/iou", "max") if task == "segmentation" else ("val/fmse", "min")
         version = reg.register_checkpoint(cfg, ckpt, create_run(cfg), metric, mode, 0.0, "bench", {}, "always").version
-        variant = quantize_model(task, f"models:/montage-{task}/{version}", tmp / f"{task}-int8.onnx", samples=8, tracking_uri=uri)
+        variant = quantize_model(
+            task, f"models:/montage-{task}/{version}", tmp / f"{task}-int8.onnx", samples=8, tracking_uri=uri
+        )
         out += [f"{task}.source=models:/montage-{task}/{variant.version}", f"{task}.runtime=onnx"]
     return out
 
@@ -73,7 +75,12 @@ def untrained(task: str, tmp: Path) -> str:
     over = ["data.source=synthetic", "model.pretrained=false"] if task == "segmentation" else ["data.source=synthetic"]
     cfg = load_config(task, TASKS.get(task).spec, packaged_config(task), over)
     nets = TASKS.get(task)(cfg).build_nets(pretrained=False)
-    return str(save_checkpoint({"task": task, "config": to_dict(cfg), "nets": {k: v.state_dict() for k, v in nets.items()}}, tmp / f"{task}-default.pt"))
+    return str(
+        save_checkpoint(
+            {"task": task, "config": to_dict(cfg), "nets": {k: v.state_dict() for k, v in nets.items()}},
+            tmp / f"{task}-default.pt",
+        )
+    )
 
 
 def breakdown(url: str, client_p50: float) -> str:
@@ -86,13 +93,20 @@ def breakdown(url: str, client_p50: float) -> str:
     model = {t: doc["models"].get(t, {}).get("batch_ms", {}).get("p50", 0.0) for t in ("segmentation", "harmonization")}
     ingress = ep["latency_ms"]["p50"]
     parts = [
-        f"proxy+HTTP {client_p50 * 1000 - ingress:.0f}", f"decode {st.get('decode', 0):.0f}",
-        f"segment {st.get('segment', 0):.0f} (model {model['segmentation']:.0f}, hop {st.get('segment', 0) - model['segmentation']:.0f})",
+        f"proxy+HTTP {client_p50 * 1000 - ingress:.0f}",
+        f"decode {st.get('decode', 0):.0f}",
+        f"segment {st.get('segment', 0):.0f} (model {model['segmentation']:.0f}, hop "
+        f"{st.get('segment', 0) - model['segmentation']:.0f})",
         f"paste {st.get('paste', 0):.0f}",
-        f"harmonize {st.get('harmonize', 0):.0f} (model {model['harmonization']:.0f}, hop {st.get('harmonize', 0) - model['harmonization']:.0f})",
+        f"harmonize {st.get('harmonize', 0):.0f} (model {model['harmonization']:.0f}, hop "
+        f"{st.get('harmonize', 0) - model['harmonization']:.0f})",
         f"encode {st.get('encode', 0):.0f}",
     ]
-    return f"  one client, p50 ms: client {client_p50 * 1000:.0f} = " + " + ".join(parts) + f" + rest {ingress - sum(st.values()):.0f}"
+    return (
+        f"  one client, p50 ms: client {client_p50 * 1000:.0f} = "
+        + " + ".join(parts)
+        + f" + rest {ingress - sum(st.values()):.0f}"
+    )
 
 
 def settled(url: str, timeout: float = 900) -> None:
@@ -103,7 +117,9 @@ def settled(url: str, timeout: float = 900) -> None:
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        states = {t: m.get("reference") for t, m in requests.get(f"{url}/v1/monitor", timeout=30).json()["models"].items()}
+        states = {
+            t: m.get("reference") for t, m in requests.get(f"{url}/v1/monitor", timeout=30).json()["models"].items()
+        }
         if "pending" not in states.values():
             return
         time.sleep(2)
@@ -119,9 +135,18 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--int8", action="store_true", help="also serve INT8 variants of both models (runtime: onnx) and measure them")
-    p.add_argument("--fused", action="store_true", help="also serve with fused: true (the models inside the ingress replica)")
-    p.add_argument("--models", choices=["tiny", "default"], default="tiny", help="tiny networks (the platform's cost) or the production ones")
+    p.add_argument(
+        "--int8", action="store_true", help="also serve INT8 variants of both models (runtime: onnx) and measure them"
+    )
+    p.add_argument(
+        "--fused", action="store_true", help="also serve with fused: true (the models inside the ingress replica)"
+    )
+    p.add_argument(
+        "--models",
+        choices=["tiny", "default"],
+        default="tiny",
+        help="tiny networks (the platform's cost) or the production ones",
+    )
     p.add_argument("overrides", nargs="*", help="serve config overrides, e.g. segmentation.batch_wait_timeout_s=0.002")
     args = p.parse_args()
     import ray
@@ -137,14 +162,20 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="montage-serve-bench-"))
     over = ["tracking.enabled=false", "train.max_steps=1", "data.size=64"]
     if args.models == "tiny":
-        ckpts = {t: fit_local(smoke(t, [*over, f"run.name={t}", f"run.storage={tmp / 'runs'}"])).best_checkpoint for t in ("segmentation", "harmonization")}
+        ckpts = {
+            t: fit_local(smoke(t, [*over, f"run.name={t}", f"run.storage={tmp / 'runs'}"])).best_checkpoint
+            for t in ("segmentation", "harmonization")
+        }
     else:
         ckpts = {t: untrained(t, tmp) for t in ("segmentation", "harmonization")}
     s = args.size
     person = encode_png(SyntheticPersons(1, size=s, seed=3).load(0)[0])
     background = encode_png(textured_background(np.random.default_rng(1), s, s))
 
-    seg, harm = load_predictor(ckpts["segmentation"], device="cpu"), load_predictor(ckpts["harmonization"], device="cpu")
+    seg, harm = (
+        load_predictor(ckpts["segmentation"], device="cpu"),
+        load_predictor(ckpts["harmonization"], device="cpu"),
+    )
 
     def in_process() -> bytes:
         pi, bg = decode_image(person), decode_image(background)
@@ -173,9 +204,19 @@ def main() -> int:
         r.raise_for_status()
         return time.perf_counter() - t0
 
-    what = "tiny models (the figures are the platform's cost, not model compute)" if args.models == "tiny" else "the production networks (random weights)"
-    print(f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; {what}; serve overrides: {args.overrides or 'none'}")
-    print(f"in-process pipeline: p50 {statistics.median(local) * 1000:.0f} ms, p95 {pct(local, 0.95) * 1000:.0f} ms, {1 / statistics.mean(local):.1f} req/s")
+    what = (
+        "tiny models (the figures are the platform's cost, not model compute)"
+        if args.models == "tiny"
+        else "the production networks (random weights)"
+    )
+    print(
+        f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; {what}; serve overrides: "
+        f"{args.overrides or 'none'}"
+    )
+    print(
+        f"in-process pipeline: p50 {statistics.median(local) * 1000:.0f} ms, p95 {pct(local, 0.95) * 1000:.0f} ms, "
+        f"{1 / statistics.mean(local):.1f} req/s"
+    )
     runtimes = {"torch fp32": [*base, *torch_sources]}
     if args.fused:
         runtimes["torch fp32, fused"] = [*base, *torch_sources, "fused=true"]
@@ -192,7 +233,11 @@ def main() -> int:
                 lat = list(pool.map(call, range(args.requests)))
             wall = time.perf_counter() - t0
             p50 = statistics.median(lat)
-            print(f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} {p50 / statistics.median(local):17.2f}", flush=True)
+            print(
+                f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} "
+                f"{p50 / statistics.median(local):17.2f}",
+                flush=True,
+            )
             if clients == 1:
                 print(breakdown(url.rsplit("/v1/", 1)[0], p50), flush=True)
     from ray import serve

@@ -59,9 +59,15 @@ from montage.platform.loop import Hook  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop, make_task, seed_everything  # noqa: E402
 
 SIZES = {  # (tiny, realistic) overrides per task
-    "segmentation": (["data.size=64"], ["model.encoder=resnet34", "model.decoder_channels=[256,128,64,32,16]", "data.size=256"]),
+    "segmentation": (
+        ["data.size=64"],
+        ["model.encoder=resnet34", "model.decoder_channels=[256,128,64,32,16]", "data.size=256"],
+    ),
     "harmonization": (["data.size=64"], ["model.widths=[32,64,128,256,512]", "data.size=256"]),
-    "pix2pix": (["data.size=64"], ["model.ngf=64", "model.ndf=64", "model.num_downs=8", "model.d_layers=3", "data.size=256"]),
+    "pix2pix": (
+        ["data.size=64"],
+        ["model.ngf=64", "model.ndf=64", "model.num_downs=8", "model.d_layers=3", "data.size=256"],
+    ),
 }
 KNOBS = [  # (label, overrides turning it on); the baseline has every one off
     ("amp bf16", ["train.amp=bf16"]),
@@ -72,7 +78,13 @@ KNOBS = [  # (label, overrides turning it on); the baseline has every one off
     ("grad checkpointing", ["model.grad_checkpointing=true"]),
     ("cache_data", ["train.cache_data=true"]),
 ]
-KNOB_BASELINE = ["train.amp=off", "train.channels_last=false", "train.cudnn_benchmark=false", "train.compile=off", "train.cache_data=false"]
+KNOB_BASELINE = [
+    "train.amp=off",
+    "train.channels_last=false",
+    "train.cudnn_benchmark=false",
+    "train.compile=off",
+    "train.cache_data=false",
+]
 CUDA_ONLY = {"amp fp16", "cudnn.benchmark"}
 
 
@@ -83,8 +95,14 @@ def cuda() -> bool:
 def overrides(task: str, storage: str, extra: list[str]) -> list[str]:
     gpu = ["scaling.gpus=true"] if cuda() else []
     return [
-        "tracking.enabled=false", f"run.storage={storage}", "data.synthetic_train=1024", "data.synthetic_val=8",
-        "train.max_val_steps=1", "train.sample_every=0", *gpu, *extra,
+        "tracking.enabled=false",
+        f"run.storage={storage}",
+        "data.synthetic_train=1024",
+        "data.synthetic_val=8",
+        "train.max_val_steps=1",
+        "train.sample_every=0",
+        *gpu,
+        *extra,
     ]
 
 
@@ -166,51 +184,88 @@ def montage_loop(cfg, steps: int, epochs: int, baton: Baton | None = None) -> di
     hooks: list[Hook] = [times] + ([BatonHook(baton)] if baton else [])
     build_loop(cfg, WorkerEnv(device=torch.device("cuda" if cuda() else "cpu")), hooks=hooks).fit()
     rss, gpu = peak_mb()
-    return {"sps": steady(steps * cfg.train.batch_size, times.train_s), "rss": rss, "gpu": gpu, "epoch_s": times.train_s}
+    return {
+        "sps": steady(steps * cfg.train.batch_size, times.train_s),
+        "rss": rss,
+        "gpu": gpu,
+        "epoch_s": times.train_s,
+    }
 
 
 def ray_overrides(steps: int, epochs: int, workers: int) -> list[str]:
     """A TorchTrainer run of ``epochs`` × ``steps`` whose every epoch comes back with its checkpoint;
     on CPU the workers share all the machine's cores (Ray sets each worker's threads to its CPUs)."""
     cpus = [] if cuda() else [f"scaling.cpus_per_worker={(os.cpu_count() or 2) / workers}"]
-    return [f"train.max_steps={steps}", f"train.epochs={epochs}", f"scaling.keep_checkpoints={epochs}", f"scaling.workers={workers}", *cpus]
+    return [
+        f"train.max_steps={steps}",
+        f"train.epochs={epochs}",
+        f"scaling.keep_checkpoints={epochs}",
+        f"scaling.workers={workers}",
+        *cpus,
+    ]
 
 
-def from_checkpoints(metrics: dict[str, Any], checkpoints: list[dict[str, Any]], samples_per_epoch: int) -> dict[str, float]:
+def from_checkpoints(
+    metrics: dict[str, Any], checkpoints: list[dict[str, Any]], samples_per_epoch: int
+) -> dict[str, float]:
     """Steady state of a Ray run from its kept checkpoints' metrics (rank 0's ``time/train_s``)."""
     train_s = [c["metrics"]["time/train_s"] for c in sorted(checkpoints, key=lambda c: c["metrics"]["epoch"])]
-    return {"sps": steady(samples_per_epoch, train_s), "rss": metrics["mem/peak_rss_mb"], "gpu": metrics.get("mem/cuda_peak_mb", 0.0),
-            "startup": metrics["time/startup_s"]}
+    return {
+        "sps": steady(samples_per_epoch, train_s),
+        "rss": metrics["mem/peak_rss_mb"],
+        "gpu": metrics.get("mem/cuda_peak_mb", 0.0),
+        "startup": metrics["time/startup_s"],
+    }
 
 
 def ray_fit(task: str, storage: str, extra: list[str], steps: int, workers: int, epochs: int) -> dict[str, float]:
     """A TorchTrainer fit in the bench's running Ray."""
     from montage.launch.train import fit_ray
 
-    cfg = config(task, storage, [*extra, *ray_overrides(steps, epochs, workers), f"run.name=bench-{task}-{workers}-{time.time_ns()}"])
+    cfg = config(
+        task,
+        storage,
+        [*extra, *ray_overrides(steps, epochs, workers), f"run.name=bench-{task}-{workers}-{time.time_ns()}"],
+    )
     out = fit_ray(cfg, launched_at=time.time())
     if out.error:
         raise RuntimeError(out.error)
     # each worker ran ``steps`` batches, so the global rate scales with workers
-    return from_checkpoints(out.metrics, [{"path": c.path, "metrics": c.metrics} for c in out.checkpoints], workers * steps * cfg.train.batch_size)
+    return from_checkpoints(
+        out.metrics,
+        [{"path": c.path, "metrics": c.metrics} for c in out.checkpoints],
+        workers * steps * cfg.train.batch_size,
+    )
 
 
 def cli_run(task: str, storage: str, extra: list[str], no_ray: bool = False) -> dict[str, Any]:
     """``montage train`` in a fresh process, as a user types it; returns the summary it prints."""
-    cmd = [sys.executable, "-m", "montage.cli", "train", task, "--config", f"{task}-smoke", *overrides(task, storage, extra), f"run.name=cli-{time.time_ns()}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "montage.cli",
+        "train",
+        task,
+        "--config",
+        f"{task}-smoke",
+        *overrides(task, storage, extra),
+        f"run.name=cli-{time.time_ns()}",
+    ]
     if no_ray:
         cmd.append("--no-ray")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if out.returncode:
         raise RuntimeError(f"montage train failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout[out.stdout.index("{\n"):])
+    return json.loads(out.stdout[out.stdout.index("{\n") :])
 
 
 def cli_fit(task: str, storage: str, extra: list[str], steps: int, epochs: int) -> dict[str, float]:
     """ray1 exactly as a user runs it: ``montage train`` from the shell, which starts Ray and
     fits a 1-worker TorchTrainer; per-epoch figures come from the kept checkpoints it prints."""
     summary = cli_run(task, storage, [*extra, *ray_overrides(steps, epochs, 1)])
-    return from_checkpoints(summary["metrics"], summary["checkpoints"], steps * config(task, storage, extra).train.batch_size)
+    return from_checkpoints(
+        summary["metrics"], summary["checkpoints"], steps * config(task, storage, extra).train.batch_size
+    )
 
 
 # ------------------------------------------------------------------------------ start-up
@@ -227,18 +282,30 @@ def tune_startup(storage: str, trials: int) -> list[float]:
     from montage.launch.tune import load_tune_config, run_sweep
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"
-    tcfg, base, params = load_tune_config(ROOT / "tune_configs" / "segmentation-tiny.yaml", [
-        f"num_samples={trials}", "max_concurrent=1", f"storage={storage}/tune", f"name=bench-{time.time_ns()}",
-        "base.train.epochs=1", "base.train.max_steps=2", "base.train.max_val_steps=1", "base.train.sample_every=0",
-        "base.data.size=32", "base.train.progress=false", "base.tracking.log_model=false", "scheduler.grace_period=1",
-    ])
+    tcfg, base, params = load_tune_config(
+        ROOT / "tune_configs" / "segmentation-tiny.yaml",
+        [
+            f"num_samples={trials}",
+            "max_concurrent=1",
+            f"storage={storage}/tune",
+            f"name=bench-{time.time_ns()}",
+            "base.train.epochs=1",
+            "base.train.max_steps=2",
+            "base.train.max_val_steps=1",
+            "base.train.sample_every=0",
+            "base.data.size=32",
+            "base.train.progress=false",
+            "base.tracking.log_model=false",
+            "scheduler.grace_period=1",
+        ],
+    )
     result = run_sweep(tcfg, base, params)
     if result.errors:
         raise RuntimeError(result.errors)
     return [t.metrics["time/startup_s"] for t in result.table]
 
 
-# ------------------------------------------------------------------------------- pipeline (the model side; the input side is input_pipeline.py)
+# ---------------------------------------------- pipeline (the model side; the input side is input_pipeline.py)
 
 
 def model_rate(extra: list[str], steps: int, size: int = 384, batch_size: int = 4) -> float:
@@ -270,7 +337,11 @@ def model_rate(extra: list[str], steps: int, size: int = 384, batch_size: int = 
 
 def mean_of(*results: dict[str, Any]) -> dict[str, float]:
     """One configuration measured in several processes: mean rate, largest peak memory."""
-    return {"sps": sum(r["sps"] for r in results) / len(results), "rss": max(r["rss"] for r in results), "gpu": max(r["gpu"] for r in results)}
+    return {
+        "sps": sum(r["sps"] for r in results) / len(results),
+        "rss": max(r["rss"] for r in results),
+        "gpu": max(r["gpu"] for r in results),
+    }
 
 
 def checked(results: list[Any]) -> list[Any]:
@@ -284,14 +355,19 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.0f}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes only, 2-worker DDP on the first task only (CPU, < 5 minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes only, 2-worker DDP on the first task only (CPU, < 5 minutes)"
+    )
     p.add_argument("--steps", type=int, default=0, help="train steps per epoch (default 6 quick, 30 full)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per measurement: the fastest after the first counts")
     p.add_argument("--tasks", default="segmentation,harmonization,pix2pix")
@@ -316,8 +392,12 @@ def main() -> int:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
     storage = tempfile.mkdtemp(prefix="montage-bench-runs-")
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if cuda() else 'no GPU'}; "
-          f"{steps} steps/epoch, {epochs} epochs", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if cuda() else 'no GPU'}; "
+        f"{steps} steps/epoch, {epochs} epochs",
+        flush=True,
+    )
     out: list[str] = []
     sizes = [("tiny", 0)] + ([] if args.quick else [("real", 1)])
     cli_with_ray: float | None = None  # start-up of `montage train` (with Ray), from the first ray1 run
@@ -332,11 +412,20 @@ def main() -> int:
                 # two processes each, in the order plain, loop, loop, plain: one process's speed
                 # varies by up to ±15 % on this kind of VM for the same code, and a ring position
                 # may matter; the mean of two, placed symmetrically, halves both
-                p1, l1, l2, p2 = checked(take_turns([
-                    (fn, (config(task, storage, extra), steps, epochs)) for fn in (plain, montage_loop, montage_loop, plain)
-                ]))
+                p1, l1, l2, p2 = checked(
+                    take_turns(
+                        [
+                            (fn, (config(task, storage, extra), steps, epochs))
+                            for fn in (plain, montage_loop, montage_loop, plain)
+                        ]
+                    )
+                )
                 r = {"plain": mean_of(p1, p2), "loop": mean_of(l1, l2)}
-                print(f"{task}/{label}: per process plain {p1['sps']:.1f}, {p2['sps']:.1f}  loop {l1['sps']:.1f}, {l2['sps']:.1f} samples/s", flush=True)
+                print(
+                    f"{task}/{label}: per process plain {p1['sps']:.1f}, {p2['sps']:.1f}  loop {l1['sps']:.1f}, "
+                    f"{l2['sps']:.1f} samples/s",
+                    flush=True,
+                )
                 if cli_with_ray is None:  # the first ray1 is `montage train` from the shell, Ray started by it
                     r["ray1"] = cli_fit(task, storage, extra, steps, epochs)
                     cli_with_ray = r["ray1"]["startup"]
@@ -349,12 +438,46 @@ def main() -> int:
                     r["ray2"] = ray_fit(task, storage, extra, steps, 2, epochs)
                     in_session.append(f"{task}/{label} 2 workers {r['ray2']['startup']:.1f}")
                 sps = {k2: v["sps"] for k2, v in r.items()}
-                print(f"{task}/{label}: " + "  ".join(f"{k2} {v:.1f}" for k2, v in sps.items()) + " samples/s", flush=True)
-                mem = "/".join(f"{r[k2]['rss']:.0f}" for k2 in r) + (" (GPU " + "/".join(f"{r[k2]['gpu']:.0f}" for k2 in r) + ")" if cuda() else "")
+                print(
+                    f"{task}/{label}: " + "  ".join(f"{k2} {v:.1f}" for k2, v in sps.items()) + " samples/s", flush=True
+                )
+                mem = "/".join(f"{r[k2]['rss']:.0f}" for k2 in r) + (
+                    " (GPU " + "/".join(f"{r[k2]['gpu']:.0f}" for k2 in r) + ")" if cuda() else ""
+                )
                 ray2, scaling = (sps["ray2"], sps["ray2"] / sps["ray1"]) if "ray2" in r else ("-", "-")
-                rows.append([f"{task}/{label}", sps["plain"], sps["loop"], sps["ray1"], ray2, sps["loop"] / sps["plain"], sps["ray1"] / sps["plain"], scaling, mem])
-        out.append("Throughput (samples/s, steady state: the fastest epoch after the first) and peak memory (MiB RSS: plain/loop/ray1[/ray2])\n")
-        out.append(table(["task/size", "plain/s", "loop/s", "ray1/s", "ray2/s", "loop÷plain", "ray1÷plain", "ray2÷ray1", "peak MiB"], rows))
+                rows.append(
+                    [
+                        f"{task}/{label}",
+                        sps["plain"],
+                        sps["loop"],
+                        sps["ray1"],
+                        ray2,
+                        sps["loop"] / sps["plain"],
+                        sps["ray1"] / sps["plain"],
+                        scaling,
+                        mem,
+                    ]
+                )
+        out.append(
+            "Throughput (samples/s, steady state: the fastest epoch after the first) and peak memory (MiB RSS: "
+            "plain/loop/ray1[/ray2])\n"
+        )
+        out.append(
+            table(
+                [
+                    "task/size",
+                    "plain/s",
+                    "loop/s",
+                    "ray1/s",
+                    "ray2/s",
+                    "loop÷plain",
+                    "ray1÷plain",
+                    "ray2÷ray1",
+                    "peak MiB",
+                ],
+                rows,
+            )
+        )
     mark("throughput")
     if "startup" in sections:
         local = cli_startup(storage, no_ray=True)
@@ -363,9 +486,12 @@ def main() -> int:
         need_ray()
         per_trial = tune_startup(storage, trials)
         out.append(
-            f"\nStart-up to the first train step: `montage train --no-ray` {local:.1f} s, `montage train` (starts Ray) {cli_with_ray:.1f} s; "
+            f"\nStart-up to the first train step: `montage train --no-ray` {local:.1f} s, `montage train` (starts "
+            f"Ray) {cli_with_ray:.1f} s; "
             + (f"TorchTrainer fits in a running Ray: {', '.join(in_session)} s; " if in_session else "")
-            + "Tune trials (one Ray session, one trial at a time): " + ", ".join(f"{t:.1f}" for t in per_trial) + " s"
+            + "Tune trials (one Ray session, one trial at a time): "
+            + ", ".join(f"{t:.1f}" for t in per_trial)
+            + " s"
         )
     if ray.is_initialized():
         ray.shutdown()
@@ -376,10 +502,12 @@ def main() -> int:
         knob_epochs, knob_steps = (5, 5) if args.quick else (epochs, steps)
 
         runnable = [(name, over) for name, over in KNOBS if cuda() or name not in CUDA_ONLY]
-        results = take_turns([  # the baseline and every knob, each in its own process, epochs taking turns
-            (montage_loop, (config("segmentation", storage, extra + KNOB_BASELINE + over), knob_steps, knob_epochs))
-            for over in [[]] + [o for _, o in runnable] + [[]]
-        ])
+        results = take_turns(
+            [  # the baseline and every knob, each in its own process, epochs taking turns
+                (montage_loop, (config("segmentation", storage, extra + KNOB_BASELINE + over), knob_steps, knob_epochs))
+                for over in [[]] + [o for _, o in runnable] + [[]]
+            ]
+        )
         base = mean_of(*checked([results[0], results[-1]]))  # the baseline first and last in the ring
         done = dict(zip((n for n, _ in runnable), results[1:-1]))
         rows = []
@@ -392,8 +520,11 @@ def main() -> int:
             else:
                 mem = r["gpu"] / max(base["gpu"], 1e-9) if cuda() else r["rss"] / base["rss"]
                 rows.append([name, r["sps"], r["sps"] / base["sps"], r["gpu"] if cuda() else r["rss"], mem])
-        out.append(f"\nKnobs, segmentation/{label}, montage's loop, epochs taking turns with the baseline (all off: {base['sps']:.1f} samples/s, "
-                   f"peak {base['gpu'] if cuda() else base['rss']:.0f} MiB)\n")
+        out.append(
+            f"\nKnobs, segmentation/{label}, montage's loop, epochs taking turns with the baseline (all off: "
+            f"{base['sps']:.1f} samples/s, "
+            f"peak {base['gpu'] if cuda() else base['rss']:.0f} MiB)\n"
+        )
         out.append(table(["knob", "samples/s", "÷ baseline", "peak MiB", "memory ÷ baseline"], rows))
     mark("knobs")
     if "pipeline" in sections:
@@ -403,7 +534,10 @@ def main() -> int:
         for workers, cache in ((0, False), (2, False), (2, True)):
             ips = pipeline(48, workers, cache)
             rows.append([f"{workers} loader workers" + (", cache_data" if cache else ""), ips, ips / rate])
-        out.append(f"\nInput pipeline at 384 px (JPEG decode + albumentations + collate) against segmentation/{label}'s train step at 384 px ({rate:.1f} img/s)\n")
+        out.append(
+            f"\nInput pipeline at 384 px (JPEG decode + albumentations + collate) against segmentation/{label}'s "
+            f"train step at 384 px ({rate:.1f} img/s)\n"
+        )
         out.append(table(["pipeline", "img/s", "÷ model img/s"], rows))
     mark("pipeline")
     print("\n" + "\n".join(out))

@@ -23,7 +23,13 @@ import torch
 
 from montage.platform.loop import Hook, peak_rss_mb
 
-PRELOAD = ["__main__", "torchvision", "montage.tasks.segmentation.task", "montage.tasks.harmonization.task", "montage.tasks.pix2pix.task"]
+PRELOAD = [
+    "__main__",
+    "torchvision",
+    "montage.tasks.segmentation.task",
+    "montage.tasks.harmonization.task",
+    "montage.tasks.pix2pix.task",
+]
 
 
 def context() -> Any:

@@ -57,7 +57,9 @@ def _summary(s: Any) -> dict[str, Any]:
     out = {k: v for k, v in dataclasses.asdict(s).items() if v not in (None, [])}
     out["metrics"] = kept(s.metrics)
     if s.checkpoints:
-        out["checkpoints"] = [{"path": c.path, "epoch": c.metrics.get("epoch"), "metrics": kept(c.metrics)} for c in s.checkpoints]
+        out["checkpoints"] = [
+            {"path": c.path, "epoch": c.metrics.get("epoch"), "metrics": kept(c.metrics)} for c in s.checkpoints
+        ]
     return out
 
 
@@ -121,15 +123,23 @@ def format_sweep(result: Any, metric: str) -> str:
 
     keys = list(result.table[0].params) if result.table else []
     head = ["trial", "status", "epochs", *keys, f"best {metric}"]
-    rows = [[t.name, t.status.value, str(t.epochs), *[_fmt(t.params[k]) for k in keys], _fmt(t.best(metric))] for t in result.table]
+    rows = [
+        [t.name, t.status.value, str(t.epochs), *[_fmt(t.params[k]) for k in keys], _fmt(t.best(metric))]
+        for t in result.table
+    ]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    lines = [f"sweep {result.name} (MLflow parent run {result.parent_run_id})", "  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines = [
+        f"sweep {result.name} (MLflow parent run {result.parent_run_id})",
+        "  ".join(h.ljust(w) for h, w in zip(head, widths)),
+    ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     if result.best:
         lines.append(f"best: {result.best.name} {metric}={_fmt(result.best.best(metric))}")
     if result.registered:
         r = result.registered
-        lines.append(f"registered {r.name} version {r.version}" + (" → @champion" if r.promoted else " (champion kept)"))
+        lines.append(
+            f"registered {r.name} version {r.version}" + (" → @champion" if r.promoted else " (champion kept)")
+        )
     return "\n".join(lines)
 
 
@@ -151,9 +161,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         mark = f"@{st.CHAMPION}" if champ is not None and str(champ.version) == str(v.version) else ""
         t = v.tags
         variant = f"{t.get('montage.variant', 'fp32'):<11} {t.get('montage.runtime', 'torch'):<11}"
-        measured = f" params={t['montage.params']} p50={t['montage.latency_ms']}ms Δ{t['montage.quality_delta']}" if "montage.latency_ms" in t else ""
+        measured = (
+            f" params={t['montage.params']} p50={t['montage.latency_ms']}ms Δ{t['montage.quality_delta']}"
+            if "montage.latency_ms" in t
+            else ""
+        )
         judged = f"{t.get('montage.metric', '?')}={t.get('montage.value', '?'):<12}"
-        print(f"{v.name} v{v.version:<4} {variant} {judged} sweep={t.get('montage.sweep', '-')}{measured} run={v.run_id} {mark}")
+        print(
+            f"{v.name} v{v.version:<4} {variant} {judged} sweep={t.get('montage.sweep', '-')}{measured} "
+            f"run={v.run_id} {mark}"
+        )
     return 0
 
 
@@ -169,7 +186,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError("montage serve keygen takes no arguments")
         key, line = new_key()
         print(f"API key (give it to the client; it is shown only now and never stored):\n  {key}")
-        print(f"Add this line to the file named by auth.api_keys_file (e.g. serve_keys.txt, kept out of git):\n  {line}")
+        print(
+            f"Add this line to the file named by auth.api_keys_file (e.g. serve_keys.txt, kept out of git):\n  {line}"
+        )
         print(f"Clients send:  Authorization: Bearer {key}")
         return 0
     if args.address:
@@ -191,7 +210,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace, extra: list[str]) -> int:
     from montage.launch.submit import submit
 
-    return submit([args.command, *extra], args.address, args.working_dir, args.tracking_uri or "", follow=not args.no_follow, python=args.python)
+    return submit(
+        [args.command, *extra],
+        args.address,
+        args.working_dir,
+        args.tracking_uri or "",
+        follow=not args.no_follow,
+        python=args.python,
+    )
 
 
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
@@ -206,7 +232,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
     output = args.output or f"{args.task}.onnx"
-    variant = export_model(args.task, source, output, opset=args.opset, dynamic_batch=args.dynamic_batch, tracking_uri=args.tracking_uri or "", register=args.register)
+    variant = export_model(
+        args.task,
+        source,
+        output,
+        opset=args.opset,
+        dynamic_batch=args.dynamic_batch,
+        tracking_uri=args.tracking_uri or "",
+        register=args.register,
+    )
     print(json.dumps(report_dict(variant), indent=2))
     return 0
 
@@ -220,16 +254,45 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         from montage.tracking.variants import quantize_model, report_dict
 
         output = args.output or f"{args.task}-{args.precision}.onnx"
-        variant = quantize_model(args.task, source, output, samples=args.samples, tracking_uri=uri, register=args.register, precision=args.precision)
+        variant = quantize_model(
+            args.task,
+            source,
+            output,
+            samples=args.samples,
+            tracking_uri=uri,
+            register=args.register,
+            precision=args.precision,
+        )
         print(json.dumps(report_dict(variant), indent=2))
         return 0
     from montage.launch.optimize import distill_model, prune_model
 
-    common = {"overrides": args.overrides, "tracking_uri": uri, "register": args.register, "no_ray": args.no_ray, "address": args.address}
+    common = {
+        "overrides": args.overrides,
+        "tracking_uri": uri,
+        "register": args.register,
+        "no_ray": args.no_ray,
+        "address": args.address,
+    }
     if args.method == "prune":
-        made = prune_model(args.task, source, ratio=args.ratio, mode=args.prune_mode, epochs=2 if args.epochs is None else args.epochs, **common)
+        made = prune_model(
+            args.task,
+            source,
+            ratio=args.ratio,
+            mode=args.prune_mode,
+            epochs=2 if args.epochs is None else args.epochs,
+            **common,
+        )
     else:
-        made = distill_model(args.task, source, student=args.student, weight=args.weight, temperature=args.temperature, epochs=args.epochs, **common)
+        made = distill_model(
+            args.task,
+            source,
+            student=args.student,
+            weight=args.weight,
+            temperature=args.temperature,
+            epochs=args.epochs,
+            **common,
+        )
     print(json.dumps(made.as_dict(), indent=2, default=str))
     return 0
 
@@ -237,7 +300,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_monitor(args: argparse.Namespace) -> int:
     from montage.serve.report import monitor
 
-    return monitor(args.url, watch=args.watch, png=args.png, api_key=args.api_key or os.environ.get("MONTAGE_API_KEY", ""))
+    return monitor(
+        args.url, watch=args.watch, png=args.png, api_key=args.api_key or os.environ.get("MONTAGE_API_KEY", "")
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -247,7 +312,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="montage", description="Distributed training, tuning and serving of photo-compositing models on Ray.")
+    p = argparse.ArgumentParser(
+        prog="montage", description="Distributed training, tuning and serving of photo-compositing models on Ray."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, Ray and MLflow included")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -259,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpus", action="store_true", help="one GPU per worker (scaling.gpus=true)")
     t.add_argument("--resume", help="a run folder <storage>/<name> to continue from its latest checkpoint")
     t.add_argument("--no-ray", action="store_true", help="run the loop in this process (debugging)")
-    t.add_argument("--address", help="Ray address: auto joins a `ray start` cluster on this machine (default $RAY_ADDRESS, else a private local Ray)")
+    t.add_argument(
+        "--address",
+        help="Ray address: auto joins a `ray start` cluster on this machine "
+        "(default $RAY_ADDRESS, else a private local Ray)",
+    )
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", help="run a trained checkpoint on files; see `montage predict <task> --help`")
@@ -276,10 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", help="a Ray Tune + Optuna sweep from a tune config (tune_configs/*.yaml)")
     tu.add_argument("config")
-    tu.add_argument("overrides", nargs="*", help="overrides of the tune config (num_samples=2) or, as base.<key>=v, of the training config")
+    tu.add_argument(
+        "overrides",
+        nargs="*",
+        help="overrides of the tune config (num_samples=2) or, as base.<key>=v, of the training config",
+    )
     tu.add_argument("--resume", action="store_true", help="continue the interrupted sweep name=<sweep> in storage")
     tu.add_argument("--promote", choices=["better", "always", "never"], help="move @champion to the best trial's model")
-    tu.add_argument("--address", help="Ray address: auto joins a `ray start` cluster on this machine (default $RAY_ADDRESS, else a private local Ray)")
+    tu.add_argument(
+        "--address",
+        help="Ray address: auto joins a `ray start` cluster on this machine "
+        "(default $RAY_ADDRESS, else a private local Ray)",
+    )
     tu.set_defaults(func=cmd_tune)
 
     mo = sub.add_parser("models", help="the MLflow registry: list versions, move @champion")
@@ -289,53 +368,126 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     mo.set_defaults(func=cmd_models)
 
-    ex = sub.add_parser("export", help="export a model to ONNX, checked against PyTorch with ONNX Runtime, registered as a variant")
+    ex = sub.add_parser(
+        "export", help="export a model to ONNX, checked against PyTorch with ONNX Runtime, registered as a variant"
+    )
     ex.add_argument("task")
-    ex.add_argument("--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file")
+    ex.add_argument(
+        "--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file"
+    )
     ex.add_argument("--format", choices=["onnx"], default="onnx")
     ex.add_argument("--opset", type=int, default=18)
-    ex.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension (spatial size is always dynamic, in multiples of the network's stride)")
+    ex.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="a dynamic batch dimension (spatial size is always dynamic, in multiples of the network's stride)",
+    )
     ex.add_argument("--output", help="the .onnx file (default <task>.onnx)")
-    ex.add_argument("--register", action=argparse.BooleanOptionalAction, default=None, help="register as a new version (default: when the source is a registered model)")
+    ex.add_argument(
+        "--register",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="register as a new version (default: when the source is a registered model)",
+    )
     ex.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     ex.set_defaults(func=cmd_export)
 
-    op = sub.add_parser("optimize", help="an optimised variant of a model (INT8, pruned, distilled student), measured against it and registered")
+    op = sub.add_parser(
+        "optimize",
+        help="an optimised variant of a model (INT8, pruned, distilled student), measured against it and registered",
+    )
     op.add_argument("task")
-    op.add_argument("--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file")
-    op.add_argument("--method", choices=["quantize", "prune", "distill"], default="quantize",
-                    help="quantize: INT8 static quantization (ONNX Runtime); prune: channel pruning (Torch-Pruning) + fine-tune; distill: train a smaller student")
-    op.add_argument("overrides", nargs="*", help="prune/distill: overrides of the training run, e.g. scaling.workers=2 train.batch_size=8")
+    op.add_argument(
+        "--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file"
+    )
+    op.add_argument(
+        "--method",
+        choices=["quantize", "prune", "distill"],
+        default="quantize",
+        help="quantize: INT8 static quantization (ONNX Runtime); prune: channel pruning (Torch-Pruning) + fine-tune; "
+        "distill: train a smaller student",
+    )
+    op.add_argument(
+        "overrides",
+        nargs="*",
+        help="prune/distill: overrides of the training run, e.g. scaling.workers=2 train.batch_size=8",
+    )
     op.add_argument("--samples", type=int, default=32, help="quantize: validation samples to calibrate on")
-    op.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="quantize: int8 (static, ONNX Runtime CPU) or fp16 (GPU providers)")
+    op.add_argument(
+        "--precision",
+        choices=["int8", "fp16"],
+        default="int8",
+        help="quantize: int8 (static, ONNX Runtime CPU) or fp16 (GPU providers)",
+    )
     op.add_argument("--output", help="quantize: the .onnx file (default <task>-<precision>.onnx)")
-    op.add_argument("--ratio", type=float, default=0.5, help="prune: fraction of channels (or of weights, magnitude mode) removed")
-    op.add_argument("--prune-mode", choices=["channels", "magnitude"], default="channels", help="prune: structured channels (default) or unstructured L1 magnitude")
-    op.add_argument("--epochs", type=int, help="prune: fine-tune epochs (default 2; 0 = none); distill: training epochs (default: the teacher's config)")
-    op.add_argument("--student", nargs="*", default=[], help="distill: the student's config overrides (default: the task's smaller model, e.g. model.encoder=tiny)")
+    op.add_argument(
+        "--ratio", type=float, default=0.5, help="prune: fraction of channels (or of weights, magnitude mode) removed"
+    )
+    op.add_argument(
+        "--prune-mode",
+        choices=["channels", "magnitude"],
+        default="channels",
+        help="prune: structured channels (default) or unstructured L1 magnitude",
+    )
+    op.add_argument(
+        "--epochs",
+        type=int,
+        help="prune: fine-tune epochs (default 2; 0 = none); distill: training epochs (default: the teacher's config)",
+    )
+    op.add_argument(
+        "--student",
+        nargs="*",
+        default=[],
+        help="distill: the student's config overrides (default: the task's smaller model, e.g. model.encoder=tiny)",
+    )
     op.add_argument("--weight", type=float, default=1.0, help="distill: distill.weight")
     op.add_argument("--temperature", type=float, default=2.0, help="distill: distill.temperature")
-    op.add_argument("--no-ray", action="store_true", help="prune/distill: train in this process instead of a Ray Train run")
+    op.add_argument(
+        "--no-ray", action="store_true", help="prune/distill: train in this process instead of a Ray Train run"
+    )
     op.add_argument("--address", help="prune/distill: Ray address (default $RAY_ADDRESS, else a private local Ray)")
-    op.add_argument("--register", action=argparse.BooleanOptionalAction, default=None, help="register as a new version (default: when the source is a registered model)")
+    op.add_argument(
+        "--register",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="register as a new version (default: when the source is a registered model)",
+    )
     op.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db")
     op.set_defaults(func=cmd_optimize)
 
     sv = sub.add_parser("serve", help="the Ray Serve application (segment, harmonize, composite, pix2pix)")
     sv.add_argument("--config", help="serve YAML (e.g. serve.yaml)")
-    sv.add_argument("overrides", nargs="*", help="e.g. segmentation.source=runs/x/best.pt port=8080; or `keygen`: print a new API key and its hash line")
-    sv.add_argument("--reload", action="store_true", help="update a running application (e.g. after `montage models promote`) and exit")
+    sv.add_argument(
+        "overrides",
+        nargs="*",
+        help="e.g. segmentation.source=runs/x/best.pt port=8080; or `keygen`: print a new API key and its hash line",
+    )
+    sv.add_argument(
+        "--reload",
+        action="store_true",
+        help="update a running application (e.g. after `montage models promote`) and exit",
+    )
     sv.add_argument("--address", help="Ray cluster address, e.g. auto for a `ray start` cluster")
-    sv.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys (anyone who reaches the port can call /v1/*)")
+    sv.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback host without API keys (anyone who reaches the port can call /v1/*)",
+    )
     sv.set_defaults(func=cmd_serve)
 
     sb = sub.add_parser("submit", help="run `montage tune|train ...` as a Ray job on a cluster and stream its logs")
     sb.add_argument("command", choices=["tune", "train", "data"])
-    sb.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"), help="the head's dashboard, http://HEAD:8265")
+    sb.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+        help="the head's dashboard, http://HEAD:8265",
+    )
     sb.add_argument("--working-dir", default=".", help="uploaded as the job's working dir")
     sb.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI for the job, e.g. http://HEAD:5000")
     sb.add_argument("--no-follow", action="store_true", help="return after submitting")
-    sb.add_argument("--python", default="python", help="the cluster's Python with montage installed (e.g. ~/venv/bin/python)")
+    sb.add_argument(
+        "--python", default="python", help="the cluster's Python with montage installed (e.g. ~/venv/bin/python)"
+    )
     sb.set_defaults(func=cmd_submit, wants_extra=True)
 
     dt = sub.add_parser("data", help="prepare a dataset, e.g. `montage data catflw --src DIR --out DIR`")
@@ -345,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("tasks", help="list the registered tasks")
     ls.set_defaults(func=cmd_tasks)
 
-    mn = sub.add_parser("monitor", help="latency per stage, errors, drift and anomalies of a running application (GET /v1/monitor)")
+    mn = sub.add_parser(
+        "monitor", help="latency per stage, errors, drift and anomalies of a running application (GET /v1/monitor)"
+    )
     mn.add_argument("--url", default="http://127.0.0.1:8000", help="the application's HTTP address")
     mn.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     mn.add_argument("--png", help="write a PNG of p95 latency and drift (PSI) over time")
@@ -378,7 +532,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, quiet_ray=not args.verbose)
     try:
         return args.func(args, extra) if getattr(args, "wants_extra", False) else args.func(args)
-    except (ConfigError, UnknownNameError, CheckpointError, ImageError, FileNotFoundError, FileExistsError, ValueError, ExportError) as exc:
+    except (
+        ConfigError,
+        UnknownNameError,
+        CheckpointError,
+        ImageError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        ExportError,
+    ) as exc:
         log.error("%s", exc)
         return 2
 

@@ -23,6 +23,7 @@ from montage.core.registry import TASKS
 
 log = logging.getLogger("montage.demo")
 
+
 def _step(n: int, text: str) -> None:
     log.info("[demo %d/6] %s", n, text)
 
@@ -47,41 +48,76 @@ def run_demo(out: Path, workers: int = 2) -> int:
     uri = f"sqlite:///{out / 'mlruns.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     cpus = os.cpu_count() or 2
-    common = [f"run.storage={out / 'runs'}", f"tracking.uri={uri}", f"tracking.artifacts={out / 'mlartifacts'}", "train.progress=false"]
+    common = [
+        f"run.storage={out / 'runs'}",
+        f"tracking.uri={uri}",
+        f"tracking.artifacts={out / 'mlartifacts'}",
+        "train.progress=false",
+    ]
 
     rows: list[tuple[str, str, float, str]] = []  # (model, metric, value, target)
     for n, task in ((1, "segmentation"), (2, "harmonization")):
-        _step(n, f"{task}: a {workers}-worker TorchTrainer (DDP) on synthetic data, its best checkpoint registered as champion")
+        _step(
+            n,
+            f"{task}: a {workers}-worker TorchTrainer (DDP) on synthetic data, its best checkpoint registered as "
+            "champion",
+        )
         # the recipe's global batch (and so its steps) on however many workers were asked for
-        cfg = with_workers(load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), [f"run.name={task}-{stamp}", *common]), workers)
+        cfg = with_workers(
+            load_config(
+                task, TASKS.get(task).spec, packaged_config(f"{task}-tiny"), [f"run.name={task}-{stamp}", *common]
+            ),
+            workers,
+        )
         res = fit_ray(cfg)
         if res.error or not res.best_checkpoint or not res.mlflow_run_id:
             log.error("%s training failed: %s", task, res.error or "no best checkpoint or MLflow run")
             return 1
         best = res.best_metrics
         metric, mode = TASKS.get(task).monitor
-        st.register_checkpoint(cfg, res.best_checkpoint, res.mlflow_run_id, metric, mode, best[metric], "demo", {}, "always")
+        st.register_checkpoint(
+            cfg, res.best_checkpoint, res.mlflow_run_id, metric, mode, best[metric], "demo", {}, "always"
+        )
         if task == "segmentation":
-            rows += [(task, "val/iou", best["val/iou"], "≥ 0.90"), ("", "val/dice", best["val/dice"], "≥ 0.93"),
-                     ("", "val/trimap_acc", best["val/trimap_acc"], "")]
+            rows += [
+                (task, "val/iou", best["val/iou"], "≥ 0.90"),
+                ("", "val/dice", best["val/dice"], "≥ 0.93"),
+                ("", "val/trimap_acc", best["val/trimap_acc"], ""),
+            ]
         else:
             ratio = best["val/fmse"] / best["val/baseline_fmse"]
-            rows += [(task, "val/fmse", best["val/fmse"], f"{ratio:.2f}× composite (≤ 0.30×)"),
-                     ("  composite baseline", "val/fmse", best["val/baseline_fmse"], "")]
+            rows += [
+                (task, "val/fmse", best["val/fmse"], f"{ratio:.2f}× composite (≤ 0.30×)"),
+                ("  composite baseline", "val/fmse", best["val/baseline_fmse"], ""),
+            ]
 
-    _step(3, "pix2pix sweep: 2 trials at once (Optuna TPE + ASHA), each a 1-worker TorchTrainer; the best registered as champion")
-    tcfg, base, params = load_tune_config(packaged_tune("pix2pix-tiny"), [
-        "num_samples=2", f"name=demo-{stamp}", f"storage={out / 'tune'}", "resources.workers=1",
-        f"resources.cpus_per_worker={max(0.5, (cpus - 0.1) / 2):g}", *[f"base.{o}" for o in common], "promote=always",
-    ])
+    _step(
+        3,
+        "pix2pix sweep: 2 trials at once (Optuna TPE + ASHA), each a 1-worker TorchTrainer; the best registered as "
+        "champion",
+    )
+    tcfg, base, params = load_tune_config(
+        packaged_tune("pix2pix-tiny"),
+        [
+            "num_samples=2",
+            f"name=demo-{stamp}",
+            f"storage={out / 'tune'}",
+            "resources.workers=1",
+            f"resources.cpus_per_worker={max(0.5, (cpus - 0.1) / 2):g}",
+            *[f"base.{o}" for o in common],
+            "promote=always",
+        ],
+    )
     sweep = run_sweep(tcfg, base, params)
     if sweep.registered is None or sweep.best is None:
         log.error("the sweep produced no model: %s", sweep.errors[:1])
         return 1
     m = sweep.best.metrics
     ratio = m["best/val/l1"] / m["val/baseline_l1"]
-    rows += [("pix2pix", "val/l1", m["best/val/l1"], f"{ratio:.2f}× mean face (≤ 0.60×)"),
-             ("  mean-face baseline", "val/l1", m["val/baseline_l1"], "")]
+    rows += [
+        ("pix2pix", "val/l1", m["best/val/l1"], f"{ratio:.2f}× mean face (≤ 0.60×)"),
+        ("  mean-face baseline", "val/l1", m["val/baseline_l1"], ""),
+    ]
 
     _step(4, "starting the Serve application with the champions")
     port = 8000
@@ -99,7 +135,13 @@ def run_demo(out: Path, workers: int = 2) -> int:
 
     files = {"person": encode_png(person), "background": encode_png(background)}
     t_req = time.perf_counter()
-    r = requests.post(f"{url}/v1/composite", files=files, data={"x": 0.35, "y": 0.55, "scale": 0.8}, params={"return": "layers"}, timeout=120)
+    r = requests.post(
+        f"{url}/v1/composite",
+        files=files,
+        data={"x": 0.35, "y": 0.55, "scale": 0.8},
+        params={"return": "layers"},
+        timeout=120,
+    )
     latency = time.perf_counter() - t_req
     r.raise_for_status()
     layers = r.json()
@@ -115,7 +157,10 @@ def run_demo(out: Path, workers: int = 2) -> int:
     print(f"  {'model':22s} {'metric':16s} {'value':>8s}  target")
     for task, metric, value, bar in rows:
         print(f"  {task:22s} {metric:16s} {value:8.4g}  {bar}")
-    print(f"  sweep: {sweep.name}, best {sweep.best.name}; champions: {', '.join(f'{k}: {v}' for k, v in health['models'].items())}")
+    print(
+        f"  sweep: {sweep.name}, best {sweep.best.name}; champions: "
+        f"{', '.join(f'{k}: {v}' for k, v in health['models'].items())}"
+    )
     print(f"  /v1/composite answered in {latency * 1000:.0f} ms")
     print(f"  outputs:   {out}/result.png (alpha.png, composite.png, mask.png, person.png, background.png)")
     print(f"  MLflow UI: mlflow ui --backend-store-uri {uri}")

@@ -17,6 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients of a `ray start` head (Ray reads it at import)
 
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole run (start-up costs seconds)."""
@@ -44,12 +45,17 @@ def _tiny(task: str, tmp_path: Path, overrides, recipe: str = "smoke"):
     from montage.core.paths import packaged_config
     from montage.core.registry import TASKS
 
-    return load_config(task, TASKS.get(task).spec, packaged_config(f"{task}-{recipe}"), [
-        f"run.storage={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
-        f"tracking.artifacts={tmp_path / 'mlartifacts'}",
-        *overrides,
-    ])
+    return load_config(
+        task,
+        TASKS.get(task).spec,
+        packaged_config(f"{task}-{recipe}"),
+        [
+            f"run.storage={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+            f"tracking.artifacts={tmp_path / 'mlartifacts'}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture
@@ -70,7 +76,9 @@ def recipe_config(tmp_path: Path):
     def make(task: str, *overrides: str):
         from montage.launch.local import as_one_process
 
-        return as_one_process(_tiny(task, tmp_path, ["train.progress=false", "tracking.enabled=false", *overrides], recipe="tiny"))
+        return as_one_process(
+            _tiny(task, tmp_path, ["train.progress=false", "tracking.enabled=false", *overrides], recipe="tiny")
+        )
 
     return make
 

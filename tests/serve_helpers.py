@@ -48,7 +48,10 @@ def checkpoints(tmp: Path, tasks: tuple[str, ...]) -> dict[str, str]:
     """One-step tiny models (what matters here is the HTTP layer, not the weights)."""
     from montage.launch.local import fit_local
 
-    return {t: fit_local(_tiny(t, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={t}"])).best_checkpoint for t in tasks}
+    return {
+        t: fit_local(_tiny(t, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={t}"])).best_checkpoint
+        for t in tasks
+    }
 
 
 def start(overrides: list[str]) -> None:

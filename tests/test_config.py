@@ -12,7 +12,9 @@ SPEC = TASKS.get("segmentation").spec
 def test_defaults_file_and_overrides_resolve_in_order(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"task": "segmentation", "train": {"epochs": 7, "batch_size": 4}, "loss": {"dice": 2}}))
-    cfg = load_config("segmentation", SPEC, f, ["train.epochs=3", "loss.edge=0.1", "model.decoder_channels=[8,8,8,8,8]"])
+    cfg = load_config(
+        "segmentation", SPEC, f, ["train.epochs=3", "loss.edge=0.1", "model.decoder_channels=[8,8,8,8,8]"]
+    )
     assert cfg.train.epochs == 3  # override beats file
     assert cfg.train.batch_size == 4  # file beats default
     assert cfg.loss.dice == 2.0 and isinstance(cfg.loss.dice, float)  # int accepted for float

@@ -47,19 +47,34 @@ def test_distill_term_is_zero_when_the_student_is_the_teacher(tiny_config, task:
     other = fit_local(tiny_config(task, *base, "run.name=other", "train.seed=5")).best_checkpoint
     loop.load_state_dict(load_checkpoint(other, task=task))  # another student: the term is not zero
     terms = loop.task.train_step(loop.m, batch, _NoStep())
-    assert float(terms["distill"] if "distill" in terms else terms["g_distill"]) > 1e-7  # near-untrained nets: small, not 0
+    assert (
+        float(terms["distill"] if "distill" in terms else terms["g_distill"]) > 1e-7
+    )  # near-untrained nets: small, not 0
 
 
 def test_a_smaller_student_trains_against_a_larger_teacher(tiny_config, tmp_path: Path) -> None:
-    teacher = fit_local(tiny_config("segmentation", "model.encoder=small", "tracking.enabled=false", "train.max_steps=2", "run.name=t")).best_checkpoint
-    out = fit_local(tiny_config("segmentation", "tracking.enabled=false", "train.max_steps=2", "run.name=s", f"distill.teacher={teacher}", "distill.weight=0.5"))
+    teacher = fit_local(
+        tiny_config("segmentation", "model.encoder=small", "tracking.enabled=false", "train.max_steps=2", "run.name=t")
+    ).best_checkpoint
+    out = fit_local(
+        tiny_config(
+            "segmentation",
+            "tracking.enabled=false",
+            "train.max_steps=2",
+            "run.name=s",
+            f"distill.teacher={teacher}",
+            "distill.weight=0.5",
+        )
+    )
     assert out.error is None and out.metrics["train/distill"] > 0
     t_params = sum(v.numel() for v in load_checkpoint(teacher, task="segmentation")["nets"]["net"].values())
     s_params = sum(v.numel() for v in load_checkpoint(out.checkpoint, task="segmentation")["nets"]["net"].values())
     assert s_params < t_params / 2
 
 
-@pytest.mark.parametrize("override, message", [("distill.temperature=0", "temperature > 0"), ("distill.weight=-1", "weight must be >= 0")])
+@pytest.mark.parametrize(
+    "override, message", [("distill.temperature=0", "temperature > 0"), ("distill.weight=-1", "weight must be >= 0")]
+)
 def test_bad_distill_settings_fail_at_config_load(tiny_config, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         tiny_config("segmentation", override)

@@ -35,7 +35,15 @@ def _weights(path: str, task: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
 def test_two_workers_match_one_worker_at_the_global_batch(ray_session, tiny_config, task: str) -> None:
-    common = [*EQUIVALENT[task], "train.epochs=1", "train.max_steps=3", "tracking.enabled=false", f"data.synthetic_val={VAL}", "train.check_replicas=1", *OPTIM]
+    common = [
+        *EQUIVALENT[task],
+        "train.epochs=1",
+        "train.max_steps=3",
+        "tracking.enabled=false",
+        f"data.synthetic_val={VAL}",
+        "train.check_replicas=1",
+        *OPTIM,
+    ]
     # the reference under Ray too: a Ray worker runs torch on its CPU share (1 thread here), and a
     # different thread count sums convolution gradients in another order
     one = fit_ray(tiny_config(task, *common, "scaling.workers=1", "train.batch_size=8", "run.name=one"))

@@ -19,7 +19,9 @@ from montage.tracking.variants import export_model
 
 @pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
 def test_export_round_trips_at_any_batch_and_size(tiny_config, tmp_path: Path, task: str) -> None:
-    ckpt = fit_local(tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")).best_checkpoint
+    ckpt = fit_local(
+        tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")
+    ).best_checkpoint
     variant = export_model(task, ckpt, tmp_path / f"{task}.onnx", dynamic_batch=True)
     report = variant.report
     assert not variant.version  # a checkpoint file is not registered unless asked
@@ -30,7 +32,10 @@ def test_export_round_trips_at_any_batch_and_size(tiny_config, tmp_path: Path, t
 
     # the file alone, in ONNX Runtime, at a third shape: the outputs have the inputs' size
     sess = session(report.path)
-    inputs = {i.name: torch.rand(3, 1 if i.name in ("mask", "heatmap") else 3, first[2] * 2, first[3]) for i in sess.get_inputs()}
+    inputs = {
+        i.name: torch.rand(3, 1 if i.name in ("mask", "heatmap") else 3, first[2] * 2, first[3])
+        for i in sess.get_inputs()
+    }
     (out,) = run_session(sess, inputs)[:1]
     assert out.shape[0] == 3 and out.shape[2:] == (first[2] * 2, first[3]) and np.isfinite(out).all()
 
@@ -39,8 +44,14 @@ def test_export_of_a_registered_version_becomes_a_tagged_variant(tiny_config, tm
     cfg = tiny_config("segmentation", "train.max_steps=1", "run.name=reg", "tracking.log_model=false")
     fit = fit_local(cfg)
     reg.register_checkpoint(cfg, fit.best_checkpoint, fit.mlflow_run_id, "val/iou", "max", 0.5, "manual", {}, "better")
-    variant = export_model("segmentation", "models:/montage-segmentation@champion", tmp_path / "seg.onnx", tracking_uri=cfg.tracking.uri)
-    assert (variant.name, variant.version, variant.parent) == ("montage-segmentation", "2", "models:/montage-segmentation/1")
+    variant = export_model(
+        "segmentation", "models:/montage-segmentation@champion", tmp_path / "seg.onnx", tracking_uri=cfg.tracking.uri
+    )
+    assert (variant.name, variant.version, variant.parent) == (
+        "montage-segmentation",
+        "2",
+        "models:/montage-segmentation/1",
+    )
     mv = reg.client(cfg.tracking.uri).get_model_version("montage-segmentation", "2")
     assert mv.tags["montage.variant"] == "onnx" and mv.tags["montage.runtime"] == "onnxruntime"
     assert mv.tags["montage.parent"] == "models:/montage-segmentation/1" and float(mv.tags["montage.size_mb"]) > 0
@@ -57,7 +68,9 @@ def test_bad_sources_get_clear_errors(tiny_config, tmp_path: Path) -> None:
     junk.write_text("not a checkpoint")
     with pytest.raises(CheckpointError):
         export_model("segmentation", str(junk), tmp_path / "x.onnx")
-    ckpt = fit_local(tiny_config("pix2pix", "tracking.enabled=false", "train.max_steps=1", "run.name=p")).best_checkpoint
+    ckpt = fit_local(
+        tiny_config("pix2pix", "tracking.enabled=false", "train.max_steps=1", "run.name=p")
+    ).best_checkpoint
     with pytest.raises(CheckpointError, match="pix2pix"):
         export_model("segmentation", ckpt, tmp_path / "x.onnx")  # a checkpoint of another task
 
@@ -72,12 +85,16 @@ def test_onnx_predictors_answer_like_the_torch_ones(tiny_config, tmp_path: Path)
     mask = np.zeros((45, 70), np.uint8)
     mask[10:35, 20:50] = 255
     for task, args in (("segmentation", ([image],)), ("harmonization", ([image], [mask]))):
-        ckpt = fit_local(tiny_config(task, "tracking.enabled=false", "train.max_steps=2", f"run.name=p-{task}")).best_checkpoint
+        ckpt = fit_local(
+            tiny_config(task, "tracking.enabled=false", "train.max_steps=2", f"run.name=p-{task}")
+        ).best_checkpoint
         onnx_path = export_model(task, ckpt, tmp_path / f"{task}.onnx").report.path
         ours = load_onnx_predictor(onnx_path, ckpt, task=task)(*args)[0]
         ref = load_predictor(ckpt, task=task, device="cpu")(*args)[0]
         assert ours.shape == ref.shape
-        assert np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)).max() <= (1e-4 if task == "segmentation" else 1), task
+        assert np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)).max() <= (
+            1e-4 if task == "segmentation" else 1
+        ), task
 
 
 def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Path) -> None:
@@ -86,7 +103,13 @@ def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Pa
     cfg = tiny_config("segmentation", "train.max_steps=2", "run.name=q", "tracking.log_model=false")
     fit = fit_local(cfg)
     reg.register_checkpoint(cfg, fit.best_checkpoint, fit.mlflow_run_id, "val/iou", "max", 0.5, "manual", {}, "better")
-    variant = quantize_model("segmentation", "models:/montage-segmentation@champion", tmp_path / "seg-int8.onnx", samples=8, tracking_uri=cfg.tracking.uri)
+    variant = quantize_model(
+        "segmentation",
+        "models:/montage-segmentation@champion",
+        tmp_path / "seg-int8.onnx",
+        samples=8,
+        tracking_uri=cfg.tracking.uri,
+    )
     fp32 = export_model("segmentation", fit.best_checkpoint, tmp_path / "seg.onnx", dynamic_batch=True)
     report = variant.report
     assert report.size_mb < fp32.report.size_mb  # 8-bit weights
@@ -104,7 +127,9 @@ def test_fp16_variant_runs_and_stays_near_fp32(tiny_config, tmp_path: Path) -> N
     """fp16 (for GPU providers) runs in ONNX Runtime here too, float32 in and out, its weights half the size."""
     from montage.tracking.variants import quantize_model
 
-    ckpt = fit_local(tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h16")).best_checkpoint
+    ckpt = fit_local(
+        tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h16")
+    ).best_checkpoint
     fp32 = export_model("harmonization", ckpt, tmp_path / "h.onnx", dynamic_batch=True)
     half = quantize_model("harmonization", ckpt, tmp_path / "h16.onnx", samples=2, precision="fp16")
     saved_mb = fp32.report.size_mb - half.report.size_mb  # 2 bytes a weight, beside the graph's own structure

@@ -20,7 +20,10 @@ from montage.launch.session import train_worker_pids
 from montage.launch.train import fit_ray
 from montage.platform.checkpoint import load_checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes in /proc")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes in /proc"),
+]
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +66,9 @@ def _one_run(cfg):
 
 
 def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(ray_session, seg_config, tmp_path: Path) -> None:
-    cfg = seg_config("scaling.workers=2", "scaling.max_failures=1", "train.epochs=4", "data.synthetic_train=384", "run.name=kill")
+    cfg = seg_config(
+        "scaling.workers=2", "scaling.max_failures=1", "train.epochs=4", "data.synthetic_train=384", "run.name=kill"
+    )
     out, killer = _fit_killed(cfg, tmp_path / "runs" / "kill")
     assert out.error is None, out.error
     assert out.restarts == 1
@@ -80,10 +85,18 @@ def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(ray_session,
     log.warning("restart: first epoch after the kill done %.1f s later", min(after) - killer.killed_at)
 
 
-def test_killed_worker_without_restarts_fails_clearly_and_marks_the_run_failed(ray_session, seg_config, tmp_path: Path) -> None:
-    cfg = seg_config("scaling.workers=2", "scaling.max_failures=0", "train.epochs=4", "data.synthetic_train=384", "run.name=dead")
+def test_killed_worker_without_restarts_fails_clearly_and_marks_the_run_failed(
+    ray_session, seg_config, tmp_path: Path
+) -> None:
+    cfg = seg_config(
+        "scaling.workers=2", "scaling.max_failures=0", "train.epochs=4", "data.synthetic_train=384", "run.name=dead"
+    )
     out, _ = _fit_killed(cfg, tmp_path / "runs" / "dead")
     assert out.error is not None
-    assert "worker process was lost" in out.error and "max_failures=0" in out.error and f"--resume {tmp_path / 'runs' / 'dead'}" in out.error
+    assert (
+        "worker process was lost" in out.error
+        and "max_failures=0" in out.error
+        and f"--resume {tmp_path / 'runs' / 'dead'}" in out.error
+    )
     _, run = _one_run(cfg)
     assert run.info.status == "FAILED" and "montage.error" in run.data.tags

@@ -25,20 +25,33 @@ class ListIdentity(nn.Module):
 
 
 def test_lab_against_known_srgb_values() -> None:
-    rgb = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+    rgb = torch.tensor(
+        [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]
+    )
     lab = rgb_to_lab(rgb.view(1, 6, 3).permute(0, 2, 1).unsqueeze(-1))[0, :, :, 0].t()
-    expected = [[100, 0, 0], [53.24, 80.09, 67.20], [87.73, -86.18, 83.18], [32.30, 79.19, -107.86], [0, 0, 0], [53.39, 0, 0]]
+    expected = [
+        [100, 0, 0],
+        [53.24, 80.09, 67.20],
+        [87.73, -86.18, 83.18],
+        [32.30, 79.19, -107.86],
+        [0, 0, 0],
+        [53.39, 0, 0],
+    ]
     np.testing.assert_allclose(lab.numpy(), expected, atol=0.05)
     rand = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
     ours = rgb_to_lab(torch.from_numpy(rand).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(ours, cv2.cvtColor(rand, cv2.COLOR_RGB2Lab), atol=0.5)  # OpenCV agrees (its float Lab is table-interpolated)
+    np.testing.assert_allclose(
+        ours, cv2.cvtColor(rand, cv2.COLOR_RGB2Lab), atol=0.5
+    )  # OpenCV agrees (its float Lab is table-interpolated)
 
 
 def test_loss_terms_by_hand() -> None:
     mask = torch.ones(1, 1, 4, 4)
     white, black = torch.ones(1, 3, 4, 4), torch.zeros(1, 3, 4, 4)
     assert lab_colour_loss(white, black, mask, (0.5, 1.0, 1.0)).item() == pytest.approx(0.5)  # ΔL = 100, a = b = 0
-    assert lab_colour_loss(white, black, torch.zeros_like(mask), (0.5, 1.0, 1.0)).item() == 0.0  # outside the mask: free
+    assert (
+        lab_colour_loss(white, black, torch.zeros_like(mask), (0.5, 1.0, 1.0)).item() == 0.0
+    )  # outside the mask: free
     loss = HarmonizationLoss(HarmLossConfig(), vgg=ListIdentity())
     pred = torch.full((1, 3, 4, 4), 0.6)
     target = torch.full((1, 3, 4, 4), 0.4)
@@ -156,7 +169,10 @@ def test_identity_model_scores_the_composite_baseline_and_training_beats_it(reci
     assert before["val/baseline_fmse"] > 1000  # the composite really is wrong
     loop.fit()
     after = loop.last_metrics
-    print(f"val fMSE composite {after['val/baseline_fmse']:.0f} → harmonized {loop.best.value:.0f} ({loop.best.value / after['val/baseline_fmse']:.2f}×)")
+    print(
+        f"val fMSE composite {after['val/baseline_fmse']:.0f} → harmonized {loop.best.value:.0f} "
+        f"({loop.best.value / after['val/baseline_fmse']:.2f}×)"
+    )
     assert loop.best.value < 0.5 * after["val/baseline_fmse"]
 
 
@@ -180,11 +196,40 @@ def test_cutouts_source_and_predict_cli(tiny_config, tmp_path: Path) -> None:
     out = fit_local(tiny_config("harmonization", "run.name=h", "tracking.enabled=false"))
     _write(tmp_path / "comp.png", comp)
     cv2.imwrite(str(tmp_path / "mask.png"), mask)
-    rc = main(["predict", "harmonization", "--checkpoint", out.best_checkpoint, "--composite", str(tmp_path / "comp.png"),
-               "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png"), "--sharpen", "0.5"])
+    rc = main(
+        [
+            "predict",
+            "harmonization",
+            "--checkpoint",
+            out.best_checkpoint,
+            "--composite",
+            str(tmp_path / "comp.png"),
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "--output",
+            str(tmp_path / "out.png"),
+            "--sharpen",
+            "0.5",
+        ]
+    )
     assert rc == 0
     res = cv2.cvtColor(cv2.imread(str(tmp_path / "out.png")), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(res[mask == 0], comp[mask == 0])
     cv2.imwrite(str(tmp_path / "small.png"), mask[:10, :10])
-    assert main(["predict", "harmonization", "--checkpoint", out.best_checkpoint, "--composite", str(tmp_path / "comp.png"),
-                 "--mask", str(tmp_path / "small.png"), "--output", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "harmonization",
+                "--checkpoint",
+                out.best_checkpoint,
+                "--composite",
+                str(tmp_path / "comp.png"),
+                "--mask",
+                str(tmp_path / "small.png"),
+                "--output",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )

@@ -19,8 +19,15 @@ import pytest
 from montage.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["num_samples=1", "base.train.epochs=1", "scheduler.grace_period=1", "base.data.size=32",
-        "base.data.synthetic_train=32", "base.data.synthetic_val=8", "base.model.decoder_channels=[8,8,8,8,8]"]
+TINY = [
+    "num_samples=1",
+    "base.train.epochs=1",
+    "scheduler.grace_period=1",
+    "base.data.size=32",
+    "base.data.synthetic_train=32",
+    "base.data.synthetic_val=8",
+    "base.model.decoder_channels=[8,8,8,8,8]",
+]
 
 
 def _port() -> int:
@@ -40,9 +47,23 @@ def head(tmp_path_factory):
 
 def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):  # noqa: C901
     proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
-        cwd=tmp, env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=open(tmp / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
@@ -74,8 +95,23 @@ def _runs(uri: str) -> int:
 def test_montage_submit_runs_a_tuning_job(head) -> None:
     uri = f"sqlite:///{head['tmp'] / 'a.db'}"
     for _ in range(20):  # the agent may still refuse the very first job
-        rc = main(["submit", "tune", "tune_configs/segmentation-tiny.yaml", *TINY, f"storage={head['tmp'] / 'tune_a'}",
-                   "--address", head["address"], "--tracking-uri", uri, "--python", sys.executable, "--working-dir", str(ROOT)])
+        rc = main(
+            [
+                "submit",
+                "tune",
+                "tune_configs/segmentation-tiny.yaml",
+                *TINY,
+                f"storage={head['tmp'] / 'tune_a'}",
+                "--address",
+                head["address"],
+                "--tracking-uri",
+                uri,
+                "--python",
+                sys.executable,
+                "--working-dir",
+                str(ROOT),
+            ]
+        )
         if rc == 0 or _runs(uri):
             break
         time.sleep(3)
@@ -86,9 +122,25 @@ def test_montage_submit_runs_a_tuning_job(head) -> None:
 def test_plain_ray_job_submit(head) -> None:
     uri = f"sqlite:///{head['tmp'] / 'b.db'}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
-           "--runtime-env-json", f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{uri}"}}, "excludes": [".venv", ".git"]}}',
-           "--", sys.executable, "-m", "montage", "tune", "tune_configs/segmentation-tiny.yaml", *TINY, f"storage={head['tmp'] / 'tune_b'}"]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{uri}"}}, "excludes": [".venv", ".git"]}}',
+        "--",
+        sys.executable,
+        "-m",
+        "montage",
+        "tune",
+        "tune_configs/segmentation-tiny.yaml",
+        *TINY,
+        f"storage={head['tmp'] / 'tune_b'}",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout + out.stderr

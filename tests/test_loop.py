@@ -52,12 +52,19 @@ class Line(Dataset):
 class ToyTask(Task):
     name = "toy"
     monitor = ("val/mse", "min")
-    spec = SectionSpec(model=ToyModel, data=ToyData, loss=ToyLoss, defaults={"sched.name": "none", "train.loader_workers": 0, "train.progress": False})
+    spec = SectionSpec(
+        model=ToyModel,
+        data=ToyData,
+        loss=ToyLoss,
+        defaults={"sched.name": "none", "train.loader_workers": 0, "train.progress": False},
+    )
     steps = 0
 
     def build_nets(self, pretrained: bool = True) -> dict[str, nn.Module]:
         torch.manual_seed(0)
-        return {"net": nn.Sequential(nn.Linear(1, self.cfg.model.hidden), nn.Tanh(), nn.Linear(self.cfg.model.hidden, 1))}
+        return {
+            "net": nn.Sequential(nn.Linear(1, self.cfg.model.hidden), nn.Tanh(), nn.Linear(self.cfg.model.hidden, 1))
+        }
 
     def datasets(self):
         return Line(self.cfg.data.n, 0), Line(16, 1)
@@ -75,7 +82,12 @@ class ToyTask(Task):
 
 
 def toy_cfg(tmp_path: Path, *overrides: str):
-    return load_config("toy", ToyTask.spec, None, [f"run.storage={tmp_path}", "tracking.enabled=false", "train.batch_size=8", *overrides])
+    return load_config(
+        "toy",
+        ToyTask.spec,
+        None,
+        [f"run.storage={tmp_path}", "tracking.enabled=false", "train.batch_size=8", *overrides],
+    )
 
 
 def adam_steps(path: Path) -> int:
@@ -101,7 +113,18 @@ def test_accumulation_steps_once_per_k_batches(tmp_path: Path) -> None:
 def test_grad_clip_bounds_the_update(tmp_path: Path) -> None:
     def first_layer_change(clip: str) -> float:
         name = f"clip{clip}"
-        fit_local(toy_cfg(tmp_path, "optim.name=sgd", "optim.momentum=0", "optim.lr=1.0", "train.epochs=1", "train.max_steps=1", f"train.grad_clip={clip}", f"run.name={name}"))
+        fit_local(
+            toy_cfg(
+                tmp_path,
+                "optim.name=sgd",
+                "optim.momentum=0",
+                "optim.lr=1.0",
+                "train.epochs=1",
+                "train.max_steps=1",
+                f"train.grad_clip={clip}",
+                f"run.name={name}",
+            )
+        )
         w = load_checkpoint(tmp_path / name / "latest.pt")["nets"]["net"]
         torch.manual_seed(0)
         w0 = nn.Linear(1, 4).state_dict()
@@ -118,9 +141,20 @@ def test_early_stopping(tmp_path: Path) -> None:
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
-    fit_local(toy_cfg(tmp_path, "train.epochs=4", "optim.lr=0.02", "run.name=straight", "sched.name=cosine_restarts", "sched.t0=2"))
-    fit_local(toy_cfg(tmp_path, "train.epochs=2", "optim.lr=0.02", "run.name=split", "sched.name=cosine_restarts", "sched.t0=2"))
-    resumed = fit_local(toy_cfg(tmp_path, "train.epochs=4", "optim.lr=0.02", "sched.name=cosine_restarts", "sched.t0=2"), resume=tmp_path / "split")
+    fit_local(
+        toy_cfg(
+            tmp_path, "train.epochs=4", "optim.lr=0.02", "run.name=straight", "sched.name=cosine_restarts", "sched.t0=2"
+        )
+    )
+    fit_local(
+        toy_cfg(
+            tmp_path, "train.epochs=2", "optim.lr=0.02", "run.name=split", "sched.name=cosine_restarts", "sched.t0=2"
+        )
+    )
+    resumed = fit_local(
+        toy_cfg(tmp_path, "train.epochs=4", "optim.lr=0.02", "sched.name=cosine_restarts", "sched.t0=2"),
+        resume=tmp_path / "split",
+    )
     assert resumed.metrics["epoch"] == 4
     a = load_checkpoint(tmp_path / "straight" / "latest.pt")
     b = load_checkpoint(tmp_path / "split" / "latest.pt")
@@ -177,15 +211,26 @@ def test_a_crashed_training_marks_its_mlflow_run_failed(tmp_path: Path) -> None:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = toy_cfg(tmp_path, "train.epochs=4", "run.name=crash", "tracking.enabled=true", f"tracking.uri={uri}",
-                  f"tracking.artifacts={tmp_path / 'mlartifacts'}", "train.sample_every=0")
+    cfg = toy_cfg(
+        tmp_path,
+        "train.epochs=4",
+        "run.name=crash",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        f"tracking.artifacts={tmp_path / 'mlartifacts'}",
+        "train.sample_every=0",
+    )
     with pytest.raises(RuntimeError, match="boom at epoch 2"):
         fit_local(cfg, extra_hooks=[Crash()])
-    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs([mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("montage-toy").experiment_id])
+    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("montage-toy").experiment_id]
+    )
     assert len(runs) == 1
     assert runs[0].info.status == "FAILED"
     assert "boom at epoch 2" in runs[0].data.tags["montage.error"]
-    assert [m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(runs[0].info.run_id, "val/mse")] == [1, 2]
+    assert [
+        m.step for m in mlflow.MlflowClient(tracking_uri=uri).get_metric_history(runs[0].info.run_id, "val/mse")
+    ] == [1, 2]
 
 
 def test_checkpoint_checks_task_model_and_format(tmp_path: Path) -> None:
@@ -221,11 +266,23 @@ def test_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
 
 def test_compiled_nets_train_and_save_bare_weights(tmp_path: Path) -> None:
     # the "eager" backend runs dynamo's capture without a compiler: the plumbing, quickly
-    out = fit_local(toy_cfg(tmp_path, "train.epochs=2", "optim.lr=0.05", "train.compile=default", "train.compile_backend=eager", "run.name=comp"))
+    out = fit_local(
+        toy_cfg(
+            tmp_path,
+            "train.epochs=2",
+            "optim.lr=0.05",
+            "train.compile=default",
+            "train.compile_backend=eager",
+            "run.name=comp",
+        )
+    )
     assert out.metrics["val/mse"] < 1.0
     state = load_checkpoint(tmp_path / "comp" / "best.pt", task="toy")
     assert sorted(state["nets"]["net"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # no _orig_mod. prefix
-    resumed = fit_local(toy_cfg(tmp_path, "train.epochs=3", "train.compile=default", "train.compile_backend=eager"), resume=tmp_path / "comp")
+    resumed = fit_local(
+        toy_cfg(tmp_path, "train.epochs=3", "train.compile=default", "train.compile_backend=eager"),
+        resume=tmp_path / "comp",
+    )
     assert resumed.metrics["epoch"] == 3
 
 

@@ -30,6 +30,7 @@ HARMONIZE_ERRORS = {"400": 2, "422": 1}
 
 # -- without Ray ------------------------------------------------------------------------------
 
+
 def test_features_psi_and_drift_detector(caplog) -> None:
     from montage.platform.features import alpha_features, input_features, psi
     from montage.serve.drift import DriftDetector
@@ -37,7 +38,9 @@ def test_features_psi_and_drift_detector(caplog) -> None:
     rng = np.random.default_rng(0)
     ref, same, shifted = rng.normal(0, 1, 500), rng.normal(0, 1, 200), rng.normal(1.5, 1, 200)
     assert psi(ref, same) < 0.1 < 0.25 < psi(ref, shifted)
-    assert psi([32.0] * 100, [32.0] * 50) < 1e-6 and psi([32.0] * 100, [64.0] * 50) > 1  # a discrete feature gets its own bins
+    assert (
+        psi([32.0] * 100, [32.0] * 50) < 1e-6 and psi([32.0] * 100, [64.0] * 50) > 1
+    )  # a discrete feature gets its own bins
 
     img = _img(60, 90)
     f, dark = input_features(img), input_features((img * 0.3).astype(np.uint8))
@@ -58,10 +61,13 @@ def test_features_psi_and_drift_detector(caplog) -> None:
     assert det.summary()["drifted"] == ["x"] and det.state["w"].psi < 1e-6
     warned = [r for r in caplog.records if "input drift" in r.getMessage()]
     assert len(warned) == 1 and "'x'" in warned[0].getMessage()  # once, when it crossed
-    assert det.out_of_range("x", 10.0) and not det.out_of_range("x", 0.0)  # output anomalies: outside the reference's central 99 %
+    assert det.out_of_range("x", 10.0) and not det.out_of_range(
+        "x", 0.0
+    )  # output anomalies: outside the reference's central 99 %
 
 
 # -- one served application for the rest -------------------------------------------------------
+
 
 def _registry(tmp: Path) -> tuple[str, Any]:
     from montage.core.config import load_config
@@ -88,18 +94,44 @@ def mon(ray_session, tmp_path_factory):
     from montage.tracking.runs import create_run
 
     tmp = tmp_path_factory.mktemp("monitoring")
-    data = ["data.synthetic_train=300", "data.synthetic_val=64"]  # a 256-sample reference; 64 in-distribution images to send
-    seg = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg", *data])).best_checkpoint
-    harm = fit_local(_tiny("harmonization", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=harm"])).best_checkpoint
+    data = [
+        "data.synthetic_train=300",
+        "data.synthetic_val=64",
+    ]  # a 256-sample reference; 64 in-distribution images to send
+    seg = fit_local(
+        _tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg", *data])
+    ).best_checkpoint
+    harm = fit_local(
+        _tiny("harmonization", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=harm"])
+    ).best_checkpoint
     uri, base = _registry(tmp)
     reg = register_checkpoint(base, seg, create_run(base), "val/iou", "max", 0.5, "manual", {}, "always")
     port = _free_port()
-    run(load_serve_config(None, [
-        f"port={port}", f"name={APP}", "max_side=1024", f"tracking_uri={uri}", "pix2pix.enabled=false",
-        f"segmentation.source=models:/montage-segmentation/{reg.version}", f"harmonization.source={harm}",
-        "monitoring.window=64", "monitoring.min_samples=30", "monitoring.check_every=5",
-    ]))
-    yield {"url": f"http://127.0.0.1:{port}", "seg": seg, "uri": uri, "version": reg.version, "tmp": tmp, "metrics_port": ray_session.nodes()[0]["MetricsExportPort"]}
+    run(
+        load_serve_config(
+            None,
+            [
+                f"port={port}",
+                f"name={APP}",
+                "max_side=1024",
+                f"tracking_uri={uri}",
+                "pix2pix.enabled=false",
+                f"segmentation.source=models:/montage-segmentation/{reg.version}",
+                f"harmonization.source={harm}",
+                "monitoring.window=64",
+                "monitoring.min_samples=30",
+                "monitoring.check_every=5",
+            ],
+        )
+    )
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "seg": seg,
+        "uri": uri,
+        "version": reg.version,
+        "tmp": tmp,
+        "metrics_port": ray_session.nodes()[0]["MetricsExportPort"],
+    }
     serve.shutdown()
 
 
@@ -111,7 +143,11 @@ def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
 
 
 def _total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
-    return sum(v for n, lab, v in samples if n == name and lab.get("application") == APP and all(lab.get(k) == x for k, x in labels.items()))
+    return sum(
+        v
+        for n, lab, v in samples
+        if n == name and lab.get("application") == APP and all(lab.get(k) == x for k, x in labels.items())
+    )
 
 
 def _wait(check: Callable[[], bool], timeout: float = 40, what: str = "") -> None:
@@ -133,7 +169,18 @@ def test_registration_stores_a_drift_reference(mon) -> None:
     assert ref is not None and any(p.name == REFERENCE_FILE for p in Path(ckpt).parents[1].rglob("*.json"))
     assert ref["task"] == "segmentation" and ref["samples"] == 256  # 256 of the 300 training samples
     feats = ref["features"]
-    assert {"brightness", "contrast", "saturation", "sharpness", "colour_temperature", "width", "height", "aspect", "foreground_fraction", "uncertain_alpha"} <= set(feats)
+    assert {
+        "brightness",
+        "contrast",
+        "saturation",
+        "sharpness",
+        "colour_temperature",
+        "width",
+        "height",
+        "aspect",
+        "foreground_fraction",
+        "uncertain_alpha",
+    } <= set(feats)
     assert len(feats["brightness"]["values"]) == 256 and 0 < feats["brightness"]["quantiles"]["0.5"] < 1
 
 
@@ -141,13 +188,26 @@ def test_metrics_count_requests_stages_and_errors(mon) -> None:
     url = mon["url"]
     bg, person = _png(_img(96, 128, 1)), _png(_img(64, 40, 2))
     for _ in range(N_COMPOSITE):
-        assert requests.post(f"{url}/v1/composite", files={"person": person, "background": bg}, timeout=60).status_code == 200
+        assert (
+            requests.post(f"{url}/v1/composite", files={"person": person, "background": bg}, timeout=60).status_code
+            == 200
+        )
     comp, mask = _img(48, 40, 3), np.zeros((48, 40), np.uint8)
     mask[10:30, 10:30] = 255
     for _ in range(N_HARMONIZE_OK):
-        assert requests.post(f"{url}/v1/harmonize", files={"composite": _png(comp), "mask": _png(mask)}, timeout=60).status_code == 200
+        assert (
+            requests.post(
+                f"{url}/v1/harmonize", files={"composite": _png(comp), "mask": _png(mask)}, timeout=60
+            ).status_code
+            == 200
+        )
     for _ in range(HARMONIZE_ERRORS["400"]):
-        assert requests.post(f"{url}/v1/harmonize", files={"composite": b"not an image", "mask": _png(mask)}, timeout=60).status_code == 400
+        assert (
+            requests.post(
+                f"{url}/v1/harmonize", files={"composite": b"not an image", "mask": _png(mask)}, timeout=60
+            ).status_code
+            == 400
+        )
     assert requests.post(f"{url}/v1/harmonize", files={"mask": _png(mask)}, timeout=60).status_code == 422
 
     port = mon["metrics_port"]
@@ -155,8 +215,9 @@ def test_metrics_count_requests_stages_and_errors(mon) -> None:
 
     def complete() -> bool:
         s = _scrape(port)
-        return (_total(s, "ray_montage_stage_latency_ms_count", stage="encode", **ep) == N_COMPOSITE
-                and _total(s, "ray_montage_errors_total", endpoint="/v1/harmonize") == sum(HARMONIZE_ERRORS.values()))
+        return _total(s, "ray_montage_stage_latency_ms_count", stage="encode", **ep) == N_COMPOSITE and _total(
+            s, "ray_montage_errors_total", endpoint="/v1/harmonize"
+        ) == sum(HARMONIZE_ERRORS.values())
 
     _wait(complete, what="the montage series on Ray's metrics port")
     s = _scrape(port)
@@ -170,20 +231,33 @@ def test_metrics_count_requests_stages_and_errors(mon) -> None:
     for status, n in HARMONIZE_ERRORS.items():
         assert _total(s, "ray_montage_errors_total", status=status, **h) == n
         assert _total(s, "ray_montage_requests_total", status=status, **h) == n
-    assert _total(s, "ray_montage_stage_latency_ms_count", stage="harmonize", **h) == N_HARMONIZE_OK  # failed requests never reached it
+    assert (
+        _total(s, "ray_montage_stage_latency_ms_count", stage="harmonize", **h) == N_HARMONIZE_OK
+    )  # failed requests never reached it
     # 5 ms resolves from 2000 ms: the buckets span both
-    bounds = {float(lab["le"]) for n, lab, _ in s if n == "ray_montage_stage_latency_ms_bucket" and lab.get("application") == APP and lab["le"] != "+Inf"}
+    bounds = {
+        float(lab["le"])
+        for n, lab, _ in s
+        if n == "ray_montage_stage_latency_ms_bucket" and lab.get("application") == APP and lab["le"] != "+Inf"
+    }
     assert {5.0, 2000.0} <= bounds
     assert _total(s, "ray_montage_input_width_px_count", **ep) == 2 * N_COMPOSITE
-    assert _total(s, "ray_montage_input_width_px_bucket", le="32.0", **ep) == 0  # cumulative buckets: the 40 px person, the 128 px background
+    assert (
+        _total(s, "ray_montage_input_width_px_bucket", le="32.0", **ep) == 0
+    )  # cumulative buckets: the 40 px person, the 128 px background
     assert _total(s, "ray_montage_input_width_px_bucket", le="64.0", **ep) == N_COMPOSITE
     assert _total(s, "ray_montage_input_width_px_bucket", le="128.0", **ep) == 2 * N_COMPOSITE
     # model series carry the version: segmentation is registry version N
     seg = {"model": "segmentation", "version": f"v{mon['version']}"}
-    assert 1 <= _total(s, "ray_montage_batch_size_count", **seg) <= N_COMPOSITE  # one observation per batch formed (Ray's exported _sum is approximate)
+    assert (
+        1 <= _total(s, "ray_montage_batch_size_count", **seg) <= N_COMPOSITE
+    )  # one observation per batch formed (Ray's exported _sum is approximate)
     assert _total(s, "ray_montage_images_total", **seg) == N_COMPOSITE
     assert _total(s, "ray_montage_output_quality_count", metric="uncertain_alpha", **seg) == N_COMPOSITE
-    assert _total(s, "ray_montage_output_quality_count", metric="colour_change", model="harmonization") == N_COMPOSITE + N_HARMONIZE_OK
+    assert (
+        _total(s, "ray_montage_output_quality_count", metric="colour_change", model="harmonization")
+        == N_COMPOSITE + N_HARMONIZE_OK
+    )
 
 
 def test_prometheus_server_scrapes_the_series(mon, tmp_path) -> None:
@@ -194,18 +268,36 @@ def test_prometheus_server_scrapes_the_series(mon, tmp_path) -> None:
     repo = Path(__file__).resolve().parents[1]
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
     if Path(promtool).exists():  # the shipped scrape config is valid
-        check = subprocess.run([promtool, "check", "config", str(repo / "deploy/prometheus/prometheus.yml")], capture_output=True, text=True, timeout=60)
+        check = subprocess.run(
+            [promtool, "check", "config", str(repo / "deploy/prometheus/prometheus.yml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert check.returncode == 0, check.stdout + check.stderr
     sd = tmp_path / "targets.json"  # the file-based discovery Ray's head writes, for this session's node
     sd.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{mon['metrics_port']}"]}]))
-    cfg = (repo / "deploy/prometheus/prometheus.yml").read_text().replace("/tmp/ray/prom_metrics_service_discovery.json", str(sd))
+    cfg = (
+        (repo / "deploy/prometheus/prometheus.yml")
+        .read_text()
+        .replace("/tmp/ray/prom_metrics_service_discovery.json", str(sd))
+    )
     cfg = cfg.replace("scrape_interval: 10s", "scrape_interval: 1s")
     (tmp_path / "prometheus.yml").write_text(cfg)
     port = _free_port()
-    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("w"),
+    )
     query = f'sum(ray_montage_stage_latency_ms_count{{application="{APP}",endpoint="/v1/composite",stage="harmonize"}})'
     try:
+
         def answered() -> bool:
             try:
                 r = requests.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5).json()
@@ -224,7 +316,9 @@ def test_prometheus_server_scrapes_the_series(mon, tmp_path) -> None:
             assert r["status"] == "success", (expr, r)
         names = {m for e in exprs for m in re.findall(r"ray_montage_\w+", e)}
         have = requests.get(f"http://127.0.0.1:{port}/api/v1/label/__name__/values", timeout=10).json()["data"]
-        assert names - {"ray_montage_anomalies_total", "ray_montage_drift_score", "ray_montage_drifted"} <= set(have), names - set(have)
+        assert names - {"ray_montage_anomalies_total", "ray_montage_drift_score", "ray_montage_drifted"} <= set(have), (
+            names - set(have)
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -241,7 +335,11 @@ def _in_distribution(checkpoint: str, n: int) -> list[np.ndarray]:
 
 def _segment_all(url: str, images: list[np.ndarray]) -> None:
     with ThreadPoolExecutor(4) as pool:
-        codes = list(pool.map(lambda im: requests.post(f"{url}/v1/segment", files={"image": _png(im)}, timeout=60).status_code, images))
+        codes = list(
+            pool.map(
+                lambda im: requests.post(f"{url}/v1/segment", files={"image": _png(im)}, timeout=60).status_code, images
+            )
+        )
     assert codes == [200] * len(images)
 
 
@@ -252,7 +350,9 @@ def test_drift_of_a_darker_stream(mon) -> None:
     seg = requests.get(f"{url}/v1/monitor", timeout=30).json()["models"]["segmentation"]
     assert seg["reference"] == "stored" and seg["drift"]["samples"] == 64
     assert seg["drift"]["drifted"] == [], seg["drift"]
-    assert seg["drift"]["features"]["brightness"]["p_value"] > 0.01  # (PSI alone is noisy on 64 samples: the flag needs both)
+    assert (
+        seg["drift"]["features"]["brightness"]["p_value"] > 0.01
+    )  # (PSI alone is noisy on 64 samples: the flag needs both)
 
     _segment_all(url, [(im * 0.3).astype(np.uint8) for im in images])  # the whole window, much darker
     summary = requests.get(f"{url}/v1/monitor", timeout=30).json()
@@ -261,13 +361,19 @@ def test_drift_of_a_darker_stream(mon) -> None:
     assert drift["features"]["brightness"]["psi"] > 0.25 and drift["features"]["brightness"]["p_value"] < 0.01
     for unrelated in ("width", "height", "aspect"):
         assert unrelated not in drift["drifted"] and drift["features"][unrelated]["psi"] < 0.25
-    assert summary["models"]["harmonization"]["reference"] in ("computed", "pending")  # a plain checkpoint: computed on the fly
+    assert summary["models"]["harmonization"]["reference"] in (
+        "computed",
+        "pending",
+    )  # a plain checkpoint: computed on the fly
 
     seg_tags = {"model": "segmentation", "version": f"v{mon['version']}"}
 
     def flagged() -> bool:
         s = _scrape(mon["metrics_port"])
-        return _total(s, "ray_montage_drifted", feature="brightness", **seg_tags) == 1 and _total(s, "ray_montage_drifted", feature="width", **seg_tags) == 0
+        return (
+            _total(s, "ray_montage_drifted", feature="brightness", **seg_tags) == 1
+            and _total(s, "ray_montage_drifted", feature="width", **seg_tags) == 0
+        )
 
     _wait(flagged, what="montage_drifted{feature=brightness} == 1 on the metrics port")
     s = _scrape(mon["metrics_port"])
@@ -285,7 +391,10 @@ def test_monitor_summary_and_cli(mon, capsys) -> None:
     harm = summary["endpoints"]["/v1/harmonize"]
     assert harm["errors"] == HARMONIZE_ERRORS and abs(harm["error_rate"] - 3 / 6) < 1e-6
     assert summary["models"]["segmentation"]["version"] == f"v{mon['version']}"
-    assert summary["models"]["segmentation"]["images"] >= N_COMPOSITE + 128 and summary["models"]["segmentation"]["images_per_s"] > 0
+    assert (
+        summary["models"]["segmentation"]["images"] >= N_COMPOSITE + 128
+        and summary["models"]["segmentation"]["images_per_s"] > 0
+    )
     assert summary["models"]["harmonization"]["reference"] == "computed"
 
     png = mon["tmp"] / "monitor.png"

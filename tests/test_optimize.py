@@ -20,13 +20,26 @@ from montage.platform.pruning import conv_channels, count_params, prune_channels
 from montage.tracking import registry as reg
 from montage.tracking.variants import validation_batch
 
-VARIANT_TAGS = ("montage.variant", "montage.runtime", "montage.parent", "montage.params", "montage.size_mb", "montage.latency_ms",
-                "montage.parent_latency_ms", "montage.quality_metric", "montage.quality", "montage.parent_quality", "montage.quality_delta")
+VARIANT_TAGS = (
+    "montage.variant",
+    "montage.runtime",
+    "montage.parent",
+    "montage.params",
+    "montage.size_mb",
+    "montage.latency_ms",
+    "montage.parent_latency_ms",
+    "montage.quality_metric",
+    "montage.quality",
+    "montage.parent_quality",
+    "montage.quality_delta",
+)
 
 
 @pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
 def test_channel_pruning_narrows_the_network_and_the_checkpoint_reloads(tiny_config, tmp_path: Path, task: str) -> None:
-    ckpt = fit_local(tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")).best_checkpoint
+    ckpt = fit_local(
+        tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")
+    ).best_checkpoint
     inst, nets = load_for_inference(ckpt, task=task)
     batch = validation_batch(inst, 2)
     spec = inst.export_spec(nets, batch)
@@ -72,27 +85,54 @@ def _registered_parent(tiny_config, task: str = "segmentation"):
 def test_prune_fine_tunes_and_registers_a_tagged_variant(tiny_config, tmp_path: Path) -> None:
     cfg = _registered_parent(tiny_config)
     uri = cfg.tracking.uri
-    made = prune_model("segmentation", "models:/montage-segmentation@champion", ratio=0.5, epochs=1, tracking_uri=uri, no_ray=True,
-                       overrides=[f"run.storage={tmp_path / 'runs'}", f"tracking.artifacts={tmp_path / 'mlartifacts'}", "train.max_steps=2"])
+    made = prune_model(
+        "segmentation",
+        "models:/montage-segmentation@champion",
+        ratio=0.5,
+        epochs=1,
+        tracking_uri=uri,
+        no_ray=True,
+        overrides=[
+            f"run.storage={tmp_path / 'runs'}",
+            f"tracking.artifacts={tmp_path / 'mlartifacts'}",
+            "train.max_steps=2",
+        ],
+    )
     assert made.registered == "models:/montage-segmentation/2" and made.params < 0.6 * made.parent_params
     mv = reg.client(uri).get_model_version("montage-segmentation", "2")
     assert all(k in mv.tags for k in VARIANT_TAGS), sorted(set(VARIANT_TAGS) - set(mv.tags))
     assert mv.tags["montage.variant"] == "pruned-0.5" and mv.tags["montage.runtime"] == "torch"
-    assert mv.tags["montage.parent"] == "models:/montage-segmentation/1" and int(mv.tags["montage.params"]) == made.params
-    assert float(mv.tags["montage.quality_delta"]) == pytest.approx(made.measurement.value - made.measurement.parent_value, abs=1e-3)
+    assert (
+        mv.tags["montage.parent"] == "models:/montage-segmentation/1" and int(mv.tags["montage.params"]) == made.params
+    )
+    assert float(mv.tags["montage.quality_delta"]) == pytest.approx(
+        made.measurement.value - made.measurement.parent_value, abs=1e-3
+    )
     # the fine-tune was an ordinary tracked run that started from the pruned weights
     run = reg.client(uri).get_run(made.mlflow_run_id)
     assert run.data.params["init.checkpoint"].endswith("-pruned.pt") and run.info.status == "FINISHED"
     assert str(reg.champion("segmentation", uri).version) == "1"  # no alias moves
-    inst, nets = load_for_inference(reg.download_model_checkpoint("models:/montage-segmentation/2", uri), task="segmentation")
+    inst, nets = load_for_inference(
+        reg.download_model_checkpoint("models:/montage-segmentation/2", uri), task="segmentation"
+    )
     assert count_params(nets["net"]) == made.params  # the registered checkpoint rebuilds in its pruned shape
 
 
 def test_distill_trains_a_smaller_student_and_registers_it(tiny_config, tmp_path: Path) -> None:
     cfg = _registered_parent(tiny_config)
     uri = cfg.tracking.uri
-    made = distill_model("segmentation", "models:/montage-segmentation/1", epochs=1, tracking_uri=uri, no_ray=True,
-                         overrides=[f"run.storage={tmp_path / 'runs'}", f"tracking.artifacts={tmp_path / 'mlartifacts'}", "train.max_steps=2"])
+    made = distill_model(
+        "segmentation",
+        "models:/montage-segmentation/1",
+        epochs=1,
+        tracking_uri=uri,
+        no_ray=True,
+        overrides=[
+            f"run.storage={tmp_path / 'runs'}",
+            f"tracking.artifacts={tmp_path / 'mlartifacts'}",
+            "train.max_steps=2",
+        ],
+    )
     assert made.params < made.parent_params and "model.decoder_channels=[8, 8, 4, 4, 4]" in made.overrides
     mv = reg.client(uri).get_model_version("montage-segmentation", made.registered.rsplit("/", 1)[1])
     assert mv.tags["montage.variant"] == "student" and all(k in mv.tags for k in VARIANT_TAGS)
@@ -105,7 +145,9 @@ def test_bad_optimize_requests_get_clear_errors(tiny_config, tmp_path: Path) -> 
     junk.write_text("not a model")
     with pytest.raises(CheckpointError):
         prune_model("segmentation", str(junk), no_ray=True)
-    ckpt = fit_local(tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h")).best_checkpoint
+    ckpt = fit_local(
+        tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h")
+    ).best_checkpoint
     with pytest.raises(CheckpointError, match="harmonization"):
         distill_model("segmentation", ckpt, no_ray=True)
     with pytest.raises(ValueError, match="ratio"):

@@ -65,9 +65,14 @@ def test_catflw_preparation(tmp_path: Path) -> None:
     # determinism: same seed → same split
     again = prepare_catflw(src, tmp_path / "out2", size=64, sigma=2.0, seed=0, margin=0.0)
     assert again["written"] == report["written"]
-    assert sorted(p.name for p in (tmp_path / "out2" / "val" / "B").iterdir()) == sorted(p.name for p in (tmp_path / "out" / "val" / "B").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out2" / "val" / "B").iterdir()) == sorted(
+        p.name for p in (tmp_path / "out" / "val" / "B").iterdir()
+    )
     # the CLI entry
-    assert main(["data", "catflw", "--src", str(src), "--out", str(tmp_path / "out3"), "--size", "32", "--channels", "48"]) == 0
+    assert (
+        main(["data", "catflw", "--src", str(src), "--out", str(tmp_path / "out3"), "--size", "32", "--channels", "48"])
+        == 0
+    )
     a = np.load(next((tmp_path / "out3" / "train" / "A").glob("*.npy")))
     assert a.shape == (48, 32, 32)
 
@@ -150,8 +155,19 @@ def test_the_tiny_recipe_beats_the_mean_face(recipe_config) -> None:
 
 
 def test_short_run_lowers_val_l1_and_predicts(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config("pix2pix", "model.ngf=8", "model.ndf=8", "data.size=32", "data.synthetic_train=128", "data.synthetic_val=16",
-                      "train.epochs=5", "train.batch_size=16", "optim.lr=0.001", "sched.constant_epochs=5", "run.name=learn")
+    cfg = tiny_config(
+        "pix2pix",
+        "model.ngf=8",
+        "model.ndf=8",
+        "data.size=32",
+        "data.synthetic_train=128",
+        "data.synthetic_val=16",
+        "train.epochs=5",
+        "train.batch_size=16",
+        "optim.lr=0.001",
+        "sched.constant_epochs=5",
+        "run.name=learn",
+    )
     out = fit_local(cfg)
     import mlflow
 
@@ -165,10 +181,38 @@ def test_short_run_lowers_val_l1_and_predicts(tiny_config, tmp_path: Path) -> No
 
     pts = np.random.default_rng(0).uniform(8, 56, (48, 2))
     (tmp_path / "lm.json").write_text(json.dumps({"labels": pts.tolist(), "size": 64}))
-    assert main(["predict", "pix2pix", "--checkpoint", out.best_checkpoint, "--landmarks", str(tmp_path / "lm.json"), "--output", str(tmp_path / "gen")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "pix2pix",
+                "--checkpoint",
+                out.best_checkpoint,
+                "--landmarks",
+                str(tmp_path / "lm.json"),
+                "--output",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 0
+    )
     assert cv2.imread(str(tmp_path / "gen" / "lm.png")).shape == (32, 32, 3)
     (tmp_path / "bad.json").write_text(json.dumps({"labels": [[1, 2]] * 5}))
-    assert main(["predict", "pix2pix", "--checkpoint", out.best_checkpoint, "--landmarks", str(tmp_path / "bad.json"), "--output", str(tmp_path / "gen")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "pix2pix",
+                "--checkpoint",
+                out.best_checkpoint,
+                "--landmarks",
+                str(tmp_path / "bad.json"),
+                "--output",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_generator_checkpointing_keeps_outputs_and_gradients() -> None:

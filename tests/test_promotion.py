@@ -24,7 +24,9 @@ def test_promotion_rules(tiny_config) -> None:
     assert register(metric="val/loss", mode="min", value=0.5).promoted  # no champion yet
     assert not register(metric="val/loss", mode="min", value=0.7).promoted and champion() == "1"  # worse
     assert register(metric="val/loss", mode="min", value=0.3).promoted and champion() == "3"  # better
-    assert not register(metric="val/loss", mode="min", value=0.3).promoted and champion() == "3"  # a tie keeps the champion
+    assert (
+        not register(metric="val/loss", mode="min", value=0.3).promoted and champion() == "3"
+    )  # a tie keeps the champion
     # the user's word wins over the comparison
     assert register(metric="val/loss", mode="min", value=0.9, promote="always").promoted and champion() == "5"
     assert not register(metric="val/loss", mode="min", value=0.01, promote="never").promoted and champion() == "5"
@@ -35,7 +37,13 @@ def test_promotion_rules(tiny_config) -> None:
 
 @pytest.mark.parametrize(
     "value, mode, old, expected",
-    [(0.6, "max", 0.5, True), (0.4, "max", 0.5, False), (0.4, "min", 0.5, True), (0.6, "min", 0.5, False), (0.5, "max", 0.5, False)],
+    [
+        (0.6, "max", 0.5, True),
+        (0.4, "max", 0.5, False),
+        (0.4, "min", 0.5, True),
+        (0.6, "min", 0.5, False),
+        (0.5, "max", 0.5, False),
+    ],
 )
 def test_beats_compares_in_the_metric_direction(value: float, mode: str, old: float, expected: bool) -> None:
     class Version:

@@ -62,13 +62,24 @@ def test_keep_checkpoints_keeps_the_k_best_and_the_latest(ray_session, tiny_conf
     """``scaling.keep_checkpoints=K``: the K best epochs by the monitored metric stay on storage
     (min mode here: harmonization's fMSE), plus the latest when it is not among them (resuming
     needs it); every other checkpoint is deleted."""
-    cfg = tiny_config("harmonization", "scaling.keep_checkpoints=2", "train.epochs=5", "train.max_steps=2", "run.name=prune")
+    cfg = tiny_config(
+        "harmonization", "scaling.keep_checkpoints=2", "train.epochs=5", "train.max_steps=2", "run.name=prune"
+    )
     out = fit_ray(cfg)
     assert out.error is None
-    history = {int(m.step): m.value for m in mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(out.mlflow_run_id, "val/fmse")}
+    history = {
+        int(m.step): m.value
+        for m in mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(out.mlflow_run_id, "val/fmse")
+    }
     assert sorted(history) == [1, 2, 3, 4, 5]
     best_two = set(sorted(history, key=lambda e: history[e])[:2])
-    on_storage = {load_checkpoint(p, task="harmonization")["epoch"] for p in (tmp_path / "runs" / "prune").glob("checkpoint_*") if p.is_dir()}
+    on_storage = {
+        load_checkpoint(p, task="harmonization")["epoch"]
+        for p in (tmp_path / "runs" / "prune").glob("checkpoint_*")
+        if p.is_dir()
+    }
     assert on_storage == best_two | {5}, (history, on_storage)
-    assert min(history, key=lambda e: history[e]) in on_storage and out.best_epoch == min(history, key=lambda e: history[e])
+    assert min(history, key=lambda e: history[e]) in on_storage and out.best_epoch == min(
+        history, key=lambda e: history[e]
+    )
     assert len(on_storage) <= 3

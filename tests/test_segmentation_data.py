@@ -40,10 +40,42 @@ def coco(tmp_path: Path):
         "images": [{"id": i, "file_name": f"{i}.png", "height": h, "width": w} for i in (1, 2, 3)],
         "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [poly], "iscrowd": 0, "area": 90.0, "bbox": [4, 3, 10, 9]},
-            {"id": 2, "image_id": 1, "category_id": 1, "segmentation": rle, "iscrowd": 0, "area": 50.0, "bbox": [20, 15, 10, 5]},
-            {"id": 3, "image_id": 1, "category_id": 1, "segmentation": crowd_rle, "iscrowd": 1, "area": 48.0, "bbox": [24, 0, 8, 6]},
-            {"id": 4, "image_id": 2, "category_id": 18, "segmentation": [[1.0, 1.0, 9.0, 1.0, 9.0, 9.0]], "iscrowd": 0, "area": 30.0, "bbox": [1, 1, 8, 8]},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": [poly],
+                "iscrowd": 0,
+                "area": 90.0,
+                "bbox": [4, 3, 10, 9],
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": rle,
+                "iscrowd": 0,
+                "area": 50.0,
+                "bbox": [20, 15, 10, 5],
+            },
+            {
+                "id": 3,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": crowd_rle,
+                "iscrowd": 1,
+                "area": 48.0,
+                "bbox": [24, 0, 8, 6],
+            },
+            {
+                "id": 4,
+                "image_id": 2,
+                "category_id": 18,
+                "segmentation": [[1.0, 1.0, 9.0, 1.0, 9.0, 9.0]],
+                "iscrowd": 0,
+                "area": 30.0,
+                "bbox": [1, 1, 8, 8],
+            },
         ],
     }
     path = tmp_path / "instances.json"
@@ -101,13 +133,24 @@ def test_supervisely_bitmap_and_polygon_with_hole(tmp_path: Path) -> None:
     ann = {
         "size": {"height": h, "width": w},
         "objects": [
-            {"classTitle": "person_bmp", "geometryType": "bitmap", "bitmap": {"data": _sly_bitmap(bmp), "origin": [30, 25]}},
+            {
+                "classTitle": "person_bmp",
+                "geometryType": "bitmap",
+                "bitmap": {"data": _sly_bitmap(bmp), "origin": [30, 25]},
+            },
             {
                 "classTitle": "person_poly",
                 "geometryType": "polygon",
-                "points": {"exterior": [[2, 2], [20, 2], [20, 20], [2, 20]], "interior": [[[8, 8], [14, 8], [14, 14], [8, 14]]]},
+                "points": {
+                    "exterior": [[2, 2], [20, 2], [20, 20], [2, 20]],
+                    "interior": [[[8, 8], [14, 8], [14, 14], [8, 14]]],
+                },
             },
-            {"classTitle": "car", "geometryType": "polygon", "points": {"exterior": [[40, 2], [48, 2], [48, 10]], "interior": []}},
+            {
+                "classTitle": "car",
+                "geometryType": "polygon",
+                "points": {"exterior": [[40, 2], [48, 2], [48, 10]], "interior": []},
+            },
         ],
     }
     (proj / "ds1" / "ann").mkdir(parents=True)

@@ -106,22 +106,36 @@ def test_unet_shapes_attention_maps_and_size() -> None:
     assert [m.shape[-1] for m in maps] == [4, 8, 16, 32]  # one gate per skip
     n = sum(p.numel() for p in model.parameters())
     assert 5_000 < n < 60_000, n
-    ckpt = SegmentationUNet(SegModelConfig(encoder="tiny", pretrained=False, decoder_channels=[16, 16, 8, 8, 8], grad_checkpointing=True)).train()
+    ckpt = SegmentationUNet(
+        SegModelConfig(encoder="tiny", pretrained=False, decoder_channels=[16, 16, 8, 8, 8], grad_checkpointing=True)
+    ).train()
     ckpt(torch.rand(2, 3, 64, 64)).sum().backward()  # checkpointed decoder trains
     assert all(p.grad is not None for p in ckpt.decoder.parameters())
 
 
 def test_full_resolution_skip_reaches_the_finest_decoder_block() -> None:
-    cfg = SegModelConfig(encoder="small", pretrained=False, full_res_skip=16, decoder_channels=[64, 32, 16, 16, 16], attention=True)
+    cfg = SegModelConfig(
+        encoder="small", pretrained=False, full_res_skip=16, decoder_channels=[64, 32, 16, 16, 16], attention=True
+    )
     model = SegmentationUNet(cfg).eval()
     assert model.encoder.strides == [1, 2, 4, 8, 16, 32] and model.encoder.channels[0] == 16
     with torch.no_grad():
         feats = model.encoder(torch.rand(1, 3, 64, 64))
         assert [f.shape[-1] for f in feats] == [64, 32, 16, 8, 4, 2]
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 1, 64, 64)
-    assert [m.shape[-1] for m in model.decoder.attention_maps(feats)] == [4, 8, 16, 32, 64]  # the last gate is at full size
+    assert [m.shape[-1] for m in model.decoder.attention_maps(feats)] == [
+        4,
+        8,
+        16,
+        32,
+        64,
+    ]  # the last gate is at full size
     with pytest.raises(ValueError, match="decoder needs 5 channel widths"):
-        SegmentationUNet(SegModelConfig(encoder="small", pretrained=False, full_res_skip=16, decoder_channels=[16, 16, 16, 16, 16, 16]))
+        SegmentationUNet(
+            SegModelConfig(
+                encoder="small", pretrained=False, full_res_skip=16, decoder_channels=[16, 16, 16, 16, 16, 16]
+            )
+        )
 
 
 def test_trimap_metrics_by_hand() -> None:

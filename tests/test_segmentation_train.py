@@ -21,8 +21,10 @@ def test_the_tiny_recipe_learns_thin_limbs_far_past_the_untrained_model(recipe_c
     untrained = loop.evaluate()
     loop.fit()
     best = loop.best.value
-    print(f"val/iou untrained {untrained['val/iou']:.3f} → trained {best:.3f}; "
-          f"trimap accuracy {untrained['val/trimap_acc']:.3f} → {loop.last_metrics['val/trimap_acc']:.3f}")
+    print(
+        f"val/iou untrained {untrained['val/iou']:.3f} → trained {best:.3f}; "
+        f"trimap accuracy {untrained['val/trimap_acc']:.3f} → {loop.last_metrics['val/trimap_acc']:.3f}"
+    )
     assert best > untrained["val/iou"] + 0.4
     assert best > 0.68
     assert loop.last_metrics["val/trimap_acc"] > untrained["val/trimap_acc"] + 0.15
@@ -55,7 +57,19 @@ def test_fit_logs_to_mlflow_and_predict_writes_rgba(seg_config, tmp_path: Path) 
     inputs = tmp_path / "in"
     inputs.mkdir()
     cv2.imwrite(str(inputs / "p.jpg"), image)
-    rc = main(["predict", "segmentation", "--checkpoint", out.best_checkpoint, "--input", str(inputs), "--output", str(tmp_path / "pred"), "--tta"])
+    rc = main(
+        [
+            "predict",
+            "segmentation",
+            "--checkpoint",
+            out.best_checkpoint,
+            "--input",
+            str(inputs),
+            "--output",
+            str(tmp_path / "pred"),
+            "--tta",
+        ]
+    )
     assert rc == 0
     rgba = cv2.imread(str(tmp_path / "pred" / "p.png"), cv2.IMREAD_UNCHANGED)
     assert rgba.shape == (45, 70, 4)
@@ -66,5 +80,8 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys, caplog) -> None:
     assert "unknown task 'nosuchtask'" in caplog.text
     assert main(["train", "segmentation", "--no-ray", "train.epoch=1"]) == 2
     assert "unknown config key 'train.epoch'" in caplog.text
-    assert main(["predict", "segmentation", "--checkpoint", str(tmp_path / "none.pt"), "--input", "x", "--output", "y"]) == 2
+    assert (
+        main(["predict", "segmentation", "--checkpoint", str(tmp_path / "none.pt"), "--input", "x", "--output", "y"])
+        == 2
+    )
     assert "checkpoint not found" in caplog.text

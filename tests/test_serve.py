@@ -29,7 +29,9 @@ def server(ray_session, tmp_path_factory):
         out = fit_local(_tiny(task, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={task}"]))
         ckpts[task] = out.best_checkpoint
     port = _free_port()
-    overrides = [f"port={port}", "max_side=1024", "pix2pix.enabled=true"] + [f"{t}.source={p}" for t, p in ckpts.items()]
+    overrides = [f"port={port}", "max_side=1024", "pix2pix.enabled=true"] + [
+        f"{t}.source={p}" for t, p in ckpts.items()
+    ]
     cfg = load_serve_config(None, overrides)
     run(cfg)
     yield {"url": f"http://127.0.0.1:{port}", "ckpts": ckpts, "overrides": overrides, "tmp": tmp}
@@ -52,14 +54,21 @@ def test_endpoints_return_images_of_the_input_size(server) -> None:
     comp = _img(90, 70, 1)
     mask = np.zeros((90, 70), np.uint8)
     mask[20:70, 10:50] = 255
-    r = requests.post(f"{url}/v1/harmonize", files={"composite": _png(comp), "mask": _png(mask)}, data={"blend": "0.8"}, timeout=60)
+    r = requests.post(
+        f"{url}/v1/harmonize", files={"composite": _png(comp), "mask": _png(mask)}, data={"blend": "0.8"}, timeout=60
+    )
     assert r.status_code == 200
     out = cv2.cvtColor(_decode(r.content), cv2.COLOR_BGR2RGB)
     assert out.shape == comp.shape
     np.testing.assert_array_equal(out[mask == 0], comp[mask == 0])
 
     bg = _img(160, 240, 2)
-    r = requests.post(f"{url}/v1/composite", files={"person": _png(_img(100, 60, 3)), "background": _png(bg)}, data={"x": "0.3", "y": "0.5", "scale": "0.5"}, timeout=60)
+    r = requests.post(
+        f"{url}/v1/composite",
+        files={"person": _png(_img(100, 60, 3)), "background": _png(bg)},
+        data={"x": "0.3", "y": "0.5", "scale": "0.5"},
+        timeout=60,
+    )
     assert r.status_code == 200
     res = cv2.cvtColor(_decode(r.content), cv2.COLOR_BGR2RGB)
     assert res.shape == bg.shape
@@ -67,7 +76,12 @@ def test_endpoints_return_images_of_the_input_size(server) -> None:
     outside = np.ones(bg.shape[:2], bool)
     outside[40:120, 48:96] = False
     np.testing.assert_array_equal(res[outside], bg[outside])
-    r = requests.post(f"{url}/v1/composite", files={"person": _png(_img(100, 60, 3)), "background": _png(bg)}, params={"return": "layers"}, timeout=60)
+    r = requests.post(
+        f"{url}/v1/composite",
+        files={"person": _png(_img(100, 60, 3)), "background": _png(bg)},
+        params={"return": "layers"},
+        timeout=60,
+    )
     layers = r.json()
     import base64
 
@@ -92,7 +106,12 @@ def test_bad_input_gets_4xx_and_the_service_survives(server) -> None:
         ("/v1/segment", {"files": {"image": b""}}, 400, "empty"),
         ("/v1/segment", {"files": {"image": _png(np.zeros((10, 1100, 3), np.uint8))}}, 413, "limit is 1024"),
         ("/v1/segment", {}, 422, "missing file field 'image'"),
-        ("/v1/harmonize", {"files": {"composite": good, "mask": _png(np.zeros((20, 20), np.uint8))}}, 400, "mask is 20x20"),
+        (
+            "/v1/harmonize",
+            {"files": {"composite": good, "mask": _png(np.zeros((20, 20), np.uint8))}},
+            400,
+            "mask is 20x20",
+        ),
         ("/v1/harmonize", {"files": {"composite": good, "mask": good}, "data": {"blend": "2"}}, 400, "blend"),
         ("/v1/composite", {"files": {"person": good, "background": good}, "data": {"x": "3"}}, 400, "x and y"),
         ("/v1/composite", {"files": {"person": good}}, 422, "'background'"),
@@ -125,11 +144,15 @@ def test_reload_switches_the_model_in_place(server) -> None:
     from montage.serve.app import load_serve_config, run
 
     tmp = server["tmp"]
-    new = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg2"])).best_checkpoint
+    new = fit_local(
+        _tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg2"])
+    ).best_checkpoint
     run(load_serve_config(None, server["overrides"] + [f"segmentation.source={new}"]))
     health = requests.get(f"{server['url']}/healthz", timeout=30).json()
     assert health["models"]["segmentation"] == new
-    assert requests.post(f"{server['url']}/v1/segment", files={"image": _png(_img(30, 30))}, timeout=60).status_code == 200
+    assert (
+        requests.post(f"{server['url']}/v1/segment", files={"image": _png(_img(30, 30))}, timeout=60).status_code == 200
+    )
 
 
 def test_reload_on_champion_serves_the_promoted_version(server) -> None:
@@ -144,12 +167,19 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
     tmp = server["tmp"]
     uri, base = _registry(tmp, "registry")
     first = server["ckpts"]["segmentation"]
-    other = fit_local(_tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg-other", "train.seed=7"])).best_checkpoint
+    other = fit_local(
+        _tiny(
+            "segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg-other", "train.seed=7"]
+        )
+    ).best_checkpoint
     v1 = reg.register_checkpoint(base, first, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
     v2 = reg.register_checkpoint(base, other, create_run(base), "val/iou", "max", 0.4, "manual", {}, "better")
     assert v1.promoted and not v2.promoted  # 0.4 < 0.5: the champion stays v1
 
-    overrides = server["overrides"] + ["segmentation.source=models:/montage-segmentation@champion", f"tracking_uri={uri}"]
+    overrides = server["overrides"] + [
+        "segmentation.source=models:/montage-segmentation@champion",
+        f"tracking_uri={uri}",
+    ]
     image = _img(40, 56, seed=5)
 
     def served_alpha() -> np.ndarray:
@@ -187,7 +217,9 @@ def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
     uri, base = _registry(tmp, "onnx-registry")
     ckpt = server["ckpts"]["segmentation"]
     reg.register_checkpoint(base, ckpt, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
-    variant = export_model("segmentation", "models:/montage-segmentation/1", tmp / "seg.onnx", dynamic_batch=True, tracking_uri=uri)
+    variant = export_model(
+        "segmentation", "models:/montage-segmentation/1", tmp / "seg.onnx", dynamic_batch=True, tracking_uri=uri
+    )
     image = _img(40, 56, seed=9)
 
     def alpha() -> np.ndarray:
@@ -196,15 +228,35 @@ def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
         return _decode(r.content)[..., 3].astype(int)
 
     torch_alpha = alpha()  # the module's server runs this checkpoint in PyTorch
-    run(load_serve_config(None, server["overrides"] + [f"segmentation.source=models:/montage-segmentation/{variant.version}", "segmentation.runtime=onnx", f"tracking_uri={uri}"]))
+    run(
+        load_serve_config(
+            None,
+            server["overrides"]
+            + [
+                f"segmentation.source=models:/montage-segmentation/{variant.version}",
+                "segmentation.runtime=onnx",
+                f"tracking_uri={uri}",
+            ],
+        )
+    )
     try:
         assert "onnx" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
         assert np.abs(alpha() - torch_alpha).max() <= 1
         with ThreadPoolExecutor(8) as pool:  # batched by @serve.batch through ONNX Runtime
-            codes = list(pool.map(lambda _: requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60).status_code, range(8)))
+            codes = list(
+                pool.map(
+                    lambda _: (
+                        requests.post(
+                            f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60
+                        ).status_code
+                    ),
+                    range(8),
+                )
+            )
         assert codes == [200] * 8
     finally:
         run(load_serve_config(None, server["overrides"]))
+
 
 def _registry(tmp, name: str):
     """(tracking URI, a segmentation config on it) for a registry of the test's own."""
@@ -232,7 +284,12 @@ def test_tta_is_a_request_option(server) -> None:
 
     assert np.abs(alpha(image[:, ::-1].copy(), "true") - alpha(image, "true")[:, ::-1]).max() <= 1
     assert alpha(image, "false").shape == (64, 64)
-    r = requests.post(f"{server['url']}/v1/composite", files={"person": _png(image), "background": _png(_img(80, 90, 3))}, params={"tta": "true"}, timeout=60)
+    r = requests.post(
+        f"{server['url']}/v1/composite",
+        files={"person": _png(image), "background": _png(_img(80, 90, 3))},
+        params={"tta": "true"},
+        timeout=60,
+    )
     assert r.status_code == 200 and _decode(r.content).shape[:2] == (80, 90)
 
 
@@ -248,7 +305,11 @@ def test_fused_mode_answers_like_the_graph(server) -> None:
         fused = requests.post(f"{server['url']}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
         assert graph.status_code == fused.status_code == 200
         assert np.abs(_decode(graph.content).astype(int) - _decode(fused.content).astype(int)).max() <= 1
-        assert set(requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]) == {"segmentation", "harmonization", "pix2pix"}
+        assert set(requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]) == {
+            "segmentation",
+            "harmonization",
+            "pix2pix",
+        }
         doc = requests.get(f"{server['url']}/v1/monitor", timeout=30).json()
         assert doc["models"]["segmentation"]["batch_size"]["batches"] >= 1  # the fused model's own monitor
     finally:

@@ -32,7 +32,8 @@ MAX_BYTES = 300_000
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 needs_chromium = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver; .ci/run installs them)",
+    reason="needs Debian's chromium and chromium-driver "
+    "(apt-get install -y chromium chromium-driver; .ci/run installs them)",
 )
 
 
@@ -50,7 +51,7 @@ def _background(h: int = 300, w: int = 420) -> np.ndarray:
     rows = np.linspace(0, 1, h)[:, None, None]
     sky = (1 - rows) * np.array([120, 170, 235]) + rows * np.array([200, 225, 245])
     out = np.broadcast_to(sky, (h, w, 3)).astype(np.uint8).copy()
-    out[int(h * 0.65):] = (225, 200, 150)
+    out[int(h * 0.65) :] = (225, 200, 150)
     return out
 
 
@@ -68,8 +69,12 @@ def test_keys_file_env_and_constant_time_match(tmp_path) -> None:
     assert not access.key_matches(key[:-1], settings.key_hashes) and not access.key_matches("", settings.key_hashes)
 
     env = {"MONTAGE_API_KEYS": "k1, k2\nk3"}
-    from_env = access.resolve_settings(access.AuthConfig(api_keys_env="MONTAGE_API_KEYS"), access.CorsConfig(), environ=env)
-    assert all(access.key_matches(k, from_env.key_hashes) for k in ("k1", "k2", "k3")) and not access.key_matches("k4", from_env.key_hashes)
+    from_env = access.resolve_settings(
+        access.AuthConfig(api_keys_env="MONTAGE_API_KEYS"), access.CorsConfig(), environ=env
+    )
+    assert all(access.key_matches(k, from_env.key_hashes) for k in ("k1", "k2", "k3")) and not access.key_matches(
+        "k4", from_env.key_hashes
+    )
     assert "k1" not in "".join(from_env.key_hashes)  # only hashes travel to the replicas
 
     assert not access.resolve_settings(access.AuthConfig(), access.CorsConfig()).auth  # off by default
@@ -117,10 +122,29 @@ def test_cli_keygen_and_refusal(capsys, caplog) -> None:
 def test_overload_options_from_config() -> None:
     from montage.serve.app import _overload, load_serve_config
 
-    cfg = load_serve_config(None, ["segmentation.max_ongoing_requests=2", "segmentation.max_queued_requests=3", "ingress_max_queued_requests=-1", "retry_after_s=4"])
-    opts = _overload("segmentation", cfg.segmentation.max_ongoing_requests, cfg.segmentation.max_queued_requests, cfg.retry_after_s)
-    assert opts == {"max_ongoing_requests": 2, "max_queued_requests": 3, "backpressure_config": {"status_code": 503, "retry_after_s": 4.0}}
-    assert _overload("ingress", cfg.ingress_max_ongoing_requests, cfg.ingress_max_queued_requests, 1.0)["max_queued_requests"] == -1
+    cfg = load_serve_config(
+        None,
+        [
+            "segmentation.max_ongoing_requests=2",
+            "segmentation.max_queued_requests=3",
+            "ingress_max_queued_requests=-1",
+            "retry_after_s=4",
+        ],
+    )
+    opts = _overload(
+        "segmentation", cfg.segmentation.max_ongoing_requests, cfg.segmentation.max_queued_requests, cfg.retry_after_s
+    )
+    assert opts == {
+        "max_ongoing_requests": 2,
+        "max_queued_requests": 3,
+        "backpressure_config": {"status_code": 503, "retry_after_s": 4.0},
+    }
+    assert (
+        _overload("ingress", cfg.ingress_max_ongoing_requests, cfg.ingress_max_queued_requests, 1.0)[
+            "max_queued_requests"
+        ]
+        == -1
+    )
     with pytest.raises(ValueError, match="max_queued_requests"):
         _overload("harmonization", 4, 0, 1.0)
     with pytest.raises(ValueError, match="max_ongoing_requests"):
@@ -147,12 +171,22 @@ def test_plain_503_from_serve_becomes_json_detail() -> None:
         await access.AccessMiddleware(app)(scope, receive, send)
         return sent
 
-    serve_503 = Response("Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).", status_code=503, headers={"Retry-After": "2"})
+    serve_503 = Response(
+        "Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1).",
+        status_code=503,
+        headers={"Retry-After": "2"},
+    )
     start, body = asyncio.run(run(serve_503))
     headers = dict(start["headers"])
-    assert start["status"] == 503 and headers[b"retry-after"] == b"2" and headers[b"content-type"] == b"application/json"
+    assert (
+        start["status"] == 503 and headers[b"retry-after"] == b"2" and headers[b"content-type"] == b"application/json"
+    )
     detail = json.loads(body["body"])["detail"]
-    assert "overloaded" in detail and "max_queued_requests=1" in detail and int(headers[b"content-length"]) == len(body["body"])
+    assert (
+        "overloaded" in detail
+        and "max_queued_requests=1" in detail
+        and int(headers[b"content-length"]) == len(body["body"])
+    )
     start, body = asyncio.run(run(Response(b"", status_code=503)))  # no Retry-After of its own: the configured default
     assert dict(start["headers"])[b"retry-after"] == b"1" and "overloaded" in json.loads(body["body"])["detail"]
     ok = asyncio.run(run(Response(b"png bytes", status_code=200, media_type="image/png")))
@@ -190,8 +224,12 @@ def server(ray_session, tmp_path_factory):
     keys.write_text(line + "\n")
     port = free_port()
     overrides = [
-        f"port={port}", "max_side=1024", f"max_bytes={MAX_BYTES}", "pix2pix.enabled=true",
-        f"auth.api_keys_file={keys}", f"cors.allow_origins=[{ALLOWED_ORIGIN}]",
+        f"port={port}",
+        "max_side=1024",
+        f"max_bytes={MAX_BYTES}",
+        "pix2pix.enabled=true",
+        f"auth.api_keys_file={keys}",
+        f"cors.allow_origins=[{ALLOWED_ORIGIN}]",
     ] + [f"{t}.source={p}" for t, p in ckpts.items()]
     start(overrides)
     url = f"http://127.0.0.1:{port}"
@@ -235,7 +273,9 @@ def test_cors_allow_list(server) -> None:
     assert "authorization" in r.headers["access-control-allow-headers"].lower()
     r = requests.options(f"{url}/v1/composite", headers={"Origin": "http://evil.example", **preflight}, timeout=30)
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
-    r = server["session"].post(f"{url}/v1/segment", files={"image": png(img(20, 20))}, headers={"Origin": ALLOWED_ORIGIN}, timeout=60)
+    r = server["session"].post(
+        f"{url}/v1/segment", files={"image": png(img(20, 20))}, headers={"Origin": ALLOWED_ORIGIN}, timeout=60
+    )
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     r = requests.get(f"{url}/healthz", headers={"Origin": "http://evil.example"}, timeout=30)
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
@@ -254,7 +294,9 @@ def _png_claiming(w: int, h: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    )
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -281,21 +323,84 @@ def test_bad_input_corpus_sent_concurrently(server) -> None:
     # (name, path, files, form, query, allowed statuses, text in detail, shape of a 200 answer)
     cases = [
         ("text", seg, {"image": b"hello, I am not an image"}, {}, {}, {400}, "not a decodable image", None),
-        ("pdf", seg, {"image": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n"}, {}, {}, {400}, "not a decodable image", None),
-        ("html-as-png", seg, {"image": ("x.png", b"<html><body>hi</body></html>", "image/png")}, {}, {}, {400}, "not a decodable image", None),
+        (
+            "pdf",
+            seg,
+            {"image": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n"},
+            {},
+            {},
+            {400},
+            "not a decodable image",
+            None,
+        ),
+        (
+            "html-as-png",
+            seg,
+            {"image": ("x.png", b"<html><body>hi</body></html>", "image/png")},
+            {},
+            {},
+            {400},
+            "not a decodable image",
+            None,
+        ),
         ("truncated png", seg, {"image": good[: len(good) // 3]}, {}, {}, {400}, "not a decodable image", None),
-        ("truncated jpeg", seg, {"image": jpeg[: len(jpeg) // 2]}, {}, {}, {200, 400}, None, (48, 32, 4)),  # libjpeg may return the top half
+        (
+            "truncated jpeg",
+            seg,
+            {"image": jpeg[: len(jpeg) // 2]},
+            {},
+            {},
+            {200, 400},
+            None,
+            (48, 32, 4),
+        ),  # libjpeg may return the top half
         ("png header only", seg, {"image": good[:33]}, {}, {}, {400}, "not a decodable image", None),
         ("zero bytes", seg, {"image": b""}, {}, {}, {400}, "empty", None),
         ("bomb 50000x50000", seg, {"image": _png_claiming(50000, 50000)}, {}, {}, {413}, "limit is 1024", None),
-        ("bomb 20000x20000", compo, {"person": good, "background": _png_claiming(20000, 20000)}, {}, {}, {413}, "'background'", None),
-        ("exif rotated", seg, {"image": _exif_rotated_jpeg()}, {}, {}, {200}, None, (60, 40, 4)),  # oriented like the input is shown
+        (
+            "bomb 20000x20000",
+            compo,
+            {"person": good, "background": _png_claiming(20000, 20000)},
+            {},
+            {},
+            {413},
+            "'background'",
+            None,
+        ),
+        (
+            "exif rotated",
+            seg,
+            {"image": _exif_rotated_jpeg()},
+            {},
+            {},
+            {200},
+            None,
+            (60, 40, 4),
+        ),  # oriented like the input is shown
         ("16-bit png", seg, {"image": png(gray16)}, {}, {}, {200}, None, (30, 20, 4)),
         ("grayscale", seg, {"image": png(img(30, 20)[..., 0])}, {}, {}, {200}, None, (30, 20, 4)),
         ("rgba person", compo, {"person": png(rgba), "background": good}, {}, {}, {200}, None, (48, 32, 3)),
         ("cmyk jpeg", seg, {"image": pil_bytes(img(30, 20, 6), "JPEG", mode="CMYK")}, {}, {}, {200}, None, (30, 20, 4)),
-        ("exif rotated mask", harm, {"composite": png(img(60, 40, 10)), "mask": _exif_rotated_jpeg()}, {}, {}, {200}, None, (60, 40, 3)),
-        ("mask other size", harm, {"composite": comp, "mask": png(np.zeros((20, 20), np.uint8))}, {}, {}, {400}, "mask is 20x20", None),
+        (
+            "exif rotated mask",
+            harm,
+            {"composite": png(img(60, 40, 10)), "mask": _exif_rotated_jpeg()},
+            {},
+            {},
+            {200},
+            None,
+            (60, 40, 3),
+        ),
+        (
+            "mask other size",
+            harm,
+            {"composite": comp, "mask": png(np.zeros((20, 20), np.uint8))},
+            {},
+            {},
+            {400},
+            "mask is 20x20",
+            None,
+        ),
         ("mask not an image", harm, {"composite": comp, "mask": b"nope"}, {}, {}, {400}, "'mask'", None),
         ("blend > 1", harm, {"composite": comp, "mask": mask}, {"blend": "1.5"}, {}, {400}, "blend", None),
         ("blend nan", compo, both, {"blend": "nan"}, {}, {400}, "blend", None),
@@ -310,11 +415,38 @@ def test_bad_input_corpus_sent_concurrently(server) -> None:
         ("landmarks 47", p2p, {}, {"landmarks": json.dumps(pts[:47].tolist())}, {}, {400}, "48 [x, y]", None),
         ("landmarks 48x3", p2p, {}, {"landmarks": json.dumps(np.ones((48, 3)).tolist())}, {}, {400}, "48 [x, y]", None),
         ("landmarks ragged", p2p, {}, {"landmarks": json.dumps([[1, [2, 3]]] * 48)}, {}, {400}, None, None),
-        ("landmarks NaN", p2p, {}, {"landmarks": json.dumps([[math.nan, 1.0]] + pts[1:].tolist())}, {}, {400}, "NaN", None),
-        ("landmarks null", p2p, {}, {"landmarks": json.dumps([[None, 1]] + pts[1:].tolist())}, {}, {400}, "landmarks", None),
+        (
+            "landmarks NaN",
+            p2p,
+            {},
+            {"landmarks": json.dumps([[math.nan, 1.0]] + pts[1:].tolist())},
+            {},
+            {400},
+            "NaN",
+            None,
+        ),
+        (
+            "landmarks null",
+            p2p,
+            {},
+            {"landmarks": json.dumps([[None, 1]] + pts[1:].tolist())},
+            {},
+            {400},
+            "landmarks",
+            None,
+        ),
         ("landmarks strings", p2p, {}, {"landmarks": json.dumps([["a", "b"]] * 48)}, {}, {400}, "numbers", None),
         ("landmarks scalar", p2p, {}, {"landmarks": "7"}, {}, {400}, "48 [x, y]", None),
-        ("landmarks huge", p2p, {}, {"landmarks": json.dumps((pts * 1e300).tolist())}, {}, {200, 400}, None, (32, 32, 3)),
+        (
+            "landmarks huge",
+            p2p,
+            {},
+            {"landmarks": json.dumps((pts * 1e300).tolist())},
+            {},
+            {200, 400},
+            None,
+            (32, 32, 3),
+        ),
         ("landmarks ok", p2p, {}, {"landmarks": json.dumps({"labels": pts.tolist()})}, {}, {200}, None, (32, 32, 3)),
         ("heatmap 16-bit", p2p, {"heatmap": png(gray16)}, {}, {}, {200}, None, (32, 32, 3)),
     ]
@@ -354,11 +486,20 @@ def test_schemathesis_fuzz_of_the_openapi_surface(server) -> None:
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     seen: dict[str, set[int]] = {}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {"/v1/segment", "/v1/harmonize", "/v1/composite", "/v1/pix2pix", "/healthz"} <= {op.path for op in operations}
+    assert {"/v1/segment", "/v1/harmonize", "/v1/composite", "/v1/pix2pix", "/healthz"} <= {
+        op.path for op in operations
+    }
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=6, deadline=None, database=None, derandomize=True, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=6,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=op.as_strategy(generation_mode=mode))
             def fuzz(case) -> None:
                 response = case.call_and_validate(session=s, checks=[not_a_server_error], timeout=60)
@@ -382,9 +523,19 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1100",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1100",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))  # the packaged driver: no download
     driver.set_page_load_timeout(60)
@@ -415,7 +566,9 @@ def test_page_composites_in_a_real_browser(server, browser, tmp_path) -> None:
     assert "montage" in browser.title and find("key-row").is_displayed()  # auth is on: the key field shows
     find("person").send_keys(str(person))
     find("background").send_keys(str(background))
-    wait.until(lambda d: d.execute_script("return document.getElementById('background-preview').naturalWidth") == 420)  # previews
+    wait.until(
+        lambda d: d.execute_script("return document.getElementById('background-preview').naturalWidth") == 420
+    )  # previews
     scale = find("scale")
     for _ in range(5):
         scale.send_keys(Keys.ARROW_LEFT)  # 0.70 → 0.65: moved like a user moves it
@@ -430,7 +583,9 @@ def test_page_composites_in_a_real_browser(server, browser, tmp_path) -> None:
     wait.until(lambda d: find("status").text == "done")
     assert not find("error").is_displayed()
     sizes = {
-        id_: browser.execute_script(f"const i = document.getElementById('{id_}'); return [i.naturalWidth, i.naturalHeight]")
+        id_: browser.execute_script(
+            f"const i = document.getElementById('{id_}'); return [i.naturalWidth, i.naturalHeight]"
+        )
         for id_ in ("result-image", "result-composite", "result-alpha")
     }
     assert sizes == {"result-image": [420, 300], "result-composite": [420, 300], "result-alpha": [160, 240]}, sizes
@@ -456,9 +611,15 @@ def test_overload_burst_gets_200_or_503_with_retry_after(server) -> None:
     A full ingress queue is answered by Serve's proxy (plain text); a full model queue by the
     ingress (JSON ``detail``)."""
     url, s = server["url"], server["session"]
-    tight = ["ingress_max_ongoing_requests=8", "ingress_max_queued_requests=8", "retry_after_s=2"] + [
-        f"{t}.{k}" for t in ("segmentation", "harmonization") for k in ("max_ongoing_requests=1", "max_queued_requests=1")
-    ] + ["segmentation.batch_wait_timeout_s=0.3"]  # a batch of 8 that never fills: each call holds the one slot 0.3 s
+    tight = (
+        ["ingress_max_ongoing_requests=8", "ingress_max_queued_requests=8", "retry_after_s=2"]
+        + [
+            f"{t}.{k}"
+            for t in ("segmentation", "harmonization")
+            for k in ("max_ongoing_requests=1", "max_queued_requests=1")
+        ]
+        + ["segmentation.batch_wait_timeout_s=0.3"]
+    )  # a batch of 8 that never fills: each call holds the one slot 0.3 s
     start(server["overrides"] + tight)
     wait_healthy(url)
     person, bg = png(img(64, 48, 8)), png(img(96, 96, 9))
@@ -479,8 +640,12 @@ def test_overload_burst_gets_200_or_503_with_retry_after(server) -> None:
     for r, took in rejected:
         assert r.headers.get("retry-after") == "2", r.headers
         assert took < 10, took  # refused quickly, not after queueing
-    kinds = {"json" if r.headers.get("content-type", "").startswith("application/json") else "proxy" for r, _ in rejected}
-    assert kinds == {"json", "proxy"}, kinds  # both layers refused: the proxy (ingress queue) and the ingress (model queue)
+    kinds = {
+        "json" if r.headers.get("content-type", "").startswith("application/json") else "proxy" for r, _ in rejected
+    }
+    assert kinds == {"json", "proxy"}, (
+        kinds
+    )  # both layers refused: the proxy (ingress queue) and the ingress (model queue)
     for r, _ in rejected:
         if r.headers.get("content-type", "").startswith("application/json"):
             assert "overloaded" in r.json()["detail"] and "backpressure" in r.json()["detail"]

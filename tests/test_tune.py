@@ -114,7 +114,9 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     assert float(champ.tags["montage.value"]) == pytest.approx(result.best.best("val/iou"))
 
     # a worse registration leaves the champion alone; promote by hand moves it
-    reg = st.register_checkpoint(base, result.best.checkpoint, result.best.mlflow_run_id, "val/iou", "max", 0.0, "manual", {}, "better")
+    reg = st.register_checkpoint(
+        base, result.best.checkpoint, result.best.mlflow_run_id, "val/iou", "max", 0.0, "manual", {}, "better"
+    )
     assert reg.version == "2" and not reg.promoted
     assert str(st.champion("segmentation").version) == "1"
     st.promote("segmentation", "2")
@@ -175,7 +177,9 @@ def test_interrupted_sweep_resumes_every_trial_once(ray_session, tmp_path: Path,
     assert len(reg_versions := client.search_model_versions("name = 'montage-segmentation'")) == 1, reg_versions
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parent.parent / "tune_configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_tune_configs_validate(path: Path) -> None:
     tcfg, base, params = load_tune_config(path)
     assert params and base.task == tcfg.task

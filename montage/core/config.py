@@ -1,8 +1,8 @@
 """Typed experiment configuration: dataclasses, YAML files and dotted overrides.
 
 The section dataclasses (:mod:`montage.core.sections`, assembled here) are the single source of
-truth for every key a user can set. A task contributes its own ``model``, ``data`` and ``loss`` sections (and may replace any
-platform section) through :class:`SectionSpec`; everything else is shared.
+truth for every key a user can set. A task contributes its own ``model``, ``data`` and ``loss``
+sections (and may replace any platform section) through :class:`SectionSpec`; everything else is shared.
 
 Resolution order: dataclass defaults → task defaults → YAML file → ``key=value`` overrides.
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the dotted key.
@@ -238,7 +238,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def default_tree(task: str, spec: SectionSpec) -> dict[str, Any]:
-    tree = to_dict(ExperimentConfig(task=task, model=spec.model(), data=spec.data(), loss=spec.loss(), optim=spec.optim()))
+    tree = to_dict(
+        ExperimentConfig(task=task, model=spec.model(), data=spec.data(), loss=spec.loss(), optim=spec.optim())
+    )
     for key, value in spec.defaults.items():
         set_dotted(tree, key, value)
     return tree

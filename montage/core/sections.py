@@ -62,7 +62,8 @@ class TrainConfig:
     batch_size: int = 8
     accumulate: int = 1  # gradient accumulation steps per optimizer step
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
-    pause_after: int = 0  # end this invocation once this many epochs are done (continue with --resume); the schedule still spans `epochs`
+    # end this invocation once this many epochs are done (continue with --resume); the schedule still spans `epochs`
+    pause_after: int = 0
     check_replicas: int = 0  # DDP debugging: every N optimizer steps, fail unless all ranks hold identical weights
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA if supported
     early_stop: int = 0  # patience in epochs without improvement of the monitor; 0 = off

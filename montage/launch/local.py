@@ -22,7 +22,12 @@ def with_workers(cfg: ExperimentConfig, workers: int) -> ExperimentConfig:
     per-worker batch scaled, so a recipe's steps and learning rate stay as measured)."""
     global_batch = cfg.train.batch_size * cfg.scaling.workers
     if global_batch % workers:
-        log.warning("the global batch %d does not split over %d workers: %d per worker", global_batch, workers, max(1, global_batch // workers))
+        log.warning(
+            "the global batch %d does not split over %d workers: %d per worker",
+            global_batch,
+            workers,
+            max(1, global_batch // workers),
+        )
     cfg.train.batch_size, cfg.scaling.workers = max(1, global_batch // workers), workers
     return cfg
 
@@ -67,7 +72,12 @@ def fit_local(
     mlflow_hook = next((h for h in hooks if getattr(h, "key", "") == "mlflow"), None)
     latest = run_dir / "latest.pt"
     return RunSummary(
-        run_dir=str(run_dir), metrics=metrics, best_metric=loop.best.metric, best_value=loop.best.value, best_epoch=loop.best.epoch,
-        best_checkpoint=str(ckpt.best_path) if ckpt.best_path.is_file() else None, checkpoint=str(latest) if latest.is_file() else None,
+        run_dir=str(run_dir),
+        metrics=metrics,
+        best_metric=loop.best.metric,
+        best_value=loop.best.value,
+        best_epoch=loop.best.epoch,
+        best_checkpoint=str(ckpt.best_path) if ckpt.best_path.is_file() else None,
+        checkpoint=str(latest) if latest.is_file() else None,
         mlflow_run_id=getattr(mlflow_hook, "run_id", None),
     )

@@ -82,19 +82,43 @@ def _params(checkpoint: str | Path, task: str) -> int:
 
 def _register(task: str, variant: TrainedVariant, cfg: ExperimentConfig, extra: dict[str, str]) -> str:
     m = variant.measurement
-    reg = register_checkpoint(cfg, variant.checkpoint, variant.mlflow_run_id or "", m.metric, m.mode, m.value, sweep="", params={}, promote="never")
+    reg = register_checkpoint(
+        cfg,
+        variant.checkpoint,
+        variant.mlflow_run_id or "",
+        m.metric,
+        m.mode,
+        m.value,
+        sweep="",
+        params={},
+        promote="never",
+    )
     size_mb = Path(variant.checkpoint).stat().st_size / 2**20
     tags = {
-        "montage.variant": variant.variant, "montage.runtime": "torch", "montage.parent": variant.parent, "montage.params": str(variant.params),
-        "montage.parent_params": str(variant.parent_params), "montage.size_mb": f"{size_mb:.3f}", **m.tags(), **extra,
+        "montage.variant": variant.variant,
+        "montage.runtime": "torch",
+        "montage.parent": variant.parent,
+        "montage.params": str(variant.params),
+        "montage.parent_params": str(variant.parent_params),
+        "montage.size_mb": f"{size_mb:.3f}",
+        **m.tags(),
+        **extra,
     }
     tag_version(task, reg.version, tags, cfg.tracking.uri)
     return f"models:/{model_name(task)}/{reg.version}"
 
 
 def prune_model(
-    task: str, source: str, ratio: float = 0.5, mode: str = "channels", epochs: int = 2, overrides: Sequence[str] = (),
-    tracking_uri: str = "", register: bool | None = None, no_ray: bool = False, address: str | None = None,
+    task: str,
+    source: str,
+    ratio: float = 0.5,
+    mode: str = "channels",
+    epochs: int = 2,
+    overrides: Sequence[str] = (),
+    tracking_uri: str = "",
+    register: bool | None = None,
+    no_ray: bool = False,
+    address: str | None = None,
 ) -> TrainedVariant:
     """Prune ``source``'s inference network (``channels``: Torch-Pruning, structured; or
     ``magnitude``: unstructured L1, ``torch.nn.utils.prune``), fine-tune it for ``epochs``
@@ -120,7 +144,10 @@ def prune_model(
     cfg = _config(task, state, over)
     run_dir = Path(cfg.run.storage) / cfg.run.name
     # beside the run's folder, not in it: Ray Train owns that folder
-    pruned = save_checkpoint({"task": task, "config": state["config"], "nets": {k: v.state_dict() for k, v in nets.items()}}, run_dir.with_name(f"{cfg.run.name}-pruned.pt"))
+    pruned = save_checkpoint(
+        {"task": task, "config": state["config"], "nets": {k: v.state_dict() for k, v in nets.items()}},
+        run_dir.with_name(f"{cfg.run.name}-pruned.pt"),
+    )
     summary, best = None, str(pruned)
     if epochs and mode == "channels":
         cfg.init.checkpoint, cfg.train.epochs = str(pruned.resolve()), epochs
@@ -128,19 +155,41 @@ def prune_model(
         best = summary.best_checkpoint
     m = measure(checkpoint, best)
     variant = TrainedVariant(
-        name, parent, best, _params(best, task), parent_params, m,
-        run_dir=summary.run_dir if summary else str(run_dir), mlflow_run_id=summary.mlflow_run_id if summary else None, prune=report, overrides=list(overrides),
+        name,
+        parent,
+        best,
+        _params(best, task),
+        parent_params,
+        m,
+        run_dir=summary.run_dir if summary else str(run_dir),
+        mlflow_run_id=summary.mlflow_run_id if summary else None,
+        prune=report,
+        overrides=list(overrides),
     )
     if registers(source, register):
         if variant.mlflow_run_id is None:
-            raise ValueError("registering a variant needs its MLflow run: fine-tune it (--epochs > 0, tracking on) or pass --no-register")
-        variant.registered = _register(task, variant, cfg, {"montage.prune_mode": mode, "montage.prune_ratio": f"{ratio:g}"})
+            raise ValueError(
+                "registering a variant needs its MLflow run: fine-tune it (--epochs > 0, tracking on) or pass "
+                "--no-register"
+            )
+        variant.registered = _register(
+            task, variant, cfg, {"montage.prune_mode": mode, "montage.prune_ratio": f"{ratio:g}"}
+        )
     return variant
 
 
 def distill_model(
-    task: str, source: str, student: Sequence[str] = (), weight: float = 1.0, temperature: float = 2.0, epochs: int | None = None,
-    overrides: Sequence[str] = (), tracking_uri: str = "", register: bool | None = None, no_ray: bool = False, address: str | None = None,
+    task: str,
+    source: str,
+    student: Sequence[str] = (),
+    weight: float = 1.0,
+    temperature: float = 2.0,
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+    tracking_uri: str = "",
+    register: bool | None = None,
+    no_ray: bool = False,
+    address: str | None = None,
 ) -> TrainedVariant:
     """Train a student (the teacher's config with ``student`` overrides; default: the task's
     smaller model) against ``source`` as the teacher (``distill.*``) and the labels, measure it
@@ -151,7 +200,13 @@ def distill_model(
     teacher_cfg = build_config(task, TASKS.get(task).spec, state["config"])
     student = list(student) or TASKS.get(task)(teacher_cfg).student_overrides()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    over = [*student, f"tracking.uri={tracking_uri}", f"run.name={task}-student-{stamp}", f"distill.weight={weight}", f"distill.temperature={temperature}"]
+    over = [
+        *student,
+        f"tracking.uri={tracking_uri}",
+        f"run.name={task}-student-{stamp}",
+        f"distill.weight={weight}",
+        f"distill.temperature={temperature}",
+    ]
     if epochs is not None:
         over.append(f"train.epochs={epochs}")
     cfg = _config(task, state, [*over, *overrides])
@@ -159,11 +214,20 @@ def distill_model(
     summary = _fit(cfg, no_ray, address)
     m = measure(checkpoint, summary.best_checkpoint)
     variant = TrainedVariant(
-        "student", parent, str(summary.best_checkpoint), _params(summary.best_checkpoint, task), _params(checkpoint, task), m,
-        run_dir=summary.run_dir, mlflow_run_id=summary.mlflow_run_id, overrides=student,
+        "student",
+        parent,
+        str(summary.best_checkpoint),
+        _params(summary.best_checkpoint, task),
+        _params(checkpoint, task),
+        m,
+        run_dir=summary.run_dir,
+        mlflow_run_id=summary.mlflow_run_id,
+        overrides=student,
     )
     if registers(source, register):
         if variant.mlflow_run_id is None:
             raise ValueError("registering a student needs its MLflow run (tracking.enabled=true) or --no-register")
-        variant.registered = _register(task, variant, cfg, {"montage.student": " ".join(student), "montage.distill_weight": f"{weight:g}"})
+        variant.registered = _register(
+            task, variant, cfg, {"montage.student": " ".join(student), "montage.distill_weight": f"{weight:g}"}
+        )
     return variant

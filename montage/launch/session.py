@@ -16,7 +16,11 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING, configure_logging=True)
+    ray.init(
+        address=address or os.environ.get("RAY_ADDRESS") or "local",
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
 
 
 def storage_path(storage: str) -> str:

@@ -13,10 +13,23 @@ log = logging.getLogger(__name__)
 
 EXCLUDES = [".venv", ".git", "runs", "mlartifacts", "mlruns.db", "demo_out", "**/__pycache__", "*.egg-info"]
 # MLflow basic-auth credentials (cluster.yaml runs the server with --app-name basic-auth) travel with the job
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_DEFAULT_REGION", "AWS_REGION")
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 
 
-def submit(command: list[str], address: str, working_dir: str = ".", tracking_uri: str = "", follow: bool = True, python: str = "python") -> int:
+def submit(
+    command: list[str],
+    address: str,
+    working_dir: str = ".",
+    tracking_uri: str = "",
+    follow: bool = True,
+    python: str = "python",
+) -> int:
     """Submit ``montage <command>`` with the working dir and environment; stream its logs
     and return 0 when the job succeeded (1 otherwise)."""
     if "RAY_AUTH_TOKEN" in os.environ or os.path.exists(os.path.expanduser("~/.ray/auth_token")):
@@ -29,7 +42,9 @@ def submit(command: list[str], address: str, working_dir: str = ".", tracking_ur
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     client = JobSubmissionClient(address)
     entrypoint = f"{shlex.quote(python)} -m montage " + " ".join(shlex.quote(c) for c in command)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env})
+    job_id = client.submit_job(
+        entrypoint=entrypoint, runtime_env={"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env}
+    )
     log.info("submitted %s as %s to %s", entrypoint, job_id, address)
     if follow:
         asyncio.run(_tail(client, job_id))

@@ -19,7 +19,15 @@ from montage.core.config import ExperimentConfig, to_dict
 from montage.launch.session import ensure_ray, storage_path
 from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from montage.platform.loop import Hook, Loop
-from montage.platform.runner import CheckpointHook, KeptCheckpoint, RunSummary, WorkerEnv, build_loop, config_from_tree, default_run_name
+from montage.platform.runner import (
+    CheckpointHook,
+    KeptCheckpoint,
+    RunSummary,
+    WorkerEnv,
+    build_loop,
+    config_from_tree,
+    default_run_name,
+)
 from montage.tracking.registry import resolve_model_sources
 from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts
 
@@ -65,7 +73,9 @@ def _sync_batchnorm(net: Any, cfg: ExperimentConfig, world: int) -> Any:
     if not cfg.scaling.sync_batchnorm or world == 1:
         return net
     if not (cfg.scaling.gpus and torch.cuda.is_available()):
-        log.warning("scaling.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel): batch norm stays per worker")
+        log.warning(
+            "scaling.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel): batch norm stays per worker"
+        )
         return net
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
@@ -141,7 +151,9 @@ def make_trainer(
     )
 
 
-def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | None = None, launched_at: float | None = None) -> RunSummary:
+def fit_ray(
+    cfg: ExperimentConfig, resume: str | None = None, address: str | None = None, launched_at: float | None = None
+) -> RunSummary:
     """Train ``cfg`` with a TorchTrainer of ``scaling.workers`` DDP workers.
 
     ``resume``: a run folder ``<storage>/<name>`` (or just a run name under ``run.storage``)
@@ -158,7 +170,9 @@ def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | Non
         if resume and not run_dir.is_dir():
             raise FileNotFoundError(f"nothing to resume: run folder {run_dir} does not exist")
         if not resume and run_dir.exists():
-            raise FileExistsError(f"run folder {run_dir} exists: pass --resume {run_dir} to continue it, or choose another run.name")
+            raise FileExistsError(
+                f"run folder {run_dir} exists: pass --resume {run_dir} to continue it, or choose another run.name"
+            )
     started = 0
     if cfg.tracking.enabled:
         prepare_tracking(cfg)
@@ -184,23 +198,44 @@ def fit_ray(cfg: ExperimentConfig, resume: str | None = None, address: str | Non
         if failure is not None:
             end_failed_run(cfg, cfg.tracking.run_id, failure)
     if restarts:
-        log.warning("%s: the workers restarted %d time(s) from the latest checkpoint after failures (scaling.max_failures=%d)", cfg.run.name, restarts, cfg.scaling.max_failures)
+        log.warning(
+            "%s: the workers restarted %d time(s) from the latest checkpoint after failures (scaling.max_failures=%d)",
+            cfg.run.name,
+            restarts,
+            cfg.scaling.max_failures,
+        )
     error = _explain(failure, cfg, run_dir) if failure is not None else None
     if error:
         log.error("%s", error)
     if result is None:
-        return RunSummary(run_dir=str(run_dir), metrics={}, best_metric=_monitor(cfg)[0], best_value=None, best_epoch=-1,
-                          best_checkpoint=None, mlflow_run_id=cfg.tracking.run_id or None, error=error, restarts=restarts)
+        return RunSummary(
+            run_dir=str(run_dir),
+            metrics={},
+            best_metric=_monitor(cfg)[0],
+            best_value=None,
+            best_epoch=-1,
+            best_checkpoint=None,
+            mlflow_run_id=cfg.tracking.run_id or None,
+            error=error,
+            restarts=restarts,
+        )
     best = result.get_best_checkpoint(*_monitor(cfg)) if result.best_checkpoints else None
     kept = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("epoch", 0))
     metric, _ = _monitor(cfg)
     best_metrics = dict(next((m for c, m in kept if best is not None and c.path == best.path), {}))
     latest = result.checkpoint.path if result.checkpoint else None
     return RunSummary(
-        run_dir=str(run_dir), metrics=dict(result.metrics or {}), best_metric=metric, best_value=best_metrics.get(metric),
-        best_epoch=int(best_metrics.get("epoch", -1)), best_checkpoint=best.path if best else None, checkpoint=latest,
-        checkpoints=[KeptCheckpoint(c.path, dict(m)) for c, m in kept], mlflow_run_id=cfg.tracking.run_id or None,
-        error=error, restarts=restarts,
+        run_dir=str(run_dir),
+        metrics=dict(result.metrics or {}),
+        best_metric=metric,
+        best_value=best_metrics.get(metric),
+        best_epoch=int(best_metrics.get("epoch", -1)),
+        best_checkpoint=best.path if best else None,
+        checkpoint=latest,
+        checkpoints=[KeptCheckpoint(c.path, dict(m)) for c, m in kept],
+        mlflow_run_id=cfg.tracking.run_id or None,
+        error=error,
+        restarts=restarts,
     )
 
 

@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from montage.core.config import ConfigError, ExperimentConfig, ScalingConfig, from_dict, load_config, read_yaml, set_dotted, to_dict
+from montage.core.config import (
+    ConfigError,
+    ExperimentConfig,
+    ScalingConfig,
+    from_dict,
+    load_config,
+    read_yaml,
+    set_dotted,
+    to_dict,
+)
 from montage.core.registry import TASKS
 from montage.tracking.registry import Registration
 from montage.tracking.sweeps import TrialRecord, TrialStatus
@@ -134,7 +143,9 @@ def parse_space(space: dict[str, dict], base: ExperimentConfig) -> list[Param]:
     return params
 
 
-def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneConfig, ExperimentConfig, list[Param]]:
+def load_tune_config(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[TuneConfig, ExperimentConfig, list[Param]]:
     """Read and validate a tune config; ``overrides`` ``a.b=c`` apply to the tune config itself
     (``num_samples=2``, ``storage=...``) or, under ``base.``, to the training config."""
     from montage.core.config import parse_override
@@ -160,7 +171,10 @@ def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tu
     base.scaling.cpus_per_worker, base.scaling.gpus_per_worker = r.cpus_per_worker, r.gpus_per_worker
     s = tcfg.scheduler
     if s.name == "asha" and s.grace_period > (s.max_t or base.train.epochs):
-        raise ConfigError(f"scheduler.grace_period ({s.grace_period}) must be <= max_t ({s.max_t or base.train.epochs}: train.epochs unless scheduler.max_t is set)")
+        raise ConfigError(
+            f"scheduler.grace_period ({s.grace_period}) must be <= max_t ({s.max_t or base.train.epochs}: "
+            "train.epochs unless scheduler.max_t is set)"
+        )
     params = parse_space(tcfg.search_space, base)
     for point in tcfg.points_to_evaluate:
         unknown = set(point) - {p.key for p in params}
@@ -178,7 +192,10 @@ def trial_concurrency(tcfg: TuneConfig, cluster: dict[str, float]) -> int:
         fit = min(fit, math.floor(cluster.get("GPU", 0) / (r.workers * r.gpus_per_worker) + 1e-9))
     if fit < 1:
         need = f"{cpus:g} CPUs" + (f" and {r.workers * r.gpus_per_worker:g} GPUs" if r.gpus else "")
-        raise ConfigError(f"one trial needs {need} but the cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs: lower resources.workers / cpus_per_worker")
+        raise ConfigError(
+            f"one trial needs {need} but the cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} "
+            "GPUs: lower resources.workers / cpus_per_worker"
+        )
     return min(fit, tcfg.max_concurrent) if tcfg.max_concurrent else fit
 
 
@@ -235,7 +252,9 @@ class SweepResult:
     errors: list[str]
 
 
-def run_sweep(tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], resume: bool = False, address: str | None = None) -> SweepResult:
+def run_sweep(
+    tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], resume: bool = False, address: str | None = None
+) -> SweepResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -255,7 +274,15 @@ def run_sweep(tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], res
     ensure_ray(address)
     concurrency = trial_concurrency(tcfg, ray.cluster_resources())
     parent_id = st.parent_run(base, tcfg, params, sweep_dir, resume)
-    log.info("sweep %s: %d trials, %d at a time, metric %s (%s); MLflow parent run %s", tcfg.name, tcfg.num_samples, concurrency, tcfg.metric, tcfg.mode, parent_id)
+    log.info(
+        "sweep %s: %d trials, %d at a time, metric %s (%s); MLflow parent run %s",
+        tcfg.name,
+        tcfg.num_samples,
+        concurrency,
+        tcfg.metric,
+        tcfg.mode,
+        parent_id,
+    )
 
     sweep = {"name": tcfg.name, "parent_run_id": parent_id, "trials_storage": f"{sweep_dir}/trials"}
     trainable = tune.with_resources(tune.with_parameters(_trial, base_tree=to_dict(base), sweep=sweep), {"cpu": 0.01})
@@ -264,28 +291,50 @@ def run_sweep(tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], res
             raise FileNotFoundError(f"no sweep to resume at {sweep_dir}")
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        points = [{next(p.safe for p in params if p.key == k): v for k, v in pt.items()} for pt in tcfg.points_to_evaluate]
-        searcher = ConcurrencyLimiter(OptunaSearch(metric=tcfg.metric, mode=tcfg.mode, seed=tcfg.seed, points_to_evaluate=points or None), max_concurrent=concurrency)
+        points = [
+            {next(p.safe for p in params if p.key == k): v for k, v in pt.items()} for pt in tcfg.points_to_evaluate
+        ]
+        searcher = ConcurrencyLimiter(
+            OptunaSearch(metric=tcfg.metric, mode=tcfg.mode, seed=tcfg.seed, points_to_evaluate=points or None),
+            max_concurrent=concurrency,
+        )
         s = tcfg.scheduler
         scheduler = (
-            ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or base.train.epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
-            if s.name == "asha" else FIFOScheduler()
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=s.max_t or base.train.epochs,
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+            )
+            if s.name == "asha"
+            else FIFOScheduler()
         )
         tuner = tune.Tuner(
             trainable,
             param_space={p.safe: p.domain() for p in params},
             tune_config=tune.TuneConfig(
-                metric=tcfg.metric, mode=tcfg.mode, search_alg=searcher, scheduler=scheduler, num_samples=tcfg.num_samples,
-                trial_name_creator=_trial_label, trial_dirname_creator=_trial_label,
+                metric=tcfg.metric,
+                mode=tcfg.mode,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=tcfg.num_samples,
+                trial_name_creator=_trial_label,
+                trial_dirname_creator=_trial_label,
             ),
-            run_config=tune.RunConfig(name=tcfg.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=tcfg.max_failures), verbose=0),
+            run_config=tune.RunConfig(
+                name=tcfg.name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=tcfg.max_failures),
+                verbose=0,
+            ),
         )
     grid = tuner.fit()
     ended = grid.num_terminated + grid.num_errors
     if ended < tcfg.num_samples:  # Tune returns early on SIGINT, its state saved: nothing is registered
         st.interrupt_sweep(base, parent_id, f"{ended} of {tcfg.num_samples} trials ended")
         raise SweepInterrupted(
-            f"sweep {tcfg.name} interrupted: {ended} of {tcfg.num_samples} trials ended, its state is saved in {sweep_dir}; "
+            f"sweep {tcfg.name} interrupted: {ended} of {tcfg.num_samples} trials ended, its state is saved in "
+            f"{sweep_dir}; "
             f"continue it with: montage tune <config> name={tcfg.name} --resume"
         )
     trials = _collect(grid, params, base)
@@ -310,20 +359,24 @@ def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[Tri
             status = TrialStatus.STOPPED
         else:
             status = TrialStatus.FINISHED
-        rows.append(TrialRecord(
-            trial_id=trial_id,
-            name=trial_name(trial_id),
-            params={p.key: (r.config or {}).get(p.safe) for p in params},
-            metrics={k: v for k, v in m.items() if isinstance(v, (int, float)) and ("/" in k or k == "epoch")},
-            epochs=epochs,
-            status=status,
-            error=f"{type(r.error).__name__}: {r.error}" if r.error is not None else "",
-        ))
+        rows.append(
+            TrialRecord(
+                trial_id=trial_id,
+                name=trial_name(trial_id),
+                params={p.key: (r.config or {}).get(p.safe) for p in params},
+                metrics={k: v for k, v in m.items() if isinstance(v, (int, float)) and ("/" in k or k == "epoch")},
+                epochs=epochs,
+                status=status,
+                error=f"{type(r.error).__name__}: {r.error}" if r.error is not None else "",
+            )
+        )
     return rows
 
 
 def _best_trial(trials: list[TrialRecord], tcfg: TuneConfig) -> TrialRecord | None:
-    scored = [t for t in trials if not t.error and t.best(tcfg.metric) is not None and not math.isnan(t.best(tcfg.metric))]
+    scored = [
+        t for t in trials if not t.error and t.best(tcfg.metric) is not None and not math.isnan(t.best(tcfg.metric))
+    ]
     if not scored:
         return None
     pick = max if tcfg.mode == "max" else min

@@ -28,7 +28,9 @@ class VGGFeatures(nn.Module):
     Inputs are RGB in [0, 1]; ImageNet normalisation is applied here.
     """
 
-    def __init__(self, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"), weights: str = "imagenet") -> None:
+    def __init__(
+        self, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"), weights: str = "imagenet"
+    ) -> None:
         super().__init__()
         import torchvision
 
@@ -53,7 +55,9 @@ class VGGFeatures(nn.Module):
         else:
             path = Path(weights)
             if not path.is_file():
-                raise PretrainedWeightsError(f"VGG16 weights file not found: {path} (vgg_weights: imagenet | random | a path)")
+                raise PretrainedWeightsError(
+                    f"VGG16 weights file not found: {path} (vgg_weights: imagenet | random | a path)"
+                )
             vgg = torchvision.models.vgg16(weights=None)
             vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.taps = sorted(VGG16_LAYERS[name] for name in layers)

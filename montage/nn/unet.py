@@ -120,7 +120,9 @@ class UNetDecoder(nn.Module):
         extra = int(math.log2(encoder_strides[0]))  # skip-less blocks from the finest feature to stride 1
         n_blocks = len(skips) + extra
         if len(decoder_channels) != n_blocks:
-            raise ValueError(f"decoder needs {n_blocks} channel widths for these encoder features, got {len(decoder_channels)}")
+            raise ValueError(
+                f"decoder needs {n_blocks} channel widths for these encoder features, got {len(decoder_channels)}"
+            )
         blocks = []
         cin = encoder_channels[-1]
         for i, cout in enumerate(decoder_channels):
@@ -169,8 +171,14 @@ class ResNetEncoder(nn.Module):
     """
 
     def __init__(
-        self, resnet: nn.Module, channels: Sequence[int], in_channels: int = 3, dropout: float = 0.0,
-        bottleneck_dropout: float = 0.0, full_res: int = 0, norm: str = "batch",
+        self,
+        resnet: nn.Module,
+        channels: Sequence[int],
+        in_channels: int = 3,
+        dropout: float = 0.0,
+        bottleneck_dropout: float = 0.0,
+        full_res: int = 0,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         self.full_res = ConvBlock(in_channels, full_res, norm=norm) if full_res else None
@@ -223,15 +231,22 @@ def _load_resnet(name: str, pretrained: bool, weights_path: str | None) -> nn.Mo
 
 def _torchvision_encoder(name: str, channels: Sequence[int]) -> Callable[..., nn.Module]:
     def build(
-        in_channels: int = 3, pretrained: bool = False, weights_path: str | None = None, dropout: float = 0.0,
-        bottleneck_dropout: float = 0.0, full_res: int = 0, norm: str = "batch",
+        in_channels: int = 3,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        dropout: float = 0.0,
+        bottleneck_dropout: float = 0.0,
+        full_res: int = 0,
+        norm: str = "batch",
     ) -> nn.Module:
         if norm != "batch":
             raise ValueError(
                 f"norm '{norm}': the {name} encoder is torchvision's, with batch norm (its ImageNet weights need it); "
                 "group norm is available for the tiny and small encoders; across GPUs use scaling.sync_batchnorm=true"
             )
-        return ResNetEncoder(_load_resnet(name, pretrained, weights_path), channels, in_channels, dropout, bottleneck_dropout, full_res)
+        return ResNetEncoder(
+            _load_resnet(name, pretrained, weights_path), channels, in_channels, dropout, bottleneck_dropout, full_res
+        )
 
     return build
 
@@ -267,12 +282,19 @@ class _TinyResNet(nn.Module):
 
 def _tiny_encoder(name: str, widths: Sequence[int]) -> Callable[..., nn.Module]:
     def build(
-        in_channels: int = 3, pretrained: bool = False, weights_path: str | None = None, dropout: float = 0.0,
-        bottleneck_dropout: float = 0.0, full_res: int = 0, norm: str = "batch",
+        in_channels: int = 3,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        dropout: float = 0.0,
+        bottleneck_dropout: float = 0.0,
+        full_res: int = 0,
+        norm: str = "batch",
     ) -> nn.Module:
         if pretrained or weights_path:
             raise PretrainedWeightsError(f"the '{name}' encoder has no pretrained weights; use resnet18/34/50")
-        return ResNetEncoder(_TinyResNet(widths, norm), widths, in_channels, dropout, bottleneck_dropout, full_res, norm)
+        return ResNetEncoder(
+            _TinyResNet(widths, norm), widths, in_channels, dropout, bottleneck_dropout, full_res, norm
+        )
 
     return build
 
@@ -284,7 +306,9 @@ ENCODERS.register("small")(_tiny_encoder("small", [16, 16, 32, 64, 128]))  # CPU
 class ConvEncoder(nn.Module):
     """A plain UNet encoder: ConvBlock at full resolution, then (maxpool → ConvBlock) per level."""
 
-    def __init__(self, in_channels: int, widths: Sequence[int], norm: str = "batch", bottleneck_dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_channels: int, widths: Sequence[int], norm: str = "batch", bottleneck_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList()
         cin = in_channels

@@ -38,11 +38,17 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, st
         total = epochs * steps_per_epoch + 1  # the run's last step lands on the schedule's end (lr → lr/(25·10⁴))
         # max_lr is the optimizer's own lr (a task may set another lr per optimizer)
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=cfg.warmup,
-            anneal_strategy="cos", cycle_momentum=False,
+            opt,
+            max_lr=[g["lr"] for g in opt.param_groups],
+            total_steps=total,
+            pct_start=cfg.warmup,
+            anneal_strategy="cos",
+            cycle_momentum=False,
         )
     if cfg.name == "cosine_restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.eta_min)
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            opt, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.eta_min
+        )
     if cfg.name == "linear_decay":
         hold = cfg.constant_epochs
         decay = max(1, epochs - hold)
@@ -67,7 +73,9 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def make_loader(dataset: Dataset, cfg: ExperimentConfig, train: bool, device: torch.device, rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_loader(
+    dataset: Dataset, cfg: ExperimentConfig, train: bool, device: torch.device, rank: int = 0, world_size: int = 1
+) -> DataLoader:
     """This rank's loader: a :class:`ShardSampler` picks its share of each global batch
     (training) or of the validation set. Loader processes start afresh each epoch (not
     persistent) so they see the epoch the loop sets on the dataset."""
@@ -115,18 +123,27 @@ def build_modules(
         name: make_optimizer(params, cfg.optim, **over) for name, (params, over) in task.param_groups(nets).items()
     }
     if wrap is not None:
-        nets = {name: wrap(net) if any(p.requires_grad for p in net.parameters()) else net for name, net in nets.items()}
+        nets = {
+            name: wrap(net) if any(p.requires_grad for p in net.parameters()) else net for name, net in nets.items()
+        }
     if cfg.train.compile != "off":
         # after DDP: dynamo splits the graph at DDP's bucket boundaries so all-reduce overlaps backward
         mode = None if cfg.train.compile == "default" else cfg.train.compile
         nets = {name: torch.compile(net, mode=mode, backend=cfg.train.compile_backend) for name, net in nets.items()}
-    schedulers = {name: make_scheduler(opt, cfg.sched, cfg.train.epochs, steps_per_epoch) for name, opt in optimizers.items()}
+    schedulers = {
+        name: make_scheduler(opt, cfg.sched, cfg.train.epochs, steps_per_epoch) for name, opt in optimizers.items()
+    }
     teacher = None
     if cfg.distill.teacher:
         from montage.platform.inference import load_teacher
 
         teacher = load_teacher(task, cfg.distill.teacher, device)
-    return Modules(nets=nets, optimizers=optimizers, schedulers={k: v for k, v in schedulers.items() if v is not None}, teacher=teacher)
+    return Modules(
+        nets=nets,
+        optimizers=optimizers,
+        schedulers={k: v for k, v in schedulers.items() if v is not None},
+        teacher=teacher,
+    )
 
 
 def init_from_checkpoint(task: Task, nets: dict[str, nn.Module], path: str) -> None:
@@ -136,7 +153,9 @@ def init_from_checkpoint(task: Task, nets: dict[str, nn.Module], path: str) -> N
     from montage.platform.pruning import load_weights
 
     if "://" in path:
-        raise ValueError(f"init.checkpoint {path!r} must be a local checkpoint here (the launchers download models:/ URIs)")
+        raise ValueError(
+            f"init.checkpoint {path!r} must be a local checkpoint here (the launchers download models:/ URIs)"
+        )
     saved = load_checkpoint(path, task=task.name)["nets"]
     missing = sorted(set(nets) - set(saved))
     if missing:

@@ -68,5 +68,7 @@ def load_checkpoint(
             diff = sorted(
                 k for k in set(saved or {}) | set(model_config) if (saved or {}).get(k) != model_config.get(k)
             )
-            raise CheckpointError(f"{path} was trained with a different model (differs in model.{', model.'.join(diff)})")
+            raise CheckpointError(
+                f"{path} was trained with a different model (differs in model.{', model.'.join(diff)})"
+            )
     return state

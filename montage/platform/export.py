@@ -57,7 +57,9 @@ def providers() -> list[str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + ["CPUExecutionProvider"]
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + [
+        "CPUExecutionProvider"
+    ]
 
 
 def session(path: str | Path) -> Any:
@@ -124,7 +126,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         return module
 
 
-def export_onnx(spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_batch: bool = False, tolerance: float = 1e-3) -> ExportReport:
+def export_onnx(
+    spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_batch: bool = False, tolerance: float = 1e-3
+) -> ExportReport:
     """Export ``spec.module`` to ``path`` and check it with ONNX Runtime (raises
     :class:`ExportError` when the outputs differ from PyTorch by more than ``tolerance``)."""
     module = spec.module.eval().cpu()
@@ -137,8 +141,14 @@ def export_onnx(spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_bat
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # axis-renaming notices of the exporter
             program = torch.onnx.export(
-                fold_batchnorm(module), tuple(inputs.values()), dynamo=True, opset_version=opset, input_names=list(inputs), output_names=spec.outputs,
-                dynamic_shapes=_dynamic_shapes(spec, dynamic_batch), verbose=False,
+                fold_batchnorm(module),
+                tuple(inputs.values()),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(inputs),
+                output_names=spec.outputs,
+                dynamic_shapes=_dynamic_shapes(spec, dynamic_batch),
+                verbose=False,
             )
         program.save(str(path))
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; name what failed
@@ -153,20 +163,41 @@ def export_onnx(spec: ExportSpec, path: str | Path, opset: int = 18, dynamic_bat
             outs = run_session(sess, batch)
             for r, o in zip(refs, outs):
                 if tuple(r.shape) != o.shape:
-                    raise ExportError(f"ONNX output shape {o.shape} differs from PyTorch's {tuple(r.shape)} for inputs {[list(v.shape) for v in batch.values()]}")
+                    raise ExportError(
+                        f"ONNX output shape {o.shape} differs from PyTorch's {tuple(r.shape)} for inputs "
+                        f"{[list(v.shape) for v in batch.values()]}"
+                    )
                 worst = max(worst, float(np.abs(r.float().numpy() - o).max()))
             shapes.append(list(next(iter(batch.values())).shape))
     if not worst <= tolerance:
         raise ExportError(f"the ONNX model differs from PyTorch by up to {worst:.3g} (> {tolerance:g}) on {shapes}")
     report = ExportReport(
-        path=str(path), opset=opset, inputs=list(inputs), outputs=spec.outputs, dynamic_batch=dynamic_batch, max_abs_diff=worst,
-        checked_shapes=shapes, size_mb=path.stat().st_size / 2**20, params=sum(p.numel() for p in module.parameters()), export_s=export_s,
+        path=str(path),
+        opset=opset,
+        inputs=list(inputs),
+        outputs=spec.outputs,
+        dynamic_batch=dynamic_batch,
+        max_abs_diff=worst,
+        checked_shapes=shapes,
+        size_mb=path.stat().st_size / 2**20,
+        params=sum(p.numel() for p in module.parameters()),
+        export_s=export_s,
     )
-    log.info("exported %s (%.2f MB, %d parameters) in %.1f s; max |ONNX − PyTorch| = %.2g on %s", path, report.size_mb, report.params, export_s, worst, shapes)
+    log.info(
+        "exported %s (%.2f MB, %d parameters) in %.1f s; max |ONNX − PyTorch| = %.2g on %s",
+        path,
+        report.size_mb,
+        report.params,
+        export_s,
+        worst,
+        shapes,
+    )
     return report
 
 
-def quantize_int8(onnx_path: str | Path, output: str | Path, calibration: list[dict[str, torch.Tensor]], per_channel: bool = True) -> Path:
+def quantize_int8(
+    onnx_path: str | Path, output: str | Path, calibration: list[dict[str, torch.Tensor]], per_channel: bool = True
+) -> Path:
     """Static INT8 quantization (QDQ, signed 8-bit activations and weights, per-channel weights)
     of an ONNX model with ONNX Runtime, calibrated (min/max) on ``calibration`` inputs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -189,13 +220,25 @@ def quantize_int8(onnx_path: str | Path, output: str | Path, calibration: list[d
     try:
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            str(prepared),
+            str(output),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
         )
     finally:
         prepared.unlink(missing_ok=True)
     mb_in, mb_out = Path(onnx_path).stat().st_size / 2**20, output.stat().st_size / 2**20
-    log.info("quantized %s → %s (%.2f → %.2f MB) on %d calibration inputs", onnx_path, output, mb_in, mb_out, len(calibration))
+    log.info(
+        "quantized %s → %s (%.2f → %.2f MB) on %d calibration inputs",
+        onnx_path,
+        output,
+        mb_in,
+        mb_out,
+        len(calibration),
+    )
     return output
 
 
@@ -209,5 +252,11 @@ def convert_fp16(onnx_path: str | Path, output: str | Path) -> Path:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(output))
-    log.info("fp16 %s → %s (%.2f → %.2f MB)", onnx_path, output, Path(onnx_path).stat().st_size / 2**20, output.stat().st_size / 2**20)
+    log.info(
+        "fp16 %s → %s (%.2f → %.2f MB)",
+        onnx_path,
+        output,
+        Path(onnx_path).stat().st_size / 2**20,
+        output.stat().st_size / 2**20,
+    )
     return output

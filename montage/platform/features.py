@@ -16,7 +16,16 @@ import cv2
 import numpy as np
 
 THUMB = 128  # longest side of the thumbnail the input statistics are computed on
-INPUT_FEATURES = ("brightness", "contrast", "saturation", "sharpness", "colour_temperature", "width", "height", "aspect")
+INPUT_FEATURES = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "sharpness",
+    "colour_temperature",
+    "width",
+    "height",
+    "aspect",
+)
 SEGMENTATION_OUTPUTS = ("foreground_fraction", "uncertain_alpha", "alpha_edge_sharpness")
 HARMONIZATION_OUTPUTS = ("colour_change",)
 REFERENCE_FORMAT = 1
@@ -88,6 +97,7 @@ def colour_change(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> di
 
 # -- comparing a window of live values with the reference ---------------------------------------
 
+
 def _bin_edges(reference: np.ndarray, bins: int) -> np.ndarray:
     qs = np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1])
     return np.unique(qs)
@@ -126,7 +136,9 @@ def reference_entry(values: list[float], keep: int = 512) -> dict[str, Any]:
         v = v[np.linspace(0, len(v) - 1, keep).round().astype(int)]
     qs = [0.005, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.995]
     return {
-        "n": int(len(values)), "mean": float(v.mean()), "std": float(v.std()),
+        "n": int(len(values)),
+        "mean": float(v.mean()),
+        "std": float(v.std()),
         "quantiles": {str(q): float(np.quantile(v, q)) for q in qs},
         "values": [round(float(x), 6) for x in v],
     }
@@ -138,6 +150,10 @@ def build_reference(rows: list[dict[str, float]], task: str, source: str = "") -
         raise ValueError("no samples to build a drift reference from")
     names = [k for k in rows[0] if all(k in r for r in rows)]
     return {
-        "format": REFERENCE_FORMAT, "task": task, "source": source, "samples": len(rows), "thumb": THUMB,
+        "format": REFERENCE_FORMAT,
+        "task": task,
+        "source": source,
+        "samples": len(rows),
+        "thumb": THUMB,
         "features": {k: reference_entry([r[k] for r in rows]) for k in names},
     }

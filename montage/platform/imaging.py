@@ -117,7 +117,9 @@ def letterbox_geometry(h: int, w: int, size: int) -> Letterbox:
     return Letterbox(h, w, size, scale, (size - ih) // 2, (size - iw) // 2)
 
 
-def letterbox(img: np.ndarray, size: int, interpolation: int = cv2.INTER_AREA, fill: int = 0) -> tuple[np.ndarray, Letterbox]:
+def letterbox(
+    img: np.ndarray, size: int, interpolation: int = cv2.INTER_AREA, fill: int = 0
+) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping aspect so the long side is ``size``, pad (centred) to size×size."""
     h, w = img.shape[:2]
     box = letterbox_geometry(h, w, size)

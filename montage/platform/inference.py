@@ -15,7 +15,9 @@ from montage.platform.pruning import load_weights
 from montage.platform.task import Task
 
 
-def load_for_inference(path: str | Path, task: str | None = None, device: str | torch.device = "cpu") -> tuple[Task, dict[str, nn.Module]]:
+def load_for_inference(
+    path: str | Path, task: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[Task, dict[str, nn.Module]]:
     """(task with the checkpoint's config, its networks in eval mode on ``device``)."""
     state = load_checkpoint(path, task=task)
     task_cls = TASKS.get(state["task"])
@@ -34,7 +36,9 @@ def load_teacher(task: Task, path: str | Path, device: str | torch.device) -> nn
     """The frozen teacher network for ``distill.teacher`` (a local checkpoint of the same task;
     its own architecture, from its own config)."""
     if "://" in str(path):
-        raise ValueError(f"distill.teacher {path!r} must be a local checkpoint here (the launchers download models:/ URIs)")
+        raise ValueError(
+            f"distill.teacher {path!r} must be a local checkpoint here (the launchers download models:/ URIs)"
+        )
     _, nets = load_for_inference(path, task=task.name, device=device)
     teacher = nets[task.export_net].eval()
     for p in teacher.parameters():

@@ -301,7 +301,9 @@ class Loop:
                 hook.after_epoch(self, metrics)
             if cfg.pause_after and cfg.pause_after <= self.epoch < cfg.epochs:
                 self.should_stop = True
-                self.stop_reason = f"paused after epoch {self.epoch} of {cfg.epochs} (train.pause_after): continue with --resume"
+                self.stop_reason = (
+                    f"paused after epoch {self.epoch} of {cfg.epochs} (train.pause_after): continue with --resume"
+                )
                 log.info(self.stop_reason)
         for hook in self.hooks:
             hook.after_train(self)
@@ -337,7 +339,8 @@ class Loop:
         keys = [k for k in ("train/total", "val/loss", monitor, baseline) if k in metrics]
         parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
         mark = " *" if self.is_best else ""
-        return f"[{self.task.name}] epoch {self.epoch}/{self.cfg.train.epochs} {parts} ({metrics['time/epoch_s']:.1f}s){mark}"
+        epoch = f"{self.epoch}/{self.cfg.train.epochs}"
+        return f"[{self.task.name}] epoch {epoch} {parts} ({metrics['time/epoch_s']:.1f}s){mark}"
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -345,7 +348,12 @@ class Loop:
             "task": self.task.name,
             "config": to_dict(self.cfg),
             "epoch": self.epoch,
-            "best": {"metric": self.best.metric, "mode": self.best.mode, "value": self.best.value, "epoch": self.best.epoch},
+            "best": {
+                "metric": self.best.metric,
+                "mode": self.best.mode,
+                "value": self.best.value,
+                "epoch": self.best.epoch,
+            },
             "metrics": {k: float(v) for k, v in self.last_metrics.items()},
             "nets": {n: self.m.unwrap(n).state_dict() for n in self.m.nets},
             "optimizers": {n: o.state_dict() for n, o in self.m.optimizers.items()},

@@ -53,7 +53,14 @@ class CocoPersons:
     negatives only when ``keep_negatives``.
     """
 
-    def __init__(self, images: str, annotations: str, keep_negatives: bool = False, crowd: str = "ignore", category: str = "person") -> None:
+    def __init__(
+        self,
+        images: str,
+        annotations: str,
+        keep_negatives: bool = False,
+        crowd: str = "ignore",
+        category: str = "person",
+    ) -> None:
         from pycocotools.coco import COCO
 
         ann_path = Path(annotations)
@@ -100,7 +107,10 @@ class CocoPersons:
         image = read_image(self.name(i))
         person, crowd = self.masks(img_id)
         if person.shape != image.shape[:2]:
-            raise ImageError(f"{self.name(i)}: image is {image.shape[1]}x{image.shape[0]} but COCO says {person.shape[1]}x{person.shape[0]}")
+            raise ImageError(
+                f"{self.name(i)}: image is {image.shape[1]}x{image.shape[0]} but COCO says "
+                f"{person.shape[1]}x{person.shape[0]}"
+            )
         valid = np.ones_like(person)
         if self.crowd == "ignore":
             valid[crowd > 0] = 0
@@ -124,7 +134,9 @@ def decode_supervisely_bitmap(data: str) -> np.ndarray:
     return (arr > 0).astype(np.uint8)
 
 
-def rasterize_supervisely(ann: dict[str, Any], is_person: Callable[[str], bool], where: str = "annotation") -> np.ndarray:
+def rasterize_supervisely(
+    ann: dict[str, Any], is_person: Callable[[str], bool], where: str = "annotation"
+) -> np.ndarray:
     """Union of the person objects of one Supervisely annotation → uint8 {0, 1} mask."""
     try:
         h, w = int(ann["size"]["height"]), int(ann["size"]["width"])
@@ -191,7 +203,10 @@ class SuperviselyPersons:
         mask = rasterize_supervisely(ann, self.is_person, str(ann_path))
         image = read_image(img_path)
         if image.shape[:2] != mask.shape:
-            raise ImageError(f"{img_path}: image is {image.shape[1]}x{image.shape[0]}, annotation says {mask.shape[1]}x{mask.shape[0]}")
+            raise ImageError(
+                f"{img_path}: image is {image.shape[1]}x{image.shape[0]}, annotation says "
+                f"{mask.shape[1]}x{mask.shape[0]}"
+            )
         return image, mask * 255, np.ones_like(mask)
 
 
@@ -224,7 +239,10 @@ class ImageMaskFolder:
         image = read_image(self.images[i])
         alpha = read_mask(self.masks[i])
         if alpha.shape != image.shape[:2]:
-            raise ImageError(f"{self.masks[i]}: mask is {alpha.shape[1]}x{alpha.shape[0]}, image is {image.shape[1]}x{image.shape[0]}")
+            raise ImageError(
+                f"{self.masks[i]}: mask is {alpha.shape[1]}x{alpha.shape[0]}, image is "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
         return image, alpha, np.ones_like(alpha)
 
 
@@ -244,9 +262,21 @@ def textured_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         colour = rng.uniform(0, 255, 3).tolist()
         if rng.random() < 0.5:
             x0, y0 = rng.integers(0, w), rng.integers(0, h)
-            cv2.rectangle(img, (int(x0), int(y0)), (int(x0 + rng.integers(4, w // 2 + 5)), int(y0 + rng.integers(4, h // 2 + 5))), colour, -1)
+            cv2.rectangle(
+                img,
+                (int(x0), int(y0)),
+                (int(x0 + rng.integers(4, w // 2 + 5)), int(y0 + rng.integers(4, h // 2 + 5))),
+                colour,
+                -1,
+            )
         else:
-            cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(3, max(4, h // 5))), colour, -1)
+            cv2.circle(
+                img,
+                (int(rng.integers(0, w)), int(rng.integers(0, h))),
+                int(rng.integers(3, max(4, h // 5))),
+                colour,
+                -1,
+            )
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -261,7 +291,9 @@ def person_blob(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     cv2.circle(mask, head, max(2, int(head_r)), 1, -1)
     neck = top + 2 * head_r
     torso_h, torso_w = s * 0.38, s * rng.uniform(0.16, 0.24)
-    cv2.ellipse(mask, (int(cx), int(neck + torso_h / 2)), (max(2, int(torso_w / 2)), max(2, int(torso_h / 2))), 0, 0, 360, 1, -1)
+    cv2.ellipse(
+        mask, (int(cx), int(neck + torso_h / 2)), (max(2, int(torso_w / 2)), max(2, int(torso_h / 2))), 0, 0, 360, 1, -1
+    )
     limb = max(2, int(s * 0.06))
     shoulder = neck + torso_h * 0.15
     for side in (-1, 1):
@@ -307,8 +339,17 @@ SOURCES.register("synthetic")(SyntheticPersons)
 
 
 def build_mask_source(
-    kind: str, images: str = "", *, annotations: str = "", masks: str = "", classes: list[str] | None = None,
-    keep_negatives: bool = False, crowd: str = "ignore", count: int = 0, size: int = 64, seed: int = 0,
+    kind: str,
+    images: str = "",
+    *,
+    annotations: str = "",
+    masks: str = "",
+    classes: list[str] | None = None,
+    keep_negatives: bool = False,
+    crowd: str = "ignore",
+    count: int = 0,
+    size: int = 64,
+    seed: int = 0,
 ) -> MaskSource:
     """A registered mask source from the fields a task's data config holds (every task builds its
     person masks through here): ``coco`` uses annotations, keep_negatives, crowd; ``supervisely``

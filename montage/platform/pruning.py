@@ -57,7 +57,11 @@ def output_layers(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[nn.M
     head: its channels are what the network returns) and every 1-channel convolution (e.g. an
     attention gate's ψ)."""
     order: list[nn.Module] = []
-    handles = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in net.modules() if isinstance(m, (*_CONVS, nn.Linear))]
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: order.append(mod))
+        for m in net.modules()
+        if isinstance(m, (*_CONVS, nn.Linear))
+    ]
     try:
         with torch.no_grad():
             net.eval()(*inputs)
@@ -76,7 +80,9 @@ def _fix_group_norms(net: nn.Module) -> None:
             m.num_groups = math.gcd(m.num_groups, m.num_channels)
 
 
-def prune_channels(net: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: float, round_to: int | None = None) -> PruneReport:
+def prune_channels(
+    net: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: float, round_to: int | None = None
+) -> PruneReport:
     """Remove ``ratio`` of the channels of every prunable layer group of ``net`` (in place),
     the groups' L2 weight magnitude deciding which."""
     import torch_pruning as tp
@@ -87,12 +93,26 @@ def prune_channels(net: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: floa
     ignored = output_layers(net, inputs)
     net.eval()
     pruner = tp.pruner.BasePruner(
-        net, inputs, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to,
+        net,
+        inputs,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        round_to=round_to,
     )
     pruner.step()
     _fix_group_norms(net)
-    report = PruneReport("channels", ratio, before[0], count_params(net), before[1], conv_channels(net), zero_fraction(net))
-    log.info("pruned %.0f %% of the channels: %d → %d parameters, %d → %d conv channels", ratio * 100, before[0], report.params_after, before[1], report.channels_after)
+    report = PruneReport(
+        "channels", ratio, before[0], count_params(net), before[1], conv_channels(net), zero_fraction(net)
+    )
+    log.info(
+        "pruned %.0f %% of the channels: %d → %d parameters, %d → %d conv channels",
+        ratio * 100,
+        before[0],
+        report.params_after,
+        before[1],
+        report.channels_after,
+    )
     return report
 
 
@@ -109,7 +129,9 @@ def prune_magnitude(net: nn.Module, inputs: tuple[torch.Tensor, ...], ratio: flo
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=ratio)
     for m, name in targets:
         prune.remove(m, name)
-    report = PruneReport("magnitude", ratio, before[0], count_params(net), before[1], conv_channels(net), zero_fraction(net))
+    report = PruneReport(
+        "magnitude", ratio, before[0], count_params(net), before[1], conv_channels(net), zero_fraction(net)
+    )
     log.info("zeroed %.0f %% of the convolution weights (global L1)", report.zeros * 100)
     return report
 
@@ -133,7 +155,9 @@ def conform(net: nn.Module, state: Mapping[str, Any]) -> bool:
             m.in_channels, m.out_channels = (a, b * m.groups) if m.transposed else (b * m.groups, a)
         elif isinstance(m, nn.Linear):
             m.out_features, m.in_features = w.shape
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        elif isinstance(
+            m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+        ):
             m.num_features = w.shape[0]
             for buf in ("running_mean", "running_var"):
                 if getattr(m, buf, None) is not None:

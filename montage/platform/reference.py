@@ -13,7 +13,16 @@ from typing import Any
 
 from montage.core.config import to_dict
 from montage.core.registry import TASKS
-from montage.core.sections import DistillConfig, InitConfig, OptimConfig, RunConfig, ScalingConfig, SchedConfig, TrackingConfig, TrainConfig
+from montage.core.sections import (
+    DistillConfig,
+    InitConfig,
+    OptimConfig,
+    RunConfig,
+    ScalingConfig,
+    SchedConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 
 
 def _type(tp: Any) -> str:
@@ -44,17 +53,40 @@ def _section(title: str, cls: type, prefix: str, defaults: dict[str, Any] | None
 
 
 def reference() -> str:
-    lines = ["# Configuration reference", "", "Generated from the config dataclasses by `python -m montage.platform.reference`;",
-             "every key can be set in a YAML file or as `key=value` on the command line.", "", "## Platform sections (every task)", ""]
-    for name, cls in (("optim", OptimConfig), ("sched", SchedConfig), ("train", TrainConfig), ("scaling", ScalingConfig), ("run", RunConfig), ("tracking", TrackingConfig),
-                      ("distill", DistillConfig), ("init", InitConfig)):
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses by `python -m montage.platform.reference`;",
+        "every key can be set in a YAML file or as `key=value` on the command line.",
+        "",
+        "## Platform sections (every task)",
+        "",
+    ]
+    for name, cls in (
+        ("optim", OptimConfig),
+        ("sched", SchedConfig),
+        ("train", TrainConfig),
+        ("scaling", ScalingConfig),
+        ("run", RunConfig),
+        ("tracking", TrackingConfig),
+        ("distill", DistillConfig),
+        ("init", InitConfig),
+    ):
         lines += _section(f"`{name}`", cls, name)
     # the installed tasks (entry points), not ones a test or notebook registered at run time
     for task in sorted(ep.name for ep in entry_points(group="montage.tasks")):
         spec = TASKS.get(task).spec
-        lines += [f"## Task `{task}`", "", f"Monitored metric: `{TASKS.get(task).monitor[0]}` ({TASKS.get(task).monitor[1]})."]
+        lines += [
+            f"## Task `{task}`",
+            "",
+            f"Monitored metric: `{TASKS.get(task).monitor[0]}` ({TASKS.get(task).monitor[1]}).",
+        ]
         if spec.defaults:
-            lines += ["Task defaults over the platform's: " + ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items()) + "."]
+            lines += [
+                "Task defaults over the platform's: "
+                + ", ".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
+                + "."
+            ]
         lines.append("")
         for name in ("model", "data", "loss"):
             lines += _section(f"`{name}`", getattr(spec, name), name)

@@ -57,12 +57,21 @@ class ShardSampler(Sampler[int]):
     every sample exactly once over all ranks.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, train: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, train: bool = True, seed: int = 0
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a world of {world_size}")
         if train and n < world_size:
             raise ValueError(f"{n} training samples cannot be shared by {world_size} workers")
-        self.n, self.batch_size, self.rank, self.world_size, self.train, self.seed = n, batch_size, rank, world_size, train, seed
+        self.n, self.batch_size, self.rank, self.world_size, self.train, self.seed = (
+            n,
+            batch_size,
+            rank,
+            world_size,
+            train,
+            seed,
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -14,7 +14,9 @@ def letterbox_ops(size: int) -> list[A.BasicTransform]:
     store the result and augmentation runs on it."""
     return [
         A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
-        A.PadIfNeeded(min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+        A.PadIfNeeded(
+            min_height=size, min_width=size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0
+        ),
     ]
 
 

@@ -43,8 +43,12 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass
 class AuthConfig:
-    api_keys_file: str = ""  # one key hash a line: `sha256:<64 hex>` (from `montage serve keygen`); '#' starts a comment
-    api_keys_env: str = ""  # the NAME of an environment variable holding keys (comma or space separated), e.g. MONTAGE_API_KEYS
+    api_keys_file: str = (
+        ""  # one key hash a line: `sha256:<64 hex>` (from `montage serve keygen`); '#' starts a comment
+    )
+    api_keys_env: str = (
+        ""  # the NAME of an environment variable holding keys (comma or space separated), e.g. MONTAGE_API_KEYS
+    )
 
 
 @dataclass
@@ -73,7 +77,9 @@ def configure(settings: AccessSettings) -> None:
     """Install the settings for this process (the ingress replica's constructor calls it)."""
     global _SETTINGS
     _SETTINGS = settings
-    log.info("access: auth %s, CORS origins %s", "on" if settings.auth else "off", list(settings.allow_origins) or "none")
+    log.info(
+        "access: auth %s, CORS origins %s", "on" if settings.auth else "off", list(settings.allow_origins) or "none"
+    )
 
 
 def current() -> AccessSettings:
@@ -95,10 +101,12 @@ def new_key() -> tuple[str, str]:
 
 
 def _parse_hash(text: str, where: str) -> str:
-    value = text[len(HASH_PREFIX):] if text.startswith(HASH_PREFIX) else text
+    value = text[len(HASH_PREFIX) :] if text.startswith(HASH_PREFIX) else text
     value = value.lower()
     if not _HEX64.match(value):
-        raise ValueError(f"{where}: expected 'sha256:<64 hex digits>' (from `montage serve keygen`), got {text[:12]!r}...")
+        raise ValueError(
+            f"{where}: expected 'sha256:<64 hex digits>' (from `montage serve keygen`), got {text[:12]!r}..."
+        )
     return value
 
 
@@ -115,7 +123,13 @@ def read_key_hashes(path: str | Path) -> list[str]:
     return hashes
 
 
-def resolve_settings(auth: AuthConfig, cors: CorsConfig, retry_after_s: float = 1.0, max_body_bytes: int = 0, environ: dict[str, str] | None = None) -> AccessSettings:
+def resolve_settings(
+    auth: AuthConfig,
+    cors: CorsConfig,
+    retry_after_s: float = 1.0,
+    max_body_bytes: int = 0,
+    environ: dict[str, str] | None = None,
+) -> AccessSettings:
     """The config → the hashes and origins the replica enforces. A configured but empty source
     is an error: a typo must not silently switch auth off."""
     env = os.environ if environ is None else environ
@@ -133,7 +147,10 @@ def resolve_settings(auth: AuthConfig, cors: CorsConfig, retry_after_s: float = 
         hashes += [_parse_hash(k, auth.api_keys_env) if k.startswith(HASH_PREFIX) else hash_key(k) for k in keys]
     for origin in cors.allow_origins:
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
-            raise ValueError(f"cors.allow_origins: {origin!r} is not an origin like https://example.com (scheme://host[:port], no path)")
+            raise ValueError(
+                f"cors.allow_origins: {origin!r} is not an origin like https://example.com (scheme://host[:port], no "
+                "path)"
+            )
     return AccessSettings(tuple(dict.fromkeys(hashes)), tuple(cors.allow_origins), retry_after_s, max_body_bytes)
 
 
@@ -159,7 +176,9 @@ def check_bind(host: str, settings: AccessSettings, insecure: bool = False) -> N
     """Refuse to expose the API beyond this machine without keys, unless told to."""
     if is_loopback(host) or settings.auth or insecure:
         if not is_loopback(host) and not settings.auth:
-            log.warning("serving on %s WITHOUT API keys (--insecure): anyone who reaches this port can call /v1/*", host)
+            log.warning(
+                "serving on %s WITHOUT API keys (--insecure): anyone who reaches this port can call /v1/*", host
+            )
         return
     raise ValueError(
         f"refusing to serve on {host} (reachable beyond this machine) without API keys: create one with "
@@ -199,7 +218,13 @@ class AccessMiddleware:
         if self._for is not settings:
             guard = _Guard(self.app, settings)
             self._chain = (
-                CORSMiddleware(guard, allow_origins=list(settings.allow_origins), allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"], max_age=600)
+                CORSMiddleware(
+                    guard,
+                    allow_origins=list(settings.allow_origins),
+                    allow_methods=["GET", "POST"],
+                    allow_headers=["Authorization", "Content-Type"],
+                    max_age=600,
+                )
                 if settings.allow_origins
                 else guard
             )
@@ -216,7 +241,7 @@ class _Guard:
             path = scope.get("path", "")
             root = scope.get("root_path", "")
             if root and path.startswith(root):
-                path = path[len(root):]
+                path = path[len(root) :]
             if path.startswith(PROTECTED_PREFIX) or path == PROTECTED_PREFIX.rstrip("/"):
                 token = _bearer(scope)
                 if token is None:

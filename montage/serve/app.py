@@ -23,7 +23,14 @@ from montage.serve import access
 from montage.serve.access import AuthConfig, CorsConfig
 from montage.serve.deployments import Harmonizer, LocalModel, Pix2Pix, Segmenter, unit_alpha
 from montage.serve.imaging import Limits, Placement, RequestError, decode_upload, mask_from_upload, paste, refine_alpha
-from montage.serve.monitoring import IngressMonitor, MonitoringConfig, RequestMetrics, gather_summary, record_input, stage
+from montage.serve.monitoring import (
+    IngressMonitor,
+    MonitoringConfig,
+    RequestMetrics,
+    gather_summary,
+    record_input,
+    stage,
+)
 from montage.serve.page import page_html
 
 log = logging.getLogger("montage.serve")
@@ -43,7 +50,9 @@ class ModelServeConfig:
     batch_wait_timeout_s: float = 0.0
     threads: int = 0  # torch intra-op threads in a replica; 0: what Ray sets from num_cpus (1 for a fractional CPU)
     max_ongoing_requests: int = 16  # per replica; keep >= max_batch_size so batches can fill
-    max_queued_requests: int = 64  # per caller (the ingress); past it the ingress answers 503 + Retry-After; -1: unbounded
+    max_queued_requests: int = (
+        64  # per caller (the ingress); past it the ingress answers 503 + Retry-After; -1: unbounded
+    )
 
 
 @dataclass
@@ -59,7 +68,9 @@ class ServeConfig:
     ingress_cpus: float = 0.25
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 32  # per ingress replica
-    ingress_max_queued_requests: int = 128  # at the HTTP proxy; past it the proxy answers 503 (plain text) + Retry-After; -1: unbounded
+    ingress_max_queued_requests: int = (
+        128  # at the HTTP proxy; past it the proxy answers 503 (plain text) + Retry-After; -1: unbounded
+    )
     retry_after_s: float = 1.0  # the Retry-After of every backpressure 503
     auth: AuthConfig = field(default_factory=AuthConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
@@ -98,10 +109,19 @@ def png(arr: np.ndarray) -> Response:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, segmenter: Any, harmonizer: Any, pix2pix: Any, limits: dict[str, int], monitoring: dict[str, Any] | None = None,
-                 access_settings: access.AccessSettings | None = None) -> None:
+    def __init__(
+        self,
+        segmenter: Any,
+        harmonizer: Any,
+        pix2pix: Any,
+        limits: dict[str, int],
+        monitoring: dict[str, Any] | None = None,
+        access_settings: access.AccessSettings | None = None,
+    ) -> None:
         # fused: the models run in this replica (LocalModel), called like deployment handles
-        self.segmenter, self.harmonizer, self.pix2pix = (LocalModel.from_spec(h) if isinstance(h, dict) else h for h in (segmenter, harmonizer, pix2pix))
+        self.segmenter, self.harmonizer, self.pix2pix = (
+            LocalModel.from_spec(h) if isinstance(h, dict) else h for h in (segmenter, harmonizer, pix2pix)
+        )
         access.configure(access_settings or access.AccessSettings())
         self.limits = Limits(**limits)
         self.monitor = IngressMonitor(monitoring)
@@ -122,7 +142,11 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         models = {}
-        for task, handle in (("segmentation", self.segmenter), ("harmonization", self.harmonizer), ("pix2pix", self.pix2pix)):
+        for task, handle in (
+            ("segmentation", self.segmenter),
+            ("harmonization", self.harmonizer),
+            ("pix2pix", self.pix2pix),
+        ):
             if handle is not None:
                 models[task] = await handle.version.remote()
         return {"status": "ok", "models": models}
@@ -131,7 +155,9 @@ class Ingress:
     async def monitor(self) -> dict[str, Any]:
         """Latency per endpoint and stage (p50/p95/p99), requests/s, errors, drift, anomalies and
         model versions over this replica's windows (``montage monitor --url``)."""
-        return await gather_summary(self.monitor, {"segmentation": self.segmenter, "harmonization": self.harmonizer, "pix2pix": self.pix2pix})
+        return await gather_summary(
+            self.monitor, {"segmentation": self.segmenter, "harmonization": self.harmonizer, "pix2pix": self.pix2pix}
+        )
 
     @api.get("/", response_class=HTMLResponse)
     async def index(self) -> str:
@@ -139,7 +165,11 @@ class Ingress:
 
     @api.post("/v1/segment")
     async def segment(
-        self, image: UploadFile | None = File(None), threshold: float | None = Query(None), refine: bool = Query(False), tta: bool = Query(False),
+        self,
+        image: UploadFile | None = File(None),
+        threshold: float | None = Query(None),
+        refine: bool = Query(False),
+        tta: bool = Query(False),
     ) -> Response:
         img = await self._read(image, "image")
         with stage("segment"):
@@ -148,7 +178,9 @@ class Ingress:
         return png(np.dstack([img, (alpha * 255).round().astype(np.uint8)]))
 
     @api.post("/v1/harmonize")
-    async def harmonize(self, composite: UploadFile | None = File(None), mask: UploadFile | None = File(None), blend: float = Form(1.0)) -> Response:
+    async def harmonize(
+        self, composite: UploadFile | None = File(None), mask: UploadFile | None = File(None), blend: float = Form(1.0)
+    ) -> Response:
         comp = await self._read(composite, "composite")
         m = mask_from_upload(await self._read(mask, "mask", mode="unchanged"))
         if m.shape != comp.shape[:2]:
@@ -187,7 +219,15 @@ class Ingress:
         if return_ == "image":
             return png(result)
         b64 = lambda a: base64.b64encode(encode_png(a)).decode()  # noqa: E731
-        return JSONResponse({"image": b64(result), "alpha": b64((alpha * 255).round().astype(np.uint8)), "composite": b64(raw), "mask": b64(mask), "encoding": "base64 PNG"})
+        return JSONResponse(
+            {
+                "image": b64(result),
+                "alpha": b64((alpha * 255).round().astype(np.uint8)),
+                "composite": b64(raw),
+                "mask": b64(mask),
+                "encoding": "base64 PNG",
+            }
+        )
 
     @api.post("/v1/pix2pix")
     async def pix2pix(self, landmarks: str | None = Form(None), heatmap: UploadFile | None = File(None)) -> Response:
@@ -225,7 +265,13 @@ class Ingress:
 
 
 def _model(
-    cls: Any, cfg: ModelServeConfig, task: str, tracking_uri: str, monitoring: MonitoringConfig | None = None, retry_after_s: float = 1.0, fused: bool = False,
+    cls: Any,
+    cfg: ModelServeConfig,
+    task: str,
+    tracking_uri: str,
+    monitoring: MonitoringConfig | None = None,
+    retry_after_s: float = 1.0,
+    fused: bool = False,
 ) -> Any:
     """The bound deployment of a model, or (``fused``) what the ingress needs to run it itself."""
     if not cfg.enabled:
@@ -241,8 +287,13 @@ def _model(
     elif Path(source).exists():
         revision = str(Path(source).stat().st_mtime_ns)
     user_config = {
-        "source": source, "runtime": cfg.runtime, "revision": revision, "tracking_uri": tracking_uri,
-        "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "threads": cfg.threads,
+        "source": source,
+        "runtime": cfg.runtime,
+        "revision": revision,
+        "tracking_uri": tracking_uri,
+        "max_batch_size": cfg.max_batch_size,
+        "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        "threads": cfg.threads,
         "monitoring": to_dict(monitoring or MonitoringConfig()),
     }
     if fused:
@@ -260,9 +311,15 @@ def build_app(cfg: ServeConfig) -> Any:
 
     uri = resolve_tracking_uri(cfg.tracking_uri)
     # keys → hashes here, in the driver: the replicas never see a key, nor need the file or the variable
-    settings = access.resolve_settings(cfg.auth, cfg.cors, cfg.retry_after_s, max_body_bytes=2 * cfg.max_bytes + 1024 * 1024)
-    overload = _overload("ingress", cfg.ingress_max_ongoing_requests, cfg.ingress_max_queued_requests, cfg.retry_after_s)
-    return Ingress.options(num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus}, **overload).bind(
+    settings = access.resolve_settings(
+        cfg.auth, cfg.cors, cfg.retry_after_s, max_body_bytes=2 * cfg.max_bytes + 1024 * 1024
+    )
+    overload = _overload(
+        "ingress", cfg.ingress_max_ongoing_requests, cfg.ingress_max_queued_requests, cfg.retry_after_s
+    )
+    return Ingress.options(
+        num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus}, **overload
+    ).bind(
         _model(Segmenter, cfg.segmentation, "segmentation", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
         _model(Harmonizer, cfg.harmonization, "harmonization", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
         _model(Pix2Pix, cfg.pix2pix, "pix2pix", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
@@ -280,7 +337,11 @@ def _overload(what: str, max_ongoing: int, max_queued: int, retry_after_s: float
         raise ValueError(f"{what}: max_queued_requests must be >= 1 or -1 (unbounded), got {max_queued}")
     if retry_after_s < 0:
         raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
-    return {"max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued, "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s}}
+    return {
+        "max_ongoing_requests": max_ongoing,
+        "max_queued_requests": max_queued,
+        "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+    }
 
 
 def run(cfg: ServeConfig, blocking: bool = False, insecure: bool = False) -> Any:

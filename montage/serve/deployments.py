@@ -56,7 +56,9 @@ class _ModelDeployment:
         if user_config.get("runtime", "torch") == "onnx":
             from montage.tracking.variants import onnx_variant_files
 
-            onnx_path, checkpoint, label = onnx_variant_files(user_config["source"], user_config.get("tracking_uri", ""))
+            onnx_path, checkpoint, label = onnx_variant_files(
+                user_config["source"], user_config.get("tracking_uri", "")
+            )
             predictor = load_onnx_predictor(onnx_path, checkpoint, task=self.task)
         else:
             checkpoint, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))

@@ -31,9 +31,19 @@ class DriftDetector:
     at ``ks_pvalue`` (either alone fires too often on small windows). A warning is logged once
     when a feature becomes drifted, and an info line when it comes back."""
 
-    def __init__(self, reference: dict[str, Any], window: int = 200, min_samples: int = 30, psi_threshold: float = 0.25,
-                 ks_pvalue: float = 0.01, check_every: int = 10, label: str = "") -> None:
-        self.reference = {k: np.asarray(v["values"], np.float64) for k, v in reference.get("features", {}).items() if v.get("values")}
+    def __init__(
+        self,
+        reference: dict[str, Any],
+        window: int = 200,
+        min_samples: int = 30,
+        psi_threshold: float = 0.25,
+        ks_pvalue: float = 0.01,
+        check_every: int = 10,
+        label: str = "",
+    ) -> None:
+        self.reference = {
+            k: np.asarray(v["values"], np.float64) for k, v in reference.get("features", {}).items() if v.get("values")
+        }
         self.window, self.min_samples, self.check_every = window, min_samples, max(1, check_every)
         self.psi_threshold, self.ks_pvalue, self.label = psi_threshold, ks_pvalue, label
         self.values: dict[str, deque[float]] = {k: deque(maxlen=window) for k in self.reference}
@@ -76,10 +86,20 @@ class DriftDetector:
             drifted = score >= self.psi_threshold and p <= self.ks_pvalue
             before = self.state.get(k)
             if drifted and not (before and before.drifted):
-                log.warning("input drift%s: feature '%s' PSI %.3f ≥ %.3f, KS %.3f (p=%.2g) over the last %d requests",
-                            f" ({self.label})" if self.label else "", k, score, self.psi_threshold, ks, p, len(live))
+                log.warning(
+                    "input drift%s: feature '%s' PSI %.3f ≥ %.3f, KS %.3f (p=%.2g) over the last %d requests",
+                    f" ({self.label})" if self.label else "",
+                    k,
+                    score,
+                    self.psi_threshold,
+                    ks,
+                    p,
+                    len(live),
+                )
             elif before and before.drifted and not drifted:
-                log.info("feature '%s'%s back in distribution (PSI %.3f)", k, f" ({self.label})" if self.label else "", score)
+                log.info(
+                    "feature '%s'%s back in distribution (PSI %.3f)", k, f" ({self.label})" if self.label else "", score
+                )
             self.state[k] = FeatureDrift(psi=score, ks=ks, p_value=p, drifted=drifted)
         return self.state
 
@@ -99,8 +119,19 @@ class DriftDetector:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "samples": self.samples(), "window": self.window, "min_samples": self.min_samples,
-            "psi_threshold": self.psi_threshold, "ks_pvalue": self.ks_pvalue,
-            "features": {k: {"psi": round(s.psi, 4), "ks": round(s.ks, 4), "p_value": float(f"{s.p_value:.3g}"), "drifted": s.drifted} for k, s in self.state.items()},
+            "samples": self.samples(),
+            "window": self.window,
+            "min_samples": self.min_samples,
+            "psi_threshold": self.psi_threshold,
+            "ks_pvalue": self.ks_pvalue,
+            "features": {
+                k: {
+                    "psi": round(s.psi, 4),
+                    "ks": round(s.ks, 4),
+                    "p_value": float(f"{s.p_value:.3g}"),
+                    "drifted": s.drifted,
+                }
+                for k, s in self.state.items()
+            },
             "drifted": sorted(k for k, s in self.state.items() if s.drifted),
         }

@@ -36,7 +36,9 @@ def decode_upload(data: bytes | None, field: str, limits: Limits, mode: str = "r
         img = decode_image(data, what=f"'{field}'", mode=mode)
     except ImageError as exc:
         raise RequestError(str(exc)) from exc
-    if mode == "unchanged" and orientation > 1:  # OpenCV applies EXIF orientation except in this mode: masks match their photo
+    if (
+        mode == "unchanged" and orientation > 1
+    ):  # OpenCV applies EXIF orientation except in this mode: masks match their photo
         img = _orient(img, orientation)
     h, w = img.shape[:2]
     if max(h, w) > limits.max_side:
@@ -59,8 +61,12 @@ def _check_declared_size(data: bytes, field: str, limits: Limits) -> int:
                 orientation = int(im.getexif().get(0x0112, 1) or 1)
             except Exception:  # noqa: BLE001 - a broken EXIF block: decode as stored
                 orientation = 1
-    except Image.DecompressionBombError as exc:  # the header claims far more pixels than any limit: never hand it to OpenCV
-        raise RequestError(f"'{field}' claims too many pixels ({exc}); the limit is {limits.max_side} px per side", 413) from exc
+    except (
+        Image.DecompressionBombError
+    ) as exc:  # the header claims far more pixels than any limit: never hand it to OpenCV
+        raise RequestError(
+            f"'{field}' claims too many pixels ({exc}); the limit is {limits.max_side} px per side", 413
+        ) from exc
     except Exception:  # noqa: BLE001 - not readable by Pillow: OpenCV's decoder reports it
         return 1
     if max(w, h) > limits.max_side:
@@ -90,7 +96,9 @@ def mask_from_upload(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(img[..., :3], cv2.COLOR_RGB2GRAY)
 
 
-def refine_alpha(alpha: np.ndarray, image: np.ndarray, threshold: float | None = None, refine: bool = False) -> np.ndarray:
+def refine_alpha(
+    alpha: np.ndarray, image: np.ndarray, threshold: float | None = None, refine: bool = False
+) -> np.ndarray:
     """Optional edge-aware smoothing of a [0, 1] alpha (joint bilateral-like via the image's
     edges) and an optional hard threshold."""
     a = alpha.astype(np.float32)
@@ -121,7 +129,9 @@ class Placement:
             raise RequestError(f"scale must be in (0, 4], got {self.scale}")
 
 
-def paste(person: np.ndarray, alpha: np.ndarray, background: np.ndarray, where: Placement) -> tuple[np.ndarray, np.ndarray]:
+def paste(
+    person: np.ndarray, alpha: np.ndarray, background: np.ndarray, where: Placement
+) -> tuple[np.ndarray, np.ndarray]:
     """Alpha-blend the person onto the background at full background resolution.
 
     Returns (composite RGB uint8, mask uint8 0..255 of the pasted alpha). Pixels the person

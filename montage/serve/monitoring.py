@@ -48,7 +48,9 @@ class MonitoringConfig:
     reference_samples: int = 256  # training samples for a reference computed on the fly (versions without one)
 
 
-_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("montage_pending", default=None)  # (stage, ms) | (w, h) of this request
+_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "montage_pending", default=None
+)  # (stage, ms) | (w, h) of this request
 _INGRESS: IngressMonitor | None = None  # the ingress replica's monitor (one per process), read by the middleware
 
 
@@ -57,7 +59,11 @@ def version_tag(user_config: dict[str, Any], label: str) -> str:
     when not torch), else the checkpoint's file name."""
     from pathlib import Path
 
-    source, revision, runtime = user_config.get("source", ""), user_config.get("revision", ""), user_config.get("runtime", "torch")
+    source, revision, runtime = (
+        user_config.get("source", ""),
+        user_config.get("revision", ""),
+        user_config.get("runtime", "torch"),
+    )
     tag = f"v{revision}" if source.startswith("models:/") and revision else Path(label).name or label
     return tag if runtime == "torch" else f"{tag}-{runtime}"
 
@@ -70,19 +76,72 @@ class _Metrics:
     def __init__(self) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
-        self.requests = Counter("montage_requests", description="HTTP requests by endpoint and status code", tag_keys=("endpoint", "status"))
-        self.errors = Counter("montage_errors", description="HTTP requests answered >= 400, by endpoint and status code", tag_keys=("endpoint", "status"))
-        self.latency = Histogram("montage_request_latency_ms", description="end-to-end latency in the ingress (ms)", boundaries=LATENCY_MS, tag_keys=("endpoint",))
-        self.stage = Histogram("montage_stage_latency_ms", description="latency of a pipeline stage (ms)", boundaries=LATENCY_MS, tag_keys=("endpoint", "stage"))
-        self.width = Histogram("montage_input_width_px", description="width of decoded input images", boundaries=PIXELS, tag_keys=("endpoint",))
-        self.height = Histogram("montage_input_height_px", description="height of decoded input images", boundaries=PIXELS, tag_keys=("endpoint",))
-        self.batch = Histogram("montage_batch_size", description="batch sizes formed by @serve.batch", boundaries=BATCH, tag_keys=("model", "version"))
+        self.requests = Counter(
+            "montage_requests", description="HTTP requests by endpoint and status code", tag_keys=("endpoint", "status")
+        )
+        self.errors = Counter(
+            "montage_errors",
+            description="HTTP requests answered >= 400, by endpoint and status code",
+            tag_keys=("endpoint", "status"),
+        )
+        self.latency = Histogram(
+            "montage_request_latency_ms",
+            description="end-to-end latency in the ingress (ms)",
+            boundaries=LATENCY_MS,
+            tag_keys=("endpoint",),
+        )
+        self.stage = Histogram(
+            "montage_stage_latency_ms",
+            description="latency of a pipeline stage (ms)",
+            boundaries=LATENCY_MS,
+            tag_keys=("endpoint", "stage"),
+        )
+        self.width = Histogram(
+            "montage_input_width_px",
+            description="width of decoded input images",
+            boundaries=PIXELS,
+            tag_keys=("endpoint",),
+        )
+        self.height = Histogram(
+            "montage_input_height_px",
+            description="height of decoded input images",
+            boundaries=PIXELS,
+            tag_keys=("endpoint",),
+        )
+        self.batch = Histogram(
+            "montage_batch_size",
+            description="batch sizes formed by @serve.batch",
+            boundaries=BATCH,
+            tag_keys=("model", "version"),
+        )
         self.images = Counter("montage_images", description="images run through a model", tag_keys=("model", "version"))
-        self.forward = Histogram("montage_model_batch_latency_ms", description="one batch through the model (ms)", boundaries=LATENCY_MS, tag_keys=("model", "version"))
-        self.drift = Gauge("montage_drift_score", description="drift of a feature against the reference (psi or ks)", tag_keys=("model", "version", "feature", "method"))
-        self.drifted = Gauge("montage_drifted", description="1 when the feature is drifted (PSI and KS past their thresholds)", tag_keys=("model", "version", "feature"))
-        self.quality = Histogram("montage_output_quality", description="no-reference output quality per request", boundaries=QUALITY, tag_keys=("model", "version", "metric"))
-        self.anomalies = Counter("montage_anomalies", description="requests whose output quality lies outside the reference's range", tag_keys=("model", "version", "metric"))
+        self.forward = Histogram(
+            "montage_model_batch_latency_ms",
+            description="one batch through the model (ms)",
+            boundaries=LATENCY_MS,
+            tag_keys=("model", "version"),
+        )
+        self.drift = Gauge(
+            "montage_drift_score",
+            description="drift of a feature against the reference (psi or ks)",
+            tag_keys=("model", "version", "feature", "method"),
+        )
+        self.drifted = Gauge(
+            "montage_drifted",
+            description="1 when the feature is drifted (PSI and KS past their thresholds)",
+            tag_keys=("model", "version", "feature"),
+        )
+        self.quality = Histogram(
+            "montage_output_quality",
+            description="no-reference output quality per request",
+            boundaries=QUALITY,
+            tag_keys=("model", "version", "metric"),
+        )
+        self.anomalies = Counter(
+            "montage_anomalies",
+            description="requests whose output quality lies outside the reference's range",
+            tag_keys=("model", "version", "metric"),
+        )
 
     @classmethod
     def get(cls) -> _Metrics:
@@ -153,8 +212,10 @@ class IngressMonitor:
                 if status >= 400:
                     errors[str(status)] = errors.get(str(status), 0) + 1
             out[ep] = {
-                "requests": len(items), "requests_per_s": round(len(recent) / span, 3),
-                "error_rate": round(sum(errors.values()) / len(items), 4) if items else 0.0, "errors": errors,
+                "requests": len(items),
+                "requests_per_s": round(len(recent) / span, 3),
+                "error_rate": round(sum(errors.values()) / len(items), 4) if items else 0.0,
+                "errors": errors,
                 "latency_ms": _percentiles([ms for _, _, ms in items]),
                 "stages": {s: _percentiles(list(v)) for (e, s), v in self.stages.items() if e == ep},
             }
@@ -264,7 +325,9 @@ class ModelMonitor:
             self._set_reference(ref, "stored")
             return
         self.reference_state = "pending"
-        threading.Thread(target=self._compute_reference, args=(checkpoint, version), daemon=True, name="drift-reference").start()
+        threading.Thread(
+            target=self._compute_reference, args=(checkpoint, version), daemon=True, name="drift-reference"
+        ).start()
 
     def _compute_reference(self, checkpoint: str, version: str) -> None:
         from montage.tracking.drift import load_or_compute_reference
@@ -280,7 +343,15 @@ class ModelMonitor:
     def _set_reference(self, ref: dict[str, Any], state: str) -> None:
         c = self.cfg
         with self._lock:
-            self.drift = DriftDetector(ref, c.window, c.min_samples, c.psi_threshold, c.ks_pvalue, c.check_every, label=f"{self.task} {self.tags['version']}")
+            self.drift = DriftDetector(
+                ref,
+                c.window,
+                c.min_samples,
+                c.psi_threshold,
+                c.ks_pvalue,
+                c.check_every,
+                label=f"{self.task} {self.tags['version']}",
+            )
             self.reference_state = state
 
     def record_batch(self, size: int, ms: float) -> None:
@@ -302,7 +373,9 @@ class ModelMonitor:
             for img, alpha in zip(images, alphas):
                 self.record(input_features(img), alpha_features(alpha))
 
-    def observe_harmonization(self, items: list[tuple[np.ndarray, np.ndarray, float]], results: list[np.ndarray], t0: float) -> None:
+    def observe_harmonization(
+        self, items: list[tuple[np.ndarray, np.ndarray, float]], results: list[np.ndarray], t0: float
+    ) -> None:
         if self.m is None:
             return
         self.record_batch(len(items), (time.perf_counter() - t0) * 1000)
@@ -346,11 +419,20 @@ class ModelMonitor:
         b, now = list(self.batches), time.time()
         last_minute = sum(n for t, n in list(self.recent) if t >= now - 60)
         out = {
-            "version": self.tags["version"], "enabled": self.cfg.enabled, "images": self.images,
+            "version": self.tags["version"],
+            "enabled": self.cfg.enabled,
+            "images": self.images,
             "images_per_s": round(last_minute / max(1e-3, min(60.0, now - self.started)), 3),
-            "batch_size": {"mean": round(float(np.mean(b)), 2) if b else 0.0, "max": max(b, default=0), "batches": len(b)},
-            "batch_ms": _percentiles(list(self.forward_ms)),  # the model's own time per batch (the rest of a stage is the hop)
-            "reference": self.reference_state, "anomalies": dict(self.anomalies),
+            "batch_size": {
+                "mean": round(float(np.mean(b)), 2) if b else 0.0,
+                "max": max(b, default=0),
+                "batches": len(b),
+            },
+            "batch_ms": _percentiles(
+                list(self.forward_ms)
+            ),  # the model's own time per batch (the rest of a stage is the hop)
+            "reference": self.reference_state,
+            "anomalies": dict(self.anomalies),
         }
         if self.drift is not None:
             with self._lock:
@@ -365,7 +447,8 @@ async def gather_summary(ingress: IngressMonitor | None, handles: dict[str, Any]
         if handle is not None:
             models[task] = await handle.monitor_summary.remote()
     return {
-        "time": time.time(), "enabled": ingress is not None and ingress.enabled,
+        "time": time.time(),
+        "enabled": ingress is not None and ingress.enabled,
         "window": ingress.cfg.window if ingress is not None else 0,
         "endpoints": ingress.summary() if ingress is not None and ingress.enabled else {},
         "models": models,

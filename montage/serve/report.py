@@ -34,13 +34,32 @@ def format_summary(s: dict[str, Any]) -> str:
     for ep, e in s.get("endpoints", {}).items():
         lat = e["latency_ms"]
         errors = ", ".join(f"{k}×{v}" for k, v in sorted(e["errors"].items())) or "-"
-        rows.append([ep, "(total)", e["requests"], f"{e['requests_per_s']:.2f}", f"{100 * e['error_rate']:.1f}%", errors, lat["p50"], lat["p95"], lat["p99"]])
+        rows.append(
+            [
+                ep,
+                "(total)",
+                e["requests"],
+                f"{e['requests_per_s']:.2f}",
+                f"{100 * e['error_rate']:.1f}%",
+                errors,
+                lat["p50"],
+                lat["p95"],
+                lat["p99"],
+            ]
+        )
         for name, st in e["stages"].items():
             rows.append(["", name, st["count"], "", "", "", st["p50"], st["p95"], st["p99"]])
-    out = [f"montage monitor  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s.get('time', time.time())))}  (window {s.get('window', 0)} requests)"]
+    out = [
+        f"montage monitor  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s.get('time', time.time())))}  (window "
+        f"{s.get('window', 0)} requests)"
+    ]
     if not s.get("enabled", True):
         out.append("monitoring is disabled on this server (monitoring.enabled=false)")
-    out.append(_table(["endpoint", "stage", "n", "req/s", "errors", "by status", "p50 ms", "p95 ms", "p99 ms"], rows) if rows else "no requests yet")
+    out.append(
+        _table(["endpoint", "stage", "n", "req/s", "errors", "by status", "p50 ms", "p95 ms", "p99 ms"], rows)
+        if rows
+        else "no requests yet"
+    )
     models, drift_rows = [], []
     for task, m in s.get("models", {}).items():
         d = m.get("drift") or {}
@@ -48,11 +67,29 @@ def format_summary(s: dict[str, Any]) -> str:
         drifted = ", ".join(d.get("drifted", [])) or "-"
         batch = m.get("batch_size", {})
         rate = f"{m.get('images_per_s', 0):.2f}"
-        models.append([task, m.get("version", ""), m.get("images", 0), rate, batch.get("mean", 0), batch.get("max", 0), m.get("reference", ""), drifted, anomalies])
+        models.append(
+            [
+                task,
+                m.get("version", ""),
+                m.get("images", 0),
+                rate,
+                batch.get("mean", 0),
+                batch.get("max", 0),
+                m.get("reference", ""),
+                drifted,
+                anomalies,
+            ]
+        )
         for feat, f in d.get("features", {}).items():
             drift_rows.append([task, feat, f["psi"], f["ks"], f["p_value"], "DRIFTED" if f["drifted"] else "ok"])
     if models:
-        out += ["", _table(["model", "version", "images", "img/s", "batch mean", "batch max", "reference", "drifted", "anomalies"], models)]
+        out += [
+            "",
+            _table(
+                ["model", "version", "images", "img/s", "batch mean", "batch max", "reference", "drifted", "anomalies"],
+                models,
+            ),
+        ]
     if drift_rows:
         out += ["", _table(["model", "feature", "PSI", "KS", "p-value", "state"], drift_rows)]
     return "\n".join(out)
@@ -69,14 +106,25 @@ def write_png(history: list[dict[str, Any]], path: str | Path) -> None:
     ts = [h["time"] - t0 for h in history]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for ep in sorted({ep for h in history for ep in h.get("endpoints", {})}):
-        ax1.plot(ts, [h.get("endpoints", {}).get(ep, {}).get("latency_ms", {}).get("p95", float("nan")) for h in history], marker="o", label=ep)
+        ax1.plot(
+            ts,
+            [h.get("endpoints", {}).get(ep, {}).get("latency_ms", {}).get("p95", float("nan")) for h in history],
+            marker="o",
+            label=ep,
+        )
     ax1.set_ylabel("p95 latency (ms)")
     ax1.legend(fontsize=8)
     threshold = None
     for task in sorted({t for h in history for t in h.get("models", {})}):
         feats = {f for h in history for f in ((h["models"].get(task) or {}).get("drift") or {}).get("features", {})}
         for f in sorted(feats):
-            ys = [((h["models"].get(task) or {}).get("drift") or {}).get("features", {}).get(f, {}).get("psi", float("nan")) for h in history]
+            ys = [
+                ((h["models"].get(task) or {}).get("drift") or {})
+                .get("features", {})
+                .get(f, {})
+                .get("psi", float("nan"))
+                for h in history
+            ]
             ax2.plot(ts, ys, marker=".", label=f"{task}/{f}")
         threshold = threshold or ((history[-1]["models"].get(task) or {}).get("drift") or {}).get("psi_threshold")
     if threshold:
@@ -89,7 +137,14 @@ def write_png(history: list[dict[str, Any]], path: str | Path) -> None:
     plt.close(fig)
 
 
-def monitor(url: str, watch: float = 0, png: str | None = None, api_key: str = "", echo: Callable[[str], None] = print, polls: int = 0) -> int:
+def monitor(
+    url: str,
+    watch: float = 0,
+    png: str | None = None,
+    api_key: str = "",
+    echo: Callable[[str], None] = print,
+    polls: int = 0,
+) -> int:
     """Print the summary (every ``watch`` seconds until Ctrl-C, or ``polls`` times); keep the
     history for ``png``."""
     history: list[dict[str, Any]] = []

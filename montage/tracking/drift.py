@@ -37,7 +37,9 @@ def _training_inputs(inst: Any, limit: int) -> Iterator[tuple[np.ndarray, np.nda
             yield image, None
 
 
-def compute_reference(checkpoint: str | Path, task: str | None = None, samples: int = DEFAULT_SAMPLES, device: str = "cpu") -> dict[str, Any] | None:
+def compute_reference(
+    checkpoint: str | Path, task: str | None = None, samples: int = DEFAULT_SAMPLES, device: str = "cpu"
+) -> dict[str, Any] | None:
     """The drift reference of a checkpoint: input statistics of up to ``samples`` training
     samples of its data config, plus the model's output statistics on them; None for tasks
     without image inputs (pix2pix)."""
@@ -73,7 +75,9 @@ def compute_reference(checkpoint: str | Path, task: str | None = None, samples: 
     return build_reference(rows, inst.name, source=str(checkpoint))
 
 
-def write_reference(folder: str | Path, checkpoint: str | Path, task: str, samples: int = DEFAULT_SAMPLES) -> Path | None:
+def write_reference(
+    folder: str | Path, checkpoint: str | Path, task: str, samples: int = DEFAULT_SAMPLES
+) -> Path | None:
     """Compute the reference of ``checkpoint`` into ``folder/drift_reference.json`` (for the
     model's artifacts). Never fails a registration: a problem is logged and None returned."""
     if task not in DRIFT_TASKS:
@@ -102,7 +106,9 @@ def find_reference(checkpoint: str | Path, levels: int = 4) -> dict[str, Any] | 
     return None
 
 
-def load_or_compute_reference(checkpoint: str | Path, task: str, samples: int = DEFAULT_SAMPLES) -> dict[str, Any] | None:
+def load_or_compute_reference(
+    checkpoint: str | Path, task: str, samples: int = DEFAULT_SAMPLES
+) -> dict[str, Any] | None:
     """The stored reference of a model version, else one computed now from the checkpoint's data
     (older versions, plain checkpoint sources); None when neither is possible."""
     ref = find_reference(checkpoint)
@@ -115,5 +121,9 @@ def load_or_compute_reference(checkpoint: str | Path, task: str, samples: int = 
     except Exception as exc:  # noqa: BLE001 - drift detection is off for this model, serving is not
         log.warning("no drift reference stored with %s and none could be computed from its data: %s", checkpoint, exc)
         return None
-    log.info("computed a drift reference for %s from %d training samples (none stored with the model)", checkpoint, ref["samples"] if ref else 0)
+    log.info(
+        "computed a drift reference for %s from %d training samples (none stored with the model)",
+        checkpoint,
+        ref["samples"] if ref else 0,
+    )
     return ref

@@ -80,8 +80,15 @@ def _local_checkpoint(checkpoint: str) -> Path:
 
 
 def register_checkpoint(
-    base: ExperimentConfig, checkpoint: str, run_id: str, metric: str, mode: str, value: float,
-    sweep: str, params: dict[str, Any], promote: str = "better",
+    base: ExperimentConfig,
+    checkpoint: str,
+    run_id: str,
+    metric: str,
+    mode: str,
+    value: float,
+    sweep: str,
+    params: dict[str, Any],
+    promote: str = "better",
 ) -> Registration:
     """Register ``checkpoint`` as a new version of ``montage-<task>``; move ``@champion`` to it
     when ``promote`` is ``always``, or ``better`` and it beats the champion on ``metric``."""
@@ -91,7 +98,10 @@ def register_checkpoint(
     version = str(info.registered_model_version)
     mlc = client(base.tracking.uri)
     tags = {
-        "montage.metric": metric, "montage.mode": mode, "montage.value": repr(float(value)), "montage.sweep": sweep,
+        "montage.metric": metric,
+        "montage.mode": mode,
+        "montage.value": repr(float(value)),
+        "montage.sweep": sweep,
         "montage.params": yaml.safe_dump(params, default_flow_style=True).strip(),
     }
     for k, v in tags.items():
@@ -101,7 +111,9 @@ def register_checkpoint(
     if promote == "always" or (promote == "better" and beats(value, mode, metric, current)):
         mlc.set_registered_model_alias(name, CHAMPION, version)
         promoted = True
-    log.info("registered %s version %s (%s=%.5g)%s", name, version, metric, value, f"; now @{CHAMPION}" if promoted else "")
+    log.info(
+        "registered %s version %s (%s=%.5g)%s", name, version, metric, value, f"; now @{CHAMPION}" if promoted else ""
+    )
     return Registration(name=name, version=version, promoted=promoted, metric=metric, value=float(value))
 
 
@@ -159,7 +171,9 @@ def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:
     source = mv.source
     if source.startswith("models:/") and mv.model_id:  # registered from a logged model by id
         source = mlc.get_logged_model(mv.model_id).artifact_location
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=resolve_tracking_uri(tracking_uri)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=resolve_tracking_uri(tracking_uri))
+    )
     hits = list(local.rglob("*.pt"))
     if not hits:
         raise FileNotFoundError(f"{model_uri} (version {mv.version}) holds no checkpoint artifact")

@@ -99,7 +99,9 @@ def create_run(cfg: ExperimentConfig, tags: dict[str, str] | None = None) -> str
     all_tags = {"montage.task": cfg.task, "mlflow.source.git.commit": git_commit(), **(tags or {})}
     if t.parent_run_id:
         all_tags["mlflow.parentRunId"] = t.parent_run_id
-    run_id = client.create_run(exp_id, run_name=cfg.run.name or None, tags={k: v for k, v in all_tags.items() if v}).info.run_id
+    run_id = client.create_run(
+        exp_id, run_name=cfg.run.name or None, tags={k: v for k, v in all_tags.items() if v}
+    ).info.run_id
     params = [Param(k, _param_value(v)) for k, v in flatten(to_dict(cfg)).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
@@ -155,7 +157,9 @@ class MlflowHook(Hook):
 
     key = "mlflow"
 
-    def __init__(self, cfg: ExperimentConfig, tags: dict[str, str] | None = None, best_path: str | Path | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, tags: dict[str, str] | None = None, best_path: str | Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.tags = dict(tags or {})
         self.best_path = Path(best_path) if best_path else None
@@ -177,7 +181,12 @@ class MlflowHook(Hook):
             self.client.update_run(self.run_id, status="RUNNING")
         self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
         if self.logged_epochs:
-            log.info("continuing MLflow run %s (epochs %d–%d logged)", self.run_id, min(self.logged_epochs), max(self.logged_epochs))
+            log.info(
+                "continuing MLflow run %s (epochs %d–%d logged)",
+                self.run_id,
+                min(self.logged_epochs),
+                max(self.logged_epochs),
+            )
         self.client.set_tag(self.run_id, STARTS_TAG, str(int(run.data.tags.get(STARTS_TAG, "0") or 0) + 1))
 
     def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
@@ -218,7 +227,9 @@ class LoggedCheckpoint:
     registered_model_version: str | None = None
 
 
-def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, task: str, metrics: dict[str, Any], registered_name: str | None = None) -> LoggedCheckpoint:
+def log_checkpoint_model(
+    uri: str, run_id: str, checkpoint: Path, task: str, metrics: dict[str, Any], registered_name: str | None = None
+) -> LoggedCheckpoint:
     """Log ``checkpoint`` as a pyfunc model of run ``run_id`` (models-from-code: nothing pickled)
     and register it as a new version of ``registered_name`` when given. Client calls only: the
     process-wide tracking URI and active run are left alone."""
@@ -229,11 +240,18 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, task: str, met
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
     run = client.get_run(run_id)
     tags = {"montage.task": task, **{f"montage.{k}": str(v) for k, v in metrics.items()}}
-    model = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id, tags=tags, model_type="pyfunc")
+    model = client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id, tags=tags, model_type="pyfunc"
+    )
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(path=str(local), python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)}, pip_requirements=["montage"])
+            mlflow.pyfunc.save_model(
+                path=str(local),
+                python_model=str(PYFUNC_CODE),
+                artifacts={"checkpoint": str(checkpoint)},
+                pip_requirements=["montage"],
+            )
             if registered_name:  # a registered version carries the statistics Serve's drift detection compares with
                 from montage.tracking.drift import write_reference
 
@@ -252,6 +270,10 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, task: str, met
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "ALREADY_EXISTS" not in str(exc.error_code):
                 raise
-        mv = client.create_model_version(registered_name, source=model.artifact_location, run_id=run_id, model_id=model.model_id)
+        mv = client.create_model_version(
+            registered_name, source=model.artifact_location, run_id=run_id, model_id=model.model_id
+        )
         version = str(mv.version)
-    return LoggedCheckpoint(model_id=model.model_id, model_uri=f"models:/{model.model_id}", registered_model_version=version)
+    return LoggedCheckpoint(
+        model_id=model.model_id, model_uri=f"models:/{model.model_id}", registered_model_version=version
+    )

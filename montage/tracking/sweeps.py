@@ -58,20 +58,36 @@ def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: 
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=tcfg.name, tags={
-        "montage.role": "sweep", "montage.sweep": tcfg.name, "montage.task": tcfg.task,
-        "montage.sweep_dir": sweep_dir, "mlflow.source.git.commit": git_commit() or "unknown",
-    })
+    run = client.create_run(
+        exp_id,
+        run_name=tcfg.name,
+        tags={
+            "montage.role": "sweep",
+            "montage.sweep": tcfg.name,
+            "montage.task": tcfg.task,
+            "montage.sweep_dir": sweep_dir,
+            "mlflow.source.git.commit": git_commit() or "unknown",
+        },
+    )
     rid = run.info.run_id
     from mlflow.entities import Param
 
     entries = {f"space.{p.key}": p.describe() for p in params}
-    entries.update({
-        "metric": tcfg.metric, "mode": tcfg.mode, "num_samples": tcfg.num_samples, "seed": tcfg.seed,
-        "scheduler": tcfg.scheduler.name, "scheduler.grace_period": tcfg.scheduler.grace_period,
-        "scheduler.reduction_factor": tcfg.scheduler.reduction_factor, "scheduler.max_t": tcfg.scheduler.max_t or base.train.epochs,
-        "trial.workers": tcfg.resources.workers, "trial.gpus": tcfg.resources.gpus, "base": tcfg.base,
-    })
+    entries.update(
+        {
+            "metric": tcfg.metric,
+            "mode": tcfg.mode,
+            "num_samples": tcfg.num_samples,
+            "seed": tcfg.seed,
+            "scheduler": tcfg.scheduler.name,
+            "scheduler.grace_period": tcfg.scheduler.grace_period,
+            "scheduler.reduction_factor": tcfg.scheduler.reduction_factor,
+            "scheduler.max_t": tcfg.scheduler.max_t or base.train.epochs,
+            "trial.workers": tcfg.resources.workers,
+            "trial.gpus": tcfg.resources.gpus,
+            "base": tcfg.base,
+        }
+    )
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in entries.items()])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tune_config.yaml").write_text(yaml.safe_dump(to_dict(tcfg), sort_keys=False))
@@ -94,7 +110,14 @@ def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
     return {r.data.tags.get("montage.trial", ""): r for r in runs}
 
 
-def finish_sweep(trials: list[TrialRecord], best: TrialRecord | None, tcfg: Any, base: ExperimentConfig, params: list[Any], parent_id: str) -> dict[str, Any] | None:
+def finish_sweep(
+    trials: list[TrialRecord],
+    best: TrialRecord | None,
+    tcfg: Any,
+    base: ExperimentConfig,
+    params: list[Any],
+    parent_id: str,
+) -> dict[str, Any] | None:
     """Record every trial's outcome, summarise on the parent, register and promote the best."""
     client = mlflow_client(base.tracking.uri)
     children = _child_runs(client, parent_id)
@@ -102,7 +125,11 @@ def finish_sweep(trials: list[TrialRecord], best: TrialRecord | None, tcfg: Any,
     for t in trials:
         run = children.get(t.trial_id)
         if run is None:  # failed before its first epoch: still leave a record
-            run = client.create_run(exp_id, run_name=t.name, tags={"mlflow.parentRunId": parent_id, "montage.trial": t.trial_id, "montage.sweep": tcfg.name})
+            run = client.create_run(
+                exp_id,
+                run_name=t.name,
+                tags={"mlflow.parentRunId": parent_id, "montage.trial": t.trial_id, "montage.sweep": tcfg.name},
+            )
         rid = run.info.run_id
         status = t.status
         client.set_tag(rid, "montage.trial_status", status.value)
@@ -122,7 +149,16 @@ def finish_sweep(trials: list[TrialRecord], best: TrialRecord | None, tcfg: Any,
             w = csv.writer(fh)
             w.writerow(["trial", "status", "epochs", *keys, tcfg.metric, f"best/{tcfg.metric}"])
             for t in trials:
-                w.writerow([t.name, t.status.value, t.epochs, *[t.params.get(k) for k in keys], t.metrics.get(tcfg.metric), t.best(tcfg.metric)])
+                w.writerow(
+                    [
+                        t.name,
+                        t.status.value,
+                        t.epochs,
+                        *[t.params.get(k) for k in keys],
+                        t.metrics.get(tcfg.metric),
+                        t.best(tcfg.metric),
+                    ]
+                )
         client.log_artifact(parent_id, str(table))
         for path in optuna_plots(trials, params, tcfg, Path(tmp)):
             client.log_artifact(parent_id, str(path), "optuna")
@@ -134,7 +170,17 @@ def finish_sweep(trials: list[TrialRecord], best: TrialRecord | None, tcfg: Any,
         for k, v in best.params.items():
             client.set_tag(parent_id, f"best.{k}", str(v))
         if best.checkpoint and best.mlflow_run_id:
-            registered = register_checkpoint(base, best.checkpoint, best.mlflow_run_id, tcfg.metric, tcfg.mode, value, tcfg.name, best.params, tcfg.promote)
+            registered = register_checkpoint(
+                base,
+                best.checkpoint,
+                best.mlflow_run_id,
+                tcfg.metric,
+                tcfg.mode,
+                value,
+                tcfg.name,
+                best.params,
+                tcfg.promote,
+            )
     all_failed = all(t.error for t in trials)
     client.set_terminated(parent_id, "FAILED" if all_failed else "FINISHED")
     return registered
@@ -169,7 +215,10 @@ def optuna_plots(trials: list[TrialRecord], params: list[Any], tcfg: Any, out: P
         import matplotlib.pyplot as plt
         from optuna.visualization.matplotlib import plot_parallel_coordinate, plot_param_importances
 
-        for name, fn in (("parallel_coordinate", plot_parallel_coordinate), ("param_importances", plot_param_importances)):
+        for name, fn in (
+            ("parallel_coordinate", plot_parallel_coordinate),
+            ("param_importances", plot_param_importances),
+        ):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "experimental" notices of optuna's matplotlib backend

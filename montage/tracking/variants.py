@@ -35,14 +35,22 @@ def validation_batch(inst: Any, size: int = 2) -> dict[str, Any]:
     try:
         val = inst.datasets()[1]
     except Exception as exc:  # noqa: BLE001 - say which data is missing, not a deep traceback
-        raise FileNotFoundError(f"cannot build the validation data of this checkpoint's config to check the export: {exc}") from exc
+        raise FileNotFoundError(
+            f"cannot build the validation data of this checkpoint's config to check the export: {exc}"
+        ) from exc
     if len(val) == 0:
         raise ValueError("the validation set is empty: nothing to check the export on")
     return next(iter(DataLoader(val, batch_size=min(size, len(val)), shuffle=False)))
 
 
 def export_model(
-    task: str, source: str, output: str | Path, opset: int = 18, dynamic_batch: bool = False, tracking_uri: str = "", register: bool | None = None,
+    task: str,
+    source: str,
+    output: str | Path,
+    opset: int = 18,
+    dynamic_batch: bool = False,
+    tracking_uri: str = "",
+    register: bool | None = None,
 ) -> Variant:
     """Export ``source`` (``models:/…``, or a checkpoint path) of ``task`` to ONNX at
     ``output``, checked with ONNX Runtime on validation inputs; register it (default: when
@@ -75,7 +83,13 @@ def resolve_source(source: str, tracking_uri: str) -> tuple[str, Path]:
 
 
 def quantize_model(
-    task: str, source: str, output: str | Path, samples: int = 32, tracking_uri: str = "", register: bool | None = None, precision: str = "int8",
+    task: str,
+    source: str,
+    output: str | Path,
+    samples: int = 32,
+    tracking_uri: str = "",
+    register: bool | None = None,
+    precision: str = "int8",
 ) -> Variant:
     """``precision`` int8: static INT8 (QDQ, per-channel) of ``source``'s exported network,
     calibrated on ``samples`` validation samples; fp16: its weights and activations in half
@@ -111,19 +125,47 @@ def quantize_model(
             ref = module(*s.inputs.values()).float().numpy()
             worst = max(worst, float(np.abs(ref - run_session(sess, s.inputs)[0]).max()))
     report = ExportReport(
-        path=str(output), opset=fp32.opset, inputs=fp32.inputs, outputs=fp32.outputs, dynamic_batch=True, max_abs_diff=worst,
-        checked_shapes=[list(next(iter(s.inputs.values())).shape) for s in specs[:2]], size_mb=output.stat().st_size / 2**20,
-        params=fp32.params, export_s=fp32.export_s,
+        path=str(output),
+        opset=fp32.opset,
+        inputs=fp32.inputs,
+        outputs=fp32.outputs,
+        dynamic_batch=True,
+        max_abs_diff=worst,
+        checked_shapes=[list(next(iter(s.inputs.values())).shape) for s in specs[:2]],
+        size_mb=output.stat().st_size / 2**20,
+        params=fp32.params,
+        export_s=fp32.export_s,
     )
-    log.info("%s %s: %.2f MB (fp32 ONNX %.2f MB); max |%s − PyTorch fp32| = %.3g over %d samples", precision, output, report.size_mb, fp32.size_mb, precision, worst, len(specs))
+    log.info(
+        "%s %s: %.2f MB (fp32 ONNX %.2f MB); max |%s − PyTorch fp32| = %.3g over %d samples",
+        precision,
+        output,
+        report.size_mb,
+        fp32.size_mb,
+        precision,
+        worst,
+        len(specs),
+    )
     m = measure(checkpoint, onnx_path=output)
     if not registers(source, register):
         return Variant(report, parent, measurement=m)
-    return Variant(report, parent, model_name(task), register_onnx(task, output, parent, report, tracking_uri, variant=precision, extra_tags=m.tags()), m)
+    return Variant(
+        report,
+        parent,
+        model_name(task),
+        register_onnx(task, output, parent, report, tracking_uri, variant=precision, extra_tags=m.tags()),
+        m,
+    )
 
 
 def register_onnx(
-    task: str, onnx_path: Path, parent: str, report: ExportReport, tracking_uri: str = "", variant: str = "onnx", extra_tags: dict[str, str] | None = None,
+    task: str,
+    onnx_path: Path,
+    parent: str,
+    report: ExportReport,
+    tracking_uri: str = "",
+    variant: str = "onnx",
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """Log ``onnx_path`` as an MLflow ONNX model and register it as a new version of
     ``montage-<task>`` (no alias moves: promoting stays the user's choice)."""
@@ -140,12 +182,20 @@ def register_onnx(
         run_id = mlc.get_model_version(pname, pversion).run_id
     if run_id is None:
         exp = get_experiment_id(mlc, f"montage-{task}", "mlartifacts", resolve_tracking_uri(tracking_uri))
-        run_id = mlc.create_run(exp, run_name=f"export-{onnx_path.stem}", tags={"montage.task": task, "montage.role": "export"}).info.run_id
+        run_id = mlc.create_run(
+            exp, run_name=f"export-{onnx_path.stem}", tags={"montage.task": task, "montage.role": "export"}
+        ).info.run_id
         mlc.set_terminated(run_id, "FINISHED")
     tags = {
-        "montage.variant": variant, "montage.runtime": "onnxruntime", "montage.parent": parent, "montage.opset": str(report.opset),
-        "montage.size_mb": f"{report.size_mb:.3f}", "montage.params": str(report.params), "montage.max_abs_diff": f"{report.max_abs_diff:.3g}",
-        "montage.dynamic_batch": str(report.dynamic_batch).lower(), **(extra_tags or {}),
+        "montage.variant": variant,
+        "montage.runtime": "onnxruntime",
+        "montage.parent": parent,
+        "montage.opset": str(report.opset),
+        "montage.size_mb": f"{report.size_mb:.3f}",
+        "montage.params": str(report.params),
+        "montage.max_abs_diff": f"{report.max_abs_diff:.3g}",
+        "montage.dynamic_batch": str(report.dynamic_batch).lower(),
+        **(extra_tags or {}),
     }
     experiment_id = mlc.get_run(run_id).info.experiment_id
     model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type="onnx")
@@ -160,7 +210,13 @@ def register_onnx(
         if "ALREADY_EXISTS" not in str(exc.error_code):
             raise
     mv = mlc.create_model_version(name, source=model.artifact_location, run_id=run_id, tags=tags)
-    log.info("registered %s version %s: ONNX of %s (%s)", name, mv.version, parent, ", ".join(f"{k[8:]}={v}" for k, v in tags.items()))
+    log.info(
+        "registered %s version %s: ONNX of %s (%s)",
+        name,
+        mv.version,
+        parent,
+        ", ".join(f"{k[8:]}={v}" for k, v in tags.items()),
+    )
     return str(mv.version)
 
 
@@ -169,13 +225,21 @@ def onnx_variant_files(source: str, tracking_uri: str = "") -> tuple[str, str, s
     import mlflow
 
     if not source.startswith("models:/"):
-        raise ValueError(f"runtime onnx serves a registered ONNX variant (models:/montage-<task>/<version>, made by `montage export`), not {source!r}")
+        raise ValueError(
+            "runtime onnx serves a registered ONNX variant (models:/montage-<task>/<version>, made by `montage "
+            f"export`), not {source!r}"
+        )
     name, alias, version = parse_model_uri(source)
     mlc = client(tracking_uri)
     mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
     if mv.tags.get("montage.runtime") != "onnxruntime":
-        raise ValueError(f"{source} (version {mv.version}) is not an ONNX variant; make one with `montage export <task> --source {source}`")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=resolve_tracking_uri(tracking_uri)))
+        raise ValueError(
+            f"{source} (version {mv.version}) is not an ONNX variant; make one with `montage export <task> --source "
+            f"{source}`"
+        )
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=resolve_tracking_uri(tracking_uri))
+    )
     found = sorted(local.rglob("*.onnx"))
     if not found:
         raise FileNotFoundError(f"{source} (version {mv.version}) holds no .onnx file")
@@ -211,13 +275,19 @@ class Measurement:
 
     def tags(self) -> dict[str, str]:
         return {
-            "montage.quality_metric": self.metric, "montage.quality": f"{self.value:.6g}", "montage.parent_quality": f"{self.parent_value:.6g}",
-            "montage.quality_delta": f"{self.delta:+.4g}", "montage.latency_ms": f"{self.latency_ms:.2f}",
-            "montage.parent_latency_ms": f"{self.parent_latency_ms:.2f}", "montage.speedup": f"{self.parent_latency_ms / self.latency_ms:.2f}",
+            "montage.quality_metric": self.metric,
+            "montage.quality": f"{self.value:.6g}",
+            "montage.parent_quality": f"{self.parent_value:.6g}",
+            "montage.quality_delta": f"{self.delta:+.4g}",
+            "montage.latency_ms": f"{self.latency_ms:.2f}",
+            "montage.parent_latency_ms": f"{self.parent_latency_ms:.2f}",
+            "montage.speedup": f"{self.parent_latency_ms / self.latency_ms:.2f}",
         }
 
 
-def measure(parent: str | Path, checkpoint: str | Path | None = None, onnx_path: str | Path | None = None, runs: int = 20) -> Measurement:
+def measure(
+    parent: str | Path, checkpoint: str | Path | None = None, onnx_path: str | Path | None = None, runs: int = 20
+) -> Measurement:
     """Measure a variant — a checkpoint (pruned, student) or an ONNX file exported from
     ``parent`` — against ``parent``: validation metric, and p50 latency at batch 1 with the two
     networks run in turns (this machine's speed drifts; turns keep the ratio fair)."""
@@ -242,7 +312,16 @@ def measure(parent: str | Path, checkpoint: str | Path | None = None, onnx_path:
     with torch.no_grad():
         parent_ms, ms = latency_pair(parent_fn, fn, runs=runs)
     m = Measurement(metric, mode, value, parent_value, ms, parent_ms)
-    log.info("%s %.5g (parent %.5g, %+.4g); p50 %.1f ms at batch 1 (parent %.1f ms, %.2f×)", metric, value, parent_value, m.delta, ms, parent_ms, parent_ms / ms)
+    log.info(
+        "%s %.5g (parent %.5g, %+.4g); p50 %.1f ms at batch 1 (parent %.1f ms, %.2f×)",
+        metric,
+        value,
+        parent_value,
+        m.delta,
+        ms,
+        parent_ms,
+        parent_ms / ms,
+    )
     return m
 
 

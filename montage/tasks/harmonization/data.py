@@ -105,7 +105,9 @@ def photometric(img: np.ndarray, rng: np.random.Generator, p: PerturbConfig) -> 
         x = x * (1 + rng.uniform(-p.white_balance, p.white_balance, 3))
     if p.brightness or p.contrast:
         mean = x.mean()
-        x = (x - mean) * (1 + rng.uniform(-p.contrast, p.contrast)) + mean * (1 + rng.uniform(-p.brightness, p.brightness))
+        x = (x - mean) * (1 + rng.uniform(-p.contrast, p.contrast)) + mean * (
+            1 + rng.uniform(-p.brightness, p.brightness)
+        )
     x = x.clip(0, 1)
     if p.gamma:
         x = x ** float(np.exp(rng.uniform(-p.gamma, p.gamma)))
@@ -118,7 +120,11 @@ def photometric(img: np.ndarray, rng: np.random.Generator, p: PerturbConfig) -> 
 
 
 def make_composite(
-    real: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p: PerturbConfig, ref: np.ndarray | None = None,
+    real: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    p: PerturbConfig,
+    ref: np.ndarray | None = None,
     source: np.ndarray | None = None,
 ) -> np.ndarray:
     """Change the foreground's appearance only; the background stays bit-identical.
@@ -171,7 +177,13 @@ class IHarmony4:
                     raise ValueError(f"{listing}: '{line}' is not <name>_<mask>_<k>.<ext>")
                 name, m, _ = parts
                 sub = base / subset
-                self.items.append((sub / "composite_images" / comp_name, sub / "masks" / f"{name}_{m}.png", sub / "real_images" / f"{name}.jpg"))
+                self.items.append(
+                    (
+                        sub / "composite_images" / comp_name,
+                        sub / "masks" / f"{name}_{m}.png",
+                        sub / "real_images" / f"{name}.jpg",
+                    )
+                )
         if not self.items:
             raise ValueError(f"no {split} pairs listed under {base} for {subsets}")
 
@@ -185,7 +197,9 @@ class IHarmony4:
         comp_p, mask_p, real_p = self.items[i]
         comp, mask, real = read_image(comp_p), read_mask(mask_p), read_image(real_p)
         if not (comp.shape == real.shape and mask.shape == comp.shape[:2]):
-            raise ImageError(f"{comp_p}: composite {comp.shape[:2]}, mask {mask.shape}, real {real.shape[:2]} differ in size")
+            raise ImageError(
+                f"{comp_p}: composite {comp.shape[:2]}, mask {mask.shape}, real {real.shape[:2]} differ in size"
+            )
         return comp, mask, real
 
 
@@ -240,7 +254,9 @@ class CutoutsOnBackgrounds:
         mask[y : y + ch, x : x + cw] = small[..., 3]
         real = bg.copy()
         a = small[..., 3:4].astype(np.float32) / 255
-        real[y : y + ch, x : x + cw] = (small[..., :3] * a + bg[y : y + ch, x : x + cw] * (1 - a)).round().astype(np.uint8)
+        real[y : y + ch, x : x + cw] = (
+            (small[..., :3] * a + bg[y : y + ch, x : x + cw] * (1 - a)).round().astype(np.uint8)
+        )
         return make_composite(real, mask, rng, self.perturb, bg), mask, real
 
 
@@ -308,15 +324,30 @@ class HarmonizationDataset(Dataset):
         indices: list[int] | None = None,
     ) -> None:
         self.source, self.seed = source, seed
-        self.letterbox = A.Compose(letterbox_ops(size), additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR)
+        self.letterbox = A.Compose(
+            letterbox_ops(size), additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR
+        )
         ops: list[A.BasicTransform] = []  # augmentation of the letterboxed pair (training only)
         if augment is not None:
             hflip, affine = augment
-            ops += [op for op in (A.HorizontalFlip(p=hflip), A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=affine)) if op.p > 0]
-        self.transform = A.Compose(ops, additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR, seed=seed)
+            ops += [
+                op
+                for op in (
+                    A.HorizontalFlip(p=hflip),
+                    A.Affine(
+                        scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=affine
+                    ),
+                )
+                if op.p > 0
+            ]
+        self.transform = A.Compose(
+            ops, additional_targets={"target": "image"}, mask_interpolation=cv2.INTER_LINEAR, seed=seed
+        )
         self.train = augment is not None
         self.epoch = 0
-        self.pairs = SampleCache(self._letterboxed, range(len(source)) if indices is None else indices, cache, type(source).__name__)
+        self.pairs = SampleCache(
+            self._letterboxed, range(len(source)) if indices is None else indices, cache, type(source).__name__
+        )
 
     def __len__(self) -> int:
         return len(self.source)
@@ -348,14 +379,25 @@ class HarmonizationDataset(Dataset):
 def _source(cfg: HarmDataConfig, split: str) -> PairSource:
     val = split == "val"
     if cfg.source == "synthetic":
-        return SyntheticPairs(cfg.synthetic_val if val else cfg.synthetic_train, cfg.size, cfg.seed + (1 if val else 0), cfg.perturb)
+        return SyntheticPairs(
+            cfg.synthetic_val if val else cfg.synthetic_train, cfg.size, cfg.seed + (1 if val else 0), cfg.perturb
+        )
     if cfg.source == "iharmony4":
         return IHarmony4(cfg.root, cfg.subsets, "test" if val else "train")
     if cfg.source == "cutouts":
-        return CutoutsOnBackgrounds(cfg.root, cfg.backgrounds, cfg.synthetic_val if val else cfg.synthetic_train, cfg.perturb)
+        return CutoutsOnBackgrounds(
+            cfg.root, cfg.backgrounds, cfg.synthetic_val if val else cfg.synthetic_train, cfg.perturb
+        )
     masks = build_mask_source(
-        cfg.mask_source, cfg.images, annotations=cfg.annotations, masks=cfg.masks, classes=cfg.classes,
-        keep_negatives=cfg.keep_negatives, crowd=cfg.crowd, size=cfg.size, seed=cfg.seed,
+        cfg.mask_source,
+        cfg.images,
+        annotations=cfg.annotations,
+        masks=cfg.masks,
+        classes=cfg.classes,
+        keep_negatives=cfg.keep_negatives,
+        crowd=cfg.crowd,
+        size=cfg.size,
+        seed=cfg.seed,
     )
     return PerturbedMasks(masks, cfg.perturb)
 

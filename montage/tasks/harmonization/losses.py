@@ -36,7 +36,9 @@ class HarmLossConfig:
         return {"mse": self.mse, "perceptual": self.perceptual, "colour": self.colour, "style": self.style}
 
 
-def lab_colour_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+def lab_colour_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weights: tuple[float, float, float]
+) -> torch.Tensor:
     """Σ_c w_c · mean over the mask of |Lab(pred) − Lab(target)|_c / 100, per image, averaged over
     the batch (per-image: a global batch's gradient does not depend on how DDP splits it)."""
     diff = (rgb_to_lab(pred) - rgb_to_lab(target)).abs() / 100
@@ -45,7 +47,9 @@ def lab_colour_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return ((diff * w * mask).sum((1, 2, 3)) / area).mean()
 
 
-def foreground_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, min_area: float = 0.05) -> torch.Tensor:
+def foreground_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, min_area: float = 0.05
+) -> torch.Tensor:
     """Squared error summed over the image, divided by the foreground area (at least
     ``min_area`` of the image): foreground-normalised MSE. The model only changes the
     masked region, so averaging over every pixel would let a small foreground's error

@@ -66,7 +66,9 @@ class HarmonizationUNet(nn.Module):
         super().__init__()
         self.encoder = ConvEncoder(4, cfg.widths, norm=cfg.norm, bottleneck_dropout=cfg.bottleneck_dropout)
         self.context = RegionContext(cfg.widths[-1]) if cfg.region_context else None
-        self.decoder = UNetDecoder(cfg.widths, self.encoder.strides, cfg.widths[:-1][::-1], norm=cfg.norm, checkpointing=cfg.grad_checkpointing)
+        self.decoder = UNetDecoder(
+            cfg.widths, self.encoder.strides, cfg.widths[:-1][::-1], norm=cfg.norm, checkpointing=cfg.grad_checkpointing
+        )
         self.head = nn.Conv2d(self.decoder.out_channels, 6, 1)
         nn.init.zeros_(self.head.weight)  # start as the identity transform: output = composite
         nn.init.zeros_(self.head.bias)

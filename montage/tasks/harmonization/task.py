@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 def image_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """MSE and fMSE on the 0–255 scale, PSNR (dB) and SSIM, per sample."""
-    return {"mse": mse_255(pred, target), "fmse": fmse_255(pred, target, mask), "psnr": psnr(pred, target), "ssim": ssim(pred, target)}
+    return {
+        "mse": mse_255(pred, target),
+        "fmse": fmse_255(pred, target, mask),
+        "psnr": psnr(pred, target),
+        "ssim": ssim(pred, target),
+    }
 
 
 class HarmonizationTask(Task):
@@ -71,7 +76,9 @@ class HarmonizationTask(Task):
     def eval_step(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
         pred = m.unwrap("net")(batch["composite"], batch["mask"]).float()
         out = image_metrics(pred, batch["target"], batch["mask"])
-        out.update({f"baseline_{k}": v for k, v in image_metrics(batch["composite"], batch["target"], batch["mask"]).items()})
+        out.update(
+            {f"baseline_{k}": v for k, v in image_metrics(batch["composite"], batch["target"], batch["mask"]).items()}
+        )
         out["loss"] = self.losses(pred, batch)["total"].detach().expand(pred.shape[0])
         return out
 
@@ -84,7 +91,9 @@ class HarmonizationTask(Task):
         # the predictor applies the network's low-resolution transform (gain, bias) at full size:
         # export that, not the composited output
         inputs = {"composite": batch["composite"], "mask": batch["mask"]}
-        return ExportSpec(TransformOnly(nets["net"]), inputs, ["transform"], multiple=2 ** (len(self.cfg.model.widths) - 1))
+        return ExportSpec(
+            TransformOnly(nets["net"]), inputs, ["transform"], multiple=2 ** (len(self.cfg.model.widths) - 1)
+        )
 
     def from_exported(self, net: nn.Module) -> nn.Module:
         return Composited(net)
@@ -159,11 +168,15 @@ class HarmonizationPredictor:
         if mask.ndim == 3:
             mask = mask[..., -1] if mask.shape[2] in (2, 4) else mask.max(axis=2)
         if mask.shape != comp.shape[:2]:
-            raise ImageError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the composite is {comp.shape[1]}x{comp.shape[0]}")
+            raise ImageError(
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but the composite is {comp.shape[1]}x{comp.shape[0]}"
+            )
         return mask
 
     @torch.no_grad()
-    def __call__(self, composites: Sequence[np.ndarray], masks: Sequence[np.ndarray], blend: float = 1.0, sharpen: float = 0.0) -> list[np.ndarray]:
+    def __call__(
+        self, composites: Sequence[np.ndarray], masks: Sequence[np.ndarray], blend: float = 1.0, sharpen: float = 0.0
+    ) -> list[np.ndarray]:
         if not 0 <= blend <= 1:
             raise ValueError(f"blend must be in [0, 1], got {blend}")
         masks = [self.check(c, m) for c, m in zip(composites, masks)]

@@ -54,7 +54,9 @@ def render_heatmaps(points: np.ndarray, size: int, sigma: float, channels: int =
     if channels not in (1, len(points)):
         raise ValueError(f"channels must be 1 or the number of landmarks ({len(points)}), got {channels}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    maps = np.exp(-((xx[None] - points[:, 0, None, None]) ** 2 + (yy[None] - points[:, 1, None, None]) ** 2) / (2 * sigma**2))
+    maps = np.exp(
+        -((xx[None] - points[:, 0, None, None]) ** 2 + (yy[None] - points[:, 1, None, None]) ** 2) / (2 * sigma**2)
+    )
     return maps.max(axis=0, keepdims=True).astype(np.float32) if channels == 1 else maps.astype(np.float32)
 
 
@@ -85,7 +87,9 @@ def parse_catflw(ann: Any, n: int = N_LANDMARKS) -> tuple[np.ndarray, np.ndarray
     return pts, box
 
 
-def crop_face(image: np.ndarray, pts: np.ndarray, box: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def crop_face(
+    image: np.ndarray, pts: np.ndarray, box: np.ndarray, size: int, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Crop the box grown by ``margin`` (fraction of its size, clipped to the image), resize
     to size×size and map the landmarks into the crop's pixels."""
     h, w = image.shape[:2]
@@ -96,7 +100,10 @@ def crop_face(image: np.ndarray, pts: np.ndarray, box: np.ndarray, size: int, ma
         raise AnnotationError(f"bounding box {box.tolist()} lies outside the {w}x{h} image")
     outside = (pts[:, 0] < x1) | (pts[:, 0] > x2) | (pts[:, 1] < y1) | (pts[:, 1] > y2)
     if outside.any():
-        raise AnnotationError(f"{int(outside.sum())} landmark(s) outside the face box, e.g. #{int(np.argmax(outside))} at {pts[outside][0].tolist()}")
+        raise AnnotationError(
+            f"{int(outside.sum())} landmark(s) outside the face box, e.g. #{int(np.argmax(outside))} at "
+            f"{pts[outside][0].tolist()}"
+        )
     ix1, iy1, ix2, iy2 = int(np.floor(x1)), int(np.floor(y1)), int(np.ceil(x2)), int(np.ceil(y2))
     crop = image[iy1:iy2, ix1:ix2]
     face = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_LINEAR)
@@ -107,15 +114,26 @@ def crop_face(image: np.ndarray, pts: np.ndarray, box: np.ndarray, size: int, ma
 
 
 def _find_annotation(image: Path, src: Path) -> Path | None:
-    for cand in (image.with_suffix(".json"), image.parent / f"{image.name}.json", image.parent.parent / "labels" / f"{image.stem}.json", src / "labels" / f"{image.stem}.json"):
+    for cand in (
+        image.with_suffix(".json"),
+        image.parent / f"{image.name}.json",
+        image.parent.parent / "labels" / f"{image.stem}.json",
+        src / "labels" / f"{image.stem}.json",
+    ):
         if cand.is_file():
             return cand
     return None
 
 
 def prepare_catflw(
-    src: str | Path, out: str | Path, size: int = 256, sigma: float = 3.5, seed: int = 0, channels: int = 1,
-    margin: float = 0.1, splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    src: str | Path,
+    out: str | Path,
+    size: int = 256,
+    sigma: float = 3.5,
+    seed: int = 0,
+    channels: int = 1,
+    margin: float = 0.1,
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
 ) -> dict[str, Any]:
     """Prepare CatFLW into aligned A/B pairs; returns (and writes) a report of what was done."""
     src, out = Path(src), Path(out)
@@ -159,9 +177,19 @@ def prepare_catflw(
                 np.save(base / "A" / f"{name}.npy", (heat * 255).round().astype(np.uint8))
             write_image(base / "B" / f"{name}.png", face)
             (base / "landmarks").mkdir(parents=True, exist_ok=True)
-            (base / "landmarks" / f"{name}.json").write_text(json.dumps({"labels": mapped.round(3).tolist(), "size": size}))
+            (base / "landmarks" / f"{name}.json").write_text(
+                json.dumps({"labels": mapped.round(3).tolist(), "size": size})
+            )
         counts[split] = len(idx)
-    report = {"source": str(src), "written": counts, "rejected": rejected, "size": size, "sigma": sigma, "channels": channels, "seed": seed}
+    report = {
+        "source": str(src),
+        "written": counts,
+        "rejected": rejected,
+        "size": size,
+        "sigma": sigma,
+        "channels": channels,
+        "seed": seed,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -175,8 +203,25 @@ def synthetic_landmarks(rng: np.random.Generator, size: int) -> np.ndarray:
     4 per ear (28–35), nose (36–38), mouth (39–41), whisker roots (42–47); jittered and posed."""
     t = np.linspace(0, 2 * np.pi, 16, endpoint=False)
     outline = np.stack([np.cos(t) * 0.38, np.sin(t) * 0.32 + 0.05], 1)
-    eye = lambda cx: np.stack([cx + np.cos(np.linspace(0, 2 * np.pi, 6, endpoint=False)) * 0.07, -0.02 + np.sin(np.linspace(0, 2 * np.pi, 6, endpoint=False)) * 0.04], 1)  # noqa: E731
-    ears = np.array([[-0.34, -0.2], [-0.3, -0.48], [-0.12, -0.27], [-0.24, -0.32], [0.34, -0.2], [0.3, -0.48], [0.12, -0.27], [0.24, -0.32]])
+    eye = lambda cx: np.stack(
+        [
+            cx + np.cos(np.linspace(0, 2 * np.pi, 6, endpoint=False)) * 0.07,
+            -0.02 + np.sin(np.linspace(0, 2 * np.pi, 6, endpoint=False)) * 0.04,
+        ],
+        1,
+    )  # noqa: E731
+    ears = np.array(
+        [
+            [-0.34, -0.2],
+            [-0.3, -0.48],
+            [-0.12, -0.27],
+            [-0.24, -0.32],
+            [0.34, -0.2],
+            [0.3, -0.48],
+            [0.12, -0.27],
+            [0.24, -0.32],
+        ]
+    )
     nose_mouth = np.array([[0, 0.1], [-0.04, 0.08], [0.04, 0.08], [0, 0.17], [-0.07, 0.2], [0.07, 0.2]])
     whiskers = np.array([[-0.12, 0.12], [-0.13, 0.15], [-0.12, 0.18], [0.12, 0.12], [0.13, 0.15], [0.12, 0.18]])
     pts = np.concatenate([outline, eye(-0.15), eye(0.15), ears, nose_mouth, whiskers])
@@ -242,7 +287,9 @@ class SyntheticFaces(Dataset):
 class AlignedPairs(Dataset):
     """``<root>/<split>/A/<name>.(png|npy)`` ↔ ``<root>/<split>/B/<name>.png``, resized to ``size``."""
 
-    def __init__(self, root: str | Path, split: str, size: int, hflip: float = 0.0, cache: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, root: str | Path, split: str, size: int, hflip: float = 0.0, cache: bool = False, seed: int = 0
+    ) -> None:
         base = Path(root) / split
         if not (base / "A").is_dir() or not (base / "B").is_dir():
             raise FileNotFoundError(f"aligned pairs need {base}/A and {base}/B")
@@ -257,7 +304,11 @@ class AlignedPairs(Dataset):
         return len(self.pairs)
 
     def _resize(self, x: np.ndarray) -> np.ndarray:
-        return x if x.shape[:2] == (self.size, self.size) else cv2.resize(x, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return (
+            x
+            if x.shape[:2] == (self.size, self.size)
+            else cv2.resize(x, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        )
 
     def _decoded(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a_path, b_path = self.pairs[i]
@@ -286,25 +337,39 @@ def build_datasets(cfg: GanDataConfig, channels: int, cache: bool = False) -> tu
             SyntheticFaces(cfg.synthetic_train, cfg.size, cfg.sigma, cfg.seed, channels, cache=cache),
             SyntheticFaces(cfg.synthetic_val, cfg.size, cfg.sigma, cfg.seed + 1, channels, cache=cache),
         )
-    return AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip, cache=cache, seed=cfg.seed), AlignedPairs(cfg.root, "val", cfg.size, cache=cache)
+    return AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip, cache=cache, seed=cfg.seed), AlignedPairs(
+        cfg.root, "val", cfg.size, cache=cache
+    )
 
 
 def catflw_command(argv: list[str]) -> int:
     """``montage data catflw --src DIR --out DIR [--size 256 --sigma 3.5 --seed 0 --channels 1]``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="montage data catflw", description="Prepare CatFLW as aligned heatmap (A) / face (B) pairs, split 80/10/10.")
+    p = argparse.ArgumentParser(
+        prog="montage data catflw",
+        description="Prepare CatFLW as aligned heatmap (A) / face (B) pairs, split 80/10/10.",
+    )
     p.add_argument("--src", required=True, help="CatFLW folder: images with a JSON each (labels, bounding_boxes)")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--sigma", type=float, default=3.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--channels", type=int, default=1, choices=[1, N_LANDMARKS], help="1 combined heatmap, or one per landmark (.npy)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        choices=[1, N_LANDMARKS],
+        help="1 combined heatmap, or one per landmark (.npy)",
+    )
     p.add_argument("--margin", type=float, default=0.1, help="grow the face box by this fraction on each side")
     args = p.parse_args(argv)
     report = prepare_catflw(args.src, args.out, args.size, args.sigma, args.seed, args.channels, args.margin)
     for name, reason in report["rejected"].items():
         print(f"rejected {name}: {reason}")
     w = report["written"]
-    print(f"wrote train {w['train']} / val {w['val']} / test {w['test']} pairs to {args.out}; rejected {len(report['rejected'])} (see report.json)")
+    print(
+        f"wrote train {w['train']} / val {w['val']} / test {w['test']} pairs to {args.out}; rejected "
+        f"{len(report['rejected'])} (see report.json)"
+    )
     return 0

@@ -36,7 +36,11 @@ class GanLossConfig:
 
 def smoothed_targets(logits: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Per-logit targets drawn uniformly from [lo, hi]."""
-    return torch.empty_like(logits, dtype=torch.float32).uniform_(lo, hi) if hi > lo else torch.full_like(logits, lo, dtype=torch.float32)
+    return (
+        torch.empty_like(logits, dtype=torch.float32).uniform_(lo, hi)
+        if hi > lo
+        else torch.full_like(logits, lo, dtype=torch.float32)
+    )
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, cfg: GanLossConfig) -> torch.Tensor:

@@ -55,7 +55,11 @@ class UNetGenerator(nn.Module):
         n = len(widths)
         for i in range(n - 1, 0, -1):  # from the innermost up to the second level
             cin_up = widths[i] if i == n - 1 else widths[i] * 2
-            layers = [nn.ReLU(), nn.ConvTranspose2d(cin_up, widths[i - 1], 4, 2, 1, bias=cfg.norm != "batch"), norm_layer(cfg.norm, widths[i - 1])]
+            layers = [
+                nn.ReLU(),
+                nn.ConvTranspose2d(cin_up, widths[i - 1], 4, 2, 1, bias=cfg.norm != "batch"),
+                norm_layer(cfg.norm, widths[i - 1]),
+            ]
             if cfg.dropout and n - 4 <= i <= n - 2:  # the three blocks next to the innermost
                 layers.append(nn.Dropout(cfg.dropout))
             self.ups.append(nn.Sequential(*layers))
@@ -98,7 +102,11 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, cfg.d_layers + 1):
             prev, mult = mult, min(2**i, 8)
             stride = 2 if i < cfg.d_layers else 1
-            layers += [nn.Conv2d(cfg.ndf * prev, cfg.ndf * mult, 4, stride, 1, bias=cfg.norm != "batch"), norm_layer(cfg.norm, cfg.ndf * mult), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(cfg.ndf * prev, cfg.ndf * mult, 4, stride, 1, bias=cfg.norm != "batch"),
+                norm_layer(cfg.norm, cfg.ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers.append(nn.Conv2d(cfg.ndf * mult, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
 

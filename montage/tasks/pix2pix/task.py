@@ -66,7 +66,13 @@ class Pix2PixTask(Task):
         data=GanDataConfig,
         loss=GanLossConfig,
         optim=GanOptimConfig,
-        defaults={"optim.lr": 2e-4, "optim.betas": [0.5, 0.999], "sched.name": "linear_decay", "sched.constant_epochs": 100, "train.epochs": 200},
+        defaults={
+            "optim.lr": 2e-4,
+            "optim.betas": [0.5, 0.999],
+            "sched.name": "linear_decay",
+            "sched.constant_epochs": 100,
+            "train.epochs": 200,
+        },
     )
 
     def build_nets(self, pretrained: bool = True) -> dict[str, nn.Module]:
@@ -82,9 +88,13 @@ class Pix2PixTask(Task):
 
     @cached_property
     def vgg(self) -> VGGFeatures | None:
-        return VGGFeatures(self.cfg.loss.vgg_layers, self.cfg.loss.vgg_weights) if self.cfg.loss.perceptual > 0 else None
+        return (
+            VGGFeatures(self.cfg.loss.vgg_layers, self.cfg.loss.vgg_weights) if self.cfg.loss.perceptual > 0 else None
+        )
 
-    def generator_terms(self, d: nn.Module, a: torch.Tensor, fake: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    def generator_terms(
+        self, d: nn.Module, a: torch.Tensor, fake: torch.Tensor, b: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         terms = {"gan": generator_adversarial_loss(d(a, fake)), "l1": (fake.float() - b.float()).abs().mean()}
         if self.vgg is not None:
             vgg = self.vgg.to(fake.device)
@@ -137,9 +147,13 @@ class Pix2PixTask(Task):
             "ssim": ssim(to_unit(fake), to_unit(b)),
             "d_real_acc": (real_logits > 0).float().flatten(1).mean(1),
             "d_fake_acc": (fake_logits < 0).float().flatten(1).mean(1),
-            "d_loss": 0.5 * (
-                bce(real_logits, torch.ones_like(real_logits), reduction="none") + bce(fake_logits, torch.zeros_like(fake_logits), reduction="none")
-            ).flatten(1).mean(1),
+            "d_loss": 0.5
+            * (
+                bce(real_logits, torch.ones_like(real_logits), reduction="none")
+                + bce(fake_logits, torch.zeros_like(fake_logits), reduction="none")
+            )
+            .flatten(1)
+            .mean(1),
             "g_gan": bce(fake_logits, torch.ones_like(fake_logits), reduction="none").flatten(1).mean(1),
             "loss": (fake - b).abs().mean().expand(n),
         }
@@ -161,7 +175,9 @@ class Pix2PixTask(Task):
 
     @classmethod
     def add_predict_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--landmarks", required=True, help='a JSON file {"labels": [[x, y] × 48], "size": S} or a folder of them')
+        parser.add_argument(
+            "--landmarks", required=True, help='a JSON file {"labels": [[x, y] × 48], "size": S} or a folder of them'
+        )
         parser.add_argument("--output", required=True, help="folder for the generated PNGs")
 
     def predict_cli(self, nets: dict[str, nn.Module], args: argparse.Namespace, device: torch.device) -> list[Path]:
@@ -186,7 +202,9 @@ class Pix2PixTask(Task):
 class Pix2PixPredictor:
     """Landmarks (48 [x, y] in a frame of ``size`` px) or heatmap images → generated faces."""
 
-    def __init__(self, g: nn.Module, size: int, sigma: float, channels: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, g: nn.Module, size: int, sigma: float, channels: int, device: torch.device | str = "cpu"
+    ) -> None:
         self.g = g.to(device).eval()
         self.size, self.sigma, self.channels = size, sigma, channels
         self.device = torch.device(device)

@@ -14,7 +14,14 @@ from torch.utils.data import Dataset, Subset
 
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
-from montage.platform.masks import DataFormatError, MaskSource, Sample, build_mask_source, check_source_name, holdout_split
+from montage.platform.masks import (
+    DataFormatError,
+    MaskSource,
+    Sample,
+    build_mask_source,
+    check_source_name,
+    holdout_split,
+)
 from montage.platform.sampling import seed_for
 from montage.platform.transforms import letterbox_ops, to_tensor_image
 
@@ -81,8 +88,13 @@ def build_transform(aug: AugmentConfig | None, seed: int | None = None) -> A.Com
             A.HorizontalFlip(p=aug.hflip),
             A.RandomRotate90(p=aug.rotate90),
             A.Affine(
-                scale=tuple(aug.scale), rotate=(-aug.rotate, aug.rotate), translate_percent=(-aug.translate, aug.translate),
-                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=aug.affine,
+                scale=tuple(aug.scale),
+                rotate=(-aug.rotate, aug.rotate),
+                translate_percent=(-aug.translate, aug.translate),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=aug.affine,
             ),
             A.RandomBrightnessContrast(p=aug.brightness_contrast),
             A.HueSaturationValue(p=aug.hue_saturation),
@@ -115,7 +127,9 @@ class SegmentationDataset(Dataset):
         self.seed, self.epoch = seed or 0, 0
         self.on_error = on_error
         self.letterbox = A.Compose(letterbox_ops(size), mask_interpolation=cv2.INTER_LINEAR)
-        self.samples = SampleCache(self._letterboxed, range(len(source)) if indices is None else indices, cache, f"{type(source).__name__}")
+        self.samples = SampleCache(
+            self._letterboxed, range(len(source)) if indices is None else indices, cache, f"{type(source).__name__}"
+        )
 
     def _letterboxed(self, i: int) -> Sample:
         image, alpha, valid = self._load(i)
@@ -132,7 +146,9 @@ class SegmentationDataset(Dataset):
                 return self.source.load(j)
             except (ImageError, DataFormatError, OSError, ValueError) as exc:
                 if self.on_error == "raise":
-                    raise ImageError(f"bad sample {self.source.name(j)}: {exc} (data.on_error=skip to skip such samples)") from exc
+                    raise ImageError(
+                        f"bad sample {self.source.name(j)}: {exc} (data.on_error=skip to skip such samples)"
+                    ) from exc
                 log.warning("skipping bad sample %s: %s", self.source.name(j), exc)
         raise ImageError("too many consecutive bad samples; check the dataset")
 
@@ -159,9 +175,16 @@ def build_source(cfg: SegDataConfig, split: str) -> MaskSource | None:
     if val and cfg.source != "synthetic" and not images:
         return None
     return build_mask_source(
-        cfg.source, images, annotations=cfg.val_annotations if val else cfg.annotations, masks=cfg.val_masks if val else cfg.masks,
-        classes=cfg.classes, keep_negatives=cfg.keep_negatives, crowd=cfg.crowd,
-        count=cfg.synthetic_val if val else cfg.synthetic_train, size=cfg.size, seed=cfg.seed + (1 if val else 0),
+        cfg.source,
+        images,
+        annotations=cfg.val_annotations if val else cfg.annotations,
+        masks=cfg.val_masks if val else cfg.masks,
+        classes=cfg.classes,
+        keep_negatives=cfg.keep_negatives,
+        crowd=cfg.crowd,
+        count=cfg.synthetic_val if val else cfg.synthetic_train,
+        size=cfg.size,
+        seed=cfg.seed + (1 if val else 0),
     )
 
 
@@ -175,6 +198,8 @@ def build_datasets(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Da
             SegmentationDataset(val_src, cfg.size, None, cfg.on_error, cache=cache),
         )
     train_idx, val_idx = holdout_split(len(train_src), cfg.val_fraction, cfg.seed)
-    train = SegmentationDataset(train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache, indices=train_idx)
+    train = SegmentationDataset(
+        train_src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache, indices=train_idx
+    )
     val_ds = SegmentationDataset(train_src, cfg.size, None, cfg.on_error, cache=cache, indices=val_idx)
     return Subset(train, train_idx), Subset(val_ds, val_idx)

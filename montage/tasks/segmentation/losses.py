@@ -44,15 +44,22 @@ class SegmentationLoss(nn.Module):
     def __init__(self, cfg: SegLossConfig, vgg: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vgg = vgg if vgg is not None else (VGGFeatures(cfg.vgg_layers, cfg.vgg_weights) if cfg.perceptual > 0 else None)
+        self.vgg = (
+            vgg if vgg is not None else (VGGFeatures(cfg.vgg_layers, cfg.vgg_weights) if cfg.perceptual > 0 else None)
+        )
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, image: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, image: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         logits = logits.float()
         valid = torch.ones_like(target) if valid is None else valid
         prob = torch.sigmoid(logits)
         terms = {
             # per-image means, then their mean: a global batch's gradient does not depend on how DDP splits it
-            "bce": ((F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp(min=1)).mean(),
+            "bce": (
+                (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid).sum((1, 2, 3))
+                / valid.sum((1, 2, 3)).clamp(min=1)
+            ).mean(),
             "dice": soft_dice_loss(prob * valid, target * valid),
             "edge": edge_loss(prob, target),
         }

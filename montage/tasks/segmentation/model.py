@@ -45,12 +45,21 @@ class SegmentationUNet(nn.Module):
     def __init__(self, cfg: SegModelConfig) -> None:
         super().__init__()
         self.encoder = ENCODERS.get(cfg.encoder)(
-            in_channels=3, pretrained=cfg.pretrained, weights_path=cfg.weights_path or None,
-            dropout=cfg.encoder_dropout, bottleneck_dropout=cfg.bottleneck_dropout, full_res=cfg.full_res_skip, norm=cfg.norm,
+            in_channels=3,
+            pretrained=cfg.pretrained,
+            weights_path=cfg.weights_path or None,
+            dropout=cfg.encoder_dropout,
+            bottleneck_dropout=cfg.bottleneck_dropout,
+            full_res=cfg.full_res_skip,
+            norm=cfg.norm,
         )
         self.decoder = UNetDecoder(
-            self.encoder.channels, self.encoder.strides, cfg.decoder_channels,
-            attention=cfg.attention, norm=cfg.norm, checkpointing=cfg.grad_checkpointing,
+            self.encoder.channels,
+            self.encoder.strides,
+            cfg.decoder_channels,
+            attention=cfg.attention,
+            norm=cfg.norm,
+            checkpointing=cfg.grad_checkpointing,
         )
         self.head = nn.Conv2d(self.decoder.out_channels, 1, 3, padding=1)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

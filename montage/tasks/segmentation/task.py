@@ -76,7 +76,12 @@ class SegmentationTask(Task):
         pred_bin = (prob > 0.5) & (valid > 0)
         out = binary_metrics(pred_bin, (target > 0.5) & (valid > 0))
         out.update({f"alpha_{k}": v for k, v in alpha_metrics(prob * valid, target * valid).items()})
-        out.update({f"trimap_{k}": v for k, v in trimap_metrics(prob * valid, target * valid, self.cfg.data.trimap_band).items()})
+        out.update(
+            {
+                f"trimap_{k}": v
+                for k, v in trimap_metrics(prob * valid, target * valid, self.cfg.data.trimap_band).items()
+            }
+        )
         terms = self.losses(logits, batch)
         out["loss"] = terms["total"].detach().expand(prob.shape[0])
         return out
@@ -97,15 +102,27 @@ class SegmentationTask(Task):
     def export_spec(self, nets: dict[str, nn.Module], batch: Batch) -> ExportSpec:
         return ExportSpec(nets["net"], {"image": batch["image"]}, ["alpha_logits"], multiple=32)
 
-    STUDENT_ENCODER = {"resnet50": "resnet18", "resnet34": "small", "resnet18": "small", "small": "tiny", "tiny": "tiny"}
+    STUDENT_ENCODER = {
+        "resnet50": "resnet18",
+        "resnet34": "small",
+        "resnet18": "small",
+        "small": "tiny",
+        "tiny": "tiny",
+    }
 
     def student_overrides(self) -> list[str]:
         m = self.cfg.model
         decoder = ", ".join(str(max(4, c // 2)) for c in m.decoder_channels)
-        return [f"model.encoder={self.STUDENT_ENCODER.get(m.encoder, 'tiny')}", "model.pretrained=false", f"model.decoder_channels=[{decoder}]",
-                f"model.full_res_skip={m.full_res_skip // 2}"]
+        return [
+            f"model.encoder={self.STUDENT_ENCODER.get(m.encoder, 'tiny')}",
+            "model.pretrained=false",
+            f"model.decoder_channels=[{decoder}]",
+            f"model.full_res_skip={m.full_res_skip // 2}",
+        ]
 
-    def make_predictor(self, nets: dict[str, nn.Module], device: torch.device, tta: bool = False) -> "SegmentationPredictor":
+    def make_predictor(
+        self, nets: dict[str, nn.Module], device: torch.device, tta: bool = False
+    ) -> "SegmentationPredictor":
         return SegmentationPredictor(nets["net"], self.cfg.data.size, device, tta=tta)
 
     def predict_cli(self, nets: dict[str, nn.Module], args: argparse.Namespace, device: torch.device) -> list[Path]:
