@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from montage.cli import _summary
+from montage.cli.training import _summary
 from montage.launch.train import fit_ray
 from montage.platform.checkpoint import load_checkpoint
 

@@ -1,0 +1,7 @@
+"""`python -m montage.cli` = the `montage` command."""
+
+import sys
+
+from montage.cli import main
+
+sys.exit(main())
