@@ -96,6 +96,14 @@ class Task(ABC):
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         """An HxWx3 uint8 grid (input | prediction | target rows) for the tracker."""
 
+    # -- baselines -----------------------------------------------------------------------
+    def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """Classical, no-learning methods scored on a validation ``batch``: baseline name → the
+        per-sample metrics :meth:`eval_step` reports for the model (the same keys, shape (B,)),
+        measured on the same images, so a table can put the model and each baseline side by side
+        (``montage evaluate``, ``bench/quality.py``, the demo). Default: none."""
+        return {}
+
     # -- inference ---------------------------------------------------------------------
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> Any:
         """A callable: list of inputs → list of outputs at each input's own size."""
