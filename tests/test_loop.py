@@ -201,6 +201,16 @@ def test_onecycle_steps_per_optimizer_step_and_resumes_exactly(tmp_path: Path) -
     assert b["schedulers"]["main"]["last_epoch"] == 32
 
 
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path: Path) -> None:
+    over = ["train.epochs=8", "train.early_stop=1", "optim.lr=1e-12"]  # no real progress: stops after a plateau
+    first = fit_local(toy_cfg(tmp_path, *over, "run.name=plateau"))
+    stopped_at = int(first.metrics["epoch"])
+    assert stopped_at < 8
+    again = fit_local(toy_cfg(tmp_path, *over), resume=tmp_path / "plateau")
+    assert again.metrics["epoch"] == stopped_at  # its early stop was kept in the checkpoint: nothing ran
+    assert load_checkpoint(tmp_path / "plateau" / "latest.pt")["epoch"] == stopped_at
+
+
 class Crash(Hook):
     def after_epoch(self, loop, metrics) -> None:
         if loop.epoch == 2:

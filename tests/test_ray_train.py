@@ -50,6 +50,35 @@ def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tm
     assert steps == [1, 2]
 
 
+def test_run_resumed_at_its_end_reports_its_final_epoch(ray_session, seg_config, tmp_path: Path) -> None:
+    """The cause of a resumed sweep's trial shown as stopped after 1 of 2 epochs: its TorchTrainer had
+    checkpointed epoch 2 in the moment between Tune's SIGINT and its death, so the resumed trainer found
+    nothing to do and reported nothing; Tune kept epoch 1 as the trial's last result. A run resumed at
+    its end must report its final metrics again, to whoever listens (Tune's callback, here a recorder)."""
+    import json
+
+    import ray.train
+
+    from montage.launch.train import make_trainer
+
+    reports = tmp_path / "reports.jsonl"
+
+    class Recorder(ray.train.UserCallback):  # runs in the trainer's controller actor: records to a file
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with open(reports, "a") as fh:
+                fh.write(json.dumps({"epoch": metrics[0]["epoch"], "checkpoint": checkpoint is not None}) + "\n")
+
+    def fit(*overrides: str) -> list[dict]:
+        reports.unlink(missing_ok=True)
+        cfg = seg_config("scaling.cpus_per_worker=0.5", "train.max_steps=1", "tracking.enabled=false", *overrides)
+        cfg.run.storage = str(tmp_path / "runs")
+        assert make_trainer(cfg, callbacks=[Recorder()]).fit().error is None
+        return [json.loads(line) for line in reports.read_text().splitlines()] if reports.exists() else []
+
+    assert fit("train.epochs=2", "run.name=ended") == [{"epoch": 2 - i, "checkpoint": True} for i in (1, 0)]
+    assert fit("train.epochs=2", "run.name=ended") == [{"epoch": 2, "checkpoint": False}]  # nothing to train
+
+
 def test_fresh_run_refuses_to_overwrite(ray_session, seg_config, tmp_path: Path) -> None:
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):

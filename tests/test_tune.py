@@ -16,10 +16,11 @@ import torch
 import yaml
 
 from montage.core.config import ConfigError
-from montage.launch.tune import TuneConfig, load_tune_config, run_sweep, trial_concurrency
+from montage.launch.tune import TuneConfig, best_trial, load_tune_config, run_sweep, trial_concurrency, trial_status
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
 from montage.tracking import registry as st
+from montage.tracking.sweeps import TrialRecord, TrialStatus
 
 
 def write_tune(tmp_path: Path, name: str = "t.yaml", **extra) -> Path:
@@ -76,6 +77,29 @@ def test_space_parsing_and_concurrency(tmp_path: Path) -> None:
         trial_concurrency(TuneConfig(task="x", base="y", resources=type(tcfg.resources)(workers=4)), {"CPU": 2.0})
     with pytest.raises(ConfigError, match="not in the search space"):
         load_tune_config(write_tune(tmp_path, points_to_evaluate=[{"loss.bce": 1.0}]))
+
+
+def test_trial_status_says_stopped_early_only_for_the_schedulers_stops() -> None:
+    finished, stopped = TrialStatus.FINISHED, TrialStatus.STOPPED
+    assert trial_status(epochs=2, budget=2, returned=True, failed=False) is finished
+    assert trial_status(epochs=2, budget=2, returned=False, failed=False) is finished  # ASHA ends trials at max_t
+    assert trial_status(epochs=1, budget=2, returned=False, failed=False) is stopped  # a scheduler's stop
+    assert trial_status(epochs=3, budget=8, returned=True, failed=False) is finished  # the loop's own early stop
+    assert trial_status(epochs=2, budget=2, returned=True, failed=True) is TrialStatus.FAILED
+
+
+def test_best_trial_is_chosen_among_trials_of_the_full_budget() -> None:
+    def trial(name: str, value: float, epochs: int, status: TrialStatus, error: str = "") -> TrialRecord:
+        return TrialRecord(name, name, {}, {"best/val/iou": value}, epochs, status, error)
+
+    short = trial("short", 0.9, 1, TrialStatus.STOPPED)  # best of one epoch: not comparable
+    full = [trial("a", 0.5, 4, TrialStatus.FINISHED), trial("b", 0.7, 4, TrialStatus.FINISHED)]
+    failed = trial("failed", 0.99, 4, TrialStatus.FAILED, error="boom")
+    assert best_trial([short, *full, failed], "val/iou", "max").name == "b"
+    assert best_trial([short, *full], "val/iou", "min").name == "a"
+    # no trial finished: the ones that got furthest compete
+    assert best_trial([short, trial("two", 0.2, 2, TrialStatus.STOPPED)], "val/iou", "max").name == "two"
+    assert best_trial([failed], "val/iou", "max") is None
 
 
 def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkeypatch) -> None:

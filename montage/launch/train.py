@@ -35,11 +35,20 @@ log = logging.getLogger(__name__)
 
 
 class RayReportHook(Hook):
-    """Every worker reports each epoch's metrics; rank 0 attaches the full-state checkpoint."""
+    """Every worker reports each epoch's metrics; rank 0 attaches the full-state checkpoint.
+
+    A run resumed with nothing left to do (its last epoch, or its early stop, was checkpointed just
+    before an interrupt killed it) reports its final metrics once more: whoever listens — Tune's
+    scheduler and searcher, the trial's result, this run's ``Result`` — last heard of an earlier
+    epoch, and would otherwise keep that as the run's outcome."""
+
+    def __init__(self) -> None:
+        self.reported = False
 
     def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
         import ray.train
 
+        self.reported = True
         metrics = {k: float(v) for k, v in metrics.items()}
         if not loop.is_main:
             ray.train.report(metrics)
@@ -47,6 +56,12 @@ class RayReportHook(Hook):
         with tempfile.TemporaryDirectory(prefix="montage-ckpt-") as tmp:
             save_checkpoint(loop.state_dict(), Path(tmp) / FILENAME)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def after_train(self, loop: Loop) -> None:
+        import ray.train
+
+        if not self.reported and loop.last_metrics:  # every rank: they all restored the same epoch
+            ray.train.report({k: float(v) for k, v in loop.last_metrics.items()})
 
 
 @contextlib.contextmanager

@@ -301,7 +301,9 @@ def run_sweep(
         s = tcfg.scheduler
         scheduler = (
             ASHAScheduler(
-                time_attr="training_iteration",
+                # the epoch, not Tune's training_iteration: a resumed trial restarts its iteration count at 1
+                # (its checkpoints are its TorchTrainer's, not Tune's) while its epochs go on
+                time_attr="epoch",
                 max_t=s.max_t or base.train.epochs,
                 grace_period=s.grace_period,
                 reduction_factor=s.reduction_factor,
@@ -338,12 +340,24 @@ def run_sweep(
             f"continue it with: montage tune <config> name={tcfg.name} --resume"
         )
     trials = _collect(grid, params, base)
-    best = _best_trial(trials, tcfg)
+    best = best_trial(trials, tcfg.metric, tcfg.mode)
     if best is not None:
         best.checkpoint = _best_checkpoint(f"{sweep['trials_storage']}/{best.name}", tcfg)
     registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
     errors = [t.error for t in trials if t.error]
     return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
+
+
+def trial_status(epochs: int, budget: int, returned: bool, failed: bool) -> TrialStatus:
+    """How a trial ended. ``returned``: its trial function ran to its end (Tune's ``done``), which a trial the
+    scheduler stopped never does. A trial that trained every epoch finished, whoever ended its process (ASHA
+    stops the ones that reach ``max_t``); one that returned early stopped on its own rule (the loop's
+    ``train.early_stop``); only one that did neither was stopped by the scheduler."""
+    if failed:
+        return TrialStatus.FAILED
+    if epochs >= budget or returned:
+        return TrialStatus.FINISHED
+    return TrialStatus.STOPPED
 
 
 def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[TrialRecord]:
@@ -353,12 +367,7 @@ def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[Tri
         m = dict(r.metrics or {})
         trial_id = m.get("trial_id", "")
         epochs = int(m.get("epoch", 0) or 0)
-        if r.error is not None:
-            status = TrialStatus.FAILED
-        elif epochs < base.train.epochs:
-            status = TrialStatus.STOPPED
-        else:
-            status = TrialStatus.FINISHED
+        status = trial_status(epochs, base.train.epochs, bool(m.get("done")), r.error is not None)
         rows.append(
             TrialRecord(
                 trial_id=trial_id,
@@ -373,14 +382,19 @@ def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[Tri
     return rows
 
 
-def _best_trial(trials: list[TrialRecord], tcfg: TuneConfig) -> TrialRecord | None:
-    scored = [
-        t for t in trials if not t.error and t.best(tcfg.metric) is not None and not math.isnan(t.best(tcfg.metric))
-    ]
-    if not scored:
+def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord | None:
+    """The sweep's best trial, compared on the same budget: among the trials that ran to their end (every
+    epoch, or the loop's own early stop), never one the scheduler stopped on fewer epochs, whose best is
+    the best of a shorter run. Only when no trial finished do the stopped ones that got furthest compete."""
+    scored = [t for t in trials if not t.error and t.best(metric) is not None and not math.isnan(t.best(metric))]
+    finished = [t for t in scored if t.status is TrialStatus.FINISHED]
+    if not finished and scored:
+        furthest = max(t.epochs for t in scored)
+        finished = [t for t in scored if t.epochs == furthest]
+    if not finished:
         return None
-    pick = max if tcfg.mode == "max" else min
-    return pick(scored, key=lambda t: t.best(tcfg.metric))
+    pick = max if mode == "max" else min
+    return pick(finished, key=lambda t: t.best(metric))
 
 
 def _best_checkpoint(trainer_dir: str, tcfg: TuneConfig) -> str | None:

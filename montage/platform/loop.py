@@ -129,6 +129,7 @@ class Loop:
         self.is_best = False
         self.sample_image: np.ndarray | None = None
         self.should_stop = False
+        self.stopped_early = False
         self.stop_reason = ""
         self.startup_s: float | None = None  # launch → first batch in a train step
         self.optimizer_steps = 0  # in this process (not restored on resume)
@@ -278,8 +279,13 @@ class Loop:
         cfg = self.cfg.train
         for hook in self.hooks:
             hook.before_train(self)
-        if self.epoch >= cfg.epochs:
-            log.info("nothing to do: %d of %d epochs already done", self.epoch, cfg.epochs)
+        if self.epoch >= cfg.epochs or self.should_stop:
+            log.info(
+                "nothing to do: %d of %d epochs already done%s",
+                self.epoch,
+                cfg.epochs,
+                f" ({self.stop_reason})" * bool(self.stop_reason),
+            )
         while self.epoch < cfg.epochs and not self.should_stop:
             t0 = time.perf_counter()
             metrics = self.train_epoch()
@@ -330,6 +336,7 @@ class Loop:
         patience = self.cfg.train.early_stop
         if patience and self.epoch + 1 - self.best.epoch >= patience:
             self.should_stop = True
+            self.stopped_early = True  # kept in the checkpoint: a resumed run that stopped early stays stopped
             self.stop_reason = f"early stop: no {name} improvement for {patience} epochs"
             log.info(self.stop_reason)
 
@@ -355,6 +362,7 @@ class Loop:
                 "epoch": self.best.epoch,
             },
             "metrics": {k: float(v) for k, v in self.last_metrics.items()},
+            "stop_reason": self.stop_reason if self.stopped_early else "",
             "nets": {n: self.m.unwrap(n).state_dict() for n in self.m.nets},
             "optimizers": {n: o.state_dict() for n, o in self.m.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.m.schedulers.items()},
@@ -377,6 +385,9 @@ class Loop:
         best = state["best"]
         self.best.value, self.best.epoch = best["value"], best["epoch"]
         self.last_metrics = dict(state.get("metrics", {}))
+        if state.get("stop_reason"):
+            self.should_stop = self.stopped_early = True
+            self.stop_reason = state["stop_reason"]
         for h in self.hooks:
             if h.key and h.key in state.get("hooks", {}):
                 h.load_state_dict(state["hooks"][h.key])
