@@ -52,8 +52,15 @@ def test_two_workers_match_one_worker_at_the_global_batch(ray_session, tiny_conf
 
     a, b = _weights(one.checkpoint, task), _weights(two.checkpoint, task)
     assert a.keys() == b.keys()
-    worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-3)).item() for k in a)
-    assert worst < 1e-5, f"2 workers drifted from 1 worker: max relative difference {worst:.2e}"
+    # float32 sums a batch of 8 and two batches of 4 in other orders: a bias gradient adds up 32k pixel terms,
+    # which leaves ~2e-5 of relative noise on a small bias after 3 steps (AMD EPYC here; <1e-5 on other CPUs).
+    # A broken DDP is orders of magnitude away: ranks drawing other samples differ by ~2 (measured with one
+    # process at batch 4 instead of 8); un-averaged gradients by the size of a whole step.
+    drift = {k: ((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-3)).item() for k in a}
+    worst = max(drift, key=drift.get)
+    assert drift[worst] < 1e-4, (
+        f"2 workers drifted from 1 worker: max relative difference {drift[worst]:.2e} in {worst}"
+    )
 
     # every optimizer step was followed by a replica check on 2 ranks (pix2pix: D and G steps)
     steps = 3 * (2 if task == "pix2pix" else 1)
