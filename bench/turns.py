@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from montage.platform.loop import Hook, peak_rss_mb
+from montage.platform.hooks import peak_rss_mb
+from montage.platform.loop import Hook
 
 PRELOAD = [
     "__main__",

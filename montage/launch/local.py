@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from montage.core.config import ExperimentConfig, save_config
+from montage.platform.hooks import CheckpointHook
 from montage.platform.loop import Hook
-from montage.platform.runner import CheckpointHook, RunSummary, WorkerEnv, build_loop, default_run_name, resume_state
+from montage.platform.runner import RunSummary, WorkerEnv, build_loop, default_run_name, resume_state
 from montage.tracking.registry import resolve_model_sources
 from montage.tracking.runs import MlflowHook, open_run, prepare_tracking
 

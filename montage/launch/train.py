@@ -18,9 +18,9 @@ from typing import Any, Iterator
 from montage.core.config import ExperimentConfig, to_dict
 from montage.launch.session import ensure_ray, storage_path
 from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
+from montage.platform.hooks import CheckpointHook
 from montage.platform.loop import Hook, Loop
 from montage.platform.runner import (
-    CheckpointHook,
     KeptCheckpoint,
     RunSummary,
     WorkerEnv,

@@ -1,8 +1,16 @@
 """The one generic training loop.
 
-It knows nothing of Ray or of any task: a :class:`Task` supplies the steps, hooks add
-behaviour (checkpoints, tracking, reporting), and ``torch.distributed`` — when a launcher
-has initialised it — is only used to average metrics across ranks.
+It knows nothing of Ray or of any task: a :class:`Task` supplies the steps, hooks add every
+behaviour (best tracking, early stopping, checkpoints, tracking, reporting; see
+:mod:`montage.platform.hooks`), and ``torch.distributed`` — when a launcher has initialised it
+— is only used to average metrics across ranks. The loop itself is the order of calls::
+
+    before_train
+    for each epoch:    before_epoch
+        for each batch:    before_step → task.train_step (→ before/after_optimizer_step) → after_step
+        for each val batch:    after_eval_batch
+        after_epoch(metrics)        (hooks add metrics, decide to stop, save, log, report)
+    after_train                     (on_error instead when the run ends on an exception)
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ import torch.distributed as dist
 
 from montage.core.config import to_dict
 from montage.platform.build import resolve_amp
-from montage.platform.replicas import diverged_ranks
 from montage.platform.sampling import seed_for, seed_process, set_data_epoch
 from montage.platform.task import Batch, Modules, Task
 
@@ -32,17 +39,36 @@ log = logging.getLogger(__name__)
 
 
 class Hook:
-    """Behaviour added to the loop: override what you need. ``state_dict`` goes into checkpoints."""
+    """Behaviour added to the loop: override what you need. A hook with a ``key`` keeps its
+    ``state_dict`` in checkpoints (and gets it back on resume)."""
 
     key: str = ""
 
-    def before_train(self, loop: "Loop") -> None: ...
+    def before_train(self, loop: Loop) -> None: ...
 
-    def after_epoch(self, loop: "Loop", metrics: dict[str, float]) -> None: ...
+    def before_epoch(self, loop: Loop) -> None: ...
 
-    def after_train(self, loop: "Loop") -> None: ...
+    def before_step(self, loop: Loop, index: int) -> None:
+        """Before train batch ``index`` of this epoch (already on the device) goes to ``train_step``."""
 
-    def on_error(self, loop: "Loop", exc: BaseException) -> None:
+    def before_optimizer_step(self, loop: Loop, name: str) -> None:
+        """Optimizer ``name``'s gradients are ready (unscaled under fp16, after clipping), not applied yet."""
+
+    def after_optimizer_step(self, loop: Loop, name: str) -> None:
+        """Optimizer ``name`` stepped (``loop.optimizer_steps`` counts the steps of this process)."""
+
+    def after_step(self, loop: Loop, index: int, terms: dict[str, torch.Tensor]) -> None:
+        """``train_step`` returned the loss terms of train batch ``index``."""
+
+    def after_eval_batch(self, loop: Loop, index: int, batch: Batch) -> None:
+        """Validation batch ``index`` was scored (inside the loop's autocast)."""
+
+    def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
+        """``loop.epoch`` epochs are done; ``metrics`` may be added to by hooks earlier in the list."""
+
+    def after_train(self, loop: Loop) -> None: ...
+
+    def on_error(self, loop: Loop, exc: BaseException) -> None:
         """The run is ending on ``exc`` (raised again after every hook has seen it)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -70,10 +96,9 @@ class Best:
 
 
 class _Stepper:
-    def __init__(self, loop: "Loop") -> None:
+    def __init__(self, loop: Loop) -> None:
         self.loop = loop
         self.boundary = True
-        self.stepped: set[str] = set()
 
     def autocast(self) -> Any:
         return self.loop.autocast()
@@ -92,16 +117,14 @@ class _Stepper:
             scaler.unscale_(opt)
             params = [p for g in opt.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, loop.cfg.train.grad_clip)
+        loop.call("before_optimizer_step", name)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        self.stepped.add(name)
         if loop.cfg.sched.per_step and name in loop.m.schedulers:
             loop.m.schedulers[name].step()
         loop.optimizer_steps += 1
-        every = loop.cfg.train.check_replicas
-        if every and loop.world_size > 1 and loop.optimizer_steps % every == 0:
-            loop.check_replicas()
+        loop.call("after_optimizer_step", name)
 
 
 @dataclass
@@ -124,18 +147,24 @@ class Loop:
         fp16 = self.amp_dtype == torch.float16
         self.scalers = {n: torch.amp.GradScaler(self.device.type, enabled=fp16) for n in self.m.optimizers}
         self.epoch = 0  # epochs completed
-        self.best = Best(*self.task.monitor)
+        self.best = Best(*self.task.monitor)  # kept up to date by the TrackBest hook
+        self.is_best = False  # this epoch set the best so far
         self.last_metrics: dict[str, float] = {}
-        self.is_best = False
-        self.sample_image: np.ndarray | None = None
+        self.sample_image: np.ndarray | None = None  # set by the SampleGrid hook on sampling epochs
         self.should_stop = False
-        self.stopped_early = False
         self.stop_reason = ""
-        self.startup_s: float | None = None  # launch → first batch in a train step
         self.optimizer_steps = 0  # in this process (not restored on resume)
-        self.replica_checks = 0
 
     # -- context -----------------------------------------------------------------------
+    def call(self, point: str, *args: Any) -> None:
+        """Every hook's ``point`` method, in order."""
+        for hook in self.hooks:
+            getattr(hook, point)(self, *args)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this epoch (the hooks of this epoch still run)."""
+        self.should_stop, self.stop_reason = True, reason
+
     def autocast(self) -> Any:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -155,34 +184,27 @@ class Loop:
             out[k] = v
         return out
 
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self.world_size > 1
+
     def _reduce(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
         keys = sorted(sums)
-        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
-            t = torch.tensor([[sums[k], counts[k]] for k in keys], dtype=torch.float64, device=self._reduce_device())
+        if self._distributed():
+            t = torch.tensor([[sums[k], counts[k]] for k in keys], dtype=torch.float64, device=self.reduce_device())
             dist.all_reduce(t)
             return {k: (t[i, 0] / t[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
         return {k: sums[k] / max(counts[k], 1) for k in keys}
 
     def _sum(self, value: float) -> float:
         """``value`` summed over the ranks."""
-        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
-            t = torch.tensor([value], dtype=torch.float64, device=self._reduce_device())
+        if self._distributed():
+            t = torch.tensor([value], dtype=torch.float64, device=self.reduce_device())
             dist.all_reduce(t)
             return float(t.item())
         return value
 
-    def check_replicas(self) -> None:
-        """Fail unless every rank holds bit-identical parameters (see :mod:`montage.platform.replicas`)."""
-        if dist.is_available() and dist.is_initialized():
-            diverged = diverged_ranks(self.m, self.world_size, self._reduce_device())
-            if diverged:
-                raise RuntimeError(
-                    f"DDP replicas diverged at epoch {self.epoch + 1}, optimizer step {self.optimizer_steps}: "
-                    f"rank(s) {diverged} hold other weights than rank 0"
-                )
-        self.replica_checks += 1
-
-    def _reduce_device(self) -> torch.device:
+    def reduce_device(self) -> torch.device:
+        """Where collectives run: the GPU under NCCL, else the CPU."""
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def _progress(self, loader: Iterable[Any], desc: str, total: int | None) -> Iterable[Any]:
@@ -219,10 +241,7 @@ class Loop:
             if cfg.max_steps and i >= cfg.max_steps:
                 break
             batch = self._to_device(batch)
-            if self.startup_s is None and self.launched_at is not None:
-                self.startup_s = time.time() - self.launched_at
-                if self.is_main:
-                    log.info("first train step %.1f s after launch", self.startup_s)
+            self.call("before_step", i)
             last = total is not None and i + 1 >= total
             stepper.boundary = (i + 1) % cfg.accumulate == 0 or last
             with contextlib.ExitStack() as stack:
@@ -231,6 +250,7 @@ class Loop:
                         if hasattr(net, "no_sync"):
                             stack.enter_context(net.no_sync())
                 terms = self.task.train_step(self.m, batch, stepper)
+            self.call("after_step", i, terms)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
                 counts[k] = counts.get(k, 0.0) + 1
@@ -240,21 +260,19 @@ class Loop:
         return {f"train/{k}": v for k, v in self._reduce(sums, counts).items()}
 
     @torch.no_grad()
-    def evaluate(self, sample: bool = False) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float]:
         for net in self.m.nets.values():
             net.eval()
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
         samples = 0
-        self.sample_image = None
         for i, batch in enumerate(self.val_loader):
             if self.cfg.train.max_val_steps and i >= self.cfg.train.max_val_steps:
                 break
             batch = self._to_device(batch)
             with self.autocast():
                 values = self.task.eval_step(self.m, batch)
-                if sample and i == 0 and self.is_main:
-                    self.sample_image = self.task.samples(self.m, batch)
+                self.call("after_eval_batch", i, batch)
             for k, v in values.items():
                 v = v.detach().float()
                 sums[k] = sums.get(k, 0.0) + float(v.sum())
@@ -276,78 +294,25 @@ class Loop:
             raise
 
     def _fit(self) -> dict[str, float]:
-        cfg = self.cfg.train
-        for hook in self.hooks:
-            hook.before_train(self)
-        if self.epoch >= cfg.epochs or self.should_stop:
-            log.info(
-                "nothing to do: %d of %d epochs already done%s",
-                self.epoch,
-                cfg.epochs,
-                f" ({self.stop_reason})" * bool(self.stop_reason),
-            )
-        while self.epoch < cfg.epochs and not self.should_stop:
+        epochs = self.cfg.train.epochs
+        self.call("before_train")
+        if self.epoch >= epochs or self.should_stop:
+            why = f" ({self.stop_reason})" if self.stop_reason else ""
+            log.info("nothing to do: %d of %d epochs already done%s", self.epoch, epochs, why)
+        while self.epoch < epochs and not self.should_stop:
+            self.call("before_epoch")
             t0 = time.perf_counter()
             metrics = self.train_epoch()
             metrics["time/train_s"] = time.perf_counter() - t0
-            sample = bool(cfg.sample_every) and (self.epoch + 1) % cfg.sample_every == 0
-            metrics.update(self.evaluate(sample=sample))
-            metrics["epoch"] = self.epoch + 1
+            metrics.update(self.evaluate())
+            self.epoch += 1
+            metrics["epoch"] = self.epoch
             metrics["lr"] = next(iter(self.m.optimizers.values())).param_groups[0]["lr"] if self.m.optimizers else 0.0
             metrics["time/epoch_s"] = time.perf_counter() - t0
-            metrics.update(self._resources())
-            if self.cfg.train.check_replicas and self.world_size > 1:
-                metrics["ddp/replica_checks"] = float(self.replica_checks)
-            self._update_best(metrics)
-            self.epoch += 1
             self.last_metrics = metrics
-            if self.is_main:
-                log.info(self.describe(metrics))
-            for hook in self.hooks:
-                hook.after_epoch(self, metrics)
-            if cfg.pause_after and cfg.pause_after <= self.epoch < cfg.epochs:
-                self.should_stop = True
-                self.stop_reason = (
-                    f"paused after epoch {self.epoch} of {cfg.epochs} (train.pause_after): continue with --resume"
-                )
-                log.info(self.stop_reason)
-        for hook in self.hooks:
-            hook.after_train(self)
+            self.call("after_epoch", metrics)
+        self.call("after_train")
         return self.last_metrics
-
-    def _resources(self) -> dict[str, float]:
-        """Start-up and this process's peak memory (RSS; CUDA: max allocated) so far."""
-        out = {"mem/peak_rss_mb": peak_rss_mb()}
-        if self.device.type == "cuda":
-            out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.startup_s is not None:
-            out["time/startup_s"] = self.startup_s
-        return out
-
-    def _update_best(self, metrics: dict[str, float]) -> None:
-        name = self.best.metric
-        if name not in metrics:
-            raise KeyError(f"monitored metric '{name}' was not produced; metrics are {sorted(metrics)}")
-        value = metrics[name]
-        self.is_best = self.best.better(value)
-        if self.is_best:
-            self.best.value, self.best.epoch = value, self.epoch + 1
-        metrics[f"best/{name}"] = self.best.value if self.best.value is not None else float("nan")
-        patience = self.cfg.train.early_stop
-        if patience and self.epoch + 1 - self.best.epoch >= patience:
-            self.should_stop = True
-            self.stopped_early = True  # kept in the checkpoint: a resumed run that stopped early stays stopped
-            self.stop_reason = f"early stop: no {name} improvement for {patience} epochs"
-            log.info(self.stop_reason)
-
-    def describe(self, metrics: dict[str, float]) -> str:
-        monitor = self.best.metric
-        baseline = monitor.replace("val/", "val/baseline_", 1)
-        keys = [k for k in ("train/total", "val/loss", monitor, baseline) if k in metrics]
-        parts = " ".join(f"{k}={metrics[k]:.4g}" for k in keys)
-        mark = " *" if self.is_best else ""
-        epoch = f"{self.epoch}/{self.cfg.train.epochs}"
-        return f"[{self.task.name}] epoch {epoch} {parts} ({metrics['time/epoch_s']:.1f}s){mark}"
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -362,7 +327,6 @@ class Loop:
                 "epoch": self.best.epoch,
             },
             "metrics": {k: float(v) for k, v in self.last_metrics.items()},
-            "stop_reason": self.stop_reason if self.stopped_early else "",
             "nets": {n: self.m.unwrap(n).state_dict() for n in self.m.nets},
             "optimizers": {n: o.state_dict() for n, o in self.m.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.m.schedulers.items()},
@@ -385,22 +349,11 @@ class Loop:
         best = state["best"]
         self.best.value, self.best.epoch = best["value"], best["epoch"]
         self.last_metrics = dict(state.get("metrics", {}))
-        if state.get("stop_reason"):
-            self.should_stop = self.stopped_early = True
-            self.stop_reason = state["stop_reason"]
         for h in self.hooks:
             if h.key and h.key in state.get("hooks", {}):
                 h.load_state_dict(state["hooks"][h.key])
         if self.world_size == 1 and "rng" in state:  # DDP ranks keep their own seeds
             torch.set_rng_state(state["rng"]["torch"].cpu())
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def _batch_len(batch: Batch) -> int:

@@ -18,7 +18,8 @@ from torch import nn
 from montage.core.config import ExperimentConfig, build_config, to_dict
 from montage.core.registry import TASKS
 from montage.platform.build import build_modules, make_loader, optimizer_steps_per_epoch
-from montage.platform.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from montage.platform.checkpoint import CheckpointError, load_checkpoint
+from montage.platform.hooks import standard_hooks
 from montage.platform.loop import Hook, Loop
 from montage.platform.sampling import seed_process
 from montage.platform.task import Task
@@ -41,32 +42,6 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 def seed_everything(seed: int) -> None:
     seed_process(seed)
-
-
-class CheckpointHook(Hook):
-    """Rank 0 writes ``best.pt`` when the monitor improves, ``latest.pt`` (optional) every
-    epoch and ``epoch_XXX.pt`` every ``every`` epochs into ``folder``."""
-
-    def __init__(self, folder: str | Path, latest: bool = True, every: int = 0) -> None:
-        self.folder = Path(folder)
-        self.latest = latest
-        self.every = every
-
-    @property
-    def best_path(self) -> Path:
-        return self.folder / "best.pt"
-
-    def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
-        if not loop.is_main:
-            return
-        state = None
-        if loop.is_best:
-            state = loop.state_dict()
-            save_checkpoint(state, self.best_path)
-        if self.latest:
-            save_checkpoint(state or loop.state_dict(), self.folder / "latest.pt")
-        if self.every and loop.epoch % self.every == 0:
-            save_checkpoint(state or loop.state_dict(), self.folder / f"epoch_{loop.epoch:03d}.pt")
 
 
 @dataclass(frozen=True)
@@ -119,6 +94,7 @@ def build_loop(cfg: ExperimentConfig, env: WorkerEnv, hooks: list[Hook]) -> Loop
     train_loader = make_loader(train_ds, cfg, train=True, device=env.device, rank=env.rank, world_size=env.world_size)
     val_loader = make_loader(val_ds, cfg, train=False, device=env.device, rank=env.rank, world_size=env.world_size)
     modules = build_modules(task, env.device, env.wrap_model, optimizer_steps_per_epoch(train_loader, cfg))
+    hooks = standard_hooks(cfg) + hooks
     return Loop(task, modules, train_loader, val_loader, env.device, hooks, env.rank, env.world_size, env.launched_at)
 
 
