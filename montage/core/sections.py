@@ -109,10 +109,14 @@ class ScalingConfig:
 
 @dataclass
 class RunConfig:
-    """Where a run lives: ``<storage>/<name>`` (a local path, NFS mount, s3:// or gs://)."""
+    """Where a run lives: ``<storage>/<name>`` (a local path, NFS mount, s3:// or gs://).
+    ``storage_endpoint``: the URL of an S3-compatible server for ``s3://`` storage (MinIO, Ceph, a local
+    endpoint; empty: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS). Credentials come from the
+    usual AWS variables or an instance profile."""
 
     name: str = ""  # empty: <task>-<timestamp>
     storage: str = "runs"
+    storage_endpoint: str = ""
 
 
 @dataclass
