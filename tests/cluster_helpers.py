@@ -46,7 +46,7 @@ class MlflowServer:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90) -> MlflowServer:
+    def start(self, timeout: float = 180) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",

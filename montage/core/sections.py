@@ -130,6 +130,16 @@ class TrackingConfig:
     log_model: bool = True
     parent_run_id: str = ""  # set by tune: the sweep's parent run
     run_id: str = ""  # log into this run (set by the launchers: restarts and resumes keep one run)
+    # a server that does not answer: at the start, refuse (required) or train and log when it is back;
+    # during training, queue on disk in the run folder (at most outbox_limit records), retry after retry_s
+    # doubling to retry_max_s, and wait up to drain_s at the end. Each request: timeout_s, retries quick retries
+    required: bool = True
+    timeout_s: float = 10.0
+    retries: int = 2
+    retry_s: float = 5.0
+    retry_max_s: float = 120.0
+    outbox_limit: int = 10000
+    drain_s: float = 120.0
 
 
 @dataclass

@@ -21,7 +21,8 @@ from montage.launch.storage import Storage
 from montage.platform.hooks import CheckpointHook
 from montage.platform.loop import Hook
 from montage.platform.runner import default_run_name
-from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts
+from montage.tracking.outbox import unreachable
+from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts, tracking_answers
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,18 @@ class Run:
     def end(self, failure: BaseException | str | None) -> int:
         """After the fit: the worker-group restarts it took (Ray's FailureConfig); a failure marks
         the MLflow run FAILED (KILLED for an interrupt) with the error."""
-        if not self.cfg.tracking.enabled:
+        if not self.cfg.tracking.enabled or not self.cfg.tracking.run_id:
             return 0
-        restarts = max(0, starts(self.cfg, self.cfg.tracking.run_id) - self.starts_before - 1)
-        if failure is not None:
-            end_failed_run(self.cfg, self.cfg.tracking.run_id, failure)
+        try:
+            restarts = max(0, starts(self.cfg, self.cfg.tracking.run_id) - self.starts_before - 1)
+            if failure is not None:
+                end_failed_run(self.cfg, self.cfg.tracking.run_id, failure)
+        except Exception as exc:  # noqa: BLE001 - the fit's outcome stands without its tracking server
+            if not unreachable(exc):
+                raise
+            log.warning("MLflow at %s does not answer: restarts of %s not counted (%s)", self.cfg.tracking.uri,
+                        self.cfg.run.name, str(exc).splitlines()[0][:200])  # fmt: skip
+            return 0
         if restarts:
             log.warning(
                 "%s: the workers restarted %d time(s) from the latest checkpoint after failures "
@@ -96,8 +104,9 @@ def begin(
     started = 0
     if cfg.tracking.enabled:
         prepare_tracking(cfg)
-        cfg.tracking.run_id = open_run(cfg, storage.uri, tags=tags, resume=bool(resume))
-        started = starts(cfg, cfg.tracking.run_id)
+        if tracking_answers(cfg):
+            cfg.tracking.run_id = open_run(cfg, storage.uri, tags=tags, resume=bool(resume))
+            started = starts(cfg, cfg.tracking.run_id)
     return Run(cfg, storage, bool(resume), started)
 
 
@@ -109,11 +118,14 @@ def rank_hooks(
     tags: dict[str, str] | None = None,
 ) -> list[Hook]:
     """Rank 0's hooks: checkpoint files in ``folder`` (``latest.pt`` too when ``latest``; every
-    ``train.checkpoint_every`` epochs) and, when tracking is on, the MLflow hook."""
+    ``train.checkpoint_every`` epochs) and, when tracking is on, the MLflow hook, whose outbox lives
+    in the run folder when that is a local (shared) disk, else beside the checkpoints in ``folder``."""
     if rank != 0:
         return []
     files = CheckpointHook(folder, latest=latest, every=cfg.train.checkpoint_every if latest else 0)
     hooks: list[Hook] = [files]
     if cfg.tracking.enabled:
-        hooks.append(MlflowHook(cfg, tags=tags, best_path=files.best_path))
+        run_dir = Storage.of(cfg.run.storage, cfg.run.storage_endpoint).child(cfg.run.name)
+        outbox = folder if run_dir.remote else run_dir.uri
+        hooks.append(MlflowHook(cfg, tags=tags, best_path=files.best_path, outbox_dir=outbox))
     return hooks

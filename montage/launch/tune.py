@@ -319,7 +319,7 @@ def run_sweep(
     from montage.launch.session import cluster_capacity, ensure_ray, refuse_local_tracking_on_a_cluster
     from montage.launch.storage import Storage
     from montage.tracking import sweeps as st
-    from montage.tracking.runs import prepare_tracking
+    from montage.tracking.runs import TrackingUnavailable, prepare_tracking, tracking_answers
 
     if resume and not tcfg.name:
         raise ConfigError("--resume needs the sweep's name= (its folder under storage)")
@@ -329,6 +329,11 @@ def run_sweep(
     sweep_storage = root.child(tcfg.name)
     sweep_dir = sweep_storage.uri
     prepare_tracking(base)
+    if not tracking_answers(base):
+        raise TrackingUnavailable(
+            f"a sweep compares its trials in MLflow, so its tracking server {base.tracking.uri} must answer at the "
+            "start (tracking.required=false is for single trainings); trials that lose it later queue and go on"
+        )
     ensure_ray(address)
     refuse_local_tracking_on_a_cluster(base)
     concurrency = trial_concurrency(tcfg, cluster_capacity())
