@@ -191,6 +191,36 @@ def test_reload_onto_models_that_do_not_load_keeps_serving(app, caplog) -> None:
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
 
 
+def test_fused_mode_routes_the_same_arms(app) -> None:
+    """``fused: true``: both arms run inside the ingress replica, routed and reported the same way."""
+    from montage.serve.app import load_serve_config, run
+
+    url = app["url"]
+    run(load_serve_config(None, app["overrides"] + ["fused=true"]))
+    try:
+        answered = {}
+        for client in range(12):
+            r = requests.post(
+                f"{url}/v1/segment",
+                files={"image": png(img(32, 32))},
+                headers={"X-Montage-Client": f"u{client}"},
+                timeout=60,
+            )
+            assert r.status_code == 200
+            answered[f"u{client}"] = _versions(r)["segmentation"]
+        assert {a for _, a in answered.values()} == {"champion", "challenger"}
+        assert {v for v, _ in answered.values()} == {"v1", "v2"}
+        side = requests.get(f"{url}/v1/monitor", timeout=30).json()["rollout"]["segmentation"]
+        assert side["arms"]["champion"]["requests"] + side["arms"]["challenger"]["requests"] == 12
+    finally:
+        run(load_serve_config(None, app["overrides"]))
+    # the same callers on the same arms as in graph mode (the assignment depends on caller and challenger only)
+    r = requests.post(
+        f"{url}/v1/segment", files={"image": png(img(32, 32))}, headers={"X-Montage-Client": "u3"}, timeout=60
+    )
+    assert _versions(r)["segmentation"] == answered["u3"]
+
+
 def test_rollback_and_promote_through_the_registry(app) -> None:
     from montage.cli import main
     from montage.serve.app import load_serve_config, run
