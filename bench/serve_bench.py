@@ -1,6 +1,7 @@
 """``/v1/composite`` latency and throughput over HTTP vs the same pipeline in-process.
 
-    python bench/serve_bench.py [--requests 32] [--size 512] [--models tiny|default] [--fused] [--int8] [k=v ...]
+    python bench/serve_bench.py [--requests 32] [--size 512] [--models tiny|default] [--fused] [--int8] [--rollout]
+                                [k=v ...]
 
 Trains tiny segmentation and harmonization checkpoints (seconds), starts the Serve
 application on a local Ray, then for 1, 4 and 16 concurrent clients sends 512×512 person +
@@ -13,7 +14,9 @@ batch time is its handle hop (queueing, ``@serve.batch`` wait, the array's trans
 ``--fused`` also measures the same application with ``fused: true`` (the models in the ingress
 replica, no hops); ``--models default`` uses the production networks (ResNet-34 UNet at 384,
 harmonization widths 32–512 at 256, random weights) instead of tiny ones; ``k=v`` overrides the
-serve config (e.g. ``segmentation.batch_wait_timeout_s=0.002``).
+serve config (e.g. ``segmentation.batch_wait_timeout_s=0.002``). ``--rollout`` also measures a
+challenger beside both models (a second deployment of each, same weights: the cost of the
+rollout machinery, not of a different network): a 10 % canary and a shadow (docs/rollout.md).
 """
 
 from __future__ import annotations
@@ -142,6 +145,9 @@ def main() -> int:
         "--fused", action="store_true", help="also serve with fused: true (the models inside the ingress replica)"
     )
     p.add_argument(
+        "--rollout", action="store_true", help="also serve a 10 %% canary and a shadow challenger of both models"
+    )
+    p.add_argument(
         "--models",
         choices=["tiny", "default"],
         default="tiny",
@@ -222,20 +228,36 @@ def main() -> int:
         runtimes["torch fp32, fused"] = [*base, *torch_sources, "fused=true"]
     if args.int8:
         runtimes["onnxruntime int8"] = [*base, *int8_sources(ckpts, tmp)]
+    if args.rollout:
+        challengers = [f"{t}.challenger={shutil.copy(c, tmp / f'{t}-challenger.pt')}" for t, c in ckpts.items()]
+        runtimes["canary 10 % (challenger of both models)"] = [*base, *torch_sources, *challengers]
+        runtimes["shadow (challenger of both models)"] = [
+            *base,
+            *torch_sources,
+            *challengers,
+            "segmentation.rollout.mode=shadow",
+            "harmonization.rollout.mode=shadow",
+        ]
+    first, baseline_rate = next(iter(runtimes)), {}
     for name, overrides in runtimes.items():
         run(load_serve_config(None, overrides))  # in place: replicas reconfigure to the new sources
         call(0)
         settled(url.rsplit("/v1/", 1)[0])
-        print(f"\n{name}\n{'clients':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s':>6s} {'p50 ÷ in-process':>17s}")
+        print(
+            f"\n{name}\n{'clients':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'req/s':>6s} {'p50 ÷ in-process':>17s}"
+            f" {'req/s ÷ ' + first:>24s}"
+        )
         for clients in (1, 4, 16):
             t0 = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
                 lat = list(pool.map(call, range(args.requests)))
             wall = time.perf_counter() - t0
             p50 = statistics.median(lat)
+            rate = args.requests / wall
+            baseline_rate.setdefault(clients, rate)  # the first application measured (one model per task)
             print(
-                f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {args.requests / wall:6.1f} "
-                f"{p50 / statistics.median(local):17.2f}",
+                f"{clients:7d} {p50 * 1000:7.0f} {pct(lat, 0.95) * 1000:7.0f} {rate:6.1f} "
+                f"{p50 / statistics.median(local):17.2f} {rate / baseline_rate[clients]:24.2f}",
                 flush=True,
             )
             if clients == 1:

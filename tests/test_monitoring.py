@@ -316,7 +316,10 @@ def test_prometheus_server_scrapes_the_series(mon, tmp_path) -> None:
             assert r["status"] == "success", (expr, r)
         names = {m for e in exprs for m in re.findall(r"ray_montage_\w+", e)}
         have = requests.get(f"http://127.0.0.1:{port}/api/v1/label/__name__/values", timeout=10).json()["data"]
-        assert names - {"ray_montage_anomalies_total", "ray_montage_drift_score", "ray_montage_drifted"} <= set(have), (
+        rollout_only = {"ray_montage_arm_latency_ms_bucket", "ray_montage_arm_requests_total"}  # need a challenger
+        rollout_only |= {"ray_montage_shadow_agreement_sum", "ray_montage_shadow_agreement_count"}
+        absent = {"ray_montage_anomalies_total", "ray_montage_drift_score", "ray_montage_drifted"} | rollout_only
+        assert names - absent <= set(have), (
             names - set(have)
         )
     finally:

@@ -33,7 +33,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["RAY_ADDRESS"] = args.address
     cfg = load_serve_config(resolve_config_path(args.config), args.overrides)
     if args.reload:
-        run(cfg, blocking=False, insecure=args.insecure)
+        from montage.serve.app import ReloadError
+
+        try:
+            run(cfg, blocking=False, insecure=args.insecure)
+        except ReloadError as exc:  # the running versions keep serving; /healthz says the same
+            log.error("%s", exc)
+            return 1
         print(f"application '{cfg.name}' updated: replicas now serve the configured sources")
         return 0
     from montage.serve.access import check_bind, resolve_settings

@@ -8,8 +8,6 @@
 import base64
 import json
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,82 +15,38 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
-from montage.core.config import from_dict, merge, parse_override, read_yaml, set_dotted, to_dict
+from montage.core.config import to_dict
 from montage.platform.imaging import encode_png
 from montage.serve import access
-from montage.serve.access import AuthConfig, CorsConfig
-from montage.serve.deployments import Harmonizer, LocalModel, Pix2Pix, Segmenter, unit_alpha
+from montage.serve.config import AutoscalingServeConfig, ModelServeConfig, ServeConfig, load_serve_config  # noqa: F401
+from montage.serve.deployments import LocalModel, unit_alpha
+from montage.serve.graph import (  # noqa: F401
+    ReloadError,
+    _check_sources,
+    _overload,
+    check_reload,
+    code_version,
+    model_graph,
+    pinned,
+)
 from montage.serve.imaging import Limits, Placement, RequestError, decode_upload, mask_from_upload, paste, refine_alpha
 from montage.serve.monitoring import (
     IngressMonitor,
-    MonitoringConfig,
     RequestMetrics,
     gather_summary,
     record_input,
     stage,
 )
 from montage.serve.page import page_html
+from montage.serve.rollout import Arms, VersionHeaders, answered
 
 log = logging.getLogger("montage.serve")
-
-
-@dataclass
-class ModelServeConfig:
-    source: str = ""  # models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint path
-    runtime: str = "torch"  # torch | onnx (a registered ONNX variant from `montage export`, run by ONNX Runtime)
-    enabled: bool = True
-    num_replicas: int = 1
-    num_cpus: float = 0.25  # small by default: ingress + three models fit a 2-core laptop
-    num_gpus: float = 0.0  # fractional GPUs allowed
-    max_batch_size: int = 8
-    # how long @serve.batch waits for more requests: a lone request waited the whole 10 ms at each model
-    # before; under load a batch forms anyway from what queued during the previous forward (GPUs may want a few ms)
-    batch_wait_timeout_s: float = 0.0
-    threads: int = 0  # torch intra-op threads in a replica; 0: what Ray sets from num_cpus (1 for a fractional CPU)
-    max_ongoing_requests: int = 16  # per replica; keep >= max_batch_size so batches can fill
-    max_queued_requests: int = (
-        64  # per caller (the ingress); past it the ingress answers 503 + Retry-After; -1: unbounded
-    )
-
-
-@dataclass
-class ServeConfig:
-    segmentation: ModelServeConfig = field(default_factory=ModelServeConfig)
-    harmonization: ModelServeConfig = field(default_factory=ModelServeConfig)
-    pix2pix: ModelServeConfig = field(default_factory=lambda: ModelServeConfig(enabled=False))
-    tracking_uri: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_side: int = 4096
-    max_bytes: int = 20 * 1024 * 1024
-    ingress_cpus: float = 0.25
-    ingress_replicas: int = 1
-    ingress_max_ongoing_requests: int = 32  # per ingress replica
-    ingress_max_queued_requests: int = (
-        128  # at the HTTP proxy; past it the proxy answers 503 (plain text) + Retry-After; -1: unbounded
-    )
-    retry_after_s: float = 1.0  # the Retry-After of every backpressure 503
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    cors: CorsConfig = field(default_factory=CorsConfig)
-    name: str = "montage"
-    # run the models inside the ingress replica: no deployment-handle hop (lowest latency at low load),
-    # but no model replicas of their own (they scale and queue with the ingress)
-    fused: bool = False
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
-
-
-def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
-    tree = to_dict(ServeConfig())
-    if path:
-        tree = merge(tree, read_yaml(path))
-    for text in overrides or []:
-        set_dotted(tree, *parse_override(text))
-    return from_dict(ServeConfig, tree)
 
 
 api = FastAPI(title="montage", description="Segmentation, compositing, harmonization and pix2pix over HTTP.")
 access.install(api)  # API keys on /v1/*, CORS allow-list, backpressure → 503 + Retry-After (montage.serve.access)
 api.add_middleware(RequestMetrics)  # requests, errors by status and latency per endpoint (montage.serve.monitoring)
+api.add_middleware(VersionHeaders)  # X-Montage-Model-Version per model stage; the caller key (montage.serve.rollout)
 
 
 @api.exception_handler(RequestError)
@@ -117,11 +71,21 @@ class Ingress:
         limits: dict[str, int],
         monitoring: dict[str, Any] | None = None,
         access_settings: access.AccessSettings | None = None,
+        challengers: dict[str, Any] | None = None,
     ) -> None:
         # fused: the models run in this replica (LocalModel), called like deployment handles
-        self.segmenter, self.harmonizer, self.pix2pix = (
-            LocalModel.from_spec(h) if isinstance(h, dict) else h for h in (segmenter, harmonizer, pix2pix)
-        )
+        local = lambda h: LocalModel.from_spec(h) if isinstance(h, dict) else h  # noqa: E731
+        self.segmenter, self.harmonizer, self.pix2pix = (local(h) for h in (segmenter, harmonizer, pix2pix))
+        chall = {t: local(h) for t, h in (challengers or {}).items()}
+        self.arms = {
+            t: Arms(t, h, chall.get(t))
+            for t, h in (
+                ("segmentation", self.segmenter),
+                ("harmonization", self.harmonizer),
+                ("pix2pix", self.pix2pix),
+            )
+            if h is not None
+        }
         access.configure(access_settings or access.AccessSettings())
         self.limits = Limits(**limits)
         self.monitor = IngressMonitor(monitoring)
@@ -134,30 +98,64 @@ class Ingress:
         record_input(img)
         return img
 
-    def _need(self, handle: Any, task: str) -> Any:
-        if handle is None:
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``{"rollout": {task: {"config", "salt", "source", "version", "tracking_uri"}}}``: the rollout
+        settings, changed in place (no restart) by a reload."""
+        from montage.serve.rollout import registry_step
+
+        for task, spec in (user_config.get("rollout") or {}).items():
+            if task in self.arms:
+                arms = self.arms[task]
+                arms.configure(spec.get("config"), spec.get("salt", ""))
+                arms.on_decision = registry_step(spec)
+
+    async def _run(self, task: str, *args: Any) -> Any:
+        arms = self.arms.get(task)
+        if arms is None:
             raise RequestError(f"the {task} model is not enabled on this server", 503)
-        return handle
+        return await arms.call(*args)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        models = {}
-        for task, handle in (
-            ("segmentation", self.segmenter),
-            ("harmonization", self.harmonizer),
-            ("pix2pix", self.pix2pix),
-        ):
-            if handle is not None:
-                models[task] = await handle.version.remote()
-        return {"status": "ok", "models": models}
+        models, challengers, errors = {}, {}, {}
+        for task, arms in self.arms.items():
+            for arm, handle in (("champion", arms.champion), ("challenger", arms.challenger)):
+                if handle is None:
+                    continue
+                st = await handle.status.remote()
+                (models if arm == "champion" else challengers)[task] = st["label"]
+                if st["reload_error"]:
+                    errors[task if arm == "champion" else f"{task} (challenger)"] = st["reload_error"]
+        doc: dict[str, Any] = {"status": "degraded" if errors else "ok", "models": models}
+        if challengers:
+            doc["challengers"] = challengers
+        if errors:  # still serving the previous version: say which reload failed and why
+            doc["reload_errors"] = errors
+        return doc
 
     @api.get("/v1/monitor")
     async def monitor(self) -> dict[str, Any]:
         """Latency per endpoint and stage (p50/p95/p99), requests/s, errors, drift, anomalies and
         model versions over this replica's windows (``montage monitor --url``)."""
-        return await gather_summary(
+        doc = await gather_summary(
             self.monitor, {"segmentation": self.segmenter, "harmonization": self.harmonizer, "pix2pix": self.pix2pix}
         )
+        doc["rollout"] = {}
+        for task, arms in self.arms.items():
+            if arms.challenger is None:
+                continue
+            quality = {
+                "champion": await arms.champion.quality_samples.remote(),
+                "challenger": await arms.challenger.quality_samples.remote(),
+            }
+            side = arms.compare(quality)
+            side["drift"] = {
+                "champion": doc["models"].get(task, {}).get("drift"),
+                "challenger": (await arms.challenger.monitor_summary.remote()).get("drift"),
+            }
+            arms.judge(side)
+            doc["rollout"][task] = side
+        return doc
 
     @api.get("/", response_class=HTMLResponse)
     async def index(self) -> str:
@@ -173,7 +171,7 @@ class Ingress:
     ) -> Response:
         img = await self._read(image, "image")
         with stage("segment"):
-            alpha = unit_alpha(await self._need(self.segmenter, "segmentation").remote(img, tta))
+            alpha = unit_alpha(await self._run("segmentation", img, tta))
         alpha = refine_alpha(alpha, img, threshold, refine)
         return png(np.dstack([img, (alpha * 255).round().astype(np.uint8)]))
 
@@ -188,7 +186,7 @@ class Ingress:
         if not 0 <= blend <= 1:
             raise RequestError(f"blend must be in [0, 1], got {blend}")
         with stage("harmonize"):
-            out = await self._need(self.harmonizer, "harmonization").remote(comp, m, blend)
+            out = await self._run("harmonization", comp, m, blend)
         return png(out)
 
     @api.post("/v1/composite", response_model=None)
@@ -211,11 +209,11 @@ class Ingress:
         p = await self._read(person, "person")
         bg = await self._read(background, "background")
         with stage("segment"):
-            alpha = unit_alpha(await self._need(self.segmenter, "segmentation").remote(p, tta))
+            alpha = unit_alpha(await self._run("segmentation", p, tta))
         with stage("paste"):
             raw, mask = paste(p, alpha, bg, where)
         with stage("harmonize"):
-            result = await self._need(self.harmonizer, "harmonization").remote(raw, mask, blend)
+            result = await self._run("harmonization", raw, mask, blend)
         if return_ == "image":
             return png(result)
         b64 = lambda a: base64.b64encode(encode_png(a)).decode()  # noqa: E731
@@ -226,6 +224,7 @@ class Ingress:
                 "composite": b64(raw),
                 "mask": b64(mask),
                 "encoding": "base64 PNG",
+                "versions": answered(),
             }
         )
 
@@ -233,11 +232,12 @@ class Ingress:
     async def pix2pix(self, landmarks: str | None = Form(None), heatmap: UploadFile | None = File(None)) -> Response:
         if (landmarks is None) == (heatmap is None):
             raise RequestError("send exactly one of 'landmarks' (JSON: 48 [x, y] pairs) or 'heatmap' (an image)", 422)
-        handle = self._need(self.pix2pix, "pix2pix")
+        if "pix2pix" not in self.arms:
+            raise RequestError("the pix2pix model is not enabled on this server", 503)
         if heatmap is not None:
             heat = await self._read(heatmap, "heatmap", mode="gray")
             with stage("pix2pix"):
-                out = await handle.remote(heat)
+                out = await self._run("pix2pix", heat)
             return png(out)
         try:
             pts = json.loads(landmarks)
@@ -258,52 +258,10 @@ class Ingress:
             raise RequestError("'landmarks' contain NaN or infinity")
         try:
             with stage("pix2pix"):
-                out = await handle.remote(arr)
+                out = await self._run("pix2pix", arr)
             return png(out)
         except ValueError as exc:
             raise RequestError(str(exc)) from exc
-
-
-def _model(
-    cls: Any,
-    cfg: ModelServeConfig,
-    task: str,
-    tracking_uri: str,
-    monitoring: MonitoringConfig | None = None,
-    retry_after_s: float = 1.0,
-    fused: bool = False,
-) -> Any:
-    """The bound deployment of a model, or (``fused``) what the ingress needs to run it itself."""
-    if not cfg.enabled:
-        return None
-    if cfg.runtime not in ("torch", "onnx"):
-        raise ValueError(f"{task}.runtime: unknown '{cfg.runtime}'; valid: torch, onnx")
-    from montage.tracking.registry import CHAMPION, model_name, resolve_version
-
-    source = cfg.source or f"models:/{model_name(task)}@{CHAMPION}"
-    revision = ""
-    if source.startswith("models:/"):  # pin the alias's current version so a reload after a promotion reconfigures
-        revision = resolve_version(source, tracking_uri)
-    elif Path(source).exists():
-        revision = str(Path(source).stat().st_mtime_ns)
-    user_config = {
-        "source": source,
-        "runtime": cfg.runtime,
-        "revision": revision,
-        "tracking_uri": tracking_uri,
-        "max_batch_size": cfg.max_batch_size,
-        "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-        "threads": cfg.threads,
-        "monitoring": to_dict(monitoring or MonitoringConfig()),
-    }
-    if fused:
-        return LocalModel.spec(cls, user_config)
-    return cls.options(
-        num_replicas=cfg.num_replicas,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        **_overload(task, cfg.max_ongoing_requests, cfg.max_queued_requests, retry_after_s),
-        user_config=user_config,
-    ).bind()
 
 
 def build_app(cfg: ServeConfig) -> Any:
@@ -317,31 +275,26 @@ def build_app(cfg: ServeConfig) -> Any:
     overload = _overload(
         "ingress", cfg.ingress_max_ongoing_requests, cfg.ingress_max_queued_requests, cfg.retry_after_s
     )
-    return Ingress.options(
-        num_replicas=cfg.ingress_replicas, ray_actor_options={"num_cpus": cfg.ingress_cpus}, **overload
-    ).bind(
-        _model(Segmenter, cfg.segmentation, "segmentation", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
-        _model(Harmonizer, cfg.harmonization, "harmonization", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
-        _model(Pix2Pix, cfg.pix2pix, "pix2pix", uri, cfg.monitoring, cfg.retry_after_s, cfg.fused),
-        {"max_side": cfg.max_side, "max_bytes": cfg.max_bytes},
+    bound, challengers, rollout = model_graph(cfg, uri)
+    limits = {"max_side": cfg.max_side, "max_bytes": cfg.max_bytes}
+    shape = [(t, b if isinstance(b, dict) or b is None else "graph") for t, b in bound.items()]
+    shape += [(t, c if isinstance(c, dict) else "graph") for t, c in challengers.items()]
+    ingress = Ingress.options(
+        num_replicas=cfg.ingress_replicas,
+        ray_actor_options={"num_cpus": cfg.ingress_cpus},
+        user_config={"rollout": rollout},
+        **overload,
+    )
+    # the same arguments: a reload reconfigures the ingress in place (rollout settings); other ones restart it
+    return pinned(ingress, code_version(shape, limits, to_dict(cfg.monitoring), settings)).bind(
+        bound["segmentation"],
+        bound["harmonization"],
+        bound["pix2pix"],
+        limits,
         to_dict(cfg.monitoring),
         access_settings=settings,
+        challengers=challengers,
     )
-
-
-def _overload(what: str, max_ongoing: int, max_queued: int, retry_after_s: float) -> dict[str, Any]:
-    """Bounded queues: past ``max_queued`` waiting requests a caller gets 503 with Retry-After at once."""
-    if max_ongoing < 1:
-        raise ValueError(f"{what}: max_ongoing_requests must be >= 1, got {max_ongoing}")
-    if max_queued < 1 and max_queued != -1:
-        raise ValueError(f"{what}: max_queued_requests must be >= 1 or -1 (unbounded), got {max_queued}")
-    if retry_after_s < 0:
-        raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
-    return {
-        "max_ongoing_requests": max_ongoing,
-        "max_queued_requests": max_queued,
-        "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
-    }
 
 
 def run(cfg: ServeConfig, blocking: bool = False, insecure: bool = False) -> Any:
@@ -353,7 +306,13 @@ def run(cfg: ServeConfig, blocking: bool = False, insecure: bool = False) -> Any
     access.check_bind(cfg.host, access.resolve_settings(cfg.auth, cfg.cors), insecure)
     ensure_ray()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    return serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=blocking)
+    if cfg.fused:  # the models load in new ingress replicas: refuse a model that does not load before deploying
+        _check_sources(cfg)
+    if blocking:
+        return serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=True)
+    handle = serve.run(build_app(cfg), name=cfg.name, route_prefix="/", blocking=False)
+    check_reload(cfg)
+    return handle
 
 
 def app_builder(args: dict[str, str]) -> Any:

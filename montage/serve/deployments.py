@@ -40,6 +40,19 @@ def resolve_source(source: str, tracking_uri: str = "") -> tuple[str, str]:
     return str(path), str(path)
 
 
+def load_model(task: str, user_config: dict[str, Any]) -> tuple[Any, str, str]:
+    """(predictor, label, local checkpoint) of a model deployment's ``user_config``."""
+    from montage.platform.inference import load_onnx_predictor, load_predictor
+
+    if user_config.get("runtime", "torch") == "onnx":
+        from montage.tracking.variants import onnx_variant_files
+
+        onnx_path, checkpoint, label = onnx_variant_files(user_config["source"], user_config.get("tracking_uri", ""))
+        return load_onnx_predictor(onnx_path, checkpoint, task=task), label, str(checkpoint)
+    checkpoint, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
+    return load_predictor(checkpoint, task=task), label, checkpoint
+
+
 class _ModelDeployment:
     """Shared life cycle: load from ``user_config['source']``, batch size from config."""
 
@@ -48,40 +61,73 @@ class _ModelDeployment:
     def __init__(self) -> None:
         self.predictor: Any = None
         self.label = ""
+        self.arm = "champion"
+        self.load_error: dict[str, str] | None = None
         self.monitor = ModelMonitor(self.task)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from montage.platform.inference import load_onnx_predictor, load_predictor
-
-        if user_config.get("runtime", "torch") == "onnx":
-            from montage.tracking.variants import onnx_variant_files
-
-            onnx_path, checkpoint, label = onnx_variant_files(
-                user_config["source"], user_config.get("tracking_uri", "")
+        """Load the configured model and swap it in. A model that fails to load (garbage checkpoint,
+        another task's model, missing artifact) while another one serves does not raise (Serve would
+        stop this replica): the running model keeps serving, and :meth:`status` (``/healthz``) and
+        ``montage serve --reload`` say the reload failed and why."""
+        try:
+            predictor, label, checkpoint = load_model(self.task, user_config)
+        except Exception as exc:
+            if self.predictor is None:
+                raise  # nothing to keep serving: the deployment fails as before
+            self.load_error = {
+                "source": user_config.get("source", ""),
+                "revision": user_config.get("revision", ""),
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+            log.error(
+                "%s reload onto %s failed; still serving %s: %r", self.task, user_config.get("source"), self.label, exc
             )
-            predictor = load_onnx_predictor(onnx_path, checkpoint, task=self.task)
-        else:
-            checkpoint, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
-            predictor = load_predictor(checkpoint, task=self.task)
+            return
         self.predictor, self.label = predictor, label  # swap only once the new model is loaded
+        self.load_error = None
+        self.arm = user_config.get("arm", "champion")
+        self.monitor.configure(
+            user_config.get("monitoring"), version_tag(user_config, label), str(checkpoint), arm=self.arm
+        )
+        self._settings(user_config)
+        log.info("%s deployment (%s) serves %s", self.task, self.arm, label)
+
+    def _settings(self, user_config: dict[str, Any]) -> None:
         # Ray sets OMP_NUM_THREADS from the replica's num_cpus (1 for a fractional CPU); `threads` overrides
         # it: more threads speed up one forward of a large network, and oversubscribe the cores when several
         # replicas share them under load (tiny models at 16 clients: 13.6 → 6.3 req/s with 2 threads each)
         threads = int(user_config.get("threads", 0))
         if threads > 0:
             torch.set_num_threads(threads)
-        self.monitor.configure(user_config.get("monitoring"), version_tag(user_config, label), str(checkpoint))
         for batched in (self.run_batch, getattr(self, "run_batch_tta", None)):
             if batched is not None:
                 batched.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
                 batched.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.0)))
-        log.info("%s deployment serves %s", self.task, label)
+
+    async def infer(self, *args: Any) -> tuple[str, Any]:
+        """``(version tag, output)``: what the ingress calls, so every answer names its version."""
+        version = self.monitor.tags["version"]
+        return version, await self(*args)
+
+    def status(self) -> dict[str, Any]:
+        """What this replica serves, and the last reload that failed (None when the last one loaded)."""
+        return {
+            "label": self.label,
+            "version": self.monitor.tags["version"],
+            "arm": self.arm,
+            "reload_error": self.load_error,
+        }
 
     def version(self) -> str:
         return self.label
 
     def monitor_summary(self) -> dict[str, Any]:
         return self.monitor.summary()
+
+    def quality_samples(self) -> dict[str, list[float]]:
+        """The recent per-request no-reference quality values, for comparing arms."""
+        return self.monitor.quality_samples()
 
 
 @serve.deployment(name="Segmenter")

@@ -129,20 +129,22 @@ class Placement:
             raise RequestError(f"scale must be in (0, 4], got {self.scale}")
 
 
+_ROWS = 256  # rows blended at a time: the extra memory of a paste is bounded by the output's width
+
+
 def paste(
     person: np.ndarray, alpha: np.ndarray, background: np.ndarray, where: Placement
 ) -> tuple[np.ndarray, np.ndarray]:
     """Alpha-blend the person onto the background at full background resolution.
 
     Returns (composite RGB uint8, mask uint8 0..255 of the pasted alpha). Pixels the person
-    does not cover are the background's own, bit for bit.
+    does not cover are the background's own, bit for bit. The work is bounded by the output: an
+    enlarged person (scale up to 4 × the background's height) is sampled only where it is visible.
     """
     bh, bw = background.shape[:2]
     ph, pw = person.shape[:2]
     th = max(1, int(round(where.scale * bh)))
     tw = max(1, int(round(pw * th / ph)))
-    p = cv2.resize(person, (tw, th), interpolation=cv2.INTER_AREA if th < ph else cv2.INTER_LINEAR)
-    a = cv2.resize(alpha.astype(np.float32), (tw, th), interpolation=cv2.INTER_LINEAR)
     cx, cy = int(round(where.x * bw)), int(round(where.y * bh))
     x0, y0 = cx - tw // 2, cy - th // 2
     bx0, by0, bx1, by1 = max(0, x0), max(0, y0), min(bw, x0 + tw), min(bh, y0 + th)
@@ -150,13 +152,43 @@ def paste(
     comp = background.copy()
     if bx1 <= bx0 or by1 <= by0:
         return comp, mask
-    sub_a = np.clip(a[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0], 0, 1)
-    sub_p = p[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0].astype(np.float32)
-    region = comp[by0:by1, bx0:bx1].astype(np.float32)
-    blended = (sub_p * sub_a[..., None] + region * (1 - sub_a[..., None])).round().astype(np.uint8)
-    m8 = (sub_a * 255).round().astype(np.uint8)
-    keep = m8 == 0
-    blended[keep] = comp[by0:by1, bx0:bx1][keep]
-    comp[by0:by1, bx0:bx1] = blended
-    mask[by0:by1, bx0:bx1] = m8
+    if th <= ph:  # shrinking: the resized person is no larger than the input
+        p = cv2.resize(person, (tw, th), interpolation=cv2.INTER_AREA if th < ph else cv2.INTER_LINEAR)
+        a = cv2.resize(alpha.astype(np.float32, copy=False), (tw, th), interpolation=cv2.INTER_LINEAR)
+
+        def rows(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+            ys, xs = slice(by0 - y0 + r0, by0 - y0 + r1), slice(bx0 - x0, bx1 - x0)
+            return p[ys, xs].astype(np.float32), np.clip(a[ys, xs], 0, 1)
+
+    else:  # enlarging (scale up to 4): only the visible window is sampled, never the whole enlarged person
+
+        def rows(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+            return _enlarge_visible(person, alpha, (tw, th), (bx0 - x0, by0 - y0 + r0), (bx1 - bx0, r1 - r0))
+
+    for r0 in range(0, by1 - by0, _ROWS):  # float temporaries for a band of rows at a time
+        r1 = min(by1 - by0, r0 + _ROWS)
+        sub_p, sub_a = rows(r0, r1)
+        out = comp[by0 + r0 : by0 + r1, bx0:bx1]
+        blended = (sub_p * sub_a[..., None] + out.astype(np.float32) * (1 - sub_a[..., None])).round().astype(np.uint8)
+        m8 = (sub_a * 255).round().astype(np.uint8)
+        keep = m8 == 0
+        blended[keep] = out[keep]
+        out[...] = blended
+        mask[by0 + r0 : by0 + r1, bx0:bx1] = m8
     return comp, mask
+
+
+def _enlarge_visible(
+    person: np.ndarray, alpha: np.ndarray, size: tuple[int, int], offset: tuple[int, int], visible: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``visible`` (w, h) window at ``offset`` of the person and alpha bilinearly resized to
+    ``size``, without making the whole resized image: the same sampling as ``cv2.resize`` (pixel
+    centres aligned, edges replicated) as an inverse affine map into the window."""
+    (tw, th), (ox, oy), (vw, vh) = size, offset, visible
+    ph, pw = person.shape[:2]
+    sx, sy = pw / tw, ph / th
+    m = np.array([[sx, 0, (ox + 0.5) * sx - 0.5], [0, sy, (oy + 0.5) * sy - 0.5]], np.float64)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    p = cv2.warpAffine(person, m, (vw, vh), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    a = cv2.warpAffine(alpha.astype(np.float32, copy=False), m, (vw, vh), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    return p.astype(np.float32), np.clip(a, 0, 1)

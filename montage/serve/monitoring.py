@@ -112,35 +112,37 @@ class _Metrics:
             "montage_batch_size",
             description="batch sizes formed by @serve.batch",
             boundaries=BATCH,
-            tag_keys=("model", "version"),
+            tag_keys=("model", "version", "arm"),
         )
-        self.images = Counter("montage_images", description="images run through a model", tag_keys=("model", "version"))
+        self.images = Counter(
+            "montage_images", description="images run through a model", tag_keys=("model", "version", "arm")
+        )
         self.forward = Histogram(
             "montage_model_batch_latency_ms",
             description="one batch through the model (ms)",
             boundaries=LATENCY_MS,
-            tag_keys=("model", "version"),
+            tag_keys=("model", "version", "arm"),
         )
         self.drift = Gauge(
             "montage_drift_score",
             description="drift of a feature against the reference (psi or ks)",
-            tag_keys=("model", "version", "feature", "method"),
+            tag_keys=("model", "version", "arm", "feature", "method"),
         )
         self.drifted = Gauge(
             "montage_drifted",
             description="1 when the feature is drifted (PSI and KS past their thresholds)",
-            tag_keys=("model", "version", "feature"),
+            tag_keys=("model", "version", "arm", "feature"),
         )
         self.quality = Histogram(
             "montage_output_quality",
             description="no-reference output quality per request",
             boundaries=QUALITY,
-            tag_keys=("model", "version", "metric"),
+            tag_keys=("model", "version", "arm", "metric"),
         )
         self.anomalies = Counter(
             "montage_anomalies",
             description="requests whose output quality lies outside the reference's range",
-            tag_keys=("model", "version", "metric"),
+            tag_keys=("model", "version", "arm", "metric"),
         )
 
     @classmethod
@@ -289,7 +291,8 @@ class ModelMonitor:
         self.task = task
         self.cfg = MonitoringConfig(enabled=False)
         self.m: _Metrics | None = None
-        self.tags = {"model": task, "version": ""}
+        self.tags = {"model": task, "version": "", "arm": "champion"}
+        self.quality_values: dict[str, deque[float]] = {}  # per request, for comparing arms
         self.drift: DriftDetector | None = None
         self.reference_state = "none"  # none | pending | stored | computed | unavailable
         self.batches: deque[int] = deque(maxlen=500)
@@ -301,12 +304,13 @@ class ModelMonitor:
         self._lock = threading.Lock()
         self._failed: set[str] = set()
 
-    def configure(self, cfg: dict[str, Any] | None, version: str, checkpoint: str) -> None:
-        """(Re)start for a newly loaded model: its version tag and its drift reference (the stored
-        one, else computed from the checkpoint's data in a background thread)."""
+    def configure(self, cfg: dict[str, Any] | None, version: str, checkpoint: str, arm: str = "champion") -> None:
+        """(Re)start for a newly loaded model: its version and arm tags and its drift reference (the
+        stored one, else computed from the checkpoint's data in a background thread)."""
         self.cfg = MonitoringConfig(**(cfg or {}))
         self.m = _Metrics.get() if self.cfg.enabled else None
-        self.tags = {"model": self.task, "version": version}
+        self.tags = {"model": self.task, "version": version, "arm": arm}
+        self.quality_values = {}
         self.batches.clear()
         self.forward_ms.clear()
         self.recent.clear()
@@ -401,6 +405,10 @@ class ModelMonitor:
         drift = self.drift
         for name, value in outputs.items():
             self.m.quality.observe(value, tags={**self.tags, "metric": name})
+            q = self.quality_values.get(name)
+            if q is None:
+                q = self.quality_values[name] = deque(maxlen=self.cfg.window)
+            q.append(float(value))
             if drift is not None and drift.out_of_range(name, value):
                 self.anomalies[name] = self.anomalies.get(name, 0) + 1
                 self.m.anomalies.inc(tags={**self.tags, "metric": name})
@@ -415,11 +423,15 @@ class ModelMonitor:
                 self.m.drift.set(s.ks, tags={**tags, "method": "ks"})
                 self.m.drifted.set(1.0 if s.drifted else 0.0, tags=tags)
 
+    def quality_samples(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.quality_values.items()}
+
     def summary(self) -> dict[str, Any]:
         b, now = list(self.batches), time.time()
         last_minute = sum(n for t, n in list(self.recent) if t >= now - 60)
         out = {
             "version": self.tags["version"],
+            "arm": self.tags["arm"],
             "enabled": self.cfg.enabled,
             "images": self.images,
             "images_per_s": round(last_minute / max(1e-3, min(60.0, now - self.started)), 3),

@@ -92,7 +92,50 @@ def format_summary(s: dict[str, Any]) -> str:
         ]
     if drift_rows:
         out += ["", _table(["model", "feature", "PSI", "KS", "p-value", "state"], drift_rows)]
+    for task, side in s.get("rollout", {}).items():  # champion vs challenger (docs/rollout.md)
+        out += ["", format_rollout(task, side)]
     return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_rollout(task: str, side: dict[str, Any]) -> str:
+    """One model's rollout section of /v1/monitor as a table, the tests and the verdict."""
+    mode = side["mode"] + (f" {100 * side['traffic']:.0f} %" if side["mode"] == "canary" else "")
+    lines = [f"{task}: {mode}, {'active' if side['active'] else 'stopped'}"]
+    rows = [["arm", "version", "requests", "errors", "p50 ms", "p95 ms"]]
+    for arm, a in side["arms"].items():
+        lat = a["latency_ms"]
+        rows.append([arm, a["version"] or "-", a["requests"], a["errors"], lat["p50"], lat["p95"]])
+    widths = [max(len(_fmt(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(_fmt(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lat, err = side["latency"], side["errors"]
+    lines.append(
+        f"latency: medians {_fmt(lat['median'][0])} / {_fmt(lat['median'][1])} ms,"
+        f" Mann-Whitney p={_fmt(lat['p_value'])}, p95 ratio CI {side.get('p95_ratio_ci') or '-'}"
+    )
+    lines.append(f"errors: {err['rate'][0]:.2%} / {err['rate'][1]:.2%}, Fisher p={_fmt(err['p_value'])}")
+    for name, q in side.get("quality", {}).items():
+        sig = "significant" if q["significant"] else "not significant"
+        lines.append(
+            f"quality {name}: medians {_fmt(q['median'][0])} / {_fmt(q['median'][1])}, effect {_fmt(q['effect'])},"
+            f" p={_fmt(q['p_value'])} ({sig}; n={q['n'][0]}/{q['n'][1]})"
+        )
+    for name, a in side.get("agreement", {}).items():
+        lines.append(f"shadow {name}: mean {_fmt(a['mean'])} CI {a['ci'] or '-'} (n={a['n']})")
+    for arm, d in (side.get("drift") or {}).items():
+        if d:
+            lines.append(f"drift ({arm}): {', '.join(d.get('drifted', [])) or 'none'} over {d.get('samples', 0)}")
+    lines.append(f"verdict: {side['verdict']} ({'; '.join(side['reasons'])})")
+    if side.get("decision"):
+        d = side["decision"]
+        how = "automatically" if d.get("automatic") else "by request"
+        lines.append(f"decision: {d['action']} {how}; {d.get('registry') or d.get('registry_error') or ''}")
+    return "\n".join(lines)
 
 
 def write_png(history: list[dict[str, Any]], path: str | Path) -> None:

@@ -178,3 +178,48 @@ def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:
     if not hits:
         raise FileNotFoundError(f"{model_uri} (version {mv.version}) holds no checkpoint artifact")
     return resolve_checkpoint_path(hits[0])
+
+
+CHALLENGER = "challenger"
+ROLLOUT_TAG = "montage.rollout"  # promoted | rolled-back | replaced: what a rollout did to a version
+
+
+def _alias_version(mlc: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlc.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote_challenger(source: str, version: str, uri: str = "", reason: str = "") -> str | None:
+    """A rollout's challenger wins: ``@champion`` of the source's model moves to ``version``, the
+    ``@challenger`` alias (when it still names that version) is removed, and both versions are tagged.
+    Returns the version that was champion before (None if there was none)."""
+    name, _, _ = parse_model_uri(source)
+    mlc = client(uri)
+    before = _alias_version(mlc, name, CHAMPION)
+    mlc.set_registered_model_alias(name, CHAMPION, str(version))
+    if _alias_version(mlc, name, CHALLENGER) == str(version):
+        mlc.delete_registered_model_alias(name, CHALLENGER)
+    mlc.set_model_version_tag(name, str(version), ROLLOUT_TAG, "promoted")
+    if reason:
+        mlc.set_model_version_tag(name, str(version), f"{ROLLOUT_TAG}.reason", reason[:5000])
+    if before and before != str(version):
+        mlc.set_model_version_tag(name, before, ROLLOUT_TAG, "replaced")
+    log.info("%s: version %s is now @%s (was %s)", name, version, CHAMPION, before)
+    return before
+
+
+def retire_challenger(source: str, version: str, uri: str = "", reason: str = "") -> None:
+    """A rollout's challenger loses: the ``@challenger`` alias (when it still names ``version``) is
+    removed and the version tagged ``montage.rollout=rolled-back``; ``@champion`` stays."""
+    name, _, _ = parse_model_uri(source)
+    mlc = client(uri)
+    if _alias_version(mlc, name, CHALLENGER) == str(version):
+        mlc.delete_registered_model_alias(name, CHALLENGER)
+    mlc.set_model_version_tag(name, str(version), ROLLOUT_TAG, "rolled-back")
+    if reason:
+        mlc.set_model_version_tag(name, str(version), f"{ROLLOUT_TAG}.reason", reason[:5000])
+    log.info("%s: version %s rolled back (no longer @%s)", name, version, CHALLENGER)

@@ -1,0 +1,246 @@
+"""Champion and challenger in one real Serve application: a canary for segmentation (registry
+aliases), a shadow for harmonization (checkpoints), compared in /v1/monitor, ended through the
+registry by `montage rollout`, and reloads onto models that do not load."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from conftest import _tiny
+from serve_helpers import decode, free_port, img, png
+
+SEG = "montage-segmentation"
+
+
+def _fit(tmp, task: str, name: str, seed: int) -> str:
+    from montage.launch.local import fit_local
+
+    over = ["tracking.enabled=false", "train.max_steps=1", f"run.name={name}", f"train.seed={seed}"]
+    return fit_local(_tiny(task, tmp, over)).best_checkpoint
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from montage.core.config import load_config
+    from montage.core.paths import packaged_config
+    from montage.core.registry import TASKS
+    from montage.serve.app import load_serve_config, run
+    from montage.tracking import registry as reg
+    from montage.tracking.runs import create_run, prepare_tracking
+
+    tmp = tmp_path_factory.mktemp("rollout")
+    ck = {
+        "seg1": _fit(tmp, "segmentation", "seg1", 0),
+        "seg2": _fit(tmp, "segmentation", "seg2", 7),
+        "harm1": _fit(tmp, "harmonization", "harm1", 0),
+        "harm2": _fit(tmp, "harmonization", "harm2", 7),
+    }
+    uri = f"sqlite:///{tmp / 'reg.db'}"
+    base = load_config(
+        "segmentation",
+        TASKS.get("segmentation").spec,
+        packaged_config("segmentation-smoke"),
+        [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'artifacts'}"],
+    )
+    prepare_tracking(base)
+    for key, value in (("seg1", 0.5), ("seg2", 0.4)):
+        reg.register_checkpoint(base, ck[key], create_run(base), "val/iou", "max", value, "manual", {}, "better")
+    reg.client(uri).set_registered_model_alias(SEG, "challenger", "2")
+    port = free_port()
+    overrides = [
+        f"port={port}",
+        f"tracking_uri={uri}",
+        f"segmentation.source=models:/{SEG}@champion",
+        f"segmentation.challenger=models:/{SEG}@challenger",
+        "segmentation.rollout.traffic=0.5",
+        "segmentation.rollout.rules.min_requests=10",
+        f"harmonization.source={ck['harm1']}",
+        f"harmonization.challenger={ck['harm2']}",
+        "harmonization.rollout.mode=shadow",
+    ]
+    run(load_serve_config(None, overrides))
+    yield {"url": f"http://127.0.0.1:{port}", "ck": ck, "uri": uri, "overrides": overrides, "tmp": tmp}
+    serve.shutdown()
+
+
+def _versions(r: requests.Response) -> dict[str, tuple[str, str]]:
+    """``X-Montage-Model-Version`` (one per stage; requests joins repeated headers with ', ')."""
+    out = {}
+    for part in r.headers["x-montage-model-version"].split(", "):
+        task, _, rest = part.partition("=")
+        version, _, arm = rest.partition("; arm=")
+        out[task] = (version, arm)
+    return out
+
+
+def test_canary_is_sticky_and_every_answer_names_its_version(app) -> None:
+    from montage.platform.inference import load_predictor
+
+    url, image = app["url"], img(40, 48, seed=3)
+    local = {
+        arm: (load_predictor(app["ck"][k], task="segmentation")([image])[0] * 255).round()
+        for arm, k in (("champion", "seg1"), ("challenger", "seg2"))
+    }
+    assert np.abs(local["champion"] - local["challenger"]).max() > 3  # the arms answer differently
+    seen: dict[str, set[str]] = {}
+    for client in range(12):
+        for _ in range(2):
+            r = requests.post(
+                f"{url}/v1/segment", files={"image": png(image)}, headers={"X-Montage-Client": f"u{client}"}, timeout=60
+            )
+            assert r.status_code == 200
+            version, arm = _versions(r)["segmentation"]
+            assert version == {"champion": "v1", "challenger": "v2"}[arm]
+            assert np.abs(decode(r.content)[..., 3] - local[arm]).max() <= 1  # that arm's model answered
+            seen.setdefault(f"u{client}", set()).add(arm)
+    assert all(len(arms) == 1 for arms in seen.values())  # sticky per caller
+    assert {a for arms in seen.values() for a in arms} == {"champion", "challenger"}  # 12 callers at 50 %
+
+    r = requests.post(
+        f"{url}/v1/composite",
+        files={"person": png(img(50, 40, 1)), "background": png(img(60, 70, 2))},
+        params={"return": "layers"},
+        timeout=60,
+    )
+    stages = _versions(r)
+    assert set(stages) == {"segmentation", "harmonization"} and stages["harmonization"][1] == "champion"
+    versions = r.json()["versions"]
+    assert versions["harmonization"] == {"version": stages["harmonization"][0], "arm": "champion"}
+    assert decode(base64.b64decode(r.json()["image"])).shape[:2] == (60, 70)
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and "v2" in health["challengers"]["segmentation"]
+
+
+def test_monitor_compares_the_arms_and_measures_the_shadow(app, capsys) -> None:
+    from montage.cli import main
+
+    url = app["url"]
+    comp = img(48, 48, 5)
+    mask = np.zeros((48, 48), np.uint8)
+    mask[8:40, 10:38] = 255
+    for _ in range(12):  # shadow: the champion answers, the challenger runs on the same input afterwards
+        r = requests.post(f"{url}/v1/harmonize", files={"composite": png(comp), "mask": png(mask)}, timeout=60)
+        assert r.status_code == 200 and _versions(r)["harmonization"][1] == "champion"
+    for i in range(12):
+        requests.post(f"{url}/v1/segment", files={"image": png(img(32, 32, i))}, timeout=60)
+    end = time.monotonic() + 20
+    while True:
+        doc = requests.get(f"{url}/v1/monitor", timeout=30).json()
+        harm = doc["rollout"]["harmonization"]
+        if harm["arms"]["challenger"]["requests"] >= 12 or time.monotonic() > end:
+            break
+        time.sleep(0.3)
+    assert harm["mode"] == "shadow" and harm["arms"]["champion"]["requests"] == harm["arms"]["challenger"]["requests"]
+    de = harm["agreement"]["delta_e"]
+    # measured once per shadow call (one-step harmonizers barely change colours: ΔE ≈ 0 here; its values are
+    # tested in test_rollout_rules.py)
+    assert de["n"] == harm["arms"]["challenger"]["requests"] and de["mean"] >= 0
+    seg = doc["rollout"]["segmentation"]
+    arms = seg["arms"]
+    assert arms["champion"]["requests"] + arms["challenger"]["requests"] >= 24 + 12
+    assert arms["champion"]["version"] == "v1" and arms["challenger"]["version"] == "v2"
+    q = seg["quality"]["foreground_fraction"]  # the no-reference quality features, tested per arm
+    assert sum(q["n"]) >= 36 and q["p_value"] is not None and isinstance(q["significant"], bool)
+    assert seg["latency"]["n"][0] == arms["champion"]["requests"] and seg["verdict"] in ("promote", "rollback")
+    assert set(seg["drift"]) == {"champion", "challenger"}
+    assert doc["models"]["segmentation"]["arm"] == "champion"
+
+    assert main(["rollout", "status", "segmentation", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "challenger  v2" in out and "verdict:" in out and "quality foreground_fraction" in out
+
+
+def test_reload_onto_models_that_do_not_load_keeps_serving(app, caplog) -> None:
+    from montage.cli import main
+    from montage.serve.app import ReloadError, load_serve_config, run
+
+    url, garbage = app["url"], app["tmp"] / "garbage.pt"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            codes.append(requests.post(f"{url}/v1/segment", files={"image": png(img(24, 24))}, timeout=60).status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        with pytest.raises(ReloadError, match="Harmonizer: .*garbage.pt failed to load"):
+            run(load_serve_config(None, app["overrides"] + [f"harmonization.source={garbage}"]))
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["status"] == "degraded" and "garbage.pt" in health["reload_errors"]["harmonization"]["source"]
+        assert health["models"]["harmonization"] == app["ck"]["harm1"]  # the previous version still serves
+        # another task's model, through the CLI: exit 1 and the reason
+        wrong = app["overrides"] + [f"segmentation.source={app['ck']['harm1']}"]
+        assert main(["serve", "--reload", *wrong]) == 1
+        assert "Segmenter" in caplog.text and "still serving" in caplog.text
+        assert "v1" in requests.get(f"{url}/healthz", timeout=30).json()["models"]["segmentation"]
+    finally:
+        stop.set()
+        t.join()
+    assert len(codes) >= 3 and set(codes) == {200}  # no request failed during the failed reloads
+    run(load_serve_config(None, app["overrides"]))
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_fused_mode_routes_the_same_arms(app) -> None:
+    """``fused: true``: both arms run inside the ingress replica, routed and reported the same way."""
+    from montage.serve.app import load_serve_config, run
+
+    url = app["url"]
+    run(load_serve_config(None, app["overrides"] + ["fused=true"]))
+    try:
+        answered = {}
+        for client in range(12):
+            r = requests.post(
+                f"{url}/v1/segment",
+                files={"image": png(img(32, 32))},
+                headers={"X-Montage-Client": f"u{client}"},
+                timeout=60,
+            )
+            assert r.status_code == 200
+            answered[f"u{client}"] = _versions(r)["segmentation"]
+        assert {a for _, a in answered.values()} == {"champion", "challenger"}
+        assert {v for v, _ in answered.values()} == {"v1", "v2"}
+        side = requests.get(f"{url}/v1/monitor", timeout=30).json()["rollout"]["segmentation"]
+        assert side["arms"]["champion"]["requests"] + side["arms"]["challenger"]["requests"] == 12
+    finally:
+        run(load_serve_config(None, app["overrides"]))
+    # the same callers on the same arms as in graph mode (the assignment depends on caller and challenger only)
+    r = requests.post(
+        f"{url}/v1/segment", files={"image": png(img(32, 32))}, headers={"X-Montage-Client": "u3"}, timeout=60
+    )
+    assert _versions(r)["segmentation"] == answered["u3"]
+
+
+def test_rollback_and_promote_through_the_registry(app) -> None:
+    from montage.cli import main
+    from montage.serve.app import load_serve_config, run
+    from montage.tracking import registry as reg
+
+    url, uri, over = app["url"], app["uri"], app["overrides"]
+    mlc = reg.client(uri)
+    assert main(["rollout", "rollback", "segmentation", "--url", url, *over]) == 0
+    assert mlc.get_model_version(SEG, "2").tags[reg.ROLLOUT_TAG] == "rolled-back"
+    assert "challenger" not in mlc.get_registered_model(SEG).aliases  # the alias is gone ...
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert "segmentation" not in health.get("challengers", {})  # ... so the reload dropped the arm
+    assert "segmentation" not in requests.get(f"{url}/v1/monitor", timeout=30).json()["rollout"]
+
+    mlc.set_registered_model_alias(SEG, "challenger", "2")  # a new rollout of v2
+    run(load_serve_config(None, over))
+    assert main(["rollout", "promote", "segmentation", "--url", url, "--force", *over]) == 0
+    assert str(mlc.get_model_version_by_alias(SEG, "champion").version) == "2"
+    assert mlc.get_model_version(SEG, "1").tags[reg.ROLLOUT_TAG] == "replaced"
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert "v2" in health["models"]["segmentation"] and "segmentation" not in health.get("challengers", {})
+    r = requests.post(f"{url}/v1/segment", files={"image": png(img(30, 30))}, timeout=60)
+    assert _versions(r)["segmentation"] == ("v2", "champion")
