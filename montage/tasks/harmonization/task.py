@@ -20,6 +20,7 @@ from montage.platform.imaging import ImageError, image_grid, letterbox, read_ima
 from montage.platform.metrics import fmse_255, mse_255, psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
+from montage.tasks.harmonization.baselines import SPACES, colour_transfer
 from montage.tasks.harmonization.data import HarmDataConfig, build_datasets
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet, apply_transform
@@ -80,6 +81,15 @@ class HarmonizationTask(Task):
             {f"baseline_{k}": v for k, v in image_metrics(batch["composite"], batch["target"], batch["mask"]).items()}
         )
         out["loss"] = self.losses(pred, batch)["total"].detach().expand(pred.shape[0])
+        return out
+
+    def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """The composite itself, and the colour-statistics transfer (the foreground's per-channel
+        mean and standard deviation moved to the background's) in Lab and in RGB."""
+        comp, mask, target = batch["composite"].float(), batch["mask"].float(), batch["target"]
+        out = {"composite": image_metrics(comp, target, mask)}
+        for space in SPACES:
+            out[f"transfer_{space}"] = image_metrics(colour_transfer(comp, mask, space), target, mask)
         return out
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:

@@ -274,14 +274,15 @@ class SyntheticFaces(Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def _draw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def _draw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, i])
         pts = synthetic_landmarks(rng, self.size)
-        return render_heatmaps(pts, self.size, self.sigma, self.channels), draw_face(pts, self.size, rng)
+        return render_heatmaps(pts, self.size, self.sigma, self.channels), draw_face(pts, self.size, rng), pts
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        heat, face = self.pairs(i)
-        return {"a": torch.from_numpy(heat) * 2 - 1, "b": to_tanh(face)}
+        """``a`` heatmaps and ``b`` face in [-1, 1]; ``landmarks`` (48, 2) [x, y] pixels (for the baselines)."""
+        heat, face, pts = self.pairs(i)
+        return {"a": torch.from_numpy(heat) * 2 - 1, "b": to_tanh(face), "landmarks": torch.from_numpy(pts).float()}
 
 
 class AlignedPairs(Dataset):

@@ -21,6 +21,7 @@ from montage.platform.export import ExportSpec
 from montage.platform.imaging import image_grid, write_image
 from montage.platform.metrics import psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
+from montage.tasks.pix2pix.baselines import warped_mean_faces
 from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_datasets, render_heatmaps
 from montage.tasks.pix2pix.losses import GanLossConfig, discriminator_loss, generator_adversarial_loss
 from montage.tasks.pix2pix.model import GanModelConfig, PatchDiscriminator, UNetGenerator
@@ -50,11 +51,15 @@ def set_requires_grad(net: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def mean_target(dataset: Dataset, limit: int = 512) -> torch.Tensor:
-    """The mean target image ``b`` over up to ``limit`` evenly spaced training samples."""
+def mean_target(dataset: Dataset, limit: int = 512, key: str = "b") -> torch.Tensor | None:
+    """The mean of ``key`` (the target image ``b``; ``landmarks``) over up to ``limit`` evenly
+    spaced training samples; None when the samples have no ``key``."""
     n = len(dataset)
     idx = np.linspace(0, n - 1, min(n, limit)).round().astype(int)
-    return torch.stack([dataset[int(i)]["b"] for i in np.unique(idx)]).float().mean(0)
+    items = [dataset[int(i)] for i in np.unique(idx)]
+    if not items or key not in items[0]:
+        return None
+    return torch.stack([item[key] for item in items]).float().mean(0)
 
 
 class Pix2PixTask(Task):
@@ -84,6 +89,7 @@ class Pix2PixTask(Task):
     def datasets(self) -> tuple[Dataset, Dataset]:
         train, val = build_datasets(self.cfg.data, self.cfg.model.in_channels, cache=self.cfg.train.cache_data)
         self.mean_face = mean_target(train)
+        self.mean_landmarks = mean_target(train, key="landmarks")
         return train, val
 
     @cached_property
@@ -157,6 +163,24 @@ class Pix2PixTask(Task):
             "g_gan": bce(fake_logits, torch.ones_like(fake_logits), reduction="none").flatten(1).mean(1),
             "loss": (fake - b).abs().mean().expand(n),
         }
+
+    def image_metrics(self, pred: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L1, PSNR and SSIM per sample of images in [-1, 1], on the [0, 1] scale."""
+        p, t = to_unit(pred), to_unit(b)
+        return {"l1": (p - t).abs().flatten(1).mean(1), "psnr": psnr(p, t), "ssim": ssim(p, t)}
+
+    def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """The mean training face whatever the landmarks, and (when the samples carry their
+        landmarks) the mean face warped piecewise-affinely from the mean landmarks to them."""
+        if getattr(self, "mean_face", None) is None:
+            raise RuntimeError("pix2pix baselines need the training set's mean face: call datasets() first")
+        b = batch["b"].float()
+        mean = self.mean_face.to(b.device).unsqueeze(0).expand_as(b)
+        out = {"mean_face": self.image_metrics(mean, b)}
+        if "landmarks" in batch and getattr(self, "mean_landmarks", None) is not None:
+            warped = warped_mean_faces(self.mean_face, self.mean_landmarks.numpy(), batch["landmarks"])
+            out["warped_mean_face"] = self.image_metrics(warped.to(b.device), b)
+        return out
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         fake = m.unwrap("g")(batch["a"])

@@ -21,6 +21,7 @@ from montage.platform.imaging import Letterbox, image_grid, letterbox, list_imag
 from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metrics
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
+from montage.tasks.segmentation.baselines import grabcut
 from montage.tasks.segmentation.data import SegDataConfig, build_datasets
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
 from montage.tasks.segmentation.model import SegmentationUNet, SegModelConfig
@@ -71,6 +72,13 @@ class SegmentationTask(Task):
     def eval_step(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
         logits = m.unwrap("net")(batch["image"]).float()
         prob = torch.sigmoid(logits)
+        out = self.mask_metrics(prob, batch)
+        terms = self.losses(logits, batch)
+        out["loss"] = terms["total"].detach().expand(prob.shape[0])
+        return out
+
+    def mask_metrics(self, prob: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-sample binary, alpha and trimap metrics of an alpha map ``prob`` in [0, 1]."""
         valid = batch.get("valid", torch.ones_like(prob))
         target = batch["mask"]
         pred_bin = (prob > 0.5) & (valid > 0)
@@ -82,9 +90,11 @@ class SegmentationTask(Task):
                 for k, v in trimap_metrics(prob * valid, target * valid, self.cfg.data.trimap_band).items()
             }
         )
-        terms = self.losses(logits, batch)
-        out["loss"] = terms["total"].detach().expand(prob.shape[0])
         return out
+
+    def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """GrabCut (5 iterations) initialised from the true mask's bounding box."""
+        return {"grabcut": self.mask_metrics(grabcut(batch["image"], batch["mask"]), batch)}
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         prob = torch.sigmoid(m.unwrap("net")(batch["image"]).float())
