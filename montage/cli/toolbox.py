@@ -19,6 +19,14 @@ def _device(args: argparse.Namespace) -> str | None:
     return args.device
 
 
+def _one_process_config(args: argparse.Namespace) -> Any:
+    """The config in this process at the global batch of its configured workers (the checks and
+    the sweep run one process; the recipe's learning rate belongs to its global batch)."""
+    from montage.launch.local import as_one_process
+
+    return as_one_process(load_config_for(args.task, args.config, args.overrides))
+
+
 def _track(cfg: Any, kind: str, metrics: dict[str, float], files: list[str], tags: dict[str, str]) -> str | None:
     """A finished MLflow run of ``kind`` (check, lr-find) in the task's experiment, or None when tracking is off."""
     if not cfg.tracking.enabled:
@@ -49,7 +57,7 @@ def _track(cfg: Any, kind: str, metrics: dict[str, float], files: list[str], tag
 def cmd_check(args: argparse.Namespace) -> int:
     from montage.platform.sanity import run_checks
 
-    cfg = load_config_for(args.task, args.config, args.overrides)
+    cfg = _one_process_config(args)
     out = Path(args.out or f"checks/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     results = run_checks(cfg, out, device=_device(args), steps=args.steps, fraction=args.fraction)
     for r in results:
@@ -74,16 +82,26 @@ def _run(run_id: str | None) -> str:
 def cmd_lr_find(args: argparse.Namespace) -> int:
     from montage.platform.lrfind import lr_find
 
-    cfg = load_config_for(args.task, args.config, args.overrides)
+    cfg = _one_process_config(args)
     out = Path(args.out or f"checks/{args.task}-lr-find-{time.strftime('%Y%m%d-%H%M%S')}")
     results = lr_find(
-        cfg, out, args.optimizer or None, _device(args), lo=args.lo, hi=args.hi, steps=args.steps, diverge=args.diverge
+        cfg,
+        out,
+        args.optimizer or None,
+        _device(args),
+        lo=args.lo,
+        hi=args.hi,
+        steps=args.steps,
+        diverge=args.diverge,
+        rule=args.rule,
     )
     for r in results:
         print(r.line())
     metrics: dict[str, float] = {}
     for r in results:
         metrics[f"lr_find/{r.optimizer}/suggested_lr"] = r.suggested
+        metrics[f"lr_find/{r.optimizer}/steepest_lr"] = r.steepest
+        metrics[f"lr_find/{r.optimizer}/valley_lr"] = r.valley
         metrics[f"lr_find/{r.optimizer}/min_loss_lr"] = r.min_lr
     (out / "lr_find.json").write_text(json.dumps([vars(r) for r in results], indent=2, default=str))
     run_id = _track(cfg, "lr-find", metrics, [str(out / "lr_find.json"), results[0].figure], {})
@@ -180,6 +198,9 @@ def register(sub: Any) -> None:
     lf.add_argument("--lo", type=float, default=1e-6, help="first learning rate (default 1e-6)")
     lf.add_argument("--hi", type=float, default=1.0, help="last learning rate (default 1)")
     lf.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss is this x its lowest")
+    lf.add_argument(
+        "--rule", choices=["valley", "steepest"], default="valley", help="which suggestion (default valley)"
+    )
     lf.add_argument("--write", action="store_true", help="write the suggestion(s) as optim.lr (…) into --config")
     lf.add_argument("--device", help="cpu | cuda")
     lf.set_defaults(func=cmd_lr_find)

