@@ -4,6 +4,7 @@
 - :mod:`~montage.cli.models`: ``models`` (list, promote), ``export``, ``optimize``
 - :mod:`~montage.cli.serving`: ``serve`` (and ``serve keygen``), ``monitor``
 - :mod:`~montage.cli.rollout`: ``rollout`` (status, promote, rollback)
+- :mod:`~montage.cli.toolbox`: ``check``, ``lr-find``, ``cv``
 
 Each module's ``register(sub)`` adds its sub-commands; :func:`main` parses, sets up logging and
 turns the errors a user can fix (bad config, unknown name, missing file, ...) into one line and exit 2.
@@ -21,7 +22,7 @@ from montage.core.logs import setup_logging  # light: no torch, Ray or MLflow
 
 log = logging.getLogger("montage")
 
-GROUPS = ("training", "models", "serving", "rollout")
+GROUPS = ("training", "models", "serving", "rollout", "toolbox")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.gpus:
         overrides.append("scaling.gpus=true")
     cfg = load_config_for(args.task, args.config, overrides)
+    if cfg.cv.folds and not args.resume:  # K-fold cross-validation (--resume continues the one fold cv.fold)
+        from montage.cli.toolbox import run_cv_command
+
+        return run_cv_command(cfg, args.no_ray, args.address)
     if args.no_ray:
         from montage.launch.local import fit_local
 

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from montage.core.sections import (  # noqa: F401  (re-exported: the sections are part of this module's API)
+    CVConfig,
     DistillConfig,
     InitConfig,
     OptimConfig,
@@ -49,6 +50,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
 
 
 @dataclass(frozen=True)

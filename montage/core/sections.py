@@ -3,7 +3,7 @@ experiment config); :mod:`montage.core.config` assembles them with a task's own 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -167,3 +167,60 @@ class InitConfig:
     epoch and metrics start afresh."""
 
     checkpoint: str = ""
+
+
+@dataclass
+class CVConfig:
+    """K-fold cross-validation: ``folds=K`` (≥ 2) splits the task's training samples into K
+    seeded, disjoint folds (the platform's holdout split generalised); ``montage train`` then
+    runs K fits, fold ``k`` validating on fold k and training on the others, under one MLflow
+    parent run that holds the mean ± std of every validation metric. ``fold`` is the fold one
+    fit validates on (set by the launcher); ``parallel``: the K fits at once under Ray."""
+
+    folds: int = 0  # 0 = off
+    fold: int = 0
+    seed: int = 0
+    parallel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"folds must be 0 (off) or >= 2, got {self.folds}")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise ValueError(f"fold must be in [0, {self.folds}), got {self.fold}")
+
+
+@dataclass
+class HardMiningConfig:
+    """Hard-negative mining: every ``every`` epochs the training samples are scored with the
+    task's monitored validation metric (one extra forward pass, no augmentation change); the
+    hardest ``fraction`` of them (lowest score for a ``max`` metric, highest for ``min``) is drawn
+    ``weight`` times as often as the rest in the following epochs (seeded draws with replacement
+    by the platform's sampler, so every rank agrees and a resumed run draws the same)."""
+
+    fraction: float = 0.0  # 0 = off
+    every: int = 1
+    weight: float = 3.0
+    metric: str = ""  # empty: the task's monitored metric, without the val/ prefix
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"hard_mining.fraction must be in [0, 1), got {self.fraction}")
+        if self.every < 1 or self.weight < 1:
+            raise ValueError("hard_mining.every and hard_mining.weight must be >= 1")
+
+
+@dataclass
+class DataSamplingConfig:
+    """Fields every task's ``data`` section has (its base class): how the loop draws batches.
+
+    ``scales``: multi-scale training; each training batch is resized to one of these sizes
+    (square, pixels), chosen per step by (seed, epoch, step) so every DDP rank uses the same
+    one; validation stays at the configured size. Empty: off."""
+
+    scales: list[int] = field(default_factory=list)
+    hard_mining: HardMiningConfig = field(default_factory=HardMiningConfig)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.scales if s < 8]
+        if bad:
+            raise ValueError(f"scales must be sizes in pixels (>= 8), got {bad}")

@@ -204,6 +204,11 @@ def standard_hooks(cfg: ExperimentConfig) -> list[Hook]:
         hooks.append(PauseAfter(t.pause_after))
     if t.sample_every:
         hooks.append(SampleGrid(t.sample_every))
+    mining = getattr(cfg.data, "hard_mining", None)
+    if mining is not None and mining.fraction > 0:
+        from montage.platform.mining import HardMining  # a hook of its own module (it imports this one's Loop)
+
+        hooks.append(HardMining(mining))
     return hooks
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from montage.core.config import ExperimentConfig, build_config, to_dict
 from montage.core.registry import TASKS
@@ -21,7 +22,8 @@ from montage.platform.build import build_modules, make_loader, optimizer_steps_p
 from montage.platform.checkpoint import CheckpointError, load_checkpoint
 from montage.platform.hooks import standard_hooks
 from montage.platform.loop import Hook, Loop
-from montage.platform.sampling import seed_process
+from montage.platform.multiscale import MultiScaleLoader
+from montage.platform.sampling import kfold_split, seed_process
 from montage.platform.task import Task
 
 log = logging.getLogger(__name__)
@@ -90,12 +92,27 @@ def build_loop(cfg: ExperimentConfig, env: WorkerEnv, hooks: list[Hook]) -> Loop
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     task = make_task(cfg)
-    train_ds, val_ds = task.datasets()
-    train_loader = make_loader(train_ds, cfg, train=True, device=env.device, rank=env.rank, world_size=env.world_size)
+    train_ds, val_ds = fold_datasets(task) if cfg.cv.folds else task.datasets()
+    train_loader: Any = make_loader(
+        train_ds, cfg, train=True, device=env.device, rank=env.rank, world_size=env.world_size
+    )
     val_loader = make_loader(val_ds, cfg, train=False, device=env.device, rank=env.rank, world_size=env.world_size)
     modules = build_modules(task, env.device, env.wrap_model, optimizer_steps_per_epoch(train_loader, cfg))
+    scales = getattr(cfg.data, "scales", None)
+    if scales:
+        train_loader = MultiScaleLoader(train_loader, scales, cfg.train.seed)
     hooks = standard_hooks(cfg) + hooks
     return Loop(task, modules, train_loader, val_loader, env.device, hooks, env.rank, env.world_size, env.launched_at)
+
+
+def fold_datasets(task: Task) -> tuple[Dataset, Dataset]:
+    """``cv.folds=K``: fold ``cv.fold`` of the task's training samples validates (without
+    augmentation), the other folds train (see :meth:`Task.cv_pool`)."""
+    cv = task.cfg.cv
+    train_pool, plain_pool = task.cv_pool()
+    train_idx, val_idx = kfold_split(len(train_pool), cv.folds, cv.fold, cv.seed)
+    log.info("cv fold %d/%d: %d train, %d val samples", cv.fold + 1, cv.folds, len(train_idx), len(val_idx))
+    return Subset(train_pool, train_idx), Subset(plain_pool, val_idx)
 
 
 def resume_state(path: str | Path, cfg: ExperimentConfig) -> dict[str, Any]:

@@ -73,6 +73,14 @@ class ShardSampler(Sampler[int]):
             seed,
         )
         self.epoch = 0
+        self.weights: torch.Tensor | None = None  # hard mining: draw weights per sample (None: a permutation)
+
+    def set_weights(self, weights: torch.Tensor | None) -> None:
+        """Draw the training order with replacement, sample ``i`` with probability ∝ ``weights[i]``
+        (the same on every rank: the draw is seeded by (seed, epoch) alone); None: a permutation."""
+        if weights is not None and len(weights) != self.n:
+            raise ValueError(f"{len(weights)} weights for {self.n} samples")
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -87,7 +95,10 @@ class ShardSampler(Sampler[int]):
             return iter(range(self.rank, self.n, self.world_size))
         gen = torch.Generator()
         gen.manual_seed(seed_for(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=gen).tolist()
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=gen).tolist()
         share = self._share()
         g = share * self.world_size
         out: list[int] = []
@@ -100,3 +111,25 @@ class ShardSampler(Sampler[int]):
             return len(range(self.rank, self.n, self.world_size))
         share = self._share()
         return (self.n // (share * self.world_size)) * share
+
+
+def kfold_split(n: int, folds: int, fold: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index lists of fold ``fold`` of ``folds``: one permutation of ``n``
+    samples cut into ``folds`` near-equal parts; part ``fold`` validates, the rest train. Over the
+    folds the validation parts are disjoint and cover every sample once."""
+    if folds < 2:
+        raise ValueError(f"cv.folds must be >= 2, got {folds}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"cv.fold must be in [0, {folds}), got {fold}")
+    if n < folds:
+        raise ValueError(f"only {n} samples: too few for {folds} folds")
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    bounds = [round(i * n / folds) for i in range(folds + 1)]
+    val = order[bounds[fold] : bounds[fold + 1]]
+    return order[: bounds[fold]] + order[bounds[fold + 1] :], val
+
+
+def batch_scale(scales: list[int], seed: int, epoch: int, step: int) -> int:
+    """Multi-scale training: the size of train batch ``step`` of ``epoch`` (a function of these
+    alone, so every DDP rank resizes its share of a global batch to the same size)."""
+    return int(scales[seed_for(seed, epoch, step, 7) % len(scales)])

@@ -83,6 +83,18 @@ class Task(ABC):
     def datasets(self) -> tuple[Dataset, Dataset]:
         """(train, val) datasets yielding dicts of tensors."""
 
+    def cv_pool(self) -> tuple[Dataset, Dataset]:
+        """K-fold cross-validation (``cv.folds``): the training samples twice, index for index,
+        as (augmented for training, plain for validation). Default: the training dataset for both
+        (a task whose training set augments overrides this so its validation folds do not)."""
+        train, _ = self.datasets()
+        return train, train
+
+    # which loss term each optimizer minimises and the config key of its learning rate
+    # (``montage lr-find`` sweeps each optimizer's LR watching its term)
+    optimizer_terms: ClassVar[dict[str, str]] = {"main": "total"}
+    optimizer_lr_keys: ClassVar[dict[str, str]] = {"main": "optim.lr"}
+
     # -- steps -----------------------------------------------------------------------
     @abstractmethod
     def train_step(self, m: Modules, batch: Batch, stepper: Stepper) -> dict[str, torch.Tensor]:

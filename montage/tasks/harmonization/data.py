@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from montage.core.sections import DataSamplingConfig
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError, list_images, read_image, read_mask
 from montage.platform.masks import SyntheticPersons, build_mask_source, check_source_name, holdout_split
@@ -51,7 +52,7 @@ class PerturbConfig:
 
 
 @dataclass
-class HarmDataConfig:
+class HarmDataConfig(DataSamplingConfig):
     source: Literal["synthetic", "iharmony4", "masks", "cutouts"] = "synthetic"
     root: str = ""  # iharmony4 root, or the cut-out folder
     subsets: list[str] = field(default_factory=lambda: list(IHARMONY4_SUBSETS))
@@ -73,6 +74,7 @@ class HarmDataConfig:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.size < 16 or self.size % 16:
             raise ValueError(f"size must be a multiple of 16, got {self.size}")
         unknown = [s for s in self.subsets if s not in IHARMONY4_SUBSETS]
@@ -415,4 +417,13 @@ def build_datasets(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, D
     return (
         Subset(HarmonizationDataset(src, cfg.size, cfg.seed, aug, cache=cache, indices=train_idx), train_idx),
         Subset(HarmonizationDataset(src, cfg.size, cfg.seed + 1, cache=cache, indices=val_idx), val_idx),
+    )
+
+
+def build_cv_pool(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, Dataset]:
+    """The training pairs twice, index for index: augmented (training folds) and plain (validation fold)."""
+    src = _source(cfg, "train")
+    return (
+        HarmonizationDataset(src, cfg.size, cfg.seed, (cfg.hflip, cfg.affine), cache=cache),
+        HarmonizationDataset(src, cfg.size, cfg.seed + 1, cache=cache),
     )

@@ -21,7 +21,7 @@ from montage.platform.metrics import fmse_255, mse_255, psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
 from montage.tasks.harmonization.baselines import SPACES, colour_transfer
-from montage.tasks.harmonization.data import HarmDataConfig, build_datasets
+from montage.tasks.harmonization.data import HarmDataConfig, build_cv_pool, build_datasets
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet, apply_transform
 
@@ -53,6 +53,9 @@ class HarmonizationTask(Task):
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         return build_datasets(self.cfg.data, cache=self.cfg.train.cache_data)
+
+    def cv_pool(self) -> tuple[Dataset, Dataset]:
+        return build_cv_pool(self.cfg.data, cache=self.cfg.train.cache_data)
 
     @cached_property
     def criterion(self) -> HarmonizationLoss:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from montage.core.sections import DataSamplingConfig
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import IMAGE_SUFFIXES, ImageError, read_image, write_image
 
@@ -30,7 +31,7 @@ N_LANDMARKS = 48
 
 
 @dataclass
-class GanDataConfig:
+class GanDataConfig(DataSamplingConfig):
     source: Literal["synthetic", "aligned"] = "synthetic"
     root: str = ""  # aligned: <root>/{train,val}/{A,B}
     size: int = 256
@@ -41,6 +42,7 @@ class GanDataConfig:
     hflip: float = 0.0  # off by default: a flip swaps left/right landmarks
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.size < 16:
             raise ValueError("size must be >= 16")
 
@@ -340,6 +342,17 @@ def build_datasets(cfg: GanDataConfig, channels: int, cache: bool = False) -> tu
         )
     return AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip, cache=cache, seed=cfg.seed), AlignedPairs(
         cfg.root, "val", cfg.size, cache=cache
+    )
+
+
+def build_cv_pool(cfg: GanDataConfig, channels: int, cache: bool = False) -> tuple[Dataset, Dataset]:
+    """The training pairs twice, index for index: as trained (flips) and plain (validation fold)."""
+    if cfg.source == "synthetic":
+        faces = SyntheticFaces(cfg.synthetic_train, cfg.size, cfg.sigma, cfg.seed, channels, cache=cache)
+        return faces, faces
+    return (
+        AlignedPairs(cfg.root, "train", cfg.size, cfg.hflip, cache=cache, seed=cfg.seed),
+        AlignedPairs(cfg.root, "train", cfg.size, cache=cache),
     )
 
 

@@ -22,7 +22,7 @@ from montage.platform.imaging import image_grid, write_image
 from montage.platform.metrics import psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.tasks.pix2pix.baselines import warped_mean_faces
-from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_datasets, render_heatmaps
+from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_cv_pool, build_datasets, render_heatmaps
 from montage.tasks.pix2pix.losses import GanLossConfig, discriminator_loss, generator_adversarial_loss
 from montage.tasks.pix2pix.model import GanModelConfig, PatchDiscriminator, UNetGenerator
 
@@ -66,6 +66,8 @@ class Pix2PixTask(Task):
     name = "pix2pix"
     monitor = ("val/l1", "min")
     export_net = "g"
+    optimizer_terms = {"g": "total", "d": "d"}
+    optimizer_lr_keys = {"g": "optim.lr", "d": "optim.lr_d"}
     spec = SectionSpec(
         model=GanModelConfig,
         data=GanDataConfig,
@@ -91,6 +93,12 @@ class Pix2PixTask(Task):
         self.mean_face = mean_target(train)
         self.mean_landmarks = mean_target(train, key="landmarks")
         return train, val
+
+    def cv_pool(self) -> tuple[Dataset, Dataset]:
+        train, plain = build_cv_pool(self.cfg.data, self.cfg.model.in_channels, cache=self.cfg.train.cache_data)
+        self.mean_face = mean_target(train)
+        self.mean_landmarks = mean_target(train, key="landmarks")
+        return train, plain
 
     @cached_property
     def vgg(self) -> VGGFeatures | None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from montage.core.sections import DataSamplingConfig
 from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
 from montage.platform.masks import (
@@ -44,7 +45,7 @@ class AugmentConfig:
 
 
 @dataclass
-class SegDataConfig:
+class SegDataConfig(DataSamplingConfig):
     """Where the person masks come from (``source``: coco | supervisely | folder | synthetic).
 
     coco: ``images`` dir + ``annotations`` JSON; supervisely: ``images`` = project root;
@@ -72,6 +73,7 @@ class SegDataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.size < 32 or self.size % 32:
             raise ValueError(f"size must be a multiple of 32 (>= 32), got {self.size}")
         if not 0 < self.val_fraction < 1:
@@ -203,3 +205,12 @@ def build_datasets(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Da
     )
     val_ds = SegmentationDataset(train_src, cfg.size, None, cfg.on_error, cache=cache, indices=val_idx)
     return Subset(train, train_idx), Subset(val_ds, val_idx)
+
+
+def build_cv_pool(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Dataset]:
+    """The training source twice, index for index: augmented (training folds) and plain (validation fold)."""
+    src = build_source(cfg, "train")
+    return (
+        SegmentationDataset(src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache),
+        SegmentationDataset(src, cfg.size, None, cfg.on_error, cache=cache),
+    )

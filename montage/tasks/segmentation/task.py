@@ -22,7 +22,7 @@ from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metri
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
 from montage.tasks.segmentation.baselines import grabcut
-from montage.tasks.segmentation.data import SegDataConfig, build_datasets
+from montage.tasks.segmentation.data import SegDataConfig, build_cv_pool, build_datasets
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
 from montage.tasks.segmentation.model import SegmentationUNet, SegModelConfig
 
@@ -47,6 +47,9 @@ class SegmentationTask(Task):
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         return build_datasets(self.cfg.data, cache=self.cfg.train.cache_data)
+
+    def cv_pool(self) -> tuple[Dataset, Dataset]:
+        return build_cv_pool(self.cfg.data, cache=self.cfg.train.cache_data)
 
     @cached_property
     def criterion(self) -> SegmentationLoss:

@@ -1,0 +1,322 @@
+"""The experimenter's toolbox: sanity checks, the LR range test, K-fold cross-validation,
+multi-scale training and hard-negative mining, on a tiny image task (no Ray) and the real tasks'
+smoke configs where the platform path matters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from montage.core.config import SectionSpec, load_config
+from montage.core.registry import TASKS
+from montage.core.sections import DataSamplingConfig
+from montage.launch.cv import run_cv
+from montage.launch.local import fit_local
+from montage.platform.build import make_loader
+from montage.platform.checkpoint import load_checkpoint
+from montage.platform.lrfind import lr_find
+from montage.platform.multiscale import MultiScaleLoader
+from montage.platform.runner import fold_datasets, make_task
+from montage.platform.sampling import ShardSampler, kfold_split
+from montage.platform.sanity import fast_dev_run, overfit_and_grad_flow
+from montage.platform.task import Modules, Task
+
+
+@dataclass
+class PixModel:
+    width: int = 6
+    detach_aux: bool = False  # the aux head's output cut from the graph (its term cannot move)
+    freeze_aux: bool = False  # the aux head's weights frozen by mistake (still in the optimizer)
+
+
+@dataclass
+class PixData(DataSamplingConfig):
+    n: int = 24
+    size: int = 16
+    offset: float = 0.3  # added to the targets of every third sample (the model cannot tell which)
+
+
+@dataclass
+class PixLoss:
+    mse: float = 1.0
+    aux: float = 1.0
+
+
+class Pictures(Dataset):
+    """Smooth random images x and targets 0.5·x + 0.25 (sample ``i`` gets a sample-dependent offset)."""
+
+    def __init__(self, n: int, size: int, seed: int, offset: float = 0.3) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size + 2, size + 2, generator=g), 3, 1)
+        self.x = x
+        self.y = 0.5 * x + 0.25 + offset * (torch.arange(n) % 3 == 0).float().view(n, 1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "target": self.y[i]}
+
+
+class TwoHeads(nn.Module):
+    def __init__(self, cfg: PixModel) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Conv2d(1, cfg.width, 3, padding=1)
+        self.head = nn.Conv2d(cfg.width, 1, 3, padding=1)
+        self.aux = nn.Conv2d(1, 1, 3, padding=1)
+        self.cfg = cfg
+        if cfg.freeze_aux:
+            self.aux.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        aux = self.aux(x)
+        return self.head(torch.relu(self.body(x))), aux.detach() if self.cfg.detach_aux else aux
+
+
+@TASKS.register("pictures")
+class PicturesTask(Task):
+    name = "pictures"
+    monitor = ("val/mse", "min")
+    spec = SectionSpec(
+        model=PixModel,
+        data=PixData,
+        loss=PixLoss,
+        defaults={"sched.name": "none", "train.loader_workers": 0, "train.progress": False, "optim.lr": 0.02},
+    )
+
+    def build_nets(self, pretrained: bool = True) -> dict[str, nn.Module]:
+        return {"net": TwoHeads(self.cfg.model)}
+
+    def datasets(self):
+        d = self.cfg.data
+        return Pictures(d.n, d.size, 0, d.offset), Pictures(9, d.size, 1, d.offset)
+
+    def train_step(self, m: Modules, batch, stepper):
+        out, aux = m["net"](batch["image"])
+        terms = {
+            "mse": (out - batch["target"]).pow(2).mean(),
+            "aux": (aux - batch["target"]).abs().mean(),
+        }
+        terms["total"] = self.weighted_total(terms, {"mse": self.cfg.loss.mse, "aux": self.cfg.loss.aux})
+        stepper.optimize(terms["total"])
+        return {k: v.detach() for k, v in terms.items()}
+
+    def eval_step(self, m: Modules, batch):
+        out, _ = m.unwrap("net")(batch["image"])
+        return {"mse": (out - batch["target"]).pow(2).flatten(1).mean(1)}
+
+    def samples(self, m, batch):
+        return np.zeros((8, 8, 3), np.uint8)
+
+
+def search(uri: str, query: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name("montage-pictures").experiment_id], query)
+
+
+def pic_cfg(tmp_path: Path, *overrides: str):
+    return load_config(
+        "pictures",
+        PicturesTask.spec,
+        None,
+        [f"run.storage={tmp_path / 'runs'}", "tracking.enabled=false", "train.batch_size=4", *overrides],
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one torch thread is faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def test_overfit_check_passes_a_healthy_model_and_names_the_term_of_a_detached_head(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    healthy = overfit_and_grad_flow(pic_cfg(tmp_path), tmp_path / "ok", cpu, steps=40)
+    assert [r.passed for r in healthy] == [True, True], [r.line() for r in healthy]
+
+    detached = overfit_and_grad_flow(pic_cfg(tmp_path, "model.detach_aux=true"), tmp_path / "bad", cpu, steps=40)
+    overfit, flow = detached
+    assert not overfit.passed and "do not move: aux" in overfit.message, overfit.message
+    assert (tmp_path / "bad" / "overfit.png").is_file() and (tmp_path / "bad" / "grad_flow.png").is_file()
+    # the cut head gets no gradient at all
+    assert not flow.passed and flow.details["flags"] == {"main:net.aux": "zero gradient"}, flow.message
+
+    # the whole output detached: no gradient reaches any parameter
+    cfg = pic_cfg(tmp_path, "model.detach_aux=true", "loss.mse=0")
+    nothing = overfit_and_grad_flow(cfg, tmp_path / "none", cpu, steps=5)[0]
+    assert not nothing.passed and "no gradient reaches the parameters" in nothing.message
+
+
+def test_grad_flow_flags_a_layer_frozen_by_mistake(tmp_path: Path) -> None:
+    cfg = pic_cfg(tmp_path, "model.freeze_aux=true")
+    flow = overfit_and_grad_flow(cfg, tmp_path, torch.device("cpu"), steps=3)[1]
+    assert flow.details["flags"] == {"main:net.aux": "zero gradient (requires_grad=False)"}
+    assert flow.details["norms"]["main:net.head"] > 0 and flow.details["norms"]["main:net.body"] > 0
+
+
+def test_montage_check_exits_by_its_result_and_logs_to_mlflow(tmp_path: Path, monkeypatch, capsys) -> None:
+    from montage.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    track = [f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"tracking.artifacts={tmp_path / 'art'}"]
+    assert main(["check", "pictures", *track, "--steps", "40", "--out", "ok"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("PASS") == 3 and "train + validation step" in printed
+    assert {p.name for p in (tmp_path / "ok").iterdir()} >= {"overfit.png", "grad_flow.png", "checks.json"}
+    assert main(["check", "pictures", *track, "model.detach_aux=true", "--steps", "40", "--out", "bad"]) == 1
+    assert "FAIL overfit one batch" in capsys.readouterr().out
+    runs = search(f"sqlite:///{tmp_path / 'mlruns.db'}", "tags.`montage.role` = 'check'")
+    assert sorted(r.data.tags["montage.check.passed"] for r in runs) == ["False", "True"]
+
+
+def test_one_train_and_validation_step_on_real_samples(tmp_path: Path, seg_config) -> None:
+    cfg = seg_config("train.batch_size=2", "data.synthetic_train=4", "data.synthetic_val=2", "train.loader_workers=0")
+    result = fast_dev_run(cfg, tmp_path, torch.device("cpu"))
+    assert result.passed and "checkpoint written and loaded back" in result.message, result.message
+    assert (tmp_path / "samples.png").is_file() and result.details["metrics"]["val/samples"] == 2
+
+
+# ----------------------------------------------------------------------------- lr-find
+
+
+def test_lr_find_suggests_within_3x_of_the_best_lr_measured_by_short_fits(tmp_path: Path) -> None:
+    cfg = pic_cfg(tmp_path, "loss.aux=0", "data.n=32")
+    (found,) = lr_find(cfg, tmp_path, steps=60, lo=1e-4, hi=10.0)
+    assert (tmp_path / "lr_find.png").is_file() and found.config_key == "optim.lr"
+    # the tuned lr: the best final loss of equally short fits on a grid (factor √10 apart)
+    grid = [10 ** (e / 2) for e in range(-7, 1)]
+    finals = {}
+    for lr in grid:
+        summary = fit_local(pic_cfg(tmp_path, "loss.aux=0", "data.n=32", f"optim.lr={lr}", "train.epochs=4"))
+        finals[lr] = summary.metrics["val/mse"] if np.isfinite(summary.metrics["val/mse"]) else np.inf
+    tuned = min(finals, key=finals.get)
+    assert tuned / 3 <= found.suggested <= tuned * 3, (found.suggested, tuned, finals)
+    assert found.rule == "valley" and found.steepest < found.valley < found.min_lr
+
+
+def test_lr_find_sweeps_each_gan_optimizer_and_writes_both_rates(tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    from montage.cli import main
+    from montage.core.paths import packaged_config
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "gan.yaml"
+    tree = yaml.safe_load(Path(packaged_config("pix2pix-smoke")).read_text())
+    config.write_text(yaml.safe_dump({**tree, "optim": {"lr": 0.5}}))
+    code = main(
+        ["lr-find", "pix2pix", "--config", str(config), "--steps", "6", "--out", "lrf", "--write"]
+        + ["tracking.enabled=false"]
+        + ["data.synthetic_train=8", "data.synthetic_val=4", "train.batch_size=4"]
+    )
+    assert code == 0
+    written = yaml.safe_load(config.read_text())
+    assert set(written["optim"]) == {"lr", "lr_d"} and written["optim"]["lr"] != 0.5
+    assert (tmp_path / "lrf" / "lr_find.png").is_file()
+
+
+# ------------------------------------------------------------------------------ K-fold
+
+
+def test_kfold_folds_are_disjoint_and_cover_the_data() -> None:
+    for n, k in [(10, 3), (7, 7), (100, 5)]:
+        vals = [kfold_split(n, k, f, seed=4)[1] for f in range(k)]
+        assert sorted(i for v in vals for i in v) == list(range(n))
+        for f in range(k):
+            train, val = kfold_split(n, k, f, seed=4)
+            assert not set(train) & set(val) and len(train) + len(val) == n
+        assert max(map(len, vals)) - min(map(len, vals)) <= 1
+    assert kfold_split(10, 3, 0, 1) != kfold_split(10, 3, 0, 2)
+    with pytest.raises(ValueError, match="too few"):
+        kfold_split(2, 3, 0, 0)
+
+
+def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = pic_cfg(tmp_path, "cv.folds=3", "train.epochs=2", "tracking.enabled=true", f"tracking.uri={uri}")
+    cfg.tracking.artifacts = str(tmp_path / "art")
+    task = make_task(pic_cfg(tmp_path, "cv.folds=3", "cv.fold=1"))
+    train, val = fold_datasets(task)
+    assert len(train) + len(val) == 24 and not set(train.indices) & set(val.indices)
+
+    result = run_cv(cfg, use_ray=False)
+    assert result.error is None and len(result.folds) == 3
+    assert sum(s.metrics["val/samples"] for s in result.folds) == 24  # each sample validated exactly once
+    per_fold = [s.best_metrics["val/mse"] for s in result.folds]
+    assert result.mean["val/mse"] == pytest.approx(np.mean(per_fold))
+    assert result.std["val/mse"] == pytest.approx(np.std(per_fold, ddof=1)) and result.std["val/mse"] > 0
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.metrics["cv/mse_mean"] == pytest.approx(result.mean["val/mse"])
+    assert len(search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 3
+
+
+# ------------------------------------------------------------------------- multi-scale
+
+
+def test_multi_scale_batches_share_a_size_across_ranks_and_validation_keeps_its_own(tmp_path: Path) -> None:
+    cfg = pic_cfg(tmp_path, "data.scales=[8,16,24]")
+    task = make_task(cfg)
+    train, val = task.datasets()
+    cpu = torch.device("cpu")
+    ranks = [
+        MultiScaleLoader(make_loader(train, cfg, True, cpu, rank=r, world_size=2), cfg.data.scales, 0) for r in (0, 1)
+    ]
+    sizes = []
+    for epoch in (0, 1):
+        for loader in ranks:
+            loader.sampler.set_epoch(epoch)
+        per_rank = [[tuple(b["image"].shape[-2:]) for b in loader] for loader in ranks]
+        assert per_rank[0] == per_rank[1]  # the same size on every rank at every step
+        assert all(tuple(b["target"].shape[-2:]) == s for b, s in zip(ranks[0], per_rank[0]))
+        sizes += per_rank[0]
+    assert len(set(sizes)) > 1 and set(sizes) <= {(8, 8), (16, 16), (24, 24)}
+    summary = fit_local(pic_cfg(tmp_path, "data.scales=[8,24]", "train.epochs=1"))
+    assert summary.metrics["val/samples"] == 9 and np.isfinite(summary.metrics["train/total"])
+
+
+# ------------------------------------------------------------------------- hard mining
+
+
+def test_hard_mining_draws_the_hard_samples_more_often_and_resumes_exactly(tmp_path: Path) -> None:
+    mining = ["data.hard_mining.fraction=0.25", "data.hard_mining.weight=4", "train.epochs=3", "train.seed=1"]
+    mining.append("data.offset=1.0")
+    full = fit_local(pic_cfg(tmp_path, *mining, "run.name=full"))
+    state = load_checkpoint(Path(full.run_dir) / "latest.pt")
+    weights = state["hooks"]["hard_mining"]["weights"]
+    assert int((weights > 1).sum()) == 6  # 25 % of 24
+    # what the sampler draws with those weights: the hard samples about 4x as often as the others
+    sampler = ShardSampler(24, 4, seed=1)
+    plain = list(sampler)
+    sampler.set_weights(weights)
+    drawn = np.bincount(list(sampler), minlength=24)
+    assert list(sampler) != plain and sorted(plain) == list(range(24))
+    hard = weights.numpy() > 1
+    assert drawn[hard].mean() > 2 * drawn[~hard].mean()
+    # the hardest samples are the ones whose targets carry the offset (every third sample)
+    assert hard[::3].sum() >= 5
+
+    fit_local(pic_cfg(tmp_path, *mining, "run.name=paused", "train.pause_after=1"))
+    resumed = fit_local(pic_cfg(tmp_path, *mining, "run.name=paused"), resume=tmp_path / "runs" / "paused")
+    a, b = load_checkpoint(Path(full.run_dir) / "latest.pt"), load_checkpoint(Path(resumed.run_dir) / "latest.pt")
+    for k, v in a["nets"]["net"].items():
+        assert torch.equal(v, b["nets"]["net"][k]), k
+    assert torch.equal(a["hooks"]["hard_mining"]["weights"], b["hooks"]["hard_mining"]["weights"])
+    # and mining changed the training: without it the weights differ
+    off = fit_local(pic_cfg(tmp_path, "train.epochs=3", "train.seed=1", "data.offset=1.0", "run.name=plain"))
+    c = load_checkpoint(Path(off.run_dir) / "latest.pt")
+    assert not torch.equal(a["nets"]["net"]["head.weight"], c["nets"]["net"]["head.weight"])
