@@ -20,7 +20,7 @@ from montage.platform.imaging import ImageError, image_grid, letterbox, read_ima
 from montage.platform.metrics import fmse_255, mse_255, psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
-from montage.tasks.harmonization.data import HarmDataConfig, build_datasets
+from montage.tasks.harmonization.data import HarmDataConfig, build_datasets, check_sources, statistics_transfer
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet, apply_transform
 
@@ -81,6 +81,29 @@ class HarmonizationTask(Task):
         )
         out["loss"] = self.losses(pred, batch)["total"].detach().expand(pred.shape[0])
         return out
+
+    def check_sources(self) -> dict[str, object]:
+        return check_sources(self.cfg.data)
+
+    def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """``composite``: the input itself; ``colour_transfer``: the foreground's Lab statistics
+        moved to the background's (no learning)."""
+        comp, mask, target = batch["composite"].float(), batch["mask"].float(), batch["target"].float()
+        moved = []
+        for c, a in zip(comp, mask):
+            c8 = (c.cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            a8 = (a[0].cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            moved.append(to_tensor_image(statistics_transfer(c8, a8)))
+        transfer = torch.stack(moved).to(comp.device)
+        return {
+            "composite": image_metrics(comp, target, mask),
+            "colour_transfer": image_metrics(transfer, target, mask),
+        }
+
+    def panels(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        pred = m.unwrap("net")(batch["composite"], batch["mask"]).float()
+        err = ((pred - batch["target"]).abs().mean(1, keepdim=True) * 4).clamp(0, 1)
+        return {"input": batch["composite"], "prediction": pred, "truth": batch["target"], "error": err}
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         pred = m.unwrap("net")(batch["composite"], batch["mask"]).float()

@@ -21,7 +21,7 @@ from montage.platform.export import ExportSpec
 from montage.platform.imaging import image_grid, write_image
 from montage.platform.metrics import psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
-from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_datasets, render_heatmaps
+from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_datasets, check_sources, render_heatmaps
 from montage.tasks.pix2pix.losses import GanLossConfig, discriminator_loss, generator_adversarial_loss
 from montage.tasks.pix2pix.model import GanModelConfig, PatchDiscriminator, UNetGenerator
 
@@ -157,6 +157,22 @@ class Pix2PixTask(Task):
             "g_gan": bce(fake_logits, torch.ones_like(fake_logits), reduction="none").flatten(1).mean(1),
             "loss": (fake - b).abs().mean().expand(n),
         }
+
+    def check_sources(self) -> dict[str, object]:
+        return check_sources(self.cfg.data, self.cfg.model.in_channels)
+
+    def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """``mean_face``: the mean training face, whatever the landmarks say (after :meth:`datasets`)."""
+        if getattr(self, "mean_face", None) is None:
+            return {}
+        b = to_unit(batch["b"])
+        mean = to_unit(self.mean_face.to(b.device)).unsqueeze(0).expand_as(b).contiguous()
+        return {"mean_face": {"l1": (mean - b).abs().flatten(1).mean(1), "psnr": psnr(mean, b), "ssim": ssim(mean, b)}}
+
+    def panels(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        fake, b = to_unit(m.unwrap("g")(batch["a"])), to_unit(batch["b"])
+        err = ((fake - b).abs().mean(1, keepdim=True) * 4).clamp(0, 1)
+        return {"input": to_unit(batch["a"]).amax(dim=1, keepdim=True), "prediction": fake, "truth": b, "error": err}
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         fake = m.unwrap("g")(batch["a"])

@@ -16,6 +16,7 @@ from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
 from montage.platform.masks import (
     DataFormatError,
+    MaskCheck,
     MaskSource,
     Sample,
     build_mask_source,
@@ -203,3 +204,12 @@ def build_datasets(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Da
     )
     val_ds = SegmentationDataset(train_src, cfg.size, None, cfg.on_error, cache=cache, indices=val_idx)
     return Subset(train, train_idx), Subset(val_ds, val_idx)
+
+
+def check_sources(cfg: SegDataConfig) -> dict[str, MaskCheck]:
+    """``montage data check``: the train and val sources (one ``all`` when val is held out of train)."""
+    need = not cfg.keep_negatives
+    train, val = build_source(cfg, "train"), build_source(cfg, "val")
+    if val is None:
+        return {"all": MaskCheck(train, need)}
+    return {"train": MaskCheck(train, need), "val": MaskCheck(val, need)}

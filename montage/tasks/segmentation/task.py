@@ -21,7 +21,7 @@ from montage.platform.imaging import Letterbox, image_grid, letterbox, list_imag
 from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metrics
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
-from montage.tasks.segmentation.data import SegDataConfig, build_datasets
+from montage.tasks.segmentation.data import SegDataConfig, build_datasets, check_sources
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
 from montage.tasks.segmentation.model import SegmentationUNet, SegModelConfig
 
@@ -68,9 +68,8 @@ class SegmentationTask(Task):
         stepper.optimize(terms["total"])
         return {k: v.detach() for k, v in terms.items()}
 
-    def eval_step(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
-        logits = m.unwrap("net")(batch["image"]).float()
-        prob = torch.sigmoid(logits)
+    def metrics(self, prob: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-sample metrics of an alpha ``prob`` (B, 1, H, W) in [0, 1] against the batch's mask."""
         valid = batch.get("valid", torch.ones_like(prob))
         target = batch["mask"]
         pred_bin = (prob > 0.5) & (valid > 0)
@@ -82,9 +81,35 @@ class SegmentationTask(Task):
                 for k, v in trimap_metrics(prob * valid, target * valid, self.cfg.data.trimap_band).items()
             }
         )
-        terms = self.losses(logits, batch)
-        out["loss"] = terms["total"].detach().expand(prob.shape[0])
         return out
+
+    def eval_step(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = m.unwrap("net")(batch["image"]).float()
+        out = self.metrics(torch.sigmoid(logits), batch)
+        terms = self.losses(logits, batch)
+        out["loss"] = terms["total"].detach().expand(logits.shape[0])
+        return out
+
+    def check_sources(self) -> dict[str, object]:
+        return check_sources(self.cfg.data)
+
+    def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """``background``: an all-background mask; ``grabcut``: OpenCV's GrabCut initialised
+        with the true mask's bounding box (5 iterations)."""
+        target = batch["mask"].float()
+        return {
+            "background": self.metrics(torch.zeros_like(target), batch),
+            "grabcut": self.metrics(grabcut_from_box(batch["image"], target).to(target.device), batch),
+        }
+
+    def panels(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        prob = torch.sigmoid(m.unwrap("net")(batch["image"]).float())
+        return {
+            "input": batch["image"],
+            "prediction": prob,
+            "truth": batch["mask"],
+            "error": (prob - batch["mask"]).abs(),
+        }
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         prob = torch.sigmoid(m.unwrap("net")(batch["image"]).float())
@@ -144,6 +169,36 @@ class SegmentationTask(Task):
             written.append(dest)
             log.info("%s → %s", path, dest)
         return written
+
+
+def grabcut_from_box(images: torch.Tensor, masks: torch.Tensor, iterations: int = 5) -> torch.Tensor:
+    """GrabCut per sample, its rectangle the bounding box of the true mask (> 0.5) → (B, 1, H, W)
+    {0, 1}; an empty mask gives an empty prediction, a box GrabCut cannot start from the box itself."""
+    out = torch.zeros_like(masks, dtype=torch.float32, device="cpu")
+    for b in range(images.shape[0]):
+        img = (images[b].detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        ys, xs = np.nonzero(masks[b, 0].detach().cpu().numpy() > 0.5)
+        if len(xs) == 0:
+            continue
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        box = np.zeros(img.shape[:2], np.uint8)
+        box[y0:y1, x0:x1] = 1
+        gc = np.zeros(img.shape[:2], np.uint8)
+        try:
+            cv2.grabCut(
+                np.ascontiguousarray(img[..., ::-1]),
+                gc,
+                (x0, y0, x1 - x0, y1 - y0),
+                np.zeros((1, 65), np.float64),
+                np.zeros((1, 65), np.float64),
+                iterations,
+                cv2.GC_INIT_WITH_RECT,
+            )
+            fg = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)).astype(np.float32)
+        except cv2.error:  # e.g. a box covering the whole image: no background to model
+            fg = box.astype(np.float32)
+        out[b, 0] = torch.from_numpy(fg)
+    return out
 
 
 class SegmentationPredictor:
