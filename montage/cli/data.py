@@ -37,7 +37,11 @@ def data_check(argv: list[str]) -> int:
     from montage.core.registry import TASKS
     from montage.platform.datacheck import format_table, run_check
 
-    args = _check_parser().parse_args(argv)
+    parser = _check_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]  # key=value after options
+    if [e for e in extra if e not in args.overrides]:
+        parser.error(f"unrecognized arguments: {' '.join(e for e in extra if e not in args.overrides)}")
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     cfg = load_config_for(args.task, args.config, args.overrides)
