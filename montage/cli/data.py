@@ -72,12 +72,16 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from montage.platform.evaluation import comparison_table, evaluate_loop, evaluation_setup, write_report
-    from montage.tracking.evaluation import log_evaluation, source_checkpoint
+    from montage.tracking.evaluation import log_evaluation, source_files
     from montage.tracking.registry import CHAMPION, model_name
 
     source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
-    checkpoint = source_checkpoint(source, args.tracking_uri or "")
+    checkpoint, onnx_path = source_files(source, args.tracking_uri or "")
     loop = evaluation_setup(checkpoint, task=args.task, data_overrides=args.data)
+    if onnx_path is not None:  # an ONNX variant: ONNX Runtime runs the exported network
+        from montage.platform.inference import OnnxNet
+
+        loop.m.nets[loop.task.export_net] = loop.task.from_exported(OnnxNet(onnx_path))
     ev = evaluate_loop(loop, worst=args.worst)
     files = write_report(loop, ev, args.out)
     table = comparison_table(ev)

@@ -95,11 +95,14 @@ def _rgb(x: np.ndarray) -> np.ndarray:
 
 
 def thumbnails(p: Probe) -> list[np.ndarray]:
-    """Tiles of one grid row: the image with its mask overlaid, then the target if any."""
-    tiles = [overlay(_rgb(p.image), p.mask)]
+    """Tiles of one grid row: the image with its mask overlaid, then the target if any (each
+    shrunk to the tile size first: the overlay costs nothing at full resolution)."""
+    small = lambda x, interp=cv2.INTER_AREA: letterbox(np.ascontiguousarray(x), THUMB, interpolation=interp)[0]
+    mask = p.mask if p.mask is not None and p.mask.shape == p.image.shape[:2] else None
+    tiles = [overlay(small(_rgb(p.image)), None if mask is None else small(mask, cv2.INTER_LINEAR))]
     if p.target is not None:
-        tiles.append(_rgb(p.target))
-    return [letterbox(np.ascontiguousarray(t), THUMB, fill=255)[0] for t in tiles]
+        tiles.append(small(_rgb(p.target)))
+    return tiles
 
 
 class _Reader(Dataset):

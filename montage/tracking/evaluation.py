@@ -64,15 +64,24 @@ def log_evaluation(
     return rid
 
 
-def source_checkpoint(source: str, tracking_uri: str = "") -> Path:
-    """A model source (``models:/<name>@<alias>``, ``models:/<name>/<version>``, a checkpoint file
-    or folder) → the local checkpoint file."""
+def source_files(source: str, tracking_uri: str = "") -> tuple[Path, str | None]:
+    """A model source → (the local checkpoint file, the ONNX file that replaces its exported network
+    or None). ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (an ONNX variant made by
+    ``montage export`` / ``optimize --method quantize``: its .onnx and its parent's checkpoint), or a
+    checkpoint file or folder."""
     from montage.platform.checkpoint import resolve_checkpoint_path
 
     if source.startswith("models:/"):
-        from montage.tracking.registry import download_model_checkpoint
+        from montage.tracking.registry import client, download_model_checkpoint, parse_model_uri
+        from montage.tracking.variants import onnx_variant_files
 
-        return download_model_checkpoint(source, tracking_uri)
+        name, alias, version = parse_model_uri(source)
+        mlc = client(tracking_uri)
+        mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
+        if mv.tags.get("montage.runtime") == "onnxruntime":
+            onnx_path, checkpoint, _ = onnx_variant_files(source, tracking_uri)
+            return Path(checkpoint), onnx_path
+        return download_model_checkpoint(source, tracking_uri), None
     if not Path(source).exists():
         raise FileNotFoundError(f"model source not found: {source}")
-    return resolve_checkpoint_path(source)
+    return resolve_checkpoint_path(source), None
