@@ -146,24 +146,6 @@ def make_composite(
     return comp
 
 
-def statistics_transfer(comp: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The no-learning baseline: the foreground's Lab mean and spread moved to the background's
-    (Reinhard transfer inside the mask, blended by the soft mask). Pure-black pixels (letterbox
-    padding) do not count as background."""
-    lab = cv2.cvtColor(comp.astype(np.float32) / 255, cv2.COLOR_RGB2Lab)
-    fg = mask > 127
-    bg = (mask <= 127) & comp.any(axis=2)
-    if fg.sum() < 4 or bg.sum() < 4:
-        return comp.copy()
-    mu, sd = lab[fg].mean(0), lab[fg].std(0) + 1e-3
-    rmu, rsd = lab[bg].mean(0), lab[bg].std(0) + 1e-3
-    out = (lab - mu) / sd * rsd + rmu
-    out[..., 0] = out[..., 0].clip(0, 100)
-    moved = cv2.cvtColor(out.astype(np.float32), cv2.COLOR_Lab2RGB).clip(0, 1) * 255
-    a = (mask.astype(np.float32) / 255)[..., None]
-    return (moved * a + comp * (1 - a)).round().clip(0, 255).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------- sources
 
 
@@ -394,37 +376,8 @@ class HarmonizationDataset(Dataset):
         }
 
 
-class PairCheck:
-    """A pair source as a :class:`~montage.platform.datacheck.CheckSource`: the composite with its
-    mask overlaid, the real image beside it (the pair the dataset would make for index ``i``)."""
-
-    def __init__(self, source: PairSource, seed: int) -> None:
-        self.source, self.seed = source, seed
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def name(self, i: int) -> str:
-        return self.source.name(i)
-
-    def probe(self, i: int) -> object:
-        from montage.platform.datacheck import Probe
-
-        comp, mask, real = self.source.load(i, np.random.default_rng([self.seed, i]))
-        return Probe(comp, mask, target=real)
-
-
-def check_sources(cfg: HarmDataConfig) -> dict[str, PairCheck]:
-    """``montage data check``: train and val (``all`` for a mask source, whose val is held out)."""
-    if cfg.source in ("synthetic", "iharmony4", "cutouts"):
-        return {
-            "train": PairCheck(_source(cfg, "train"), cfg.seed),
-            "val": PairCheck(_source(cfg, "val"), cfg.seed + 1),
-        }
-    return {"all": PairCheck(_source(cfg, "train"), cfg.seed)}
-
-
-def _source(cfg: HarmDataConfig, split: str) -> PairSource:
+def pair_source(cfg: HarmDataConfig, split: str) -> PairSource:
+    """The pair source of ``split`` ("train" or "val"; one source for both when val is held out)."""
     val = split == "val"
     if cfg.source == "synthetic":
         return SyntheticPairs(
@@ -455,10 +408,10 @@ def build_datasets(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, D
     aug = (cfg.hflip, cfg.affine)
     if cfg.source in ("synthetic", "iharmony4", "cutouts"):
         return (
-            HarmonizationDataset(_source(cfg, "train"), cfg.size, cfg.seed, aug, cache=cache),
-            HarmonizationDataset(_source(cfg, "val"), cfg.size, cfg.seed + 1, cache=cache),
+            HarmonizationDataset(pair_source(cfg, "train"), cfg.size, cfg.seed, aug, cache=cache),
+            HarmonizationDataset(pair_source(cfg, "val"), cfg.size, cfg.seed + 1, cache=cache),
         )
-    src = _source(cfg, "train")  # one mask source: hold out a seeded fraction
+    src = pair_source(cfg, "train")  # one mask source: hold out a seeded fraction
     train_idx, val_idx = holdout_split(len(src), cfg.val_fraction, cfg.seed)
     return (
         Subset(HarmonizationDataset(src, cfg.size, cfg.seed, aug, cache=cache, indices=train_idx), train_idx),

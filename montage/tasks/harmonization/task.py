@@ -20,7 +20,9 @@ from montage.platform.imaging import ImageError, image_grid, letterbox, read_ima
 from montage.platform.metrics import fmse_255, mse_255, psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
-from montage.tasks.harmonization.data import HarmDataConfig, build_datasets, check_sources, statistics_transfer
+from montage.tasks.harmonization.baselines import statistics_transfer
+from montage.tasks.harmonization.checks import check_sources
+from montage.tasks.harmonization.data import HarmDataConfig, build_datasets
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet, apply_transform
 

@@ -21,7 +21,8 @@ from montage.platform.export import ExportSpec
 from montage.platform.imaging import image_grid, write_image
 from montage.platform.metrics import psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
-from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_datasets, check_sources, render_heatmaps
+from montage.tasks.pix2pix.checks import check_sources
+from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_datasets, render_heatmaps
 from montage.tasks.pix2pix.losses import GanLossConfig, discriminator_loss, generator_adversarial_loss
 from montage.tasks.pix2pix.model import GanModelConfig, PatchDiscriminator, UNetGenerator
 
