@@ -1,10 +1,11 @@
 """The ``montage`` command line, one module per group of commands:
 
-- :mod:`~montage.cli.training`: ``train``, ``tune``, ``submit``, ``predict``, ``config``, ``tasks``, ``data``, ``demo``
+- :mod:`~montage.cli.training`: ``train``, ``tune``, ``submit``, ``predict``, ``config``, ``tasks``, ``demo``
 - :mod:`~montage.cli.models`: ``models`` (list, promote), ``export``, ``optimize``
 - :mod:`~montage.cli.serving`: ``serve`` (and ``serve keygen``), ``monitor``
 - :mod:`~montage.cli.rollout`: ``rollout`` (status, promote, rollback)
 - :mod:`~montage.cli.toolbox`: ``check``, ``lr-find``, ``cv``
+- :mod:`~montage.cli.data`: ``data`` (``data check``, ``data catflw``, ...), ``evaluate``
 
 Each module's ``register(sub)`` adds its sub-commands; :func:`main` parses, sets up logging and
 turns the errors a user can fix (bad config, unknown name, missing file, ...) into one line and exit 2.
@@ -22,7 +23,7 @@ from montage.core.logs import setup_logging  # light: no torch, Ray or MLflow
 
 log = logging.getLogger("montage")
 
-GROUPS = ("training", "models", "serving", "rollout", "toolbox")
+GROUPS = ("training", "models", "serving", "rollout", "toolbox", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Commands that train: train, tune, submit, predict, config, tasks, data, demo."""
+"""Commands that train: train, tune, submit, predict, config, tasks, demo."""
 
 from __future__ import annotations
 
@@ -148,12 +148,6 @@ def cmd_submit(args: argparse.Namespace, extra: list[str]) -> int:
     )
 
 
-def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
-    from montage.core.registry import DATA_COMMANDS
-
-    return DATA_COMMANDS.get(args.name)(extra)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from montage.demo import run_demo
 
@@ -220,10 +214,6 @@ def register(sub: Any) -> None:
         "--python", default="python", help="the cluster's Python with montage installed (e.g. ~/venv/bin/python)"
     )
     sb.set_defaults(func=cmd_submit, wants_extra=True)
-
-    dt = sub.add_parser("data", help="prepare a dataset, e.g. `montage data catflw --src DIR --out DIR`")
-    dt.add_argument("name", help="the data command (catflw, ...)")
-    dt.set_defaults(func=cmd_data, wants_extra=True)
 
     ls = sub.add_parser("tasks", help="list the registered tasks")
     ls.set_defaults(func=cmd_tasks)

@@ -385,3 +385,23 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
         raise ValueError(f"only {n} samples: too few to hold out a validation split of {fraction:g}")
     order = np.random.default_rng(seed).permutation(n).tolist()
     return order[n_val:], order[:n_val]
+
+
+class MaskCheck:
+    """A mask source as a :class:`~montage.platform.datacheck.CheckSource` (``montage data check``):
+    the image with its alpha; ``needs_foreground``: an empty mask rejects the sample."""
+
+    def __init__(self, source: MaskSource, needs_foreground: bool = True) -> None:
+        self.source, self.needs_foreground = source, needs_foreground
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, i: int) -> str:
+        return self.source.name(i)
+
+    def probe(self, i: int) -> Any:
+        from montage.platform.datacheck import Probe
+
+        image, alpha, _ = self.source.load(i)
+        return Probe(image, alpha, needs_foreground=self.needs_foreground)

@@ -108,13 +108,23 @@ class Task(ABC):
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         """An HxWx3 uint8 grid (input | prediction | target rows) for the tracker."""
 
-    # -- baselines -----------------------------------------------------------------------
+    # -- data checks and evaluation ------------------------------------------------------
+    def check_sources(self) -> dict[str, Any]:
+        """Split name → a :class:`montage.platform.datacheck.CheckSource` over the configured data
+        (``montage data check``): every sample read by this task's own loading code."""
+        raise NotImplementedError(f"task '{self.name}' has no data check")
+
     def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
         """Classical, no-learning methods scored on a validation ``batch``: baseline name → the
         per-sample metrics :meth:`eval_step` reports for the model (the same keys, shape (B,)),
         measured on the same images, so a table can put the model and each baseline side by side
         (``montage evaluate``, ``bench/quality.py``, the demo). Default: none."""
         return {}
+
+    def panels(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        """The pictures of each sample of ``batch`` a person compares: input, prediction, truth and
+        an error map, each (B, C, H, W) in [0, 1] with C in {1, 3} (``montage evaluate``'s worst cases)."""
+        raise NotImplementedError(f"task '{self.name}' has no evaluation panels")
 
     # -- inference ---------------------------------------------------------------------
     def make_predictor(self, nets: dict[str, nn.Module], device: torch.device) -> Any:

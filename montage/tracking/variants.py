@@ -12,7 +12,7 @@ from typing import Any
 
 from montage.platform.export import ExportReport, export_onnx
 from montage.tracking.registry import client, download_model_checkpoint, model_name, parse_model_uri, resolve_version
-from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
+from montage.tracking.runs import DATA_DIGEST_TAG, get_experiment_id, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,10 @@ def register_onnx(
         "montage.dynamic_batch": str(report.dynamic_batch).lower(),
         **(extra_tags or {}),
     }
-    experiment_id = mlc.get_run(run_id).info.experiment_id
+    run = mlc.get_run(run_id)
+    if run.data.tags.get(DATA_DIGEST_TAG):  # the parent's training data
+        tags[DATA_DIGEST_TAG] = run.data.tags[DATA_DIGEST_TAG]
+    experiment_id = run.info.experiment_id
     model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type="onnx")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"

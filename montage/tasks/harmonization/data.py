@@ -378,7 +378,8 @@ class HarmonizationDataset(Dataset):
         }
 
 
-def _source(cfg: HarmDataConfig, split: str) -> PairSource:
+def pair_source(cfg: HarmDataConfig, split: str) -> PairSource:
+    """The pair source of ``split`` ("train" or "val"; one source for both when val is held out)."""
     val = split == "val"
     if cfg.source == "synthetic":
         return SyntheticPairs(
@@ -409,10 +410,10 @@ def build_datasets(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, D
     aug = (cfg.hflip, cfg.affine)
     if cfg.source in ("synthetic", "iharmony4", "cutouts"):
         return (
-            HarmonizationDataset(_source(cfg, "train"), cfg.size, cfg.seed, aug, cache=cache),
-            HarmonizationDataset(_source(cfg, "val"), cfg.size, cfg.seed + 1, cache=cache),
+            HarmonizationDataset(pair_source(cfg, "train"), cfg.size, cfg.seed, aug, cache=cache),
+            HarmonizationDataset(pair_source(cfg, "val"), cfg.size, cfg.seed + 1, cache=cache),
         )
-    src = _source(cfg, "train")  # one mask source: hold out a seeded fraction
+    src = pair_source(cfg, "train")  # one mask source: hold out a seeded fraction
     train_idx, val_idx = holdout_split(len(src), cfg.val_fraction, cfg.seed)
     return (
         Subset(HarmonizationDataset(src, cfg.size, cfg.seed, aug, cache=cache, indices=train_idx), train_idx),
@@ -422,7 +423,7 @@ def build_datasets(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, D
 
 def build_cv_pool(cfg: HarmDataConfig, cache: bool = False) -> tuple[Dataset, Dataset]:
     """The training pairs twice, index for index: augmented (training folds) and plain (validation fold)."""
-    src = _source(cfg, "train")
+    src = pair_source(cfg, "train")
     return (
         HarmonizationDataset(src, cfg.size, cfg.seed, (cfg.hflip, cfg.affine), cache=cache),
         HarmonizationDataset(src, cfg.size, cfg.seed + 1, cache=cache),

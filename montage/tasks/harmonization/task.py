@@ -21,6 +21,7 @@ from montage.platform.metrics import fmse_255, mse_255, psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
 from montage.tasks.harmonization.baselines import SPACES, colour_transfer
+from montage.tasks.harmonization.checks import check_sources
 from montage.tasks.harmonization.data import HarmDataConfig, build_cv_pool, build_datasets
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet, apply_transform
@@ -86,6 +87,9 @@ class HarmonizationTask(Task):
         out["loss"] = self.losses(pred, batch)["total"].detach().expand(pred.shape[0])
         return out
 
+    def check_sources(self) -> dict[str, object]:
+        return check_sources(self.cfg.data)
+
     def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
         """The composite itself, and the colour-statistics transfer (the foreground's per-channel
         mean and standard deviation moved to the background's) in Lab and in RGB."""
@@ -94,6 +98,11 @@ class HarmonizationTask(Task):
         for space in SPACES:
             out[f"transfer_{space}"] = image_metrics(colour_transfer(comp, mask, space), target, mask)
         return out
+
+    def panels(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        pred = m.unwrap("net")(batch["composite"], batch["mask"]).float()
+        err = ((pred - batch["target"]).abs().mean(1, keepdim=True) * 4).clamp(0, 1)
+        return {"input": batch["composite"], "prediction": pred, "truth": batch["target"], "error": err}
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         pred = m.unwrap("net")(batch["composite"], batch["mask"]).float()

@@ -127,6 +127,19 @@ def _find_annotation(image: Path, src: Path) -> Path | None:
     return None
 
 
+def read_catflw(path: Path, src: Path, size: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """One CatFLW image and its annotation → (face crop size×size, landmarks in the crop's pixels)."""
+    ann_path = _find_annotation(path, src)
+    if ann_path is None:
+        raise AnnotationError(f"{path}: no JSON annotation found")
+    try:
+        ann = json.loads(ann_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(f"malformed JSON {ann_path.name}: {exc}") from exc
+    pts, box = parse_catflw(ann)
+    return crop_face(read_image(path), pts, box, size, margin)
+
+
 def prepare_catflw(
     src: str | Path,
     out: str | Path,
@@ -148,16 +161,8 @@ def prepare_catflw(
     rejected: dict[str, str] = {}
     for path in images:
         rel = str(path.relative_to(src))
-        ann_path = _find_annotation(path, src)
         try:
-            if ann_path is None:
-                raise AnnotationError("no JSON annotation found")
-            try:
-                ann = json.loads(ann_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise AnnotationError(f"malformed JSON {ann_path.name}: {exc}") from exc
-            pts, box = parse_catflw(ann)
-            face, mapped = crop_face(read_image(path), pts, box, size, margin)
+            face, mapped = read_catflw(path, src, size, margin)
             good.append((path.stem, face, mapped))
         except (AnnotationError, ImageError) as exc:
             rejected[rel] = str(exc)

@@ -22,6 +22,7 @@ from montage.platform.imaging import image_grid, write_image
 from montage.platform.metrics import psnr, ssim
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.tasks.pix2pix.baselines import warped_mean_faces
+from montage.tasks.pix2pix.checks import check_sources
 from montage.tasks.pix2pix.data import N_LANDMARKS, GanDataConfig, build_cv_pool, build_datasets, render_heatmaps
 from montage.tasks.pix2pix.losses import GanLossConfig, discriminator_loss, generator_adversarial_loss
 from montage.tasks.pix2pix.model import GanModelConfig, PatchDiscriminator, UNetGenerator
@@ -172,6 +173,9 @@ class Pix2PixTask(Task):
             "loss": (fake - b).abs().mean().expand(n),
         }
 
+    def check_sources(self) -> dict[str, object]:
+        return check_sources(self.cfg.data, self.cfg.model.in_channels)
+
     def image_metrics(self, pred: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         """L1, PSNR and SSIM per sample of images in [-1, 1], on the [0, 1] scale."""
         p, t = to_unit(pred), to_unit(b)
@@ -189,6 +193,11 @@ class Pix2PixTask(Task):
             warped = warped_mean_faces(self.mean_face, self.mean_landmarks.numpy(), batch["landmarks"])
             out["warped_mean_face"] = self.image_metrics(warped.to(b.device), b)
         return out
+
+    def panels(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        fake, b = to_unit(m.unwrap("g")(batch["a"])), to_unit(batch["b"])
+        err = ((fake - b).abs().mean(1, keepdim=True) * 4).clamp(0, 1)
+        return {"input": to_unit(batch["a"]).amax(dim=1, keepdim=True), "prediction": fake, "truth": b, "error": err}
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         fake = m.unwrap("g")(batch["a"])

@@ -17,6 +17,7 @@ from montage.platform.datacache import SampleCache
 from montage.platform.imaging import ImageError
 from montage.platform.masks import (
     DataFormatError,
+    MaskCheck,
     MaskSource,
     Sample,
     build_mask_source,
@@ -214,3 +215,12 @@ def build_cv_pool(cfg: SegDataConfig, cache: bool = False) -> tuple[Dataset, Dat
         SegmentationDataset(src, cfg.size, cfg.augment, cfg.on_error, seed=cfg.seed, cache=cache),
         SegmentationDataset(src, cfg.size, None, cfg.on_error, cache=cache),
     )
+
+
+def check_sources(cfg: SegDataConfig) -> dict[str, MaskCheck]:
+    """``montage data check``: the train and val sources (one ``all`` when val is held out of train)."""
+    need = not cfg.keep_negatives
+    train, val = build_source(cfg, "train"), build_source(cfg, "val")
+    if val is None:
+        return {"all": MaskCheck(train, need)}
+    return {"train": MaskCheck(train, need), "val": MaskCheck(val, need)}

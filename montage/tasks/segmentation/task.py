@@ -22,7 +22,7 @@ from montage.platform.metrics import alpha_metrics, binary_metrics, trimap_metri
 from montage.platform.task import Batch, Modules, Stepper, Task
 from montage.platform.transforms import to_tensor_image
 from montage.tasks.segmentation.baselines import grabcut
-from montage.tasks.segmentation.data import SegDataConfig, build_cv_pool, build_datasets
+from montage.tasks.segmentation.data import SegDataConfig, build_cv_pool, build_datasets, check_sources
 from montage.tasks.segmentation.losses import SegLossConfig, SegmentationLoss
 from montage.tasks.segmentation.model import SegmentationUNet, SegModelConfig
 
@@ -95,9 +95,26 @@ class SegmentationTask(Task):
         )
         return out
 
+    def check_sources(self) -> dict[str, object]:
+        return check_sources(self.cfg.data)
+
     def baselines(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
-        """GrabCut (5 iterations) initialised from the true mask's bounding box."""
-        return {"grabcut": self.mask_metrics(grabcut(batch["image"], batch["mask"]), batch)}
+        """``background``: an all-background mask; ``grabcut``: OpenCV's GrabCut (5 iterations)
+        initialised from the true mask's bounding box."""
+        target = batch["mask"].float()
+        return {
+            "background": self.mask_metrics(torch.zeros_like(target), batch),
+            "grabcut": self.mask_metrics(grabcut(batch["image"], batch["mask"]).to(target.device), batch),
+        }
+
+    def panels(self, m: Modules, batch: Batch) -> dict[str, torch.Tensor]:
+        prob = torch.sigmoid(m.unwrap("net")(batch["image"]).float())
+        return {
+            "input": batch["image"],
+            "prediction": prob,
+            "truth": batch["mask"],
+            "error": (prob - batch["mask"]).abs(),
+        }
 
     def samples(self, m: Modules, batch: Batch) -> np.ndarray:
         prob = torch.sigmoid(m.unwrap("net")(batch["image"]).float())

@@ -1,0 +1,103 @@
+"""``montage data check`` throughput against the plain decode rate of the same files.
+
+Writes ``--count`` generated ``--width``×``--height`` JPEGs with PNG masks (a segmentation
+``folder`` source) to a temporary folder, then measures in the same run:
+
+- baseline: ``cv2.imread`` of every image and mask in one process (nothing else);
+- ``montage data check segmentation`` (the task's own source: decode, size check, statistics,
+  grid) with 0 and with 2 loader workers.
+
+Prints samples/s and the ratio to the baseline, and writes the figures into docs/data.md
+between the ``bench:data_check`` markers.
+
+    python bench/data_check_bench.py [--count 2000] [--width 1024 --height 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "data.md"
+
+
+def make_folder(root: Path, count: int, w: int, h: int) -> None:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    base = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (0, 0), 3)
+    for i in range(count):
+        img = np.roll(base, i * 7, axis=1)
+        mask = np.zeros((h, w), np.uint8)
+        cv2.ellipse(mask, (w // 2 + i % 50, h // 2), (w // 6, h // 3), 0, 0, 360, 255, -1)
+        cv2.imwrite(str(root / "images" / f"{i:05d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cv2.imwrite(str(root / "masks" / f"{i:05d}.png"), mask)
+
+
+def plain_decode(root: Path) -> float:
+    t0 = time.perf_counter()
+    n = 0
+    for p in sorted((root / "images").iterdir()):
+        assert cv2.imread(str(p)) is not None
+        assert cv2.imread(str(root / "masks" / f"{p.stem}.png"), cv2.IMREAD_UNCHANGED) is not None
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def data_check(root: Path, out: Path, workers: int) -> float:
+    from montage.core.config import load_config
+    from montage.core.registry import TASKS
+    from montage.platform.datacheck import run_check
+
+    task_cls = TASKS.get("segmentation")
+    cfg = load_config(
+        "segmentation",
+        task_cls.spec,
+        None,
+        ["data.source=folder", f"data.images={root}/images", f"data.masks={root}/masks"],
+    )
+    report = run_check("segmentation", "folder", task_cls(cfg).check_sources(), out, workers=workers).as_dict()
+    assert report["rejected"] == [], report["rejected"][:3]
+    return report["samples_per_s"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--count", type=int, default=2000)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--no-doc", action="store_true", help="do not write the figures into docs/data.md")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="montage-data-bench-"))
+    try:
+        make_folder(tmp / "data", args.count, args.width, args.height)
+        plain = plain_decode(tmp / "data")
+        rates = {w: data_check(tmp / "data", tmp / f"out{w}", w) for w in (0, 2)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = [
+        f"{args.count} JPEGs {args.width}x{args.height} + PNG masks, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the end",
+        "",
+        "| reader | samples/s | × plain decode |",
+        "|---|---|---|",
+        f"| cv2.imread image + mask, one process (baseline) | {plain:.1f} | 1.00 |",
+        *(f"| montage data check, {w} loader workers | {r:.1f} | {r / plain:.2f} |" for w, r in rates.items()),
+    ]
+    print("\n".join(lines))
+    if not args.no_doc and DOC.is_file():
+        text = DOC.read_text()
+        block = "<!-- bench:data_check -->\n" + "\n".join(lines) + "\n<!-- /bench:data_check -->"
+        DOC.write_text(re.sub(r"<!-- bench:data_check -->.*?<!-- /bench:data_check -->", block, text, flags=re.S))
+
+
+if __name__ == "__main__":
+    main()

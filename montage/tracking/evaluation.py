@@ -1,0 +1,87 @@
+"""An evaluation (``montage evaluate``) as an MLflow run linked to the model it scored.
+
+The run lives in the task's experiment, tagged ``montage.kind=evaluation`` and with the model
+source (and, for a registered model, its name and version; the version gets the run's id as
+``montage.evaluation_run``). It logs the model's metrics, each baseline's as
+``baseline/<name>/<metric>``, the data it was scored on with ``log_inputs`` (context
+``evaluation``), the per-image table (``log_table``), the worst cases image and the report folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from montage.core.config import ExperimentConfig
+from montage.platform.evaluation import Evaluation
+from montage.tracking.runs import get_experiment_id, log_data_input, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+EVALUATION_RUN_TAG = "montage.evaluation_run"
+
+
+def log_evaluation(
+    cfg: ExperimentConfig, ev: Evaluation, report_dir: str | Path, source: str, tracking_uri: str = ""
+) -> str:
+    """Log ``ev`` as a finished MLflow run; returns its id."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = get_experiment_id(client, cfg.tracking.experiment or f"montage-{cfg.task}", cfg.tracking.artifacts, uri)
+    tags = {"montage.kind": "evaluation", "montage.task": cfg.task, "montage.source": source}
+    version = None
+    if source.startswith("models:/"):
+        from montage.tracking.registry import parse_model_uri, resolve_version
+
+        name, _, _ = parse_model_uri(source)
+        version = resolve_version(source, tracking_uri)
+        tags |= {"montage.model_name": name, "montage.model_version": version}
+    run = client.create_run(exp, run_name=f"evaluate-{cfg.task}", tags=tags)
+    rid = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        values = dict(ev.metrics)
+        for b, ms in ev.baselines.items():
+            values |= {f"baseline/{b}/{k.split('/', 1)[-1]}": v for k, v in ms.items()}
+        client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+        log_data_input(client, rid, cfg, {"val": len(ev.per_image)}, context="evaluation")
+        if ev.per_image:
+            keys = list(dict.fromkeys(k for r in ev.per_image for k in r))
+            client.log_table(
+                rid, data={k: [r.get(k) for r in ev.per_image] for k in keys}, artifact_file="per_image.json"
+            )
+        client.log_artifacts(rid, str(report_dir), artifact_path="report")
+        if version is not None:
+            client.set_model_version_tag(tags["montage.model_name"], version, EVALUATION_RUN_TAG, rid)
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def source_files(source: str, tracking_uri: str = "") -> tuple[Path, str | None]:
+    """A model source → (the local checkpoint file, the ONNX file that replaces its exported network
+    or None). ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (an ONNX variant made by
+    ``montage export`` / ``optimize --method quantize``: its .onnx and its parent's checkpoint), or a
+    checkpoint file or folder."""
+    from montage.platform.checkpoint import resolve_checkpoint_path
+
+    if source.startswith("models:/"):
+        from montage.tracking.registry import client, download_model_checkpoint, parse_model_uri
+        from montage.tracking.variants import onnx_variant_files
+
+        name, alias, version = parse_model_uri(source)
+        mlc = client(tracking_uri)
+        mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
+        if mv.tags.get("montage.runtime") == "onnxruntime":
+            onnx_path, checkpoint, _ = onnx_variant_files(source, tracking_uri)
+            return Path(checkpoint), onnx_path
+        return download_model_checkpoint(source, tracking_uri), None
+    if not Path(source).exists():
+        raise FileNotFoundError(f"model source not found: {source}")
+    return resolve_checkpoint_path(source), None
