@@ -235,7 +235,7 @@ def test_a_sweep_on_object_storage_survives_a_lost_node(cluster, tracking, s3, m
     bucket = s3.bucket("lost-trial")
     tcfg, base, params = load_tune_config(
         ROOT / "tune_configs" / "segmentation-tiny.yaml",
-        [*TINY, "base.train.epochs=4", "num_samples=1", "scheduler.name=fifo", "resources.workers=2",
+        [*TINY, "base.train.epochs=4", "num_samples=1", "scheduler.name=none", "resources.workers=2",
          "base.scaling.max_failures=1", f"storage=s3://{bucket}/sweeps", f"storage_endpoint={s3.url}", "name=lost"],
     )  # fmt: skip
     out: dict = {}

@@ -118,11 +118,12 @@ def test_concurrency_comes_from_what_the_cluster_can_grow_to() -> None:
 
 def test_trial_status_says_stopped_early_only_for_the_schedulers_stops() -> None:
     finished, stopped = TrialStatus.FINISHED, TrialStatus.STOPPED
-    assert trial_status(epochs=2, budget=2, returned=True, failed=False) is finished
-    assert trial_status(epochs=2, budget=2, returned=False, failed=False) is finished  # ASHA ends trials at max_t
-    assert trial_status(epochs=1, budget=2, returned=False, failed=False) is stopped  # a scheduler's stop
-    assert trial_status(epochs=3, budget=8, returned=True, failed=False) is finished  # the loop's own early stop
-    assert trial_status(epochs=2, budget=2, returned=True, failed=True) is TrialStatus.FAILED
+    assert trial_status(epochs=2, budget=2, stopped_itself=True, failed=False) is finished
+    assert trial_status(epochs=2, budget=2, stopped_itself=False, failed=False) is finished  # ASHA ends trials at max_t
+    # Tune marks a trial its scheduler stopped as done: only the loop's own early stop counts
+    assert trial_status(epochs=1, budget=2, stopped_itself=False, failed=False) is stopped  # a scheduler's stop
+    assert trial_status(epochs=3, budget=8, stopped_itself=True, failed=False) is finished  # the loop's own early stop
+    assert trial_status(epochs=2, budget=2, stopped_itself=True, failed=True) is TrialStatus.FAILED
 
 
 def test_best_trial_is_chosen_among_trials_of_the_full_budget() -> None:

@@ -43,6 +43,7 @@ class RayReportHook(Hook):
 
         self.reported = True
         metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["stopped_early"] = float(loop.should_stop and bool(loop.stop_reason))  # its own rule, not Tune's
         if not loop.is_main:
             ray.train.report(metrics)
             return
@@ -54,7 +55,8 @@ class RayReportHook(Hook):
         import ray.train
 
         if not self.reported and loop.last_metrics:  # every rank: they all restored the same epoch
-            ray.train.report({k: float(v) for k, v in loop.last_metrics.items()})
+            metrics = {k: float(v) for k, v in loop.last_metrics.items()}
+            ray.train.report({**metrics, "stopped_early": float(loop.should_stop and bool(loop.stop_reason))})
 
 
 @contextlib.contextmanager

@@ -416,14 +416,15 @@ def run_sweep(
     return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
 
 
-def trial_status(epochs: int, budget: int, returned: bool, failed: bool) -> TrialStatus:
-    """How a trial ended. ``returned``: its trial function ran to its end (Tune's ``done``), which a trial the
-    scheduler stopped never does. A trial that trained every epoch finished, whoever ended its process (ASHA
-    stops the ones that reach ``max_t``); one that returned early stopped on its own rule (the loop's
-    ``train.early_stop``); only one that did neither was stopped by the scheduler."""
+def trial_status(epochs: int, budget: int, stopped_itself: bool, failed: bool) -> TrialStatus:
+    """How a trial ended. A trial that trained every epoch finished, whoever ended its process (ASHA
+    stops the ones that reach ``max_t``); one that stopped on its own rule (the loop's ``train.early_stop``,
+    reported as ``stopped_early`` by :class:`~montage.launch.train.RayReportHook`) finished too; any other
+    trial short of its budget was stopped by the scheduler. (Tune's ``done`` flag cannot tell: Tune sets it
+    on every trial its scheduler stops.)"""
     if failed:
         return TrialStatus.FAILED
-    if epochs >= budget or returned:
+    if epochs >= budget or stopped_itself:
         return TrialStatus.FINISHED
     return TrialStatus.STOPPED
 
@@ -435,7 +436,7 @@ def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[Tri
         m = dict(r.metrics or {})
         trial_id = m.get("trial_id", "")
         epochs = int(m.get("epoch", 0) or 0)
-        status = trial_status(epochs, base.train.epochs, bool(m.get("done")), r.error is not None)
+        status = trial_status(epochs, base.train.epochs, bool(m.get("stopped_early")), r.error is not None)
         rows.append(
             TrialRecord(
                 trial_id=trial_id,
