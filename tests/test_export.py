@@ -19,9 +19,10 @@ from montage.tracking.variants import export_model
 
 @pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
 def test_export_round_trips_at_any_batch_and_size(tiny_config, tmp_path: Path, task: str) -> None:
-    ckpt = fit_local(
-        tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")
-    ).best_checkpoint
+    ckpt = _perturbed(
+        fit_local(tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")).best_checkpoint,
+        tmp_path,
+    )
     variant = export_model(task, ckpt, tmp_path / f"{task}.onnx", dynamic_batch=True)
     report = variant.report
     assert not variant.version  # a checkpoint file is not registered unless asked
@@ -38,6 +39,23 @@ def test_export_round_trips_at_any_batch_and_size(tiny_config, tmp_path: Path, t
     }
     (out,) = run_session(sess, inputs)[:1]
     assert out.shape[0] == 3 and out.shape[2:] == (first[2] * 2, first[3]) and np.isfinite(out).all()
+    assert float(np.abs(out).max()) > 1e-2  # a graph of zeros would not pass
+
+
+def _perturbed(checkpoint: str, tmp_path: Path) -> str:
+    """The checkpoint with noise on its (near-)zero-initialised weights. A one-step model is near its
+    initialisation: harmonization's head starts at zero, so its transform was ~1e-5 and an exported
+    graph that outputs zeros was within the 1e-4 tolerance; with the head perturbed it is not."""
+    from montage.platform.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    g = torch.Generator().manual_seed(0)
+    for weights in state["nets"].values():
+        for name, value in weights.items():
+            if value.is_floating_point() and "running" not in name and float(value.abs().max()) < 1e-3:
+                value.add_(0.05 * torch.randn(value.shape, generator=g))
+    state.pop("format", None)
+    return str(save_checkpoint(state, tmp_path / "perturbed.pt"))
 
 
 def test_export_of_a_registered_version_becomes_a_tagged_variant(tiny_config, tmp_path: Path) -> None:

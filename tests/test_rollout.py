@@ -64,6 +64,7 @@ def app(ray_session, tmp_path_factory):
         f"harmonization.source={ck['harm1']}",
         f"harmonization.challenger={ck['harm2']}",
         "harmonization.rollout.mode=shadow",
+        "monitoring.reference_samples=16",  # the drift references the replicas compute for the checkpoints
     ]
     run(load_serve_config(None, overrides))
     yield {"url": f"http://127.0.0.1:{port}", "ck": ck, "uri": uri, "overrides": overrides, "tmp": tmp}
@@ -191,36 +192,6 @@ def test_reload_onto_models_that_do_not_load_keeps_serving(app, caplog) -> None:
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
 
 
-def test_fused_mode_routes_the_same_arms(app) -> None:
-    """``fused: true``: both arms run inside the ingress replica, routed and reported the same way."""
-    from montage.serve.app import load_serve_config, run
-
-    url = app["url"]
-    run(load_serve_config(None, app["overrides"] + ["fused=true"]))
-    try:
-        answered = {}
-        for client in range(12):
-            r = requests.post(
-                f"{url}/v1/segment",
-                files={"image": png(img(32, 32))},
-                headers={"X-Montage-Client": f"u{client}"},
-                timeout=60,
-            )
-            assert r.status_code == 200
-            answered[f"u{client}"] = _versions(r)["segmentation"]
-        assert {a for _, a in answered.values()} == {"champion", "challenger"}
-        assert {v for v, _ in answered.values()} == {"v1", "v2"}
-        side = requests.get(f"{url}/v1/monitor", timeout=30).json()["rollout"]["segmentation"]
-        assert side["arms"]["champion"]["requests"] + side["arms"]["challenger"]["requests"] == 12
-    finally:
-        run(load_serve_config(None, app["overrides"]))
-    # the same callers on the same arms as in graph mode (the assignment depends on caller and challenger only)
-    r = requests.post(
-        f"{url}/v1/segment", files={"image": png(img(32, 32))}, headers={"X-Montage-Client": "u3"}, timeout=60
-    )
-    assert _versions(r)["segmentation"] == answered["u3"]
-
-
 def test_rollback_and_promote_through_the_registry(app) -> None:
     from montage.cli import main
     from montage.serve.app import load_serve_config, run
@@ -244,3 +215,29 @@ def test_rollback_and_promote_through_the_registry(app) -> None:
     assert "v2" in health["models"]["segmentation"] and "segmentation" not in health.get("challengers", {})
     r = requests.post(f"{url}/v1/segment", files={"image": png(img(30, 30))}, timeout=60)
     assert _versions(r)["segmentation"] == ("v2", "champion")
+
+
+def test_fused_mode_routes_the_same_arms(app) -> None:
+    """``fused: true``: both arms run inside the ingress replica, routed and reported the same way
+    (last: the application stays fused; after the promotion above, v1 comes back as the challenger)."""
+    from montage.serve.app import load_serve_config, run
+    from montage.tracking import registry as reg
+
+    url = app["url"]
+    reg.client(app["uri"]).set_registered_model_alias(SEG, "challenger", "1")
+    run(load_serve_config(None, app["overrides"] + ["fused=true"]))
+    answered = {}
+    for client in range(12):
+        r = requests.post(
+            f"{url}/v1/segment",
+            files={"image": png(img(32, 32))},
+            headers={"X-Montage-Client": f"u{client}"},
+            timeout=60,
+        )
+        assert r.status_code == 200
+        answered[f"u{client}"] = _versions(r)["segmentation"]
+    assert {a for _, a in answered.values()} == {"champion", "challenger"}
+    assert {v for v, a in answered.values() if a == "challenger"} == {"v1"}
+    assert {v for v, a in answered.values() if a == "champion"} == {"v2"}
+    side = requests.get(f"{url}/v1/monitor", timeout=30).json()["rollout"]["segmentation"]
+    assert side["arms"]["champion"]["requests"] + side["arms"]["challenger"]["requests"] == 12

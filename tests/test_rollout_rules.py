@@ -116,4 +116,3 @@ def test_canary_shadow_verdict_and_automatic_rollback() -> None:
     doc = arms.compare()
     assert doc["errors"]["rate"][1] == 1.0 and doc["verdict"] == "rollback"
     assert verdict(doc, RolloutRules(min_requests=1000))[0] == "collecting"
-

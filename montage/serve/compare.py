@@ -134,7 +134,7 @@ def error_rates(champion: tuple[int, int], challenger: tuple[int, int], alpha: f
     return {**out, "p_value": float(f"{p:.3g}"), "significant": bool(p < alpha)}
 
 
-def mean_ci(values: Any, alpha: float = 0.05) -> dict[str, Any]:
+def mean_ci(values: Any) -> dict[str, Any]:
     """Mean of a sample (shadow agreement) with a normal-approximation interval."""
     x = _clean(values)
     if not x.size:
