@@ -3,6 +3,7 @@
 - :mod:`~montage.cli.training`: ``train``, ``tune``, ``submit``, ``predict``, ``config``, ``tasks``, ``data``, ``demo``
 - :mod:`~montage.cli.models`: ``models`` (list, promote), ``export``, ``optimize``
 - :mod:`~montage.cli.serving`: ``serve`` (and ``serve keygen``), ``monitor``
+- :mod:`~montage.cli.report`: ``report`` (sweep, runs, versions)
 
 Each module's ``register(sub)`` adds its sub-commands; :func:`main` parses, sets up logging and
 turns the errors a user can fix (bad config, unknown name, missing file, ...) into one line and exit 2.
@@ -20,7 +21,7 @@ from montage.core.logs import setup_logging  # light: no torch, Ray or MLflow
 
 log = logging.getLogger("montage")
 
-GROUPS = ("training", "models", "serving")
+GROUPS = ("training", "models", "serving", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
