@@ -123,7 +123,7 @@ def test_runs_and_versions_reports(sweep) -> None:
 )
 def test_report_renders_in_chromium(sweep, tmp_path) -> None:
     """Every figure decodes and the page lays out; ``MONTAGE_REPORT_SCREENSHOT=docs/report.png``
-    also saves the README's screenshot (the test itself writes only under tmp_path)."""
+    also saves the screenshot of the README and docs/tuning.md (the test writes only under tmp_path)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
