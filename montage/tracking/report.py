@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"  # MlflowHook logs the SampleGrid of every K-th epoch as samples/epoch_NNN.png
 _SAMPLE = re.compile(r"epoch_(\d+)\.png$")
+_SCHEDULER_KEYS = ("scheduler.grace_period", "scheduler.reduction_factor", "scheduler.max_t")
 CURVE_KEYS = ("train/total", "val/loss")  # plotted beside the monitored metric when a run logged them
 
 
@@ -190,9 +191,7 @@ def load_sweep(sweep: str, uri: str = "") -> ReportData:
         "parent run": parent.info.run_id,
         "trials": str(len(runs)),
         "scheduler": " ".join(
-            f"{k.split('.', 1)[-1]}={p[k]}"
-            for k in ("scheduler", "scheduler.grace_period", "scheduler.max_t")
-            if k in p
+            [p.get("scheduler", "")] + [f"{k.split('.', 1)[1]}={p[k]}" for k in _SCHEDULER_KEYS if k in p]
         ),
         "best trial": parent.data.tags.get("montage.best_trial", "-"),
         "git commit": parent.data.tags.get("mlflow.source.git.commit", "-")[:12],

@@ -77,6 +77,9 @@ def curves(data: ReportData, path: Path) -> Path | None:
     if baseline:
         axes[0][0].axhline(sum(baseline) / len(baseline), color="0.45", ls="-.", lw=1.2, label="baseline")
     for ax, key in zip(axes[0], keys):
+        ys = [v for r in data.runs for _, v in r.history.get(key, [])]
+        if ys and min(ys) > 0 and max(ys) / min(ys) > 5:  # a diverged run would flatten the others
+            ax.set_yscale("log")
         ax.set_title(key + (f" ({data.mode})" if key == data.metric else ""))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
