@@ -273,7 +273,8 @@ def table_html(data: ReportData) -> str:
         baseline = run.value_at(base, b[0]) if b else None
         ratio = b[1] / baseline if b and baseline else None
         label = run.label + (f" ({run.note})" if run.note else "") + (" ★" if run is best else "")
-        cells = [label, run.status, str(run.epochs), *[run.params.get(k, "") for k in keys]]
+        params = [run.params.get(k, "") for k in keys]
+        cells = [label, run.status, str(run.epochs), *[p if _num(p) is None else _fmt(_num(p)) for p in params]]
         cells += [_fmt(b[1]) if b else "—", str(b[0]) if b else "—", _fmt(baseline), _fmt(ratio)]
         tds = "".join(f'<td class="{"l" if i < 2 else ""}">{html.escape(str(c))}</td>' for i, c in enumerate(cells))
         out.append(f'<tr class="{"best" if run is best else ""}" data-run="{run.run_id}">{tds}</tr>')
