@@ -34,6 +34,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=40, help="requests per round")
     p.add_argument("--rounds", type=int, default=2, help="on/off pairs")
     p.add_argument("--size", type=int, default=512)
+    p.add_argument("--docs", action="store_true", help="also write the figures into docs/monitoring.md")
     args = p.parse_args()
     import ray
     import requests
@@ -95,19 +96,23 @@ def main() -> int:
                     time.sleep(0.5)
             results[mode] += [call() for _ in range(args.requests)]
 
-    print(
+    lines = [
         f"machine: {os.cpu_count()} CPUs; {s}×{s} person + background; tiny models; 1 client; {args.rounds} × "
-        f"{args.requests} requests per mode"
-    )
-    print(
+        f"{args.requests} requests per mode",
         "monitoring work per /v1/composite in process (features of 2 inputs, alpha, colour change): median "
-        f"{statistics.median(work) * 1000:.2f} ms"
-    )
-    print(f"{'monitoring':>10s} {'p50 ms':>7s} {'p95 ms':>7s}")
+        f"{statistics.median(work) * 1000:.2f} ms",
+        f"{'monitoring':>10s} {'p50 ms':>7s} {'p95 ms':>7s}",
+    ]
     for mode, lat in results.items():
-        print(f"{mode:>10s} {statistics.median(lat) * 1000:7.1f} {pct(lat, 0.95) * 1000:7.1f}")
+        lines.append(f"{mode:>10s} {statistics.median(lat) * 1000:7.1f} {pct(lat, 0.95) * 1000:7.1f}")
     on, off = statistics.median(results["on"]), statistics.median(results["off"])
-    print(f"p50 on ÷ off: {on / off:.3f} ({(on / off - 1) * 100:+.1f} %)")
+    lines.append(f"p50 on ÷ off: {on / off:.3f} ({(on / off - 1) * 100:+.1f} %)")
+    print("\n".join(lines))
+    if args.docs:
+        from docs_table import write_block
+
+        command = "python bench/monitoring_bench.py " + " ".join(sys.argv[1:])
+        print(f"wrote {write_block('docs/monitoring.md', 'monitoring_bench', chr(10).join(lines), command.strip())}")
     from ray import serve
 
     serve.shutdown()

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--docs", action="store_true", help="also write the figures into docs/reliability.md")
     p.add_argument("--samples", type=int, default=512, help="synthetic training samples (sets the epoch length)")
     args = p.parse_args()
     import mlflow
@@ -112,8 +114,13 @@ def main() -> int:
             ("epochs logged", ", ".join(str(e) for e in sorted(ends)), "one MLflow run, each epoch once"),
         ]
         width = max(len(r[0]) for r in rows)
-        for name, value, note in rows:
-            print(f"{name.ljust(width)}  {value:>10}  {note}")
+        lines = [f"{name.ljust(width)}  {value:>10}  {note}" for name, value, note in rows]
+        print("\n".join(lines))
+        if args.docs:
+            from docs_table import write_block
+
+            command = "python bench/restart_bench.py " + " ".join(sys.argv[1:])
+            print(f"wrote {write_block('docs/reliability.md', 'restart_bench', chr(10).join(lines), command.strip())}")
         return 0
     finally:
         ray.shutdown()

@@ -99,8 +99,15 @@ def test_registry_lists_valid_names() -> None:
 def test_config_reference_is_current() -> None:
     from pathlib import Path
 
-    from montage.platform.reference import reference
+    from montage.cli.reference import reference
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md").read_text()
-    assert doc == reference(), "docs/CONFIG.md is stale: python -m montage.platform.reference > docs/CONFIG.md"
+    assert doc == reference(), "docs/CONFIG.md is stale: python -m montage.cli.reference > docs/CONFIG.md"
     assert "`loss.dice` | `float` | `1.0`" in doc and "`optim.lr_d`" in doc
+    # every config file type: training, tune (required keys marked) and serve, with the fields' comments
+    assert "| `base` | `str` | (required) | training config:" in doc and "`scheduler.grace_period`" in doc
+    assert (
+        "`<model>.runtime`" in doc
+        and "`monitoring.psi_threshold`" in doc
+        and "`pix2pix` changes `enabled=False`" in doc
+    )

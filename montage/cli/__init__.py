@@ -6,6 +6,7 @@
 - :mod:`~montage.cli.rollout`: ``rollout`` (status, promote, rollback)
 - :mod:`~montage.cli.toolbox`: ``check``, ``lr-find``, ``cv``
 - :mod:`~montage.cli.data`: ``data`` (``data check``, ``data catflw``, ...), ``evaluate``
+- :mod:`~montage.cli.report`: ``report`` (sweep, runs, versions)
 
 Each module's ``register(sub)`` adds its sub-commands; :func:`main` parses, sets up logging and
 turns the errors a user can fix (bad config, unknown name, missing file, ...) into one line and exit 2.
@@ -23,7 +24,7 @@ from montage.core.logs import setup_logging  # light: no torch, Ray or MLflow
 
 log = logging.getLogger("montage")
 
-GROUPS = ("training", "models", "serving", "rollout", "toolbox", "data")
+GROUPS = ("training", "models", "serving", "rollout", "toolbox", "data", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,6 +132,7 @@ def format_sweep(result: Any, metric: str) -> str:
         lines.append(
             f"registered {r.name} version {r.version}" + (" → @champion" if r.promoted else " (champion kept)")
         )
+    lines.append(f"compare the trials: montage report sweep {result.name}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The Ray session: connect to a cluster or start a private local Ray, and storage paths."""
+"""The Ray session: connect to a cluster or start a private local Ray; storage paths; what the cluster
+holds and can grow to (its nodes, the autoscaler's node types, :class:`Capacity`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Assemble a :class:`Loop` for a config, and run it in-process (no Ray).
+"""Assemble a :class:`Loop` for a config: the task, its networks and loaders, the standard hooks,
+the resume state of a checkpoint, and the summary a finished run returns.
 
-The Ray Train adapter (``train.py``) calls :func:`build_loop` inside each worker with DDP
-wrappers; :func:`fit_local` calls it in the current process for debugging and tests.
+The launchers call :func:`build_loop`: the Ray Train adapter (:mod:`montage.launch.train`) inside
+each worker with DDP wrappers, :func:`montage.launch.local.fit_local` in the current process
+(``montage train --no-ray``, debugging and tests).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """MLflow side of a sweep: the parent run, trial outcomes on the child runs, the summary
-plots, and the model registry (register, compare with the champion, move the alias)."""
+plots, and the best trial's registration (through :mod:`montage.tracking.registry`, which
+compares it with the champion and moves the alias). ``montage report`` draws the sweep from
+these records (:mod:`montage.tracking.report`)."""
 
 from __future__ import annotations
 
