@@ -207,6 +207,28 @@ def raylet_of(pid: int, gcs_address: str) -> int | None:
     return None
 
 
+def kill_node(raylet: int) -> None:
+    """A node dies: SIGKILL its raylet and every process under it (its workers), as a lost machine would."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [raylet]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_cluster_processes(gcs_address: str) -> None:
     """Every process of the cluster at ``gcs_address`` on this machine (fake worker nodes the
     autoscaler started outlive the head's `ray start`)."""
