@@ -192,6 +192,43 @@ class AutoscalingHead:
             record.unlink()
 
 
+def raylet_of(pid: int, gcs_address: str) -> int | None:
+    """The raylet of the cluster at ``gcs_address`` that ``pid`` (a Ray worker) runs under, walking up
+    its parents; None when it is no worker of that cluster (other Rays may share this machine)."""
+    while pid > 1:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            return None
+        if "raylet" in cmdline.split("\0", 1)[0] and gcs_address in cmdline:
+            return pid
+        pid = parent
+    return None
+
+
+def kill_node(raylet: int) -> None:
+    """A node dies: SIGKILL its raylet and every process under it (its workers), as a lost machine would."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [raylet]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_cluster_processes(gcs_address: str) -> None:
     """Every process of the cluster at ``gcs_address`` on this machine (fake worker nodes the
     autoscaler started outlive the head's `ray start`)."""

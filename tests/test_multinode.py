@@ -130,6 +130,41 @@ def test_a_training_grows_an_autoscaling_cluster_and_an_impossible_trial_fails_a
     assert time.time() - started < 60
 
 
+@pytest.mark.timeout(900)
+def test_a_training_that_loses_its_node_gets_a_replacement_from_the_autoscaler(autoscaling, tracking, tmp_path) -> None:
+    """No spare node: the training's only worker node dies (its raylet killed) after the first checkpoint,
+    so the restart must wait for the autoscaler to launch a replacement; the training then finishes from
+    that checkpoint, one FINISHED run with every epoch once."""
+    import threading
+
+    from cluster_helpers import kill_node, raylet_of
+
+    from montage.launch.session import train_worker_pids
+
+    runs = tmp_path / "runs"
+    train = ["train", "segmentation", "--config", "segmentation-smoke", "train.epochs=4", "train.max_steps=2",
+             "scaling.workers=1", "scaling.cpus_per_worker=1", "scaling.max_failures=1", f"run.storage={runs}",
+             "run.name=replaced"]  # fmt: skip
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.update(rc=_submit(autoscaling, tracking, *train)))
+    job.start()
+    wait_until(lambda: any((runs / "replaced").glob("checkpoint_*")), 600, "the first checkpoint")
+
+    def worker_raylet() -> int | None:
+        return next((r for p in train_worker_pids() if (r := raylet_of(p, autoscaling.gcs))), None)
+
+    raylet = wait_until(worker_raylet, 60, "the raylet of the training's worker node")
+    kill_node(raylet)
+    job.join(timeout=780)
+    assert out.get("rc") == 0
+    client = mlflow.MlflowClient(tracking.uri)
+    exp = client.get_experiment_by_name("montage-segmentation")
+    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'replaced'")
+    assert run.info.status == "FINISHED"
+    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
+    assert int(run.data.tags["montage.starts"]) == 2  # the first start and the restart on the new node
+
+
 # ------------------------------------------------------------------------------ a cluster that loses nodes
 
 
