@@ -87,4 +87,5 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     """The job-submission tests start their own `ray start` head, which must come up before this
     process starts the shared Ray session (the two would contend for the dashboard agent's
     ports): run them first, whatever the file order."""
-    items.sort(key=lambda item: 0 if item.path.name == "test_jobs.py" else 1)
+    first = {"test_jobs.py": 0, "test_multinode.py": 1}  # own clusters, before the shared session starts
+    items.sort(key=lambda item: first.get(item.path.name, 2))

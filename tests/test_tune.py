@@ -16,7 +16,16 @@ import torch
 import yaml
 
 from montage.core.config import ConfigError
-from montage.launch.tune import TuneConfig, best_trial, load_tune_config, run_sweep, trial_concurrency, trial_status
+from montage.launch.session import Capacity
+from montage.launch.tune import (
+    TrialResources,
+    TuneConfig,
+    best_trial,
+    load_tune_config,
+    run_sweep,
+    trial_concurrency,
+    trial_status,
+)
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
 from montage.tracking import registry as st
@@ -72,11 +81,39 @@ def test_space_parsing_and_concurrency(tmp_path: Path) -> None:
     assert tcfg.metric == "val/iou" and tcfg.mode == "max"  # the task's monitor
     assert [(p.key, p.kind) for p in params] == [("loss.dice", "uniform"), ("optim.lr", "loguniform")]
     assert base.scaling.workers == 1 and base.scaling.cpus_per_worker == 0.5
-    assert trial_concurrency(TuneConfig(task="x", base="y", resources=tcfg.resources), {"CPU": 2.0}) == 3
-    with pytest.raises(ConfigError, match="one trial needs 4.01 CPUs"):
-        trial_concurrency(TuneConfig(task="x", base="y", resources=type(tcfg.resources)(workers=4)), {"CPU": 2.0})
     with pytest.raises(ConfigError, match="not in the search space"):
         load_tune_config(write_tune(tmp_path, points_to_evaluate=[{"loss.bce": 1.0}]))
+    # resources are what a trial's TorchTrainer asks for, nothing else: a key that would do nothing is refused
+    for key in ("max_failures", "keep_checkpoints", "sync_batchnorm"):
+        with pytest.raises(ConfigError, match=f"unknown config key 'resources.{key}'"):
+            load_tune_config(write_tune(tmp_path), [f"resources.{key}=1"])
+
+
+def test_concurrency_comes_from_what_the_cluster_can_grow_to() -> None:
+    def tune(**resources) -> TuneConfig:
+        return TuneConfig(task="x", base="y", resources=TrialResources(**resources), num_samples=8)
+
+    half = tune(workers=1, cpus_per_worker=0.5)
+    assert trial_concurrency(half, Capacity([{"CPU": 2.0}], "of this cluster")) == 4  # 0.5 CPU a trial
+    with pytest.raises(ConfigError, match="one trial needs 4 CPU"):
+        trial_concurrency(tune(workers=4), Capacity([{"CPU": 2.0}], "of this cluster"))
+    # a head with 0 CPUs and a worker type of 1 CPU, at most 2 of them: nothing fits now, 2 × 1 CPU later
+    grows = Capacity([{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}], "type of the autoscaler", ["head", "cpu ×2"])
+    assert trial_concurrency(half, grows) == 4
+    assert trial_concurrency(tune(workers=2, cpus_per_worker=0.6), grows) == 1
+    assert (
+        trial_concurrency(
+            TuneConfig(task="x", base="y", resources=TrialResources(cpus_per_worker=0.5), max_concurrent=2), grows
+        )
+        == 2
+    )
+    # a worker no node type can ever hold fails at once, naming the resource
+    gpus = Capacity([{"CPU": 0.0}] + [{"CPU": 8.0, "GPU": 1.0}] * 4, "type of the autoscaler", ["gpu_worker"])
+    assert trial_concurrency(tune(workers=2, gpus=True, cpus_per_worker=4), gpus) == 2
+    with pytest.raises(ConfigError, match=r"no node type of the autoscaler can hold it .*not enough GPU"):
+        trial_concurrency(tune(workers=1, gpus=True, gpus_per_worker=2), gpus)
+    # an autoscaler whose node types cannot be read: as many as max_concurrent (else num_samples) allows
+    assert trial_concurrency(half, Capacity([], "of this autoscaling cluster", known=False)) == 8
 
 
 def test_trial_status_says_stopped_early_only_for_the_schedulers_stops() -> None:

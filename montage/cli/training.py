@@ -199,7 +199,11 @@ def register(sub: Any) -> None:
         default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
         help="the head's dashboard, http://HEAD:8265",
     )
-    sb.add_argument("--working-dir", default=".", help="uploaded as the job's working dir")
+    sb.add_argument(
+        "--working-dir",
+        default=".",
+        help="uploaded as the job's working dir ('' for none: every node has montage installed)",
+    )
     sb.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI for the job, e.g. http://HEAD:5000")
     sb.add_argument("--no-follow", action="store_true", help="return after submitting")
     sb.add_argument(

@@ -109,10 +109,14 @@ class ScalingConfig:
 
 @dataclass
 class RunConfig:
-    """Where a run lives: ``<storage>/<name>`` (a local path, NFS mount, s3:// or gs://)."""
+    """Where a run lives: ``<storage>/<name>`` (a local path, NFS mount, s3:// or gs://).
+    ``storage_endpoint``: the URL of an S3-compatible server for ``s3://`` storage (MinIO, Ceph, a local
+    endpoint; empty: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS). Credentials come from the
+    usual AWS variables or an instance profile."""
 
     name: str = ""  # empty: <task>-<timestamp>
     storage: str = "runs"
+    storage_endpoint: str = ""
 
 
 @dataclass
@@ -126,6 +130,16 @@ class TrackingConfig:
     log_model: bool = True
     parent_run_id: str = ""  # set by tune: the sweep's parent run
     run_id: str = ""  # log into this run (set by the launchers: restarts and resumes keep one run)
+    # a server that does not answer: at the start, refuse (required) or train and log when it is back;
+    # during training, queue on disk in the run folder (at most outbox_limit records), retry after retry_s
+    # doubling to retry_max_s, and wait up to drain_s at the end. Each request: timeout_s, retries quick retries
+    required: bool = True
+    timeout_s: float = 10.0
+    retries: int = 2
+    retry_s: float = 5.0
+    retry_max_s: float = 120.0
+    outbox_limit: int = 10000
+    drain_s: float = 120.0
 
 
 @dataclass

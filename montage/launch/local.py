@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from montage.core.config import ExperimentConfig, save_config
-from montage.platform.hooks import CheckpointHook
+from montage.launch.lifecycle import begin, rank_hooks
 from montage.platform.loop import Hook
-from montage.platform.runner import RunSummary, WorkerEnv, build_loop, default_run_name, resume_state
+from montage.platform.runner import RunSummary, WorkerEnv, build_loop, resume_state
 from montage.tracking.registry import resolve_model_sources
-from montage.tracking.runs import MlflowHook, open_run, prepare_tracking
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +48,22 @@ def fit_local(
 
     Writes ``<run.storage>/<run.name>/{config.yaml,latest.pt,best.pt}``; returns a summary.
     """
-    if resume is not None:
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-        cfg.run.name, cfg.run.storage = run_dir.name, str(run_dir.parent)
-    cfg.run.name = default_run_name(cfg)
-    run_dir = Path(cfg.run.storage) / cfg.run.name
+    if "://" in str(resume or cfg.run.storage):
+        raise ValueError(
+            "training in this process writes a local run folder: use Ray (montage train) for s3:// storage"
+        )
+    run = begin(cfg, resume)
+    run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     dev = torch.device(device or ("cuda" if cfg.scaling.gpus and torch.cuda.is_available() else "cpu"))
-    ckpt = CheckpointHook(run_dir, latest=True, every=cfg.train.checkpoint_every)
-    hooks: list[Hook] = [ckpt]
-    if cfg.tracking.enabled:
-        prepare_tracking(cfg)
-        cfg.tracking.run_id = open_run(cfg, str(run_dir.resolve()), resume=resume is not None)
-        hooks.append(MlflowHook(cfg, best_path=ckpt.best_path))
+    hooks = rank_hooks(cfg, 0, run_dir, latest=True)
+    ckpt = hooks[0]
     hooks += extra_hooks or []
     resolve_model_sources(cfg)
     loop = build_loop(cfg, WorkerEnv(device=dev, launched_at=launched_at), hooks)
     if resume is not None:
-        loop.load_state_dict(resume_state(resume, cfg))
+        loop.load_state_dict(resume_state(resume if Path(resume).is_file() else run_dir, cfg))
         log.info("resumed %s at epoch %d (best %s=%s)", run_dir, loop.epoch, loop.best.metric, loop.best.value)
     metrics = loop.fit()
     mlflow_hook = next((h for h in hooks if getattr(h, "key", "") == "mlflow"), None)

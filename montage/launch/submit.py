@@ -11,6 +11,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+AGENT_WAIT_S = 120
+
 EXCLUDES = [".venv", ".git", "runs", "mlartifacts", "mlruns.db", "demo_out", "**/__pycache__", "*.egg-info"]
 # MLflow basic-auth credentials (cluster.yaml runs the server with --app-name basic-auth) travel with the job
 FORWARDED_ENV = (
@@ -42,9 +44,19 @@ def submit(
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     client = JobSubmissionClient(address)
     entrypoint = f"{shlex.quote(python)} -m montage " + " ".join(shlex.quote(c) for c in command)
-    job_id = client.submit_job(
-        entrypoint=entrypoint, runtime_env={"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env}
-    )
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if working_dir:  # empty: run where montage is installed on the head (paths then as the head sees them)
+        runtime_env.update(working_dir=working_dir, excludes=EXCLUDES)
+    deadline = time.time() + AGENT_WAIT_S
+    while True:  # a head that has just started refuses jobs until its job agent is up
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            log.info("the cluster's job agent is not up yet: retrying")
+            time.sleep(2)
     log.info("submitted %s as %s to %s", entrypoint, job_id, address)
     if follow:
         asyncio.run(_tail(client, job_id))

@@ -16,20 +16,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from montage.core.config import ExperimentConfig, to_dict
-from montage.launch.session import ensure_ray, storage_path
+from montage.launch.lifecycle import Run, begin, rank_hooks
+from montage.launch.session import ensure_ray, refuse_local_tracking_on_a_cluster
+from montage.launch.storage import Storage
 from montage.platform.checkpoint import FILENAME, load_checkpoint, save_checkpoint
-from montage.platform.hooks import CheckpointHook
 from montage.platform.loop import Hook, Loop
-from montage.platform.runner import (
-    KeptCheckpoint,
-    RunSummary,
-    WorkerEnv,
-    build_loop,
-    config_from_tree,
-    default_run_name,
-)
+from montage.platform.runner import KeptCheckpoint, RunSummary, WorkerEnv, build_loop, config_from_tree
 from montage.tracking.registry import resolve_model_sources
-from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +62,12 @@ def _staging(cfg: ExperimentConfig) -> Iterator[str]:
     """Where rank 0 keeps the best checkpoint for MLflow: inside the run's own folder on local
     storage (a worker killed by a failure or by ASHA leaves nothing in /tmp; a rerun reuses it),
     a temporary folder for remote storage. Removed when the fit ends."""
-    if "://" in cfg.run.storage:
+    run = Storage.of(cfg.run.storage, cfg.run.storage_endpoint).child(cfg.run.name)
+    if run.remote:
         with tempfile.TemporaryDirectory(prefix="montage-best-") as tmp:
             yield tmp
         return
-    folder = Path(storage_path(cfg.run.storage)) / cfg.run.name / ".montage-best"
+    folder = Path(run.uri) / ".montage-best"
     folder.mkdir(parents=True, exist_ok=True)
     try:
         yield str(folder)
@@ -115,13 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         launched_at=config.get("launched_at"),
     )
     with _staging(cfg) as staging_dir:
-        hooks: list[Hook] = []
-        if rank == 0:
-            staging = CheckpointHook(staging_dir, latest=False)
-            hooks.append(staging)
-            if cfg.tracking.enabled:
-                hooks.append(MlflowHook(cfg, tags=config.get("tags"), best_path=staging.best_path))
-        hooks.append(RayReportHook())
+        hooks = [*rank_hooks(cfg, rank, staging_dir, latest=False, tags=config.get("tags")), RayReportHook()]
         loop = build_loop(cfg, env, hooks)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -156,7 +144,7 @@ def make_trainer(
         scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.gpus, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage_path(cfg.run.storage),
+            **Storage.of(cfg.run.storage, cfg.run.storage_endpoint).ray_args(),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=sc.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
@@ -174,26 +162,9 @@ def fit_ray(
     ``resume``: a run folder ``<storage>/<name>`` (or just a run name under ``run.storage``)
     to continue from its latest checkpoint. Returns a summary of the result.
     """
-    if resume:
-        if "/" in resume.rstrip("/"):
-            cfg.run.storage, cfg.run.name = resume.rstrip("/").rsplit("/", 1)
-        else:
-            cfg.run.name = resume
-    cfg.run.name = default_run_name(cfg)
-    run_dir = Path(storage_path(cfg.run.storage)) / cfg.run.name
-    if "://" not in cfg.run.storage:
-        if resume and not run_dir.is_dir():
-            raise FileNotFoundError(f"nothing to resume: run folder {run_dir} does not exist")
-        if not resume and run_dir.exists():
-            raise FileExistsError(
-                f"run folder {run_dir} exists: pass --resume {run_dir} to continue it, or choose another run.name"
-            )
-    started = 0
-    if cfg.tracking.enabled:
-        prepare_tracking(cfg)
-        cfg.tracking.run_id = open_run(cfg, str(run_dir), resume=bool(resume))
-        started = starts(cfg, cfg.tracking.run_id)
     ensure_ray(address)
+    refuse_local_tracking_on_a_cluster(cfg)
+    run = begin(cfg, resume)
     import ray.train
 
     trainer = make_trainer(cfg, launched_at=launched_at or time.time())
@@ -202,70 +173,58 @@ def fit_ray(
         result = trainer.fit()
         failure = result.error
     except ray.train.TrainingFailedError as exc:  # V2 raises once the restarts allowed are spent
-        failure, result = exc, _stored_result(run_dir)
+        failure, result = exc, _stored_result(run)
     except KeyboardInterrupt as exc:
-        if cfg.tracking.enabled:
-            end_failed_run(cfg, cfg.tracking.run_id, exc)
+        run.end(exc)
         raise
-    restarts = 0
-    if cfg.tracking.enabled:
-        restarts = max(0, starts(cfg, cfg.tracking.run_id) - started - 1)
-        if failure is not None:
-            end_failed_run(cfg, cfg.tracking.run_id, failure)
-    if restarts:
-        log.warning(
-            "%s: the workers restarted %d time(s) from the latest checkpoint after failures (scaling.max_failures=%d)",
-            cfg.run.name,
-            restarts,
-            cfg.scaling.max_failures,
-        )
-    error = _explain(failure, cfg, run_dir) if failure is not None else None
+    restarts = run.end(failure)
+    error = _explain(failure, cfg, run.dir) if failure is not None else None
     if error:
         log.error("%s", error)
-    if result is None:
-        return RunSummary(
-            run_dir=str(run_dir),
-            metrics={},
-            best_metric=_monitor(cfg)[0],
-            best_value=None,
-            best_epoch=-1,
-            best_checkpoint=None,
-            mlflow_run_id=cfg.tracking.run_id or None,
-            error=error,
-            restarts=restarts,
-        )
-    best = result.get_best_checkpoint(*_monitor(cfg)) if result.best_checkpoints else None
-    kept = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("epoch", 0))
-    metric, _ = _monitor(cfg)
-    best_metrics = dict(next((m for c, m in kept if best is not None and c.path == best.path), {}))
-    latest = result.checkpoint.path if result.checkpoint else None
-    return RunSummary(
-        run_dir=str(run_dir),
-        metrics=dict(result.metrics or {}),
+    metric = _monitor(cfg)[0]
+    summary = RunSummary(
+        run_dir=run.dir,
+        metrics={},
         best_metric=metric,
-        best_value=best_metrics.get(metric),
-        best_epoch=int(best_metrics.get("epoch", -1)),
-        best_checkpoint=best.path if best else None,
-        checkpoint=latest,
-        checkpoints=[KeptCheckpoint(c.path, dict(m)) for c, m in kept],
+        best_value=None,
+        best_epoch=-1,
+        best_checkpoint=None,
         mlflow_run_id=cfg.tracking.run_id or None,
         error=error,
         restarts=restarts,
     )
+    if result is None:
+        return summary
+    best = result.get_best_checkpoint(*_monitor(cfg)) if result.best_checkpoints else None
+    kept = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("epoch", 0))
+    best_metrics = dict(next((m for c, m in kept if best is not None and c.path == best.path), {}))
+    summary.metrics = dict(result.metrics or {})
+    summary.best_value, summary.best_epoch = best_metrics.get(metric), int(best_metrics.get("epoch", -1))
+    summary.best_checkpoint = _uri(run, best.path) if best else None
+    summary.checkpoint = _uri(run, result.checkpoint.path) if result.checkpoint else None
+    summary.checkpoints = [KeptCheckpoint(_uri(run, c.path), dict(m)) for c, m in kept]
+    return summary
 
 
-def _stored_result(run_dir: Path) -> Any:
+def _uri(run: Run, path: str) -> str:
+    """A checkpoint path as Ray gives it (``bucket/prefix/...`` on object storage) as a URI."""
+    if not run.storage.remote or "://" in path:
+        return path
+    return f"{run.storage.uri.split('://', 1)[0]}://{path}"
+
+
+def _stored_result(run: Run) -> Any:
     """What a failed run left on storage (its kept checkpoints), or None."""
     import ray.train
 
     try:
-        return ray.train.Result.from_path(str(run_dir))
+        return ray.train.Result.from_path(run.storage.path, storage_filesystem=run.storage.filesystem)
     except Exception as exc:  # noqa: BLE001 - failed before its first report: nothing stored
-        log.debug("no stored result at %s: %s", run_dir, exc)
+        log.debug("no stored result at %s: %s", run.dir, exc)
         return None
 
 
-def _explain(error: BaseException, cfg: ExperimentConfig, run_dir: Path) -> str:
+def _explain(error: BaseException, cfg: ExperimentConfig, run_dir: str) -> str:
     """The error a failed fit returns: what failed on which rank, and what to do next."""
     failures = getattr(error, "worker_failures", None) or {}
     if failures:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any, Literal
 from montage.core.config import (
     ConfigError,
     ExperimentConfig,
-    ScalingConfig,
     from_dict,
     load_config,
     read_yaml,
@@ -27,6 +27,7 @@ from montage.core.config import (
     to_dict,
 )
 from montage.core.registry import TASKS
+from montage.launch.session import Capacity
 from montage.tracking.registry import Registration
 from montage.tracking.sweeps import TrialRecord, TrialStatus
 
@@ -44,6 +45,40 @@ class SchedulerConfig:
 
 
 @dataclass
+class TrialResources:
+    """What one trial's TorchTrainer asks for: ``workers`` DDP workers, each with these CPUs (and
+    GPUs when ``gpus``). They replace the base config's ``scaling`` of the same names; the rest of
+    ``scaling`` (``max_failures``, ``keep_checkpoints``, ...) stays the base config's (``base.scaling.*``).
+    ``train.batch_size`` is per worker here as everywhere: the global batch is ``workers × batch_size``."""
+
+    workers: int = 1
+    gpus: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be > 0")
+
+    def bundle(self) -> dict[str, float]:
+        """One worker's resources."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus else {})}
+
+    def demand(self) -> dict[str, float]:
+        """The whole trial's (its function runs on the head, see :data:`TRIAL_FUNCTION_RESOURCES`)."""
+        return {k: v * self.workers for k, v in self.bundle().items()}
+
+
+# Where each trial's own function runs: on the head, a hundredth of Ray's built-in head-node resource and
+# no CPU (the head of cluster.yaml has none to give). It only waits on its TorchTrainer, whose controller it
+# starts beside itself; on a worker node it would be lost with that node, and Ray Train's detached
+# autoscaling coordinator, created on the controller's node, would keep that node from ever being idle.
+TRIAL_FUNCTION_RESOURCES = {"node:__internal_head__": 0.01}
+
+
+@dataclass
 class TuneConfig:
     task: str
     base: str  # training config: a YAML path (relative to the tune config) or a shipped config name
@@ -52,14 +87,13 @@ class TuneConfig:
     metric: str = ""  # empty: the task's monitored metric
     mode: Literal["", "min", "max"] = ""
     num_samples: int = 8
-    max_concurrent: int = 0  # 0: as many as the cluster's resources fit
+    max_concurrent: int = 0  # 0: as many as the cluster can fit once its autoscaler has grown it
     seed: int = 0
     points_to_evaluate: list[dict] = field(default_factory=list)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    # every trial is a TorchTrainer of resources.workers workers; workers, gpus and the
-    # per-worker CPUs/GPUs replace the base config's scaling section
-    resources: ScalingConfig = field(default_factory=ScalingConfig)
+    resources: TrialResources = field(default_factory=TrialResources)
     storage: str = "runs/tune"  # local path, NFS mount, s3:// or gs://
+    storage_endpoint: str = ""  # S3-compatible server for s3:// storage (as run.storage_endpoint)
     name: str = ""  # empty: <task>-sweep-<timestamp>
     max_failures: int = 0  # retries of a failing trial
     promote: Literal["better", "always", "never"] = "better"
@@ -169,6 +203,7 @@ def load_tune_config(
     r = tcfg.resources
     base.scaling.workers, base.scaling.gpus = r.workers, r.gpus
     base.scaling.cpus_per_worker, base.scaling.gpus_per_worker = r.cpus_per_worker, r.gpus_per_worker
+    base.run.storage_endpoint = tcfg.storage_endpoint or base.run.storage_endpoint
     s = tcfg.scheduler
     if s.name == "asha" and s.grace_period > (s.max_t or base.train.epochs):
         raise ConfigError(
@@ -183,20 +218,43 @@ def load_tune_config(
     return tcfg, base, params
 
 
-def trial_concurrency(tcfg: TuneConfig, cluster: dict[str, float]) -> int:
-    """How many trials fit the cluster at once; fails early when one cannot fit at all."""
+def trial_concurrency(tcfg: TuneConfig, capacity: Capacity) -> int:
+    """How many trials the cluster can run at once once it has grown (an autoscaler's node types, or
+    the nodes of a fixed cluster), capped by ``max_concurrent``. Fails at once, naming the resource,
+    when no node could ever host one of a trial's workers, or the whole cluster one trial."""
     r = tcfg.resources
-    cpus = r.workers * r.cpus_per_worker + 0.01  # + the trial function's own reservation
-    fit = math.floor(cluster.get("CPU", 0) / cpus + 1e-9)
-    if r.gpus:
-        fit = min(fit, math.floor(cluster.get("GPU", 0) / (r.workers * r.gpus_per_worker) + 1e-9))
-    if fit < 1:
-        need = f"{cpus:g} CPUs" + (f" and {r.workers * r.gpus_per_worker:g} GPUs" if r.gpus else "")
+    bundle, demand = r.bundle(), r.demand()
+    if capacity.nodes and not any(_fits(bundle, node) for node in capacity.nodes):
+        short = [k for k in sorted(bundle) if not any(node.get(k, 0) + 1e-9 >= bundle[k] for node in capacity.nodes)]
+        short = short or sorted(bundle)  # each fits somewhere, never together
         raise ConfigError(
-            f"one trial needs {need} but the cluster has {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} "
-            "GPUs: lower resources.workers / cpus_per_worker"
+            f"one trial worker needs {_fmt_res(bundle)} but no node {capacity.kind} can hold it "
+            f"({'; '.join(capacity.describe())}): not enough {', '.join(short)} — lower resources.cpus_per_worker / "
+            "gpus_per_worker, or add a node type that has them"
+        )
+    total = capacity.total
+    fit = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in demand.items()) if capacity.known else 0
+    if capacity.known and fit < 1:
+        raise ConfigError(
+            f"one trial needs {_fmt_res(demand)} but the cluster {capacity.kind} has {_fmt_res(total)} in all: "
+            "lower resources.workers / cpus_per_worker"
+        )
+    if not capacity.known:  # an autoscaler whose node types this process cannot read
+        fit = tcfg.max_concurrent or tcfg.num_samples
+        log.warning(
+            "this cluster autoscales but its node types are unknown here: up to %d trial(s) at once "
+            "(set max_concurrent to choose)",
+            fit,
         )
     return min(fit, tcfg.max_concurrent) if tcfg.max_concurrent else fit
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def _fmt_res(res: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items())) or "nothing"
 
 
 def trial_name(trial_id: str) -> str:
@@ -215,9 +273,9 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from montage.core.logs import setup_logging
+    from montage.launch.lifecycle import begin
     from montage.launch.train import make_trainer
     from montage.platform.runner import config_from_tree
-    from montage.tracking.runs import end_failed_run, open_run
 
     setup_logging()
     tree = copy.deepcopy(base_tree)
@@ -228,13 +286,11 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     tree["run"]["storage"] = sweep["trials_storage"]
     tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
     cfg = config_from_tree(tree)
-    if cfg.tracking.enabled:  # one MLflow run per trial, found again when the sweep is resumed
-        tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
-        cfg.tracking.run_id = open_run(cfg, f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}", tags=tags)
+    # one MLflow run per trial, found again under the sweep's parent when Tune restores the trial
+    run = begin(cfg, tags={"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}, trial=True)
     result = make_trainer(cfg, callbacks=[TuneReportCallback()], launched_at=started).fit()
+    run.end(result.error)
     if result.error:
-        if cfg.tracking.enabled:
-            end_failed_run(cfg, cfg.tracking.run_id, result.error)
         raise result.error
 
 
@@ -255,24 +311,32 @@ class SweepResult:
 def run_sweep(
     tcfg: TuneConfig, base: ExperimentConfig, params: list[Param], resume: bool = False, address: str | None = None
 ) -> SweepResult:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from montage.launch.session import ensure_ray, storage_path
+    from montage.launch.session import cluster_capacity, ensure_ray, refuse_local_tracking_on_a_cluster
+    from montage.launch.storage import Storage
     from montage.tracking import sweeps as st
-    from montage.tracking.runs import prepare_tracking
+    from montage.tracking.runs import TrackingUnavailable, prepare_tracking, tracking_answers
 
     if resume and not tcfg.name:
         raise ConfigError("--resume needs the sweep's name= (its folder under storage)")
     tcfg.name = tcfg.name or f"{tcfg.task}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = storage_path(tcfg.storage)
-    sweep_dir = f"{storage.rstrip('/')}/{tcfg.name}"
+    root = Storage.of(tcfg.storage, tcfg.storage_endpoint)
+    root.check()  # a missing bucket or refused credentials: now, not in the first trial
+    sweep_storage = root.child(tcfg.name)
+    sweep_dir = sweep_storage.uri
     prepare_tracking(base)
+    if not tracking_answers(base):
+        raise TrackingUnavailable(
+            f"a sweep compares its trials in MLflow, so its tracking server {base.tracking.uri} must answer at the "
+            "start (tracking.required=false is for single trainings); trials that lose it later queue and go on"
+        )
     ensure_ray(address)
-    concurrency = trial_concurrency(tcfg, ray.cluster_resources())
+    refuse_local_tracking_on_a_cluster(base)
+    concurrency = trial_concurrency(tcfg, cluster_capacity())
     parent_id = st.parent_run(base, tcfg, params, sweep_dir, resume)
     log.info(
         "sweep %s: %d trials, %d at a time, metric %s (%s); MLflow parent run %s",
@@ -284,12 +348,15 @@ def run_sweep(
         parent_id,
     )
 
-    sweep = {"name": tcfg.name, "parent_run_id": parent_id, "trials_storage": f"{sweep_dir}/trials"}
-    trainable = tune.with_resources(tune.with_parameters(_trial, base_tree=to_dict(base), sweep=sweep), {"cpu": 0.01})
+    sweep = {"name": tcfg.name, "parent_run_id": parent_id, "trials_storage": sweep_storage.child("trials").uri}
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base_tree=to_dict(base), sweep=sweep), TRIAL_FUNCTION_RESOURCES
+    )
     if resume:
-        if not tune.Tuner.can_restore(sweep_dir):
+        where = {"path": sweep_storage.path, "storage_filesystem": sweep_storage.filesystem}
+        if not tune.Tuner.can_restore(**where):
             raise FileNotFoundError(f"no sweep to resume at {sweep_dir}")
-        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(**where, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         points = [
             {next(p.safe for p in params if p.key == k): v for k, v in pt.items()} for pt in tcfg.points_to_evaluate
@@ -325,7 +392,7 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(
                 name=tcfg.name,
-                storage_path=storage,
+                **root.ray_args(),
                 failure_config=tune.FailureConfig(max_failures=tcfg.max_failures),
                 verbose=0,
             ),
@@ -341,9 +408,10 @@ def run_sweep(
         )
     trials = _collect(grid, params, base)
     best = best_trial(trials, tcfg.metric, tcfg.mode)
-    if best is not None:
-        best.checkpoint = _best_checkpoint(f"{sweep['trials_storage']}/{best.name}", tcfg)
-    registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
+    with tempfile.TemporaryDirectory(prefix="montage-best-") as local:
+        if best is not None:  # registered from a local copy when trials live on object storage
+            best.checkpoint = _best_checkpoint(sweep_storage.child("trials", best.name), tcfg, local)
+        registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
     errors = [t.error for t in trials if t.error]
     return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
 
@@ -397,14 +465,17 @@ def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord
     return pick(finished, key=lambda t: t.best(metric))
 
 
-def _best_checkpoint(trainer_dir: str, tcfg: TuneConfig) -> str | None:
-    """The trial's best checkpoint as kept by its TorchTrainer's CheckpointConfig."""
+def _best_checkpoint(trainer: Any, tcfg: TuneConfig, local: str) -> str | None:
+    """The trial's best checkpoint as kept by its TorchTrainer's CheckpointConfig (``trainer``: the
+    trial's run folder, a :class:`~montage.launch.storage.Storage`), downloaded into ``local`` when remote."""
     import ray.train
 
     try:
-        result = ray.train.Result.from_path(trainer_dir)
+        result = ray.train.Result.from_path(trainer.path, storage_filesystem=trainer.filesystem)
     except Exception as exc:  # noqa: BLE001 - a trial stopped before its first report has no run
-        log.warning("no checkpoints for %s: %s", trainer_dir, exc)
+        log.warning("no checkpoints for %s: %s", trainer, exc)
         return None
     ckpt = result.get_best_checkpoint(tcfg.metric, tcfg.mode) if result.best_checkpoints else None
-    return ckpt.path if ckpt is not None else None
+    if ckpt is None:
+        return None
+    return ckpt.to_directory(local) if trainer.remote else ckpt.path

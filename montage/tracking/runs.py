@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from montage.core.config import ExperimentConfig, flatten, to_dict
+from montage.core.config import ConfigError, ExperimentConfig, flatten, to_dict
 from montage.platform.loop import Hook, Loop
+from montage.tracking.datasets import DATA_DIGEST_TAG, log_data_input, split_sizes
+from montage.tracking.outbox import OUTBOX, Backoff, Outbox, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +73,55 @@ def prepare_tracking(cfg: ExperimentConfig) -> None:
         cfg.tracking.experiment = f"montage-{cfg.task}"
 
 
+class TrackingUnavailable(ConfigError):
+    """The tracking server does not answer and ``tracking.required`` is on."""
+
+
+def tracking_answers(cfg: ExperimentConfig) -> bool:
+    """Driver side, before any worker starts: whether the tracking server answers (a local store
+    always does). One that does not fails here at once when ``tracking.required`` (the default: a
+    run nobody can see is rarely what was meant), else a warning and False — the workers train and
+    send their records when it is back."""
+    import requests
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=cfg.tracking.timeout_s).raise_for_status()
+        return True
+    except requests.RequestException as exc:
+        reason = str(exc).splitlines()[0][:300]
+    if cfg.tracking.required:
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} does not answer ({reason}). Start it (on a cluster: `mlflow server` "
+            "on the head, as cluster.yaml does)"
+            "; or pass tracking.required=false to train now and log to it once it is back"
+        )
+    log.warning("MLflow tracking server %s does not answer (%s): training anyway (tracking.required=false); "
+                "its records wait in the run folder until the server is back", uri, reason)  # fmt: skip
+    return False
+
+
 def _param_value(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
 RUN_DIR_TAG = "montage.run_dir"  # where the run's checkpoints live: finds the run again on resume
-DATA_DIGEST_TAG = "montage.data_digest"  # a registered version's training data (the run's log_input digest)
 STARTS_TAG = "montage.starts"  # times training started in this run (first start, resumes, restarts)
 
 
 def _client(cfg: ExperimentConfig) -> Any:
+    """An MLflow client with this config's request timeout and retries. MLflow's defaults (7 retries,
+    120 s timeout) block one call ~4 min against a refused port and far longer against a silent one;
+    montage's own outbox and backoff take over after ``tracking.retries`` quick retries."""
     import mlflow
+
+    t = cfg.tracking
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(t.timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(t.retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
 
     return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.uri))
 
@@ -154,19 +193,31 @@ def end_failed_run(cfg: ExperimentConfig, run_id: str, error: BaseException | st
 class MlflowHook(Hook):
     """Logs a training run to MLflow: the run the launcher opened (``tracking.run_id``), the one
     saved in the checkpoint when resuming, or a new one. Epochs already in the run's history (an
-    epoch redone after a restart) are not logged twice."""
+    epoch redone after a restart) are not logged twice. With ``outbox_dir`` (the run folder), what
+    the server cannot take while it is away waits in an :class:`~montage.tracking.outbox.Outbox`
+    there and is sent when it is back: training goes on either way."""
 
     key = "mlflow"
 
     def __init__(
-        self, cfg: ExperimentConfig, tags: dict[str, str] | None = None, best_path: str | Path | None = None
+        self,
+        cfg: ExperimentConfig,
+        tags: dict[str, str] | None = None,
+        best_path: str | Path | None = None,
+        outbox_dir: str | Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.tags = dict(tags or {})
         self.best_path = Path(best_path) if best_path else None
+        self.outbox_dir = Path(outbox_dir) / OUTBOX if outbox_dir else None
+        self.outbox: Outbox | None = None
+        self.backoff = Backoff(cfg.tracking.retry_s, cfg.tracking.retry_max_s)
         self.run_id: str | None = None
         self.client: Any = None
+        self.attached = False
+        self.stale = False
         self.logged_epochs: set[int] = set()
+        self.splits: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id or ""}
@@ -176,89 +227,170 @@ class MlflowHook(Hook):
 
     def before_train(self, loop: Loop) -> None:
         self.client = _client(self.cfg)
-        self.run_id = self.run_id or self.cfg.tracking.run_id or create_run(self.cfg, self.tags)
+        self.splits = split_sizes(loop)  # for the run's log_inputs when it attaches
+        self.run_id = self.run_id or self.cfg.tracking.run_id or None
+        if self.outbox_dir is None:
+            self._attach()
+            return
+        self.outbox = Outbox(self.outbox_dir, self.cfg.tracking.outbox_limit)
+        try:
+            self._attach()
+            self._flush()
+        except Exception as exc:  # noqa: BLE001 - only an absent server is survived; others re-raise
+            self._away(exc)
+
+    def _attach(self) -> None:
+        """Find (or create) the run, mark it RUNNING, learn which epochs it holds, count this start."""
+        self.run_id = self.run_id or create_run(self.cfg, self.tags)
         run = self.client.get_run(self.run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
         self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
         if self.logged_epochs:
-            log.info(
-                "continuing MLflow run %s (epochs %d–%d logged)",
-                self.run_id,
-                min(self.logged_epochs),
-                max(self.logged_epochs),
-            )
+            log.info("continuing MLflow run %s (epochs %d–%d logged)", self.run_id, min(self.logged_epochs),
+                     max(self.logged_epochs))  # fmt: skip
         self.client.set_tag(self.run_id, STARTS_TAG, str(int(run.data.tags.get(STARTS_TAG, "0") or 0) + 1))
         if not run.inputs.dataset_inputs:  # once per run (a resume or restart logs nothing new)
-            log_data_input(self.client, self.run_id, self.cfg, _split_sizes(loop))
+            log_data_input(self.client, self.run_id, self.cfg, self.splits)
+        self.attached = True
 
     def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        if loop.epoch in self.logged_epochs:  # redone after a restart: the first record stands
-            return
-        now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, loop.epoch) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=ms)
+        record = {
+            "kind": "epoch",
+            "epoch": loop.epoch,
+            "time_ms": int(time.time() * 1000),
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
         if loop.sample_image is not None:
-            self.client.log_image(self.run_id, loop.sample_image, artifact_file=f"samples/epoch_{loop.epoch:03d}.png")
+            record["artifact_file"] = f"samples/epoch_{loop.epoch:03d}.png"
+        self._deliver(record, loop.sample_image)
 
     def after_train(self, loop: Loop) -> None:
+        if self.outbox is not None and any(r["kind"] == "end" for r in self.outbox.records):
+            self._drain()  # resumed at its end with the last session's records still queued: send those
+            return
         if self.cfg.tracking.log_model and self.best_path is not None and self.best_path.is_file():
-            self.log_model(self.best_path, loop.best.metric, loop.best.value)
+            self._deliver({"kind": "model", "metric": loop.best.metric, "value": loop.best.value}, model=True)
         if loop.stop_reason:
-            self.client.set_tag(self.run_id, "montage.stop_reason", loop.stop_reason)
-        self.client.set_terminated(self.run_id, "FINISHED")
+            self._deliver({"kind": "tag", "key": "montage.stop_reason", "value": loop.stop_reason})
+        self._deliver({"kind": "end", "status": "FINISHED"})
+        self._drain()
 
     def on_error(self, loop: Loop, exc: BaseException) -> None:
         if self.client is None or self.run_id is None:
             return
         interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        self.client.set_tag(self.run_id, "montage.error", repr(exc)[:4000])
-        self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
+        try:
+            self.client.set_tag(self.run_id, "montage.error", repr(exc)[:4000])
+            self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
+        except Exception as err:  # noqa: BLE001 - the training's own error is what matters here
+            log.warning("could not mark MLflow run %s failed: %s", self.run_id, err)
 
     def log_model(self, checkpoint: Path, metric: str, value: float | None) -> None:
         log_checkpoint_model(self.cfg.tracking.uri, self.run_id, checkpoint, self.cfg.task, {metric: value})
 
+    # ------------------------------------------------------------------ sending, or queueing when away
 
-def _split_sizes(loop: Loop) -> dict[str, int]:
-    out = {}
-    for split, loader in (("train", loop.train_loader), ("val", loop.val_loader)):
-        try:
-            out[split] = len(loader.dataset)
-        except (AttributeError, TypeError):
-            pass
-    return out
+    def _deliver(self, record: dict[str, Any], image: Any = None, model: bool = False) -> None:
+        if self.outbox is None:
+            self._send(record, image, self.best_path if model else None)
+            return
+        if not self.outbox and self.attached and self.backoff.due():
+            try:
+                self._send(record, image, self.best_path if model else None)
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._away(exc)
+        if model:  # keep the weights it names: a staging folder may be gone when it is sent
+            import shutil
 
+            self.outbox_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.best_path, self.outbox_dir / f"model_{len(self.outbox):06d}.pt")
+            record = {**record, "checkpoint": f"model_{len(self.outbox):06d}.pt"}
+        self.outbox.add(record, image)
+        if self.backoff.due():
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001
+                self._away(exc)
 
-def log_data_input(
-    client: Any, run_id: str, cfg: ExperimentConfig, splits: dict[str, int], context: str = "training"
-) -> str:
-    """Log the run's data with MLflow's dataset tracking (``log_inputs``, ``context``):
-    a dataset named ``<task>-<source>`` whose digest is the fingerprint's; returns the digest."""
-    import json
+    def _send(self, record: dict[str, Any], image: Any, checkpoint: Path | None) -> None:
+        """One record to the server: ``image`` an array or a PNG path, ``checkpoint`` a best.pt."""
+        from mlflow.entities import Metric
 
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+        kind = record["kind"]
+        if kind == "epoch":
+            if record["epoch"] in self.logged_epochs:  # redone after a restart: the first record stands
+                return
+            ms = [Metric(k, v, record["time_ms"], record["epoch"]) for k, v in record["metrics"].items()]
+            self.client.log_batch(self.run_id, metrics=ms)
+            self.logged_epochs.add(record["epoch"])
+            if isinstance(image, Path):
+                with tempfile.TemporaryDirectory() as tmp:
+                    named = Path(tmp) / Path(record["artifact_file"]).name
+                    named.write_bytes(image.read_bytes())
+                    self.client.log_artifact(self.run_id, str(named), str(Path(record["artifact_file"]).parent))
+            elif image is not None:
+                self.client.log_image(self.run_id, image, artifact_file=record["artifact_file"])
+        elif kind == "model":
+            path = checkpoint or self.outbox_dir / record["checkpoint"]
+            self.log_model(path, record["metric"], record["value"])
+        elif kind == "tag":
+            self.client.set_tag(self.run_id, record["key"], record["value"])
+        elif kind == "end":
+            self.client.set_terminated(self.run_id, record["status"])
 
-    from montage.platform.fingerprint import fingerprint
+    def _flush(self) -> None:
+        """Send the outbox in order (attaching to the run first if the server was away at the start)."""
+        if self.outbox is None or (self.attached and not self.outbox):
+            self.backoff.succeeded()
+            return
+        away = self.backoff.failing_since
+        if not self.attached:
+            self._attach()
+        elif self.stale:
+            self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
+        self.stale = False
 
-    fp = fingerprint(cfg.data, splits)
-    dataset = Dataset(
-        name=f"{cfg.task}-{fp.source}",
-        digest=fp.short,
-        source_type="local" if fp.roots else "code",
-        source=json.dumps({"roots": fp.roots} if fp.roots else {"synthetic": fp.config}, default=str),
-        profile=json.dumps(fp.profile()),
-    )
-    tags = [
-        InputTag("mlflow.data.context", context),
-        InputTag("montage.data.sha256", fp.digest),
-        *(InputTag(f"montage.data.{k}_samples", str(v)) for k, v in fp.splits.items()),
-    ]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
-    client.set_tag(run_id, DATA_DIGEST_TAG, fp.short)
-    log.info("data %s-%s: digest %s, %d files, splits %s", cfg.task, fp.source, fp.short, fp.files, fp.splits)
-    return fp.short
+        def send(record: dict[str, Any], image: Path | None) -> None:
+            self._send(record, image, None)
+            if record.get("checkpoint"):
+                (self.outbox_dir / record["checkpoint"]).unlink(missing_ok=True)
+
+        sent = self.outbox.flush(send)
+        if away is not None:
+            log.warning("MLflow at %s answers again after %.0f s: sent %d queued record(s)", self.cfg.tracking.uri,
+                        time.monotonic() - away, sent)  # fmt: skip
+        self.backoff.succeeded()
+
+    def _away(self, exc: BaseException) -> None:
+        if self.outbox is None or not unreachable(exc):
+            raise exc
+        self.backoff.failed()
+        self.stale = True  # a request that timed out may have landed: re-read the history before resending
+        log.warning(
+            "MLflow at %s does not answer (%s): training goes on; %d record(s) pending in %s%s, next try in %.0f s",
+            self.cfg.tracking.uri, str(exc).splitlines()[0][:200], len(self.outbox), self.outbox_dir,
+            f" ({self.outbox.dropped} dropped: outbox full)" if self.outbox.dropped else "", self.backoff.delay,
+        )  # fmt: skip
+
+    def _drain(self) -> None:
+        """At the end of training: wait up to ``tracking.drain_s`` for the server to take the outbox."""
+        if self.outbox is None:
+            return
+        deadline = time.monotonic() + self.cfg.tracking.drain_s
+        while (self.outbox or not self.attached) and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self.backoff.next_try, deadline) - time.monotonic()))
+            try:
+                self._flush()
+            except Exception as exc:  # noqa: BLE001
+                self._away(exc)
+        if self.outbox or not self.attached:
+            log.error(
+                "MLflow at %s still does not answer: %d record(s) of this run wait in %s; send them with "
+                "`montage resume` of the run (or its next restart) sends them first",
+                self.cfg.tracking.uri, len(self.outbox), self.outbox_dir,
+            )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""Real servers for the multi-node tests: an MLflow tracking server over HTTP, a local S3 endpoint
+(moto), and an autoscaling Ray head on Ray's fake multi-node provider. Each stops only what it
+started (never `ray stop`, which would end every Ray on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+
+
+class MlflowServer:
+    """``mlflow server`` on a loopback port with its own SQLite store and artifact root; ``stop`` and
+    ``start`` again keep the same port, store and artifacts (the head's server going away)."""
+
+    def __init__(self, root: Path, artifacts: str = "", env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = artifacts or (root / "artifacts").as_uri()
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> MlflowServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", self.artifacts, "--workers", "1"]  # fmt: skip
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                return requests.get(f"{self.uri}/health", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, timeout, "the MLflow server")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # its workers can take their time: the server is gone either way
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+
+
+class S3Endpoint:
+    """moto's S3 server (the S3 HTTP protocol) on a loopback port, in this process."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=name)  # fmt: skip
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing")  # fmt: skip
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class AutoscalingHead:
+    """A Ray head whose autoscaler runs Ray's fake multi-node provider: worker nodes of the given
+    types are started (as raylets on this machine) on demand and removed after the idle timeout.
+    The cluster config is written here because the wheel does not ship the provider's example."""
+
+    def __init__(self, root: Path, worker_types: dict, head_cpus: float = 0, idle_timeout_s: float = 6) -> None:
+        import ray._private.services
+
+        self.root = root
+        self.ip = ray._private.services.get_node_ip_address()
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.gcs = f"{self.ip}:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.config = {
+            "cluster_name": "montage-test",
+            "max_workers": sum(t["max_workers"] for t in worker_types.values()),
+            "upscaling_speed": 10,
+            "idle_timeout_minutes": idle_timeout_s / 60,
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": self.gcs},  # fmt: skip
+            "auth": {},
+            "docker": {},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+                **{name: {"node_config": {}, "min_workers": 0, **spec} for name, spec in worker_types.items()},
+            },
+            "head_node_type": "ray.head.default",
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+            "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
+        }  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str] | None = None, timeout: float = 120) -> AutoscalingHead:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "autoscaling.yaml"
+        path.write_text(json.dumps(self.config))
+        full = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **(env or {})}  # fmt: skip
+        cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", f"--node-ip-address={self.ip}",
+               f"--num-cpus={self.config['available_node_types']['ray.head.default']['resources']['CPU']:g}",
+               f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+               f"--dashboard-agent-listen-port={free_port()}",
+               f"--autoscaling-config={path}", "--disable-usage-stats"]  # fmt: skip
+        log = open(self.root / "head.log", "a")
+        self.proc = subprocess.Popen(cmd, env=full, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        from ray.job_submission import JobSubmissionClient
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the Ray head exited: {(self.root / 'head.log').read_text()[-2000:]}")
+            try:
+                JobSubmissionClient(self.dashboard).list_jobs()
+                return True
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        wait_until(up, timeout, "the autoscaling Ray head", every=1)
+        return self
+
+    def worker_nodes(self) -> int:
+        """Alive nodes other than the head, as the dashboard's state API reports them."""
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        return sum(1 for n in nodes if not n.is_head_node)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        kill_cluster_processes(self.gcs)
+        record = Path("/tmp/ray/ray_current_cluster")  # `ray start` leaves its address behind
+        if record.is_file() and str(self.port) in record.read_text():
+            record.unlink()
+
+
+def kill_cluster_processes(gcs_address: str) -> None:
+    """Every process of the cluster at ``gcs_address`` on this machine (fake worker nodes the
+    autoscaler started outlive the head's `ray start`)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if gcs_address in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
