@@ -21,7 +21,8 @@ def test_trained_run_logs_its_data_and_evaluate_reproduces_its_validation(seg_co
 
     from montage.launch.local import fit_local
     from montage.platform.fingerprint import fingerprint
-    from montage.tracking.runs import DATA_DIGEST_TAG, log_checkpoint_model
+    from montage.tracking.datasets import DATA_DIGEST_TAG
+    from montage.tracking.runs import log_checkpoint_model
 
     # no perceptual term: a random VGG16 costs seconds per task instance; registered once, below
     cfg = seg_config("train.epochs=1", "tracking.log_model=false", "loss.perceptual=0")

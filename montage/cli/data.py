@@ -98,6 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     dt = sub.add_parser(
         "data",
+        add_help=False,  # `montage data check --help` is the check's own help
         help="check or prepare a dataset: `montage data check <task> [k=v ...]`, `montage data catflw --src --out`",
     )
     dt.add_argument("name", help="check, or a preparation command (catflw, ...)")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from montage.core.config import ExperimentConfig
 from montage.platform.evaluation import Evaluation
-from montage.tracking.runs import get_experiment_id, log_data_input, resolve_tracking_uri
+from montage.tracking.datasets import log_data_input
+from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from montage.core.config import ConfigError, ExperimentConfig, flatten, to_dict
 from montage.platform.loop import Hook, Loop
+from montage.tracking.datasets import DATA_DIGEST_TAG, log_data_input, split_sizes
 from montage.tracking.outbox import OUTBOX, Backoff, Outbox, unreachable
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,6 @@ def _param_value(v: Any) -> str:
 
 
 RUN_DIR_TAG = "montage.run_dir"  # where the run's checkpoints live: finds the run again on resume
-DATA_DIGEST_TAG = "montage.data_digest"  # a registered version's training data (the run's log_input digest)
 STARTS_TAG = "montage.starts"  # times training started in this run (first start, resumes, restarts)
 
 
@@ -216,8 +216,8 @@ class MlflowHook(Hook):
         self.client: Any = None
         self.attached = False
         self.stale = False
-        self.split_sizes: dict[str, int] = {}
         self.logged_epochs: set[int] = set()
+        self.splits: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id or ""}
@@ -226,8 +226,8 @@ class MlflowHook(Hook):
         self.run_id = state.get("run_id") or None
 
     def before_train(self, loop: Loop) -> None:
-        self.split_sizes = _split_sizes(loop)
         self.client = _client(self.cfg)
+        self.splits = split_sizes(loop)  # for the run's log_inputs when it attaches
         self.run_id = self.run_id or self.cfg.tracking.run_id or None
         if self.outbox_dir is None:
             self._attach()
@@ -251,7 +251,7 @@ class MlflowHook(Hook):
                      max(self.logged_epochs))  # fmt: skip
         self.client.set_tag(self.run_id, STARTS_TAG, str(int(run.data.tags.get(STARTS_TAG, "0") or 0) + 1))
         if not run.inputs.dataset_inputs:  # once per run (a resume or restart logs nothing new)
-            log_data_input(self.client, self.run_id, self.cfg, self.split_sizes)
+            log_data_input(self.client, self.run_id, self.cfg, self.splits)
         self.attached = True
 
     def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
@@ -391,46 +391,6 @@ class MlflowHook(Hook):
                 "`montage resume` of the run (or its next restart) sends them first",
                 self.cfg.tracking.uri, len(self.outbox), self.outbox_dir,
             )  # fmt: skip
-
-
-def _split_sizes(loop: Loop) -> dict[str, int]:
-    out = {}
-    for split, loader in (("train", loop.train_loader), ("val", loop.val_loader)):
-        try:
-            out[split] = len(loader.dataset)
-        except (AttributeError, TypeError):
-            pass
-    return out
-
-
-def log_data_input(
-    client: Any, run_id: str, cfg: ExperimentConfig, splits: dict[str, int], context: str = "training"
-) -> str:
-    """Log the run's data with MLflow's dataset tracking (``log_inputs``, ``context``):
-    a dataset named ``<task>-<source>`` whose digest is the fingerprint's; returns the digest."""
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from montage.platform.fingerprint import fingerprint
-
-    fp = fingerprint(cfg.data, splits)
-    dataset = Dataset(
-        name=f"{cfg.task}-{fp.source}",
-        digest=fp.short,
-        source_type="local" if fp.roots else "code",
-        source=json.dumps({"roots": fp.roots} if fp.roots else {"synthetic": fp.config}, default=str),
-        profile=json.dumps(fp.profile()),
-    )
-    tags = [
-        InputTag("mlflow.data.context", context),
-        InputTag("montage.data.sha256", fp.digest),
-        *(InputTag(f"montage.data.{k}_samples", str(v)) for k, v in fp.splits.items()),
-    ]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
-    client.set_tag(run_id, DATA_DIGEST_TAG, fp.short)
-    log.info("data %s-%s: digest %s, %d files, splits %s", cfg.task, fp.source, fp.short, fp.files, fp.splits)
-    return fp.short
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from montage.platform.export import ExportReport, export_onnx
+from montage.tracking.datasets import DATA_DIGEST_TAG
 from montage.tracking.registry import client, download_model_checkpoint, model_name, parse_model_uri, resolve_version
-from montage.tracking.runs import DATA_DIGEST_TAG, get_experiment_id, resolve_tracking_uri
+from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
