@@ -54,7 +54,7 @@ def test_transfer_moves_the_foreground_statistics_to_the_background() -> None:
 
 
 def test_harmonization_baselines_are_keyed_like_eval_step() -> None:
-    task = _task("harmonization")
+    task = _task("harmonization", "loss.perceptual=0", "loss.style=0")  # no VGG to build
     _, val = task.datasets()
     batch = {k: torch.stack([val[i][k] for i in range(4)]) for k in ("composite", "mask", "target")}
     base = task.baselines(batch)
