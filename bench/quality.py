@@ -125,7 +125,7 @@ def table(tasks: list[str], runs: dict[str, list[dict[str, float]]]) -> tuple[li
             ref = [r[f"{row.reference}:{row.metric}"] for r in rs] if row.reference else []
 
             def ratio(vals: list[float]) -> str:
-                return fmt([v / b for v, b in zip(vals, ref)]) + f"× {row.reference}" if ref else ""
+                return fmt([v / b for v, b in zip(vals, ref)]) + f"× {row.reference.replace('_', ' ')}" if ref else ""
 
             trained = [r[f"trained:{row.metric}"] for r in rs]
             if row.target:

@@ -50,11 +50,12 @@ def baseline_rows(cfg, metric: str, mode: str, value: float, reference: str = ""
     key = metric.split("/", 1)[1]
     rows: list[Row] = []
     for name, metrics in base.items():
-        note = f"{metrics[key] / base[reference][key]:.2f}× {reference}" if reference and reference != name else ""
+        ref = reference.replace("_", " ")
+        note = f"{metrics[key] / base[reference][key]:.2f}× {ref}" if reference and reference != name else ""
         rows.append((f"  {name.replace('_', ' ')}", metric, metrics[key], note))
     c = compare(value, base, key, mode)
-    verdict = "beats" if c.beats else "does NOT beat"
-    rows.append((f"  trained {verdict}", c.best_name.replace("_", " "), c.ratio, "× the strongest classical"))
+    verdict = "beats it" if c.beats else "does NOT beat it"
+    rows.append(("  trained ÷ strongest", c.best_name.replace("_", " "), c.ratio, f"× (the trained model {verdict})"))
     return rows
 
 

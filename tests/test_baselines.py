@@ -54,7 +54,7 @@ def test_transfer_moves_the_foreground_statistics_to_the_background() -> None:
 
 
 def test_harmonization_baselines_are_keyed_like_eval_step() -> None:
-    task = _task("harmonization")
+    task = _task("harmonization", "loss.perceptual=0", "loss.style=0")  # no VGG to build
     _, val = task.datasets()
     batch = {k: torch.stack([val[i][k] for i in range(4)]) for k in ("composite", "mask", "target")}
     base = task.baselines(batch)
@@ -158,3 +158,18 @@ def test_pix2pix_baselines_and_the_warp_beats_the_mean_face() -> None:
         strongest(base, "fmse", "min")
     one = warped_mean_faces(task.mean_face, task.mean_landmarks.numpy(), task.mean_landmarks[None])
     torch.testing.assert_close(one[0], task.mean_face, atol=1e-4, rtol=0)  # mean landmarks: the mean face
+
+
+def test_channel_pruning_keeps_what_the_global_head_reads() -> None:
+    from montage.platform.pruning import prune_channels
+    from montage.tasks.harmonization.task import TransformOnly
+
+    torch.manual_seed(0)
+    net = HarmonizationUNet(HarmModelConfig(widths=[8, 16, 32], head="global")).eval()
+    x, m = torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    spec = TransformOnly(net)
+    report = prune_channels(spec, (x, m), 0.5)
+    assert report.params_after < 0.8 * report.params_before
+    with torch.no_grad():
+        assert spec(x, m).shape == (2, 12, 32, 32)  # the bottleneck the MLP pools and the 6-channel head kept
+    assert net.head.out_channels == 6

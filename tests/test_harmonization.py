@@ -160,20 +160,27 @@ def test_inference_at_another_size_keeps_background_bit_identical() -> None:
         h([comp], [np.zeros((10, 10), np.uint8)])
 
 
-def test_identity_model_scores_the_composite_baseline_and_training_beats_it(recipe_config) -> None:
-    # the demo's recipe on a third of its budget (the full run reaches about 0.3× the composite)
+def test_the_recipe_starts_at_the_colour_transfer_and_training_beats_it(recipe_config) -> None:
+    """The bar is the classical colour-statistics transfer measured here on the same images, not
+    only the composite: the global head starts as the RGB transfer, so a model that learns
+    nothing stays at it (the full recipe ends at 0.84× the transfer, 0.17× the composite)."""
+    from montage.platform.baselines import measure_baselines
+
     cfg = recipe_config("harmonization", "data.synthetic_train=256", "data.synthetic_val=48", "train.epochs=6")
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
+    base = measure_baselines(loop.task, loop.val_loader.dataset)
+    transfer = min(base["transfer_rgb"]["fmse"], base["transfer_lab"]["fmse"])
     before = loop.evaluate()
-    assert before["val/fmse"] == pytest.approx(before["val/baseline_fmse"], rel=1e-5)  # zero-init head = identity
-    assert before["val/baseline_fmse"] > 1000  # the composite really is wrong
+    assert before["val/fmse"] == pytest.approx(base["transfer_rgb"]["fmse"], rel=0.05)  # the head's start
+    assert base["composite"]["fmse"] == pytest.approx(before["val/baseline_fmse"], rel=1e-5)
+    assert before["val/baseline_fmse"] > 1000 and transfer < 0.4 * before["val/baseline_fmse"]
     loop.fit()
     after = loop.last_metrics
     print(
-        f"val fMSE composite {after['val/baseline_fmse']:.0f} → harmonized {loop.best.value:.0f} "
-        f"({loop.best.value / after['val/baseline_fmse']:.2f}×)"
+        f"val fMSE composite {after['val/baseline_fmse']:.0f}, transfer {transfer:.0f} → harmonized "
+        f"{loop.best.value:.0f} ({loop.best.value / transfer:.2f}× the transfer)"
     )
-    assert loop.best.value < 0.5 * after["val/baseline_fmse"]
+    assert loop.best.value < 0.95 * transfer
 
 
 def test_cutouts_source_and_predict_cli(tiny_config, tmp_path: Path) -> None:

@@ -54,8 +54,8 @@ def zero_fraction(net: nn.Module) -> float:
 
 def output_layers(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[nn.Module]:
     """Layers whose output width is fixed by the network's contract: the last layer run (the
-    head: its channels are what the network returns) and every 1-channel convolution (e.g. an
-    attention gate's ψ)."""
+    head: its channels are what the network returns), every 1-channel convolution (e.g. an
+    attention gate's ψ) and those a submodule lists in its ``fixed_width_layers()``."""
     order: list[nn.Module] = []
     handles = [
         m.register_forward_hook(lambda mod, i, o: order.append(mod))
@@ -71,6 +71,10 @@ def output_layers(net: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[nn.M
     if not order:
         raise ValueError(f"{type(net).__name__} runs no convolution or linear layer: nothing to prune")
     fixed = [order[-1]] + [m for m in order if getattr(m, "out_channels", 0) == 1]
+    for m in net.modules():  # layers a network declares fixed (e.g. read by a path the tracer does not follow)
+        declared = getattr(m, "fixed_width_layers", None)
+        if callable(declared):
+            fixed += list(declared())
     return list(dict.fromkeys(fixed))
 
 

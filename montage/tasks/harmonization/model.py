@@ -150,6 +150,17 @@ class HarmonizationUNet(nn.Module):
         self.max_gain = cfg.max_gain
         self.global_colour = GlobalColour(cfg.widths[-1], cfg.global_hidden) if cfg.head == "global" else None
 
+    def fixed_width_layers(self) -> list[nn.Module]:
+        """Layers channel pruning must keep at their width: the per-pixel head (its 6 outputs) and,
+        with head=global, the bottleneck's (the MLP reads its pooled features through a path the
+        pruner's tracer does not follow)."""
+        out: list[nn.Module] = [self.head]
+        if self.global_colour is not None:
+            out += [m for m in self.encoder.blocks[-1].modules() if isinstance(m, nn.Conv2d)][-1:]
+            if self.context is not None:
+                out.append(self.context.mix)
+        return out
+
     def transform(self, composite: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """head=pixel: (B, 6, H, W), gain (tanh-bounded) and bias per channel; head=global:
         (B, 12, H, W), the global matrix ``M − I`` and bias plus the per-pixel residual."""
