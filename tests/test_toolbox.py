@@ -320,3 +320,26 @@ def test_hard_mining_draws_the_hard_samples_more_often_and_resumes_exactly(tmp_p
     off = fit_local(pic_cfg(tmp_path, "train.epochs=3", "train.seed=1", "data.offset=1.0", "run.name=plain"))
     c = load_checkpoint(Path(off.run_dir) / "latest.pt")
     assert not torch.equal(a["nets"]["net"]["head.weight"], c["nets"]["net"]["head.weight"])
+
+
+# ---------------------------------------------------------------------------- OpenVINO
+
+
+def test_openvino_runs_an_onnx_export_like_pytorch(tmp_path: Path) -> None:
+    from montage.platform.export import ExportError, ExportSpec
+    from montage.platform.ov_runtime import OpenVINONet, to_openvino
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    onnx = tmp_path / "net.onnx"
+    # the legacy exporter keeps this test fast; `montage openvino` converts the platform's dynamo export
+    torch.onnx.export(net, (x,), str(onnx), input_names=["image"], output_names=["out"], dynamo=False)
+    report = to_openvino(ExportSpec(net, {"image": x}, ["out"]), onnx, tmp_path / "net.xml", repeats=2)
+    assert report.max_abs_diff < 1e-4 and Path(report.path).with_suffix(".bin").is_file()
+    assert report.latency_ms > 0 and report.onnxruntime_ms > 0
+    with torch.no_grad():
+        assert torch.allclose(OpenVINONet(report.path)(x), net(x), atol=1e-4)
+    wrong = nn.Sequential(nn.Conv2d(3, 1, 1)).eval()  # not the network the file was exported from
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        to_openvino(ExportSpec(wrong, {"image": x}, ["out"]), onnx, tmp_path / "wrong.xml")

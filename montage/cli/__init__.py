@@ -3,7 +3,7 @@
 - :mod:`~montage.cli.training`: ``train``, ``tune``, ``submit``, ``predict``, ``config``, ``tasks``, ``data``, ``demo``
 - :mod:`~montage.cli.models`: ``models`` (list, promote), ``export``, ``optimize``
 - :mod:`~montage.cli.serving`: ``serve`` (and ``serve keygen``), ``monitor``
-- :mod:`~montage.cli.toolbox`: ``check``, ``lr-find``, ``cv``
+- :mod:`~montage.cli.toolbox`: ``check``, ``lr-find``, ``cv``, ``openvino``
 
 Each module's ``register(sub)`` adds its sub-commands; :func:`main` parses, sets up logging and
 turns the errors a user can fix (bad config, unknown name, missing file, ...) into one line and exit 2.
