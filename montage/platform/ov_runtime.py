@@ -111,7 +111,8 @@ def to_openvino(
 
 
 class OpenVINONet(nn.Module):
-    """An OpenVINO-compiled network in place of the PyTorch one inside a task's predictor."""
+    """An OpenVINO-compiled network in place of the PyTorch one inside a task's predictor;
+    ``path`` is an IR ``.xml`` or an ONNX file (OpenVINO reads ONNX directly)."""
 
     def __init__(self, path: str | Path, device: str = "CPU") -> None:
         super().__init__()

@@ -39,7 +39,8 @@ log = logging.getLogger("montage.serve")
 @dataclass
 class ModelServeConfig:
     source: str = ""  # models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint path
-    runtime: str = "torch"  # torch | onnx (a registered ONNX variant from `montage export`, run by ONNX Runtime)
+    # torch | onnx | openvino (a registered ONNX variant from `montage export`, run by ONNX Runtime or OpenVINO)
+    runtime: str = "torch"
     enabled: bool = True
     num_replicas: int = 1
     num_cpus: float = 0.25  # small by default: ingress + three models fit a 2-core laptop
@@ -276,8 +277,8 @@ def _model(
     """The bound deployment of a model, or (``fused``) what the ingress needs to run it itself."""
     if not cfg.enabled:
         return None
-    if cfg.runtime not in ("torch", "onnx"):
-        raise ValueError(f"{task}.runtime: unknown '{cfg.runtime}'; valid: torch, onnx")
+    if cfg.runtime not in ("torch", "onnx", "openvino"):
+        raise ValueError(f"{task}.runtime: unknown '{cfg.runtime}'; valid: torch, onnx, openvino")
     from montage.tracking.registry import CHAMPION, model_name, resolve_version
 
     source = cfg.source or f"models:/{model_name(task)}@{CHAMPION}"

@@ -53,13 +53,19 @@ class _ModelDeployment:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         from montage.platform.inference import load_onnx_predictor, load_predictor
 
-        if user_config.get("runtime", "torch") == "onnx":
+        runtime = user_config.get("runtime", "torch")
+        if runtime in ("onnx", "openvino"):
             from montage.tracking.variants import onnx_variant_files
 
             onnx_path, checkpoint, label = onnx_variant_files(
                 user_config["source"], user_config.get("tracking_uri", "")
             )
-            predictor = load_onnx_predictor(onnx_path, checkpoint, task=self.task)
+            if runtime == "openvino":  # OpenVINO compiles the ONNX variant itself (no IR file to register)
+                from montage.platform.ov_runtime import load_openvino_predictor
+
+                predictor = load_openvino_predictor(onnx_path, checkpoint, task=self.task)
+            else:
+                predictor = load_onnx_predictor(onnx_path, checkpoint, task=self.task)
         else:
             checkpoint, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
             predictor = load_predictor(checkpoint, task=self.task)
