@@ -1,6 +1,7 @@
 """Deployment variants against the fp32 PyTorch model, measured in one run on this machine:
-PyTorch eager, ONNX fp32 and ONNX INT8 (static QDQ, per-channel) in ONNX Runtime, and the
-network with 50 % of its channels pruned (Torch-Pruning) in PyTorch.
+PyTorch eager, ONNX fp32 and ONNX INT8 (static QDQ, per-channel) in ONNX Runtime, the same two
+files in OpenVINO (fp32: converted to IR, float32 precision hint; INT8: the QDQ model compiled
+by OpenVINO), and the network with 50 % of its channels pruned (Torch-Pruning) in PyTorch.
 
     python bench/optimize_bench.py [--size 512] [--runs 10] [--sections speed,quality]
 
@@ -74,6 +75,17 @@ def speed(task: str, size: int, runs: int, tmp: Path) -> list[tuple[str, ...]]:
     calib = [{k: sample(k, v) for k, v in spec.inputs.items()} for _ in range(8)]
     int8 = quantize_int8(fp32.path, tmp / f"{task}-int8.onnx", calib)
     sessions = {"onnx fp32": session(fp32.path), "onnx int8": session(int8)}
+    import openvino as ov
+
+    from montage.platform.ov_runtime import compile_ir, run_compiled
+
+    ir = tmp / f"{task}.xml"
+    ov.save_model(ov.convert_model(str(fp32.path)), str(ir), compress_to_fp16=False)
+    compiled = {"openvino fp32": compile_ir(ir), "openvino int8": compile_ir(int8)}
+    sizes = {
+        "openvino fp32": (ir.stat().st_size + ir.with_suffix(".bin").stat().st_size) / 2**20,
+        "openvino int8": int8.stat().st_size / 2**20,
+    }
     module = spec.module.eval()
     pruned_module = copy.deepcopy(module)
     pruned_report = prune_channels(pruned_module, tuple(spec.inputs.values()), 0.5)
@@ -83,7 +95,7 @@ def speed(task: str, size: int, runs: int, tmp: Path) -> list[tuple[str, ...]]:
 
     rows = []
     base = None
-    for name in ("torch eager", "onnx fp32", "onnx int8", "torch pruned-0.5"):
+    for name in ("torch eager", "onnx fp32", "onnx int8", "openvino fp32", "openvino int8", "torch pruned-0.5"):
         params = fp32.params
         if name.startswith("torch"):
             net = module if name == "torch eager" else pruned_module
@@ -94,6 +106,13 @@ def speed(task: str, size: int, runs: int, tmp: Path) -> list[tuple[str, ...]]:
 
             mb = fp32.size_mb if name == "torch eager" else fp32.size_mb * pruned_report.params_after / fp32.params
             params = fp32.params if name == "torch eager" else pruned_report.params_after
+        elif name.startswith("openvino"):
+            model = compiled[name]
+
+            def run(n: int, model=model) -> None:
+                run_compiled(model, batch(n))
+
+            mb = sizes[name]
         else:
             sess = sessions[name]
 

@@ -33,10 +33,20 @@ def _weights(path: str, task: str) -> dict[str, torch.Tensor]:
     return {f"{net}.{k}": v for net, sd in state["nets"].items() for k, v in sd.items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
-def test_two_workers_match_one_worker_at_the_global_batch(ray_session, tiny_config, task: str) -> None:
+@pytest.mark.parametrize(
+    "task, extra",
+    [
+        ("segmentation", []),
+        ("harmonization", []),
+        ("pix2pix", []),
+        # multi-scale training: every rank resizes its share of a global batch to the same size
+        pytest.param("segmentation", ["data.scales=[32,64]"], id="segmentation-multiscale"),
+    ],
+)
+def test_two_workers_match_one_worker_at_the_global_batch(ray_session, tiny_config, task: str, extra) -> None:
     common = [
         *EQUIVALENT[task],
+        *extra,
         "train.epochs=1",
         "train.max_steps=3",
         "tracking.enabled=false",

@@ -4,7 +4,7 @@
 - :mod:`~montage.cli.models`: ``models`` (list, promote), ``export``, ``optimize``
 - :mod:`~montage.cli.serving`: ``serve`` (and ``serve keygen``), ``monitor``
 - :mod:`~montage.cli.rollout`: ``rollout`` (status, promote, rollback)
-- :mod:`~montage.cli.toolbox`: ``check``, ``lr-find``, ``cv``
+- :mod:`~montage.cli.toolbox`: ``check``, ``lr-find``, ``cv``, ``openvino``
 - :mod:`~montage.cli.data`: ``data`` (``data check``, ``data catflw``, ...), ``evaluate``
 - :mod:`~montage.cli.report`: ``report`` (sweep, runs, versions)
 

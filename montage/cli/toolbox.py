@@ -1,5 +1,6 @@
-"""The experimenter's toolbox: ``check`` (sanity checks), ``lr-find`` (learning-rate range test)
-and ``cv`` (K-fold cross-validation). Every task, through the platform's one loop."""
+"""The experimenter's toolbox: ``check`` (sanity checks), ``lr-find`` (learning-rate range test),
+``cv`` (K-fold cross-validation), every task through the platform's one loop; and ``openvino``
+(the ONNX export as an OpenVINO model)."""
 
 from __future__ import annotations
 
@@ -170,6 +171,28 @@ def run_cv_command(cfg: Any, no_ray: bool, address: str | None) -> int:
     return 1 if result.error else 0
 
 
+# ----------------------------------------------------------------------------- openvino
+
+
+def cmd_openvino(args: argparse.Namespace) -> int:
+    """ONNX export (or a given one) → OpenVINO IR, checked against PyTorch and timed beside ONNX Runtime."""
+    import dataclasses
+
+    from montage.platform.export import export_onnx
+    from montage.platform.inference import load_for_inference
+    from montage.platform.ov_runtime import to_openvino
+    from montage.tracking.variants import resolve_source, validation_batch
+
+    _, checkpoint = resolve_source(args.source, args.tracking_uri or "")
+    inst, nets = load_for_inference(checkpoint, task=args.task, device="cpu")
+    spec = inst.export_spec(nets, validation_batch(inst, size=1))
+    output = Path(args.output or f"{args.task}.xml")
+    onnx = Path(args.onnx) if args.onnx else export_onnx(spec, output.with_suffix(".onnx")).path
+    report = to_openvino(spec, onnx, output, tolerance=args.tolerance)
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------------------ parsers
 
 
@@ -211,3 +234,12 @@ def register(sub: Any) -> None:
     cv.add_argument("--no-ray", action="store_true", help="the folds one after the other in this process")
     cv.add_argument("--address", help=ADDRESS_HELP)
     cv.set_defaults(func=cmd_cv)
+
+    ov = sub.add_parser("openvino", help="convert a model's ONNX export to OpenVINO IR, checked against PyTorch")
+    ov.add_argument("task")
+    ov.add_argument("--source", required=True, help="a checkpoint path or models:/montage-<task>@champion")
+    ov.add_argument("--onnx", help="an existing ONNX export of that source (default: export it first)")
+    ov.add_argument("--output", help="the .xml file (default <task>.xml; the weights go beside it as .bin)")
+    ov.add_argument("--tolerance", type=float, default=1e-3, help="max |OpenVINO − PyTorch| allowed")
+    ov.add_argument("--tracking-uri", help="for a models:/ source")
+    ov.set_defaults(func=cmd_openvino)

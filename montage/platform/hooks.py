@@ -21,6 +21,7 @@ import torch.distributed as dist
 from montage.core.config import ExperimentConfig
 from montage.platform.checkpoint import save_checkpoint
 from montage.platform.loop import Hook, Loop
+from montage.platform.mining import HardMining
 from montage.platform.replicas import diverged_ranks
 
 log = logging.getLogger("montage.platform.loop")
@@ -206,9 +207,7 @@ def standard_hooks(cfg: ExperimentConfig) -> list[Hook]:
         hooks.append(SampleGrid(t.sample_every))
     mining = getattr(cfg.data, "hard_mining", None)
     if mining is not None and mining.fraction > 0:
-        from montage.platform.mining import HardMining  # a hook of its own module (it imports this one's Loop)
-
-        hooks.append(HardMining(mining))
+        hooks.append(HardMining(mining))  # before the launcher's checkpoint hook: its draw weights are saved
     return hooks
 
 

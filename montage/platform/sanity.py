@@ -7,7 +7,7 @@
 2. **gradient flow**: per-layer gradient norms, recorded at the loop's ``before_optimizer_step``
    point (each optimizer's own parameters, after unscaling and clipping), flagging layers with
    zero (``requires_grad`` off by mistake, or cut from the graph), non-finite or exploding
-   gradients; a bar chart PNG.
+   (over 1000x the median layer and over 1 in norm) gradients; a bar chart PNG.
 3. **fast dev run**: one train step and one validation step end to end on real samples of the
    data config through :func:`~montage.platform.runner.build_loop` (the loop, its hooks, a
    checkpoint written and loaded back).
@@ -113,7 +113,8 @@ class GradFlow(Hook):
                 flags[layer] = "non-finite gradient"
             elif v == 0.0:
                 flags[layer] = "zero gradient" + (" (requires_grad=False)" if self.frozen.get(layer) else "")
-            elif median and v > explode * median:
+            elif median and v > explode * median and v > 1.0:  # relative AND absolute: a zero-initialised
+                # head (harmonization's identity start) takes ~1000x the gradient of the layers behind it
                 flags[layer] = f"exploding gradient ({v:.3g}, {v / median:.0f}x the median layer)"
         return mean, flags
 

@@ -44,7 +44,8 @@ class AutoscalingServeConfig:
 @dataclass
 class ModelServeConfig:
     source: str = ""  # models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint path
-    runtime: str = "torch"  # torch | onnx (a registered ONNX variant from `montage export`, run by ONNX Runtime)
+    # torch | onnx | openvino (a registered ONNX variant from `montage export`, run by ONNX Runtime or OpenVINO)
+    runtime: str = "torch"
     enabled: bool = True
     num_replicas: int = 1
     num_cpus: float = 0.25  # small by default: ingress + three models fit a 2-core laptop

@@ -44,10 +44,15 @@ def load_model(task: str, user_config: dict[str, Any]) -> tuple[Any, str, str]:
     """(predictor, label, local checkpoint) of a model deployment's ``user_config``."""
     from montage.platform.inference import load_onnx_predictor, load_predictor
 
-    if user_config.get("runtime", "torch") == "onnx":
+    runtime = user_config.get("runtime", "torch")
+    if runtime in ("onnx", "openvino"):
         from montage.tracking.variants import onnx_variant_files
 
         onnx_path, checkpoint, label = onnx_variant_files(user_config["source"], user_config.get("tracking_uri", ""))
+        if runtime == "openvino":  # OpenVINO compiles the ONNX variant itself (no IR file to register)
+            from montage.platform.ov_runtime import load_openvino_predictor
+
+            return load_openvino_predictor(onnx_path, checkpoint, task=task), label, str(checkpoint)
         return load_onnx_predictor(onnx_path, checkpoint, task=task), label, str(checkpoint)
     checkpoint, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
     return load_predictor(checkpoint, task=task), label, checkpoint

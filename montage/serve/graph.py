@@ -66,8 +66,8 @@ def _model(
     None when the model is off, or the challenger is unset (or a registry alias that names no version)."""
     if not cfg.enabled or (arm == "challenger" and not cfg.challenger):
         return None
-    if cfg.runtime not in ("torch", "onnx"):
-        raise ValueError(f"{task}.runtime: unknown '{cfg.runtime}'; valid: torch, onnx")
+    if cfg.runtime not in ("torch", "onnx", "openvino"):
+        raise ValueError(f"{task}.runtime: unknown '{cfg.runtime}'; valid: torch, onnx, openvino")
     source, revision = _revision(cfg, task, tracking_uri, arm)
     if source is None:
         return None
