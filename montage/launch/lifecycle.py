@@ -89,11 +89,17 @@ def begin(
     is found again under the sweep's parent run)."""
     if resume:
         resume_target(cfg, resume)
+    named = bool(cfg.run.name)
     cfg.run.name = default_run_name(cfg)
     root = Storage.of(cfg.run.storage, cfg.run.storage_endpoint)
     root.check()
     cfg.run.storage = root.uri
     storage = root.child(cfg.run.name)
+    if not (named or resume or trial):  # a default name (<task>-<time>) taken by a run started in the same second
+        stem, n = cfg.run.name, 2
+        while storage.exists():
+            cfg.run.name, n = f"{stem}-{n}", n + 1
+            storage = root.child(cfg.run.name)
     if not trial:
         if resume and not storage.exists():
             raise FileNotFoundError(f"nothing to resume: run folder {storage} does not exist")
