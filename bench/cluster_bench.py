@@ -37,7 +37,7 @@ def main() -> int:
     args = p.parse_args()
     import mlflow
     import ray
-    from cluster_helpers import MlflowServer, free_port
+    from cluster_helpers import MlflowServer, free_port, parent_pid
     from ray.cluster_utils import Cluster
 
     from montage.core.config import load_config
@@ -69,7 +69,7 @@ def main() -> int:
     def node_of_a_worker():
         pids = set(train_worker_pids())
         for node in cluster.list_all_nodes():
-            if not node.head and any(_parent(pid) == node.all_processes["raylet"][0].process.pid for pid in pids):
+            if not node.head and any(parent_pid(pid) == node.all_processes["raylet"][0].process.pid for pid in pids):
                 return node
         return None
 
@@ -124,13 +124,6 @@ def main() -> int:
         cluster.shutdown()
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return -1
 
 
 def _write(path: Path, lines: list[str], args: argparse.Namespace) -> None:

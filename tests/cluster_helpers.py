@@ -192,15 +192,23 @@ class AutoscalingHead:
             record.unlink()
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` (Linux /proc), -1 when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 def raylet_of(pid: int, gcs_address: str) -> int | None:
     """The raylet of the cluster at ``gcs_address`` that ``pid`` (a Ray worker) runs under, walking up
     its parents; None when it is no worker of that cluster (other Rays may share this machine)."""
     while pid > 1:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
+        except OSError:
             return None
+        parent = parent_pid(pid)
         if "raylet" in cmdline.split("\0", 1)[0] and gcs_address in cmdline:
             return pid
         pid = parent
@@ -212,11 +220,7 @@ def kill_node(raylet: int) -> None:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
+            children.setdefault(parent_pid(int(entry.name)), []).append(int(entry.name))
     tree, todo = [], [raylet]
     while todo:
         pid = todo.pop()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from cluster_helpers import AutoscalingHead, MlflowServer, wait_until
+from cluster_helpers import AutoscalingHead, MlflowServer, parent_pid, wait_until
 
 from montage.cli import main
 
@@ -216,14 +216,9 @@ def node_of_train_worker(cluster, rank: int = 0):
             continue
         raylet = node.all_processes["raylet"][0].process.pid
         for pid in pids:
-            if _parent(pid) == raylet:
+            if parent_pid(pid) == raylet:
                 return node
     raise AssertionError(f"no worker node runs the Train workers {pids}")
-
-
-def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_a_fit_on_object_storage_survives_a_lost_node(cluster, tracking, s3, tiny_config, monkeypatch) -> None:
