@@ -60,6 +60,37 @@ def start(overrides: list[str]) -> None:
     run(load_serve_config(None, overrides))
 
 
+def stop_serve(timeout: float = 120) -> None:
+    """``serve.shutdown()``, then wait until Serve's controller and proxies are gone (killed if they outlive
+    ``timeout``). ``serve.shutdown()`` gives up waiting after 30 s and returns with the controller still
+    shutting down; the next module's start then joins that controller, keeps its HTTP port ("the new HTTP
+    config is ignored") and its requests meet a closed port."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    serve.shutdown()
+
+    def left() -> list[str]:
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == SERVE_NAMESPACE]
+
+    for kill in (False, True):
+        end = time.monotonic() + timeout
+        while names := left():
+            if time.monotonic() > end:
+                break
+            time.sleep(0.25)
+        else:
+            return
+        if kill:
+            raise TimeoutError(f"Serve's actors {names} outlived serve.shutdown() and ray.kill by {timeout} s")
+        for name in names:
+            try:
+                ray.kill(ray.get_actor(name, namespace=SERVE_NAMESPACE), no_restart=True)
+            except ValueError:  # it went meanwhile
+                pass
+
+
 def wait_healthy(url: str, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while True:

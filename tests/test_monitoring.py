@@ -21,6 +21,7 @@ from conftest import _tiny
 from serve_helpers import free_port as _free_port
 from serve_helpers import img as _img
 from serve_helpers import png as _png
+from serve_helpers import stop_serve
 
 APP = "montage-mon"
 N_COMPOSITE = 5
@@ -86,7 +87,6 @@ def _registry(tmp: Path) -> tuple[str, Any]:
 def mon(ray_session, tmp_path_factory):
     """Segmentation served from a registered version (its stored drift reference), harmonization
     from a plain checkpoint (reference computed on the fly)."""
-    from ray import serve
 
     from montage.launch.local import fit_local
     from montage.serve.app import load_serve_config, run
@@ -132,7 +132,7 @@ def mon(ray_session, tmp_path_factory):
         "tmp": tmp,
         "metrics_port": ray_session.nodes()[0]["MetricsExportPort"],
     }
-    serve.shutdown()
+    stop_serve()
 
 
 def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
@@ -319,9 +319,7 @@ def test_prometheus_server_scrapes_the_series(mon, tmp_path) -> None:
         rollout_only = {"ray_montage_arm_latency_ms_bucket", "ray_montage_arm_requests_total"}  # need a challenger
         rollout_only |= {"ray_montage_shadow_agreement_sum", "ray_montage_shadow_agreement_count"}
         absent = {"ray_montage_anomalies_total", "ray_montage_drift_score", "ray_montage_drifted"} | rollout_only
-        assert names - absent <= set(have), (
-            names - set(have)
-        )
+        assert names - absent <= set(have), names - set(have)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

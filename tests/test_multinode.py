@@ -301,9 +301,8 @@ def test_serve_replicas_on_worker_nodes_survive_a_lost_node(cluster, tmp_path) -
 
     import ray
     import requests
-    from ray import serve
     from ray.util.state import list_actors
-    from serve_helpers import checkpoints, free_port, img, png, start
+    from serve_helpers import checkpoints, free_port, img, png, start, stop_serve
 
     (ckpt,) = checkpoints(tmp_path, ("segmentation",)).values()
     port = free_port()
@@ -348,5 +347,5 @@ def test_serve_replicas_on_worker_nodes_survive_a_lost_node(cluster, tmp_path) -
     assert len(failed) <= 4  # the requests in flight on the removed node (one at a time here), plus its retries
     assert all(c == 200 for t, c in after if t > back)  # once back, it stays up
     assert back - removed < 60
-    serve.shutdown()
+    stop_serve()
     assert ray.is_initialized()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import _tiny
-from serve_helpers import decode, free_port, img, png
+from serve_helpers import decode, free_port, img, png, stop_serve
 
 SEG = "montage-segmentation"
 
@@ -26,7 +26,6 @@ def _fit(tmp, task: str, name: str, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def app(ray_session, tmp_path_factory):
-    from ray import serve
 
     from montage.core.config import load_config
     from montage.core.paths import packaged_config
@@ -68,7 +67,7 @@ def app(ray_session, tmp_path_factory):
     ]
     run(load_serve_config(None, overrides))
     yield {"url": f"http://127.0.0.1:{port}", "ck": ck, "uri": uri, "overrides": overrides, "tmp": tmp}
-    serve.shutdown()
+    stop_serve()
 
 
 def _versions(r: requests.Response) -> dict[str, tuple[str, str]]:

@@ -14,11 +14,11 @@ from serve_helpers import decode as _decode
 from serve_helpers import free_port as _free_port
 from serve_helpers import img as _img
 from serve_helpers import png as _png
+from serve_helpers import stop_serve
 
 
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory):
-    from ray import serve
 
     from montage.launch.local import fit_local
     from montage.serve.app import load_serve_config, run
@@ -35,7 +35,7 @@ def server(ray_session, tmp_path_factory):
     cfg = load_serve_config(None, overrides)
     run(cfg)
     yield {"url": f"http://127.0.0.1:{port}", "ckpts": ckpts, "overrides": overrides, "tmp": tmp}
-    serve.shutdown()
+    stop_serve()
 
 
 def test_endpoints_return_images_of_the_input_size(server) -> None:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from serve_helpers import checkpoints, decode, free_port, img, pil_bytes, png, start, wait_healthy
+from serve_helpers import checkpoints, decode, free_port, img, pil_bytes, png, start, stop_serve, wait_healthy
 
 from montage.serve import access
 
@@ -215,7 +215,6 @@ def test_exif_orientation_applies_to_masks_too() -> None:
 
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory):
-    from ray import serve
 
     tmp = tmp_path_factory.mktemp("serve-hardening")
     ckpts = checkpoints(tmp, ("segmentation", "harmonization", "pix2pix"))
@@ -238,7 +237,7 @@ def server(ray_session, tmp_path_factory):
     session.headers["Authorization"] = f"Bearer {key}"
     yield {"url": url, "key": key, "session": session, "overrides": overrides}
     session.close()
-    serve.shutdown()
+    stop_serve()
 
 
 def _json_detail(r: requests.Response) -> object:
