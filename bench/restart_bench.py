@@ -42,7 +42,7 @@ def main() -> int:
     from montage.launch.train import fit_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="montage-restart-bench-"))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(num_cpus=2, logging_level="WARNING", log_to_driver=False)
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
 
     def config(name: str, failures: int):

@@ -389,7 +389,7 @@ def main() -> int:
 
     def need_ray() -> None:  # the bench's own Ray session, started when first needed
         if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            ray.init(num_cpus=os.cpu_count(), logging_level="ERROR", log_to_driver=False)
 
     storage = tempfile.mkdtemp(prefix="montage-bench-runs-")
     print(

@@ -34,6 +34,26 @@ def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
     raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
 
 
+def live_placement_groups() -> list[str] | None:
+    """The placement groups of the connected Ray that are not removed (created or still pending), as
+    ``<id> <bundles>``; None when this process is not connected to a Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    table = ray.util.placement_group_table()
+    return [f"{pg_id[:12]} {pg['bundles']}" for pg_id, pg in table.items() if pg["state"] != "REMOVED"]
+
+
+def wait_placement_groups_removed(timeout: float, after: str) -> None:
+    """Wait until every placement group of the connected Ray is removed; raise naming those left."""
+    deadline = time.time() + timeout
+    while (left := live_placement_groups()) and time.time() < deadline:
+        time.sleep(0.5)
+    if left:
+        raise AssertionError(f"{len(left)} placement groups outlived {after} by {timeout:.0f} s: {left}")
+
+
 class MlflowServer:
     """``mlflow server`` on a loopback port with its own SQLite store and artifact root; ``stop`` and
     ``start`` again keep the same port, store and artifacts (the head's server going away)."""

@@ -20,13 +20,29 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients of a `ray start` head
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole run (start-up costs seconds)."""
+    """One local Ray for the whole run (start-up costs seconds). With its dashboard, as every Ray that
+    montage starts or joins has: Ray Train's ``PlacementGroupCleaner`` asks the dashboard's State API
+    whether a training's controller still lives, and without one it never removes the placement group
+    of a training that died ungracefully (a trial Tune stopped, a killed sweep), so their CPUs stay
+    reserved for the rest of the session and later fits, sweeps and Serve replicas wait forever."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_placement_group_outlives_its_module(request):
+    """After each module on the shared Ray: every placement group is removed within a minute (Ray Train's
+    cleaner needs a few seconds for a training that died ungracefully), or the module errors, naming the
+    groups, instead of a later module hanging on the CPUs they hold."""
+    yield
+    from cluster_helpers import live_placement_groups, wait_placement_groups_removed
+
+    if live_placement_groups() is not None:
+        wait_placement_groups_removed(60, request.module.__name__)
 
 
 @pytest.fixture

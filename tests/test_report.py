@@ -85,9 +85,12 @@ def test_sweep_report_shows_every_trial(sweep, capsys) -> None:
     assert by_id[result.best.mlflow_run_id].best("val/fmse") == pytest.approx(
         data.best_run().best("val/fmse", "min")[1]
     )
-    # the same validation images: the grid of epoch 1 of both trials, at the size the trials logged it
-    assert text.count("epoch 1 · val/fmse") >= 2
-    grids = list((tmp / "out" / "samples").rglob("epoch_001.png"))
+    # the same validation images: the grids of the last epoch both trials logged (1, or 2 when ASHA's stop
+    # landed after epoch 2), at the size the trials logged them
+    shared = max(set.intersection(*(set(r.sample_epochs) for r in data.runs)))
+    assert shared == min(r.epochs for r in data.runs)
+    assert text.count(f"epoch {shared} · val/fmse") >= 2
+    grids = list((tmp / "out" / "samples").rglob(f"epoch_{shared:03d}.png"))
     assert len(grids) == 2
     from PIL import Image
 
