@@ -157,7 +157,7 @@ def training_reference() -> list[str]:
 
 
 def tune_reference() -> list[str]:
-    from montage.launch.tune import DISTRIBUTIONS, SchedulerConfig, TuneConfig
+    from montage.core.tune_sections import DISTRIBUTIONS, SchedulerConfig, TuneConfig
 
     lines = [
         "## Tune configs (`montage tune F`)",
