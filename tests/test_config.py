@@ -3,7 +3,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from montage.core.config import ConfigError, flatten, load_config, parse_override, to_dict
+from montage.core.config import (
+    ConfigError,
+    apply_overrides,
+    defaults_of,
+    flatten,
+    load_config,
+    load_file,
+    parse_override,
+    to_dict,
+)
 from montage.core.registry import TASKS, Registry, UnknownNameError
 
 SPEC = TASKS.get("segmentation").spec
@@ -85,6 +94,26 @@ def test_round_trip_and_flatten() -> None:
     assert to_dict(again) != tree  # epochs differ
     flat = flatten(tree)
     assert flat["train.epochs"] == 2 and flat["loss.bce"] == 1.0 and flat["task"] == "segmentation"
+
+
+def test_one_loader_for_every_config_file_type(tmp_path: Path) -> None:
+    from montage.core.serve_sections import ServeConfig, load_serve_config
+    from montage.core.tune_sections import TuneConfig
+
+    tune = defaults_of(TuneConfig)
+    assert "task" not in tune and "base" not in tune  # required: no default to start from
+    assert tune["scheduler"] == {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 0}
+    serve = defaults_of(ServeConfig)
+    assert serve == to_dict(ServeConfig()) and serve["pix2pix"]["enabled"] is False
+    f = tmp_path / "serve.yaml"
+    f.write_text("port: 9000\nsegmentation:\n  rollout:\n    traffic: 0.2\n")
+    cfg = load_file(ServeConfig, f, ["harmonization.autoscaling.max_replicas=4"])
+    assert (cfg.port, cfg.segmentation.rollout.traffic, cfg.harmonization.autoscaling.max_replicas) == (9000, 0.2, 4)
+    assert cfg == load_serve_config(f, ["harmonization.autoscaling.max_replicas=4"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'cros' \(valid here: segmentation, .*, cors,"):
+        apply_overrides(defaults_of(ServeConfig), ["cros.allow_origins=[x]"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'cors.origins' \(valid in cors: allow_origins\)"):
+        load_file(ServeConfig, None, ["cors.origins=[x]"])
 
 
 def test_registry_lists_valid_names() -> None:

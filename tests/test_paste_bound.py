@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from montage.serve.config import ServeConfig
+from montage.core.serve_sections import ServeConfig
 from montage.serve.imaging import Placement, paste
 
 

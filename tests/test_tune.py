@@ -245,3 +245,16 @@ def test_interrupted_sweep_resumes_every_trial_once(ray_session, tmp_path: Path,
 def test_shipped_tune_configs_validate(path: Path) -> None:
     tcfg, base, params = load_tune_config(path)
     assert params and base.task == tcfg.task
+
+
+def test_tune_overrides_start_from_the_defaults(tmp_path: Path) -> None:
+    # a section the file leaves out can still be overridden key by key; unknown keys still name the valid ones
+    path = write_tune(tmp_path)
+    tree = yaml.safe_load(path.read_text())
+    del tree["scheduler"], tree["resources"]
+    path.write_text(yaml.safe_dump(tree))
+    tcfg, base, _ = load_tune_config(path, ["scheduler.reduction_factor=3", "resources.cpus_per_worker=0.5"])
+    assert tcfg.scheduler.reduction_factor == 3 and tcfg.scheduler.grace_period == 1
+    assert tcfg.resources.cpus_per_worker == 0.5 and base.scaling.cpus_per_worker == 0.5
+    with pytest.raises(ConfigError, match=r"unknown config key .scheduler.grace. \(valid in scheduler: name, grace_"):
+        load_tune_config(path, ["scheduler.grace=2"])

@@ -2,7 +2,8 @@
 their dataclasses: each key with its type, default and the comment written beside its field.
 
 ``python -m montage.cli.reference > docs/CONFIG.md``; ``tests/test_config.py`` fails when the file
-is stale. It sits on the top layer because the tune and serve configs live in the launchers and Serve.
+is stale. The sections all live in :mod:`montage.core` (``sections``, ``tune_sections``, ``serve_sections``);
+this sits on the top layer as the command that prints them.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def training_reference() -> list[str]:
 
 
 def tune_reference() -> list[str]:
-    from montage.launch.tune import DISTRIBUTIONS, SchedulerConfig, TuneConfig
+    from montage.core.tune_sections import DISTRIBUTIONS, SchedulerConfig, TuneConfig
 
     lines = [
         "## Tune configs (`montage tune F`)",
@@ -180,9 +181,7 @@ def tune_reference() -> list[str]:
 
 
 def serve_reference() -> list[str]:
-    from montage.serve.access import AuthConfig, CorsConfig
-    from montage.serve.app import ModelServeConfig, ServeConfig
-    from montage.serve.monitoring import MonitoringConfig
+    from montage.core.serve_sections import AuthConfig, CorsConfig, ModelServeConfig, MonitoringConfig, ServeConfig
 
     serve = ServeConfig()
     lines = [

@@ -134,11 +134,11 @@ def _write_lrs(config: str | None, values: dict[str, float]) -> None:
     """Set ``values`` (dotted keys such as optim.lr) in the YAML file ``config``, keeping its other keys."""
     import yaml
 
-    from montage.core.config import read_yaml
+    from montage.core.config import read_tree
 
     if not config or not Path(config).is_file():
         raise ValueError("--write needs --config FILE: the YAML file the suggested learning rate is written into")
-    tree = read_yaml(config)
+    tree = read_tree(config)
     for key, value in values.items():
         node = tree
         *parents, leaf = key.split(".")

@@ -1,11 +1,16 @@
-"""Typed experiment configuration: dataclasses, YAML files and dotted overrides.
+"""Typed configuration of every config file type: dataclasses, YAML files and dotted overrides.
 
-The section dataclasses (:mod:`montage.core.sections`, assembled here) are the single source of
-truth for every key a user can set. A task contributes its own ``model``, ``data`` and ``loss``
-sections (and may replace any platform section) through :class:`SectionSpec`; everything else is shared.
+The section dataclasses are the single source of truth for every key a user can set: training
+(:mod:`montage.core.sections`, assembled here into :class:`ExperimentConfig`), tune
+(:mod:`montage.core.tune_sections`) and serve (:mod:`montage.core.serve_sections`). A task
+contributes its own ``model``, ``data`` and ``loss`` sections (and may replace any platform
+section) through :class:`SectionSpec`; everything else is shared.
 
-Resolution order: dataclass defaults → task defaults → YAML file → ``key=value`` overrides.
-Unknown keys and values of the wrong type raise :class:`ConfigError` naming the dotted key.
+One loader reads them all: :func:`defaults_of` (the dataclass defaults as a tree) → :func:`read_tree`
+(a YAML file, deep-merged) → :func:`apply_overrides` (``key=value``) → validation, in
+:func:`load_file` for any section dataclass and :func:`load_config` for a task's training config
+(whose defaults also hold the task's). Unknown keys and values of the wrong type raise
+:class:`ConfigError` naming the dotted key.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -226,7 +232,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_tree(path: str | Path) -> dict[str, Any]:
+    """A config file's YAML mapping (not validated: that is the section dataclasses' job)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -237,6 +244,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+read_yaml = read_tree  # the earlier name
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str] | None) -> dict[str, Any]:
+    """Set each ``a.b=c`` of ``overrides`` in ``tree`` (in place, in order; returned for chaining).
+    A missing section names the unknown key and the valid ones; an unknown leaf is left for
+    :func:`from_dict` to refuse the same way."""
+    for text in overrides or []:
+        set_dotted(tree, *parse_override(text))
+    return tree
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The tree of a section dataclass's defaults (a field without one, i.e. required, is left out)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = to_dict(f.default_factory())
+    return out
+
+
+def resolve_tree(
+    defaults: dict[str, Any], path: str | Path | None = None, overrides: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``defaults`` → the YAML file at ``path`` (deep-merged) → ``overrides``: the tree to validate."""
+    tree = merge(defaults, read_tree(path)) if path is not None else dict(defaults)
+    return apply_overrides(tree, overrides)
+
+
+def load_file(cls: type, path: str | Path | None = None, overrides: Sequence[str] | None = None) -> Any:
+    """Section dataclass ``cls`` from its defaults, the YAML file ``path`` and ``overrides``, validated."""
+    return from_dict(cls, resolve_tree(defaults_of(cls), path, overrides))
 
 
 def default_tree(task: str, spec: SectionSpec) -> dict[str, Any]:
@@ -274,14 +317,8 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
 ) -> ExperimentConfig:
-    """Defaults → YAML ``path`` → ``key=value`` ``overrides``, validated."""
-    tree = default_tree(task, spec)
-    if path is not None:
-        tree = merge(tree, read_yaml(path))
-    for text in overrides or []:
-        key, value = parse_override(text)
-        set_dotted(tree, key, value)
-    return build_config(task, spec, tree)
+    """Defaults (the platform's, then the task's) → YAML ``path`` → ``key=value`` ``overrides``, validated."""
+    return build_config(task, spec, resolve_tree(default_tree(task, spec), path, overrides))
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

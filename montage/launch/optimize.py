@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from montage.core.config import ExperimentConfig, build_config, parse_override, set_dotted, to_dict
+from montage.core.config import ExperimentConfig, apply_overrides, build_config, to_dict
 from montage.core.registry import TASKS
 from montage.platform.checkpoint import load_checkpoint, save_checkpoint
 from montage.platform.pruning import PruneReport, count_params, prune_channels, prune_magnitude
@@ -53,9 +53,7 @@ def _config(task: str, state: dict[str, Any], overrides: Sequence[str]) -> Exper
     tree["distill"]["teacher"], tree["init"]["checkpoint"] = "", ""
     tree["run"]["name"] = ""
     tree["tracking"]["run_id"], tree["tracking"]["parent_run_id"] = "", ""  # a run of its own, not the parent's
-    for text in overrides:
-        set_dotted(tree, *parse_override(text))
-    return build_config(task, TASKS.get(task).spec, tree)
+    return build_config(task, TASKS.get(task).spec, apply_overrides(tree, overrides))
 
 
 def _fit(cfg: ExperimentConfig, no_ray: bool, address: str | None) -> RunSummary:

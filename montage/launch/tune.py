@@ -3,7 +3,8 @@ TorchTrainer per trial, an MLflow parent run per sweep with a child run per tria
 best checkpoint registered (and promoted) in the MLflow model registry.
 
 A tune config (``tune_configs/*.yaml``) names the task, a base training config, the
-search space and the sweep's settings; see :class:`TuneConfig`.
+search space and the sweep's settings; its sections are :mod:`montage.core.tune_sections`
+(re-exported here), :func:`load_tune_config` reads and validates one.
 """
 
 from __future__ import annotations
@@ -13,94 +14,37 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from montage.core.config import (
     ConfigError,
     ExperimentConfig,
-    from_dict,
     load_config,
-    read_yaml,
+    load_file,
+    parse_override,
     set_dotted,
     to_dict,
 )
 from montage.core.registry import TASKS
+from montage.core.tune_sections import (  # noqa: F401  (SchedulerConfig, TrialResources: re-exported)
+    DISTRIBUTIONS,
+    SchedulerConfig,
+    TrialResources,
+    TuneConfig,
+)
 from montage.launch.session import Capacity
 from montage.tracking.registry import Registration
 from montage.tracking.sweeps import TrialRecord, TrialStatus
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-
-
-@dataclass
-class SchedulerConfig:
-    name: Literal["asha", "none"] = "asha"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_t: int = 0  # 0: the base config's train.epochs
-
-
-@dataclass
-class TrialResources:
-    """What one trial's TorchTrainer asks for: ``workers`` DDP workers, each with these CPUs (and
-    GPUs when ``gpus``). They replace the base config's ``scaling`` of the same names; the rest of
-    ``scaling`` (``max_failures``, ``keep_checkpoints``, ...) stays the base config's (``base.scaling.*``).
-    ``train.batch_size`` is per worker here as everywhere: the global batch is ``workers × batch_size``."""
-
-    workers: int = 1
-    gpus: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.cpus_per_worker <= 0:
-            raise ValueError("cpus_per_worker must be > 0")
-
-    def bundle(self) -> dict[str, float]:
-        """One worker's resources."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus else {})}
-
-    def demand(self) -> dict[str, float]:
-        """The whole trial's (its function runs on the head, see :data:`TRIAL_FUNCTION_RESOURCES`)."""
-        return {k: v * self.workers for k, v in self.bundle().items()}
-
-
 # Where each trial's own function runs: on the head, a hundredth of Ray's built-in head-node resource and
 # no CPU (the head of cluster.yaml has none to give). It only waits on its TorchTrainer, whose controller it
 # starts beside itself; on a worker node it would be lost with that node, and Ray Train's detached
 # autoscaling coordinator, created on the controller's node, would keep that node from ever being idle.
 TRIAL_FUNCTION_RESOURCES = {"node:__internal_head__": 0.01}
-
-
-@dataclass
-class TuneConfig:
-    task: str
-    base: str  # training config: a YAML path (relative to the tune config) or a shipped config name
-    search_space: dict[str, dict] = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)  # applied to the base config before the search
-    metric: str = ""  # empty: the task's monitored metric
-    mode: Literal["", "min", "max"] = ""
-    num_samples: int = 8
-    max_concurrent: int = 0  # 0: as many as the cluster can fit once its autoscaler has grown it
-    seed: int = 0
-    points_to_evaluate: list[dict] = field(default_factory=list)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    resources: TrialResources = field(default_factory=TrialResources)
-    storage: str = "runs/tune"  # local path, NFS mount, s3:// or gs://
-    storage_endpoint: str = ""  # S3-compatible server for s3:// storage (as run.storage_endpoint)
-    name: str = ""  # empty: <task>-sweep-<timestamp>
-    max_failures: int = 0  # retries of a failing trial
-    promote: Literal["better", "always", "never"] = "better"
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError("num_samples must be >= 1")
 
 
 @dataclass
@@ -181,20 +125,21 @@ def load_tune_config(
     path: str | Path, overrides: list[str] | None = None
 ) -> tuple[TuneConfig, ExperimentConfig, list[Param]]:
     """Read and validate a tune config; ``overrides`` ``a.b=c`` apply to the tune config itself
-    (``num_samples=2``, ``storage=...``) or, under ``base.``, to the training config."""
-    from montage.core.config import parse_override
+    (``num_samples=2``, ``scheduler.grace_period=2``, ``storage=...``; its dataclass defaults are
+    the starting point, so a section the file leaves out can be overridden) or, under ``base.``,
+    to the training config."""
     from montage.core.paths import resolve_config_path
 
     path = Path(path)
-    tree = read_yaml(path)
+    own: list[str] = []
     base_over: list[str] = []
     for text in overrides or []:
-        key, value = parse_override(text)
+        key, _ = parse_override(text)
         if key.startswith("base."):
             base_over.append(text[len("base.") :])
         else:
-            set_dotted(tree, key, value)
-    tcfg = from_dict(TuneConfig, tree)
+            own.append(text)
+    tcfg: TuneConfig = load_file(TuneConfig, path, own)
     base_path = path.parent / tcfg.base if (path.parent / tcfg.base).is_file() else resolve_config_path(tcfg.base)
     task_cls = TASKS.get(tcfg.task)
     base = load_config(tcfg.task, task_cls.spec, base_path, tcfg.overrides + base_over)

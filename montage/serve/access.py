@@ -27,33 +27,20 @@ import math
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
+from montage.core.serve_sections import AuthConfig, CorsConfig
+
 log = logging.getLogger("montage.serve")
 
 HASH_PREFIX = "sha256:"
 PROTECTED_PREFIX = "/v1/"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass
-class AuthConfig:
-    api_keys_file: str = (
-        ""  # one key hash a line: `sha256:<64 hex>` (from `montage serve keygen`); '#' starts a comment
-    )
-    api_keys_env: str = (
-        ""  # the NAME of an environment variable holding keys (comma or space separated), e.g. MONTAGE_API_KEYS
-    )
-
-
-@dataclass
-class CorsConfig:
-    allow_origins: list[str] = field(default_factory=list)  # e.g. [https://tools.example.com]; empty: no CORS headers
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from montage.core.config import to_dict
+from montage.core.serve_sections import (  # noqa: F401  (re-exported: the CLI, demo, benches and tests load from here)
+    AutoscalingServeConfig,
+    ModelServeConfig,
+    ServeConfig,
+    load_serve_config,
+)
 from montage.platform.imaging import encode_png
 from montage.serve import access
-from montage.serve.config import AutoscalingServeConfig, ModelServeConfig, ServeConfig, load_serve_config  # noqa: F401
 from montage.serve.deployments import LocalModel, unit_alpha
 from montage.serve.graph import (  # noqa: F401
     ReloadError,

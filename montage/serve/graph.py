@@ -11,9 +11,8 @@ from typing import Any
 from ray import serve
 
 from montage.core.config import to_dict
-from montage.serve.config import ModelServeConfig, ServeConfig
+from montage.core.serve_sections import ModelServeConfig, MonitoringConfig, ServeConfig
 from montage.serve.deployments import Harmonizer, LocalModel, Pix2Pix, Segmenter
-from montage.serve.monitoring import MonitoringConfig
 
 log = logging.getLogger("montage.serve")
 

@@ -18,11 +18,11 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from montage.core.serve_sections import MonitoringConfig
 from montage.platform.features import alpha_features, colour_change, input_features
 from montage.serve.drift import DriftDetector
 
@@ -33,19 +33,6 @@ PIXELS = [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 819
 BATCH = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 QUALITY = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 4]
 STAGES = ("decode", "segment", "paste", "harmonize", "encode", "pix2pix")
-
-
-@dataclass
-class MonitoringConfig:
-    """``monitoring:`` in serve.yaml."""
-
-    enabled: bool = True  # metrics, windows and drift; off: nothing is recorded
-    window: int = 500  # live requests kept per model for drift, and per endpoint/stage for /v1/monitor
-    min_samples: int = 50  # drift is judged once the window holds this many requests
-    check_every: int = 10  # re-evaluate drift every N requests
-    psi_threshold: float = 0.25  # population stability index at which a feature counts as drifted ...
-    ks_pvalue: float = 0.01  # ... when the two-sample KS test also rejects equality at this p-value
-    reference_samples: int = 256  # training samples for a reference computed on the fly (versions without one)
 
 
 _PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar(

@@ -23,51 +23,19 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from montage.core.serve_sections import RolloutConfig, RolloutRules
 from montage.serve import compare
 from montage.serve.monitoring import _percentiles
 
 log = logging.getLogger("montage.serve")
 
-MODES = ("canary", "shadow")
 ARMS = ("champion", "challenger")
 HEADER = "X-Montage-Model-Version"
 CHALLENGER_ALIAS = "challenger"
-
-
-@dataclass
-class RolloutRules:
-    """``<model>.rollout.rules``: when the challenger is promoted or rolled back."""
-
-    auto: bool = False  # act on the verdict by itself (else `montage rollout promote|rollback` does)
-    min_requests: int = 200  # per arm before any verdict but "collecting"
-    max_p95_ratio: float = 1.5  # challenger p95 / champion p95 (model-call latency) past this: rollback
-    max_error_rate_increase: float = 0.01  # challenger error rate − champion's, when significant: rollback
-    max_quality_shift: float = 0.3  # |rank-biserial effect| of a quality feature, when significant: rollback
-    min_shadow_agreement: float = 0.8  # mean alpha IoU (segmentation) in shadow mode below this: rollback
-    max_shadow_delta_e: float = 5.0  # mean ΔE in the mask (harmonization) in shadow mode past this: rollback
-    significance: float = 0.05  # the tests' level
-
-
-@dataclass
-class RolloutConfig:
-    """``<model>.rollout`` in serve.yaml (used when ``<model>.challenger`` is set)."""
-
-    mode: str = "canary"  # canary | shadow
-    traffic: float = 0.1  # canary: the share of callers the challenger answers
-    client_header: str = "X-Montage-Client"  # sticky key of a caller without an API key
-    window: int = 2000  # requests kept per arm for the comparison
-    rules: RolloutRules = field(default_factory=RolloutRules)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"rollout.mode: unknown '{self.mode}'; valid: {', '.join(MODES)}")
-        if not 0 <= self.traffic <= 1:
-            raise ValueError(f"rollout.traffic must be in [0, 1], got {self.traffic}")
 
 
 # -- per request: who calls, and which versions answered ----------------------------------------

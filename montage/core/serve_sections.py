@@ -1,5 +1,7 @@
-"""serve.yaml as dataclasses: the application, each model section (with its challenger and
-rollout), replica autoscaling, monitoring, access."""
+"""serve.yaml (``montage serve --config F``) as dataclasses: the application, each model section
+(with its challenger and rollout), replica autoscaling, monitoring, access. Pure data and
+validation, loaded by :func:`load_serve_config`; the Serve code that acts on them is
+:mod:`montage.serve` (access, monitoring, rollout, graph, app)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,69 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from montage.core.config import from_dict, merge, parse_override, read_yaml, set_dotted, to_dict
-from montage.serve.access import AuthConfig, CorsConfig
-from montage.serve.monitoring import MonitoringConfig
-from montage.serve.rollout import RolloutConfig
+from montage.core.config import load_file
+
+
+@dataclass
+class AuthConfig:
+    api_keys_file: str = (
+        ""  # one key hash a line: `sha256:<64 hex>` (from `montage serve keygen`); '#' starts a comment
+    )
+    api_keys_env: str = (
+        ""  # the NAME of an environment variable holding keys (comma or space separated), e.g. MONTAGE_API_KEYS
+    )
+
+
+@dataclass
+class CorsConfig:
+    allow_origins: list[str] = field(default_factory=list)  # e.g. [https://tools.example.com]; empty: no CORS headers
+
+
+@dataclass
+class MonitoringConfig:
+    """``monitoring:`` in serve.yaml."""
+
+    enabled: bool = True  # metrics, windows and drift; off: nothing is recorded
+    window: int = 500  # live requests kept per model for drift, and per endpoint/stage for /v1/monitor
+    min_samples: int = 50  # drift is judged once the window holds this many requests
+    check_every: int = 10  # re-evaluate drift every N requests
+    psi_threshold: float = 0.25  # population stability index at which a feature counts as drifted ...
+    ks_pvalue: float = 0.01  # ... when the two-sample KS test also rejects equality at this p-value
+    reference_samples: int = 256  # training samples for a reference computed on the fly (versions without one)
+
+
+MODES = ("canary", "shadow")
+
+
+@dataclass
+class RolloutRules:
+    """``<model>.rollout.rules``: when the challenger is promoted or rolled back."""
+
+    auto: bool = False  # act on the verdict by itself (else `montage rollout promote|rollback` does)
+    min_requests: int = 200  # per arm before any verdict but "collecting"
+    max_p95_ratio: float = 1.5  # challenger p95 / champion p95 (model-call latency) past this: rollback
+    max_error_rate_increase: float = 0.01  # challenger error rate − champion's, when significant: rollback
+    max_quality_shift: float = 0.3  # |rank-biserial effect| of a quality feature, when significant: rollback
+    min_shadow_agreement: float = 0.8  # mean alpha IoU (segmentation) in shadow mode below this: rollback
+    max_shadow_delta_e: float = 5.0  # mean ΔE in the mask (harmonization) in shadow mode past this: rollback
+    significance: float = 0.05  # the tests' level
+
+
+@dataclass
+class RolloutConfig:
+    """``<model>.rollout`` in serve.yaml (used when ``<model>.challenger`` is set)."""
+
+    mode: str = "canary"  # canary | shadow
+    traffic: float = 0.1  # canary: the share of callers the challenger answers
+    client_header: str = "X-Montage-Client"  # sticky key of a caller without an API key
+    window: int = 2000  # requests kept per arm for the comparison
+    rules: RolloutRules = field(default_factory=RolloutRules)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"rollout.mode: unknown '{self.mode}'; valid: {', '.join(MODES)}")
+        if not 0 <= self.traffic <= 1:
+            raise ValueError(f"rollout.traffic must be in [0, 1], got {self.traffic}")
 
 
 @dataclass
@@ -93,9 +154,5 @@ class ServeConfig:
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
-    tree = to_dict(ServeConfig())
-    if path:
-        tree = merge(tree, read_yaml(path))
-    for text in overrides or []:
-        set_dotted(tree, *parse_override(text))
-    return from_dict(ServeConfig, tree)
+    """Defaults → serve.yaml ``path`` (none: the defaults alone) → ``key=value`` ``overrides``, validated."""
+    return load_file(ServeConfig, path or None, overrides)
