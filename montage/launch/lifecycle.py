@@ -119,7 +119,7 @@ def begin(
 def rank_hooks(
     cfg: ExperimentConfig,
     rank: int,
-    folder: str | Path,
+    folder: str | Path | None,
     latest: bool,
     tags: dict[str, str] | None = None,
 ) -> list[Hook]:

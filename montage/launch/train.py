@@ -35,8 +35,9 @@ class RayReportHook(Hook):
     scheduler and searcher, the trial's result, this run's ``Result`` — last heard of an earlier
     epoch, and would otherwise keep that as the run's outcome."""
 
-    def __init__(self) -> None:
+    def __init__(self, staging: str | None = None) -> None:
         self.reported = False
+        self.staging = staging  # where rank 0 writes each checkpoint before Ray copies it (see _staging)
 
     def after_epoch(self, loop: Loop, metrics: dict[str, float]) -> None:
         import ray.train
@@ -47,7 +48,7 @@ class RayReportHook(Hook):
         if not loop.is_main:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="montage-ckpt-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="montage-ckpt-", dir=self.staging) as tmp:
             save_checkpoint(loop.state_dict(), Path(tmp) / FILENAME)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -60,10 +61,15 @@ class RayReportHook(Hook):
 
 
 @contextlib.contextmanager
-def _staging(cfg: ExperimentConfig) -> Iterator[str]:
-    """Where rank 0 keeps the best checkpoint for MLflow: inside the run's own folder on local
+def _staging(cfg: ExperimentConfig, main: bool) -> Iterator[str | None]:
+    """Where rank 0 keeps the best checkpoint for MLflow and writes each epoch's checkpoint before Ray
+    copies it to storage: inside the run's own folder on local
     storage (a worker killed by a failure or by ASHA leaves nothing in /tmp; a rerun reuses it),
-    a temporary folder for remote storage. Removed when the fit ends."""
+    a temporary folder for remote storage. Removed when the fit ends, by rank 0 only (the other ranks
+    write no checkpoint, and one that ended first must not remove it under rank 0)."""
+    if not main:
+        yield None
+        return
     run = Storage.of(cfg.run.storage, cfg.run.storage_endpoint).child(cfg.run.name)
     if run.remote:
         with tempfile.TemporaryDirectory(prefix="montage-best-") as tmp:
@@ -110,8 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(_sync_batchnorm(m, cfg, world), move_to_device=False),
         launched_at=config.get("launched_at"),
     )
-    with _staging(cfg) as staging_dir:
-        hooks = [*rank_hooks(cfg, rank, staging_dir, latest=False, tags=config.get("tags")), RayReportHook()]
+    with _staging(cfg, rank == 0) as staging_dir:
+        hooks = [*rank_hooks(cfg, rank, staging_dir, latest=False, tags=config.get("tags")), RayReportHook(staging_dir)]
         loop = build_loop(cfg, env, hooks)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
