@@ -47,11 +47,11 @@ def live_placement_groups() -> list[str] | None:
 
 def wait_placement_groups_removed(timeout: float, after: str) -> None:
     """Wait until every placement group of the connected Ray is removed; raise naming those left."""
-    deadline = time.time() + timeout
-    while (left := live_placement_groups()) and time.time() < deadline:
-        time.sleep(0.5)
-    if left:
-        raise AssertionError(f"{len(left)} placement groups outlived {after} by {timeout:.0f} s: {left}")
+    try:
+        wait_until(lambda: not live_placement_groups(), timeout, f"the placement groups of {after} to go")
+    except TimeoutError:
+        left = live_placement_groups()
+        raise AssertionError(f"{len(left)} placement groups outlived {after} by {timeout:.0f} s: {left}") from None
 
 
 class MlflowServer:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import io
-import socket
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import requests
+from cluster_helpers import free_port, wait_until  # noqa: F401  (free_port: the Serve tests import it from here)
 from conftest import _tiny
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -74,21 +68,15 @@ def stop_serve(timeout: float = 120) -> None:
     def left() -> list[str]:
         return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == SERVE_NAMESPACE]
 
-    for kill in (False, True):
-        end = time.monotonic() + timeout
-        while names := left():
-            if time.monotonic() > end:
-                break
-            time.sleep(0.25)
-        else:
-            return
-        if kill:
-            raise TimeoutError(f"Serve's actors {names} outlived serve.shutdown() and ray.kill by {timeout} s")
-        for name in names:
+    try:
+        wait_until(lambda: not left(), timeout, "Serve's actors to go after serve.shutdown()")
+    except TimeoutError:
+        for name in left():
             try:
                 ray.kill(ray.get_actor(name, namespace=SERVE_NAMESPACE), no_restart=True)
             except ValueError:  # it went meanwhile
                 pass
+        wait_until(lambda: not left(), timeout, f"Serve's actors {left()} to go after ray.kill")
 
 
 def wait_healthy(url: str, timeout: float = 60) -> None:
