@@ -343,7 +343,7 @@ def run_sweep(
             ),
         )
     grid = tuner.fit()
-    ended = grid.num_terminated + grid.num_errors
+    ended = trials_ended(grid)
     if ended < tcfg.num_samples:  # Tune returns early on SIGINT, its state saved: nothing is registered
         st.interrupt_sweep(base, parent_id, f"{ended} of {tcfg.num_samples} trials ended")
         raise SweepInterrupted(
@@ -359,6 +359,17 @@ def run_sweep(
         registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
     errors = [t.error for t in trials if t.error]
     return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
+
+
+def trials_ended(results: Any) -> int:
+    """How many trials of a sweep's results ended: failed, returned, or stopped by the scheduler.
+
+    Not ``ResultGrid.num_terminated``: on SIGINT Tune saves its state with the running trials still
+    running (a resumed sweep continues them) and then stops their actors, which marks them TERMINATED in
+    the grid it returns, so a sweep interrupted during its last trials would count as complete. Tune
+    adds ``done`` to a trial's last result when the trial returns and when the scheduler stops it, never
+    when the interrupt's clean-up does."""
+    return sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
 
 
 def trial_status(epochs: int, budget: int, stopped_itself: bool, failed: bool) -> TrialStatus:
