@@ -17,16 +17,8 @@ import yaml
 
 from montage.core.config import ConfigError
 from montage.launch.session import Capacity
-from montage.launch.tune import (
-    TrialResources,
-    TuneConfig,
-    best_trial,
-    load_tune_config,
-    run_sweep,
-    trial_concurrency,
-    trial_status,
-    trials_ended,
-)
+from montage.launch.tune import TrialResources, TuneConfig, load_tune_config, run_sweep, trial_concurrency
+from montage.launch.tune_results import best_trial, trial_status, trials_ended
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
 from montage.tracking import registry as st

@@ -35,8 +35,9 @@ from montage.core.tune_sections import (  # noqa: F401  (SchedulerConfig, TrialR
     TuneConfig,
 )
 from montage.launch.session import Capacity
+from montage.launch.tune_results import best_checkpoint, best_trial, trial_status, trials_ended
 from montage.tracking.registry import Registration
-from montage.tracking.sweeps import TrialRecord, TrialStatus
+from montage.tracking.sweeps import TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -355,34 +356,10 @@ def run_sweep(
     best = best_trial(trials, tcfg.metric, tcfg.mode)
     with tempfile.TemporaryDirectory(prefix="montage-best-") as local:
         if best is not None:  # registered from a local copy when trials live on object storage
-            best.checkpoint = _best_checkpoint(sweep_storage.child("trials", best.name), tcfg, local)
+            best.checkpoint = best_checkpoint(sweep_storage.child("trials", best.name), tcfg, local)
         registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
     errors = [t.error for t in trials if t.error]
     return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
-
-
-def trials_ended(results: Any) -> int:
-    """How many trials of a sweep's results ended: failed, returned, or stopped by the scheduler.
-
-    Not ``ResultGrid.num_terminated``: on SIGINT Tune saves its state with the running trials still
-    running (a resumed sweep continues them) and then stops their actors, which marks them TERMINATED in
-    the grid it returns, so a sweep interrupted during its last trials would count as complete. Tune
-    adds ``done`` to a trial's last result when the trial returns and when the scheduler stops it, never
-    when the interrupt's clean-up does."""
-    return sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
-
-
-def trial_status(epochs: int, budget: int, stopped_itself: bool, failed: bool) -> TrialStatus:
-    """How a trial ended. A trial that trained every epoch finished, whoever ended its process (ASHA
-    stops the ones that reach ``max_t``); one that stopped on its own rule (the loop's ``train.early_stop``,
-    reported as ``stopped_early`` by :class:`~montage.launch.train.RayReportHook`) finished too; any other
-    trial short of its budget was stopped by the scheduler. (Tune's ``done`` flag cannot tell: Tune sets it
-    on every trial its scheduler stops.)"""
-    if failed:
-        return TrialStatus.FAILED
-    if epochs >= budget or stopped_itself:
-        return TrialStatus.FINISHED
-    return TrialStatus.STOPPED
 
 
 def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[TrialRecord]:
@@ -405,34 +382,3 @@ def _collect(grid: Any, params: list[Param], base: ExperimentConfig) -> list[Tri
             )
         )
     return rows
-
-
-def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord | None:
-    """The sweep's best trial, compared on the same budget: among the trials that ran to their end (every
-    epoch, or the loop's own early stop), never one the scheduler stopped on fewer epochs, whose best is
-    the best of a shorter run. Only when no trial finished do the stopped ones that got furthest compete."""
-    scored = [t for t in trials if not t.error and t.best(metric) is not None and not math.isnan(t.best(metric))]
-    finished = [t for t in scored if t.status is TrialStatus.FINISHED]
-    if not finished and scored:
-        furthest = max(t.epochs for t in scored)
-        finished = [t for t in scored if t.epochs == furthest]
-    if not finished:
-        return None
-    pick = max if mode == "max" else min
-    return pick(finished, key=lambda t: t.best(metric))
-
-
-def _best_checkpoint(trainer: Any, tcfg: TuneConfig, local: str) -> str | None:
-    """The trial's best checkpoint as kept by its TorchTrainer's CheckpointConfig (``trainer``: the
-    trial's run folder, a :class:`~montage.launch.storage.Storage`), downloaded into ``local`` when remote."""
-    import ray.train
-
-    try:
-        result = ray.train.Result.from_path(trainer.path, storage_filesystem=trainer.filesystem)
-    except Exception as exc:  # noqa: BLE001 - a trial stopped before its first report has no run
-        log.warning("no checkpoints for %s: %s", trainer, exc)
-        return None
-    ckpt = result.get_best_checkpoint(tcfg.metric, tcfg.mode) if result.best_checkpoints else None
-    if ckpt is None:
-        return None
-    return ckpt.to_directory(local) if trainer.remote else ckpt.path

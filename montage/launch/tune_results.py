@@ -1,0 +1,69 @@
+"""What a finished (or interrupted) Tune run says about its trials: which ended, how each ended,
+the sweep's best trial on a common budget, and where its best checkpoint is. Reads Ray Tune's
+``ResultGrid`` and a trial's Ray Train result folder; :mod:`montage.launch.tune` runs the sweep."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from montage.core.tune_sections import TuneConfig
+from montage.tracking.sweeps import TrialRecord, TrialStatus
+
+log = logging.getLogger(__name__)
+
+
+def trials_ended(results: Any) -> int:
+    """How many trials of a sweep's results ended: failed, returned, or stopped by the scheduler.
+
+    Not ``ResultGrid.num_terminated``: on SIGINT Tune saves its state with the running trials still
+    running (a resumed sweep continues them) and then stops their actors, which marks them TERMINATED in
+    the grid it returns, so a sweep interrupted during its last trials would count as complete. Tune
+    adds ``done`` to a trial's last result when the trial returns and when the scheduler stops it, never
+    when the interrupt's clean-up does."""
+    return sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+
+
+def trial_status(epochs: int, budget: int, stopped_itself: bool, failed: bool) -> TrialStatus:
+    """How a trial ended. A trial that trained every epoch finished, whoever ended its process (ASHA
+    stops the ones that reach ``max_t``); one that stopped on its own rule (the loop's ``train.early_stop``,
+    reported as ``stopped_early`` by :class:`~montage.launch.train.RayReportHook`) finished too; any other
+    trial short of its budget was stopped by the scheduler. (Tune's ``done`` flag cannot tell: Tune sets it
+    on every trial its scheduler stops.)"""
+    if failed:
+        return TrialStatus.FAILED
+    if epochs >= budget or stopped_itself:
+        return TrialStatus.FINISHED
+    return TrialStatus.STOPPED
+
+
+def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord | None:
+    """The sweep's best trial, compared on the same budget: among the trials that ran to their end (every
+    epoch, or the loop's own early stop), never one the scheduler stopped on fewer epochs, whose best is
+    the best of a shorter run. Only when no trial finished do the stopped ones that got furthest compete."""
+    scored = [t for t in trials if not t.error and t.best(metric) is not None and not math.isnan(t.best(metric))]
+    finished = [t for t in scored if t.status is TrialStatus.FINISHED]
+    if not finished and scored:
+        furthest = max(t.epochs for t in scored)
+        finished = [t for t in scored if t.epochs == furthest]
+    if not finished:
+        return None
+    pick = max if mode == "max" else min
+    return pick(finished, key=lambda t: t.best(metric))
+
+
+def best_checkpoint(trainer: Any, tcfg: TuneConfig, local: str) -> str | None:
+    """The trial's best checkpoint as kept by its TorchTrainer's CheckpointConfig (``trainer``: the
+    trial's run folder, a :class:`~montage.launch.storage.Storage`), downloaded into ``local`` when remote."""
+    import ray.train
+
+    try:
+        result = ray.train.Result.from_path(trainer.path, storage_filesystem=trainer.filesystem)
+    except Exception as exc:  # noqa: BLE001 - a trial stopped before its first report has no run
+        log.warning("no checkpoints for %s: %s", trainer, exc)
+        return None
+    ckpt = result.get_best_checkpoint(tcfg.metric, tcfg.mode) if result.best_checkpoints else None
+    if ckpt is None:
+        return None
+    return ckpt.to_directory(local) if trainer.remote else ckpt.path
