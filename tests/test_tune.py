@@ -17,7 +17,14 @@ import yaml
 
 from montage.core.config import ConfigError
 from montage.launch.session import Capacity
-from montage.launch.tune import TrialResources, TuneConfig, load_tune_config, run_sweep, trial_concurrency
+from montage.launch.tune import (
+    TrialResources,
+    TuneConfig,
+    asha_max_t,
+    load_tune_config,
+    run_sweep,
+    trial_concurrency,
+)
 from montage.launch.tune_results import best_trial, trial_status, trials_ended
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
@@ -117,6 +124,13 @@ def test_trial_status_says_stopped_early_only_for_the_schedulers_stops() -> None
     assert trial_status(epochs=1, budget=2, stopped_itself=False, failed=False) is stopped  # a scheduler's stop
     assert trial_status(epochs=3, budget=8, stopped_itself=True, failed=False) is finished  # the loop's own early stop
     assert trial_status(epochs=2, budget=2, stopped_itself=True, failed=True) is TrialStatus.FAILED
+
+
+def test_asha_lets_a_trial_that_reaches_its_last_epoch_end_by_itself() -> None:
+    # ASHA stops (ends the actor of) every trial that reports max_t: one past the last epoch, unless a
+    # shorter max_t is asked for
+    assert asha_max_t(0, 8) == 9 and asha_max_t(8, 8) == 9 and asha_max_t(20, 8) == 9
+    assert asha_max_t(4, 8) == 4
 
 
 def test_best_trial_is_chosen_among_trials_of_the_full_budget() -> None:

@@ -203,6 +203,20 @@ def _fmt_res(res: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items())) or "nothing"
 
 
+def asha_max_t(max_t: int, epochs: int) -> int:
+    """ASHA's ``max_t`` for a sweep whose trials train ``epochs`` epochs (``max_t`` 0: the epochs).
+
+    One past the last epoch unless ``max_t`` cuts trials shorter: ASHA stops every trial that reports
+    ``max_t``, and a stopped trial's actor is ended with its Ray Train controller before that shuts
+    down, so the controller never withdraws the resources it asked the autoscaler for; the request
+    stands until it expires (180 s in Ray 2.60) and keeps the trial's worker node from being idle. A
+    trial that reaches its last epoch below ``max_t`` returns and shuts its training down itself. The
+    rungs below the last epoch are the same either way (a rung at the last epoch can appear, where a
+    trial is compared once its training is done)."""
+    budget = max_t or epochs
+    return budget if budget < epochs else epochs + 1
+
+
 def trial_name(trial_id: str) -> str:
     """Short, stable names: the Tune trial folder, its TorchTrainer run and its MLflow run."""
     return f"trial_{trial_id}"
@@ -317,7 +331,7 @@ def run_sweep(
                 # the epoch, not Tune's training_iteration: a resumed trial restarts its iteration count at 1
                 # (its checkpoints are its TorchTrainer's, not Tune's) while its epochs go on
                 time_attr="epoch",
-                max_t=s.max_t or base.train.epochs,
+                max_t=asha_max_t(s.max_t, base.train.epochs),
                 grace_period=s.grace_period,
                 reduction_factor=s.reduction_factor,
             )
