@@ -40,7 +40,9 @@ def _port() -> int:
 def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("head")
     gcs, dash = _port(), _port()
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    # no drain on SIGTERM: the head's processes get it together, so Ray's 30 s drain of the node would wait
+    # for a GCS that is already gone
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     yield from _run_head(tmp, gcs, dash, env, ray_bin)
 
