@@ -27,10 +27,11 @@ def trials_ended(results: Any) -> int:
 
 def trial_status(epochs: int, budget: int, stopped_itself: bool, failed: bool) -> TrialStatus:
     """How a trial ended. A trial that trained every epoch finished, whoever ended its process (ASHA
-    stops one that reaches ``max_t`` or is worst at a rung on its last epoch); one that stopped on its own rule (the loop's ``train.early_stop``,
-    reported as ``stopped_early`` by :class:`~montage.launch.train.RayReportHook`) finished too; any other
-    trial short of its budget was stopped by the scheduler. (Tune's ``done`` flag cannot tell: Tune sets it
-    on every trial its scheduler stops.)"""
+    stops one that reaches ``max_t`` or is worst at a rung on its last epoch); one that stopped on its
+    own rule (the loop's ``train.early_stop``, reported as ``stopped_early`` by
+    :class:`~montage.launch.train.RayReportHook`) finished too; any other trial short of its budget was
+    stopped by the scheduler. (Tune's ``done`` flag cannot tell: Tune sets it on every trial its
+    scheduler stops.)"""
     if failed:
         return TrialStatus.FAILED
     if epochs >= budget or stopped_itself:
