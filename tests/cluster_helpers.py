@@ -16,6 +16,10 @@ from pathlib import Path
 import requests
 
 BIN = Path(sys.executable).parent
+# the environment of a test head started with `ray start --head --block`: no uv runtime env, and no drain
+# on SIGTERM (the head's processes get it together when the test stops it, and Ray's 30 s drain of the
+# node would wait for a GCS that is already gone)
+HEAD_ENV = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def free_port() -> int:
@@ -168,10 +172,7 @@ class AutoscalingHead:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "autoscaling.yaml"
         path.write_text(json.dumps(self.config))
-        # no drain on SIGTERM (stop() sends it to all of the head's processes at once: Ray's 30 s drain of
-        # the node would wait for a GCS that is already gone)
-        full = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        full = {**os.environ, **HEAD_ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                 **(env or {})}  # fmt: skip
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", f"--node-ip-address={self.ip}",
                f"--num-cpus={self.config['available_node_types']['ray.head.default']['resources']['CPU']:g}",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from cluster_helpers import BIN, HEAD_ENV, free_port
 
 from montage.cli import main
 
@@ -30,21 +30,11 @@ TINY = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("head")
-    gcs, dash = _port(), _port()
-    # no drain on SIGTERM: the head's processes get it together, so Ray's 30 s drain of the node would wait
-    # for a GCS that is already gone
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    yield from _run_head(tmp, gcs, dash, env, ray_bin)
+    gcs, dash = free_port(), free_port()
+    yield from _run_head(tmp, gcs, dash, {**os.environ, **HEAD_ENV}, str(BIN / "ray"))
 
 
 def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):  # noqa: C901
@@ -125,7 +115,7 @@ def test_plain_ray_job_submit(head) -> None:
     uri = f"sqlite:///{head['tmp'] / 'b.db'}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     cmd = [
-        str(Path(sys.executable).parent / "ray"),
+        str(BIN / "ray"),
         "job",
         "submit",
         "--address",

@@ -113,8 +113,8 @@ def test_a_training_grows_an_autoscaling_cluster_and_an_impossible_trial_fails_a
 @pytest.mark.timeout(900)
 def test_a_sweep_grows_an_autoscaling_cluster_from_nothing(autoscaling, tracking, tmp_path) -> None:
     """The head can run nothing (0 CPUs): the sweep's trials wait for the autoscaler, which starts worker
-    nodes for them (the training before may have left one, not yet idle long enough; two trials at once need
-    two) and removes them, and the training's, once idle; the champion is registered once."""
+    nodes for them (the training before may have left one, not yet idle long enough) and removes them, and
+    the training's, once idle; the champion is registered once."""
     most = _most_nodes(autoscaling)
     # FIFO: a trial ASHA stops keeps its node up for 180 s more (below), and ASHA's rung at this sweep's
     # only epoch would stop the worse of the two
