@@ -18,18 +18,9 @@ import typing
 from importlib.metadata import entry_points
 from typing import Any
 
-from montage.core.config import to_dict
+from montage.core.config import ExperimentConfig, to_dict
 from montage.core.registry import TASKS
-from montage.core.sections import (
-    DistillConfig,
-    InitConfig,
-    OptimConfig,
-    RunConfig,
-    ScalingConfig,
-    SchedConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from montage.core.sections import OptimConfig
 
 REQUIRED = "(required)"
 _IGNORED = ("noqa", "fmt:", "type:")
@@ -124,17 +115,13 @@ def training_reference() -> list[str]:
         "the shipped ones are `montage/configs/<task>{,-tiny,-smoke}.yaml`.",
         "",
     ]
-    for name, cls in (
-        ("optim", OptimConfig),
-        ("sched", SchedConfig),
-        ("train", TrainConfig),
-        ("scaling", ScalingConfig),
-        ("run", RunConfig),
-        ("tracking", TrackingConfig),
-        ("distill", DistillConfig),
-        ("init", InitConfig),
-    ):
-        lines += _section(f"`{name}`", cls, name)
+    # every platform section of ExperimentConfig, in its order: a section added there is documented here
+    hints = typing.get_type_hints(ExperimentConfig)
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name == "optim":
+            lines += _section("`optim`", OptimConfig, "optim")
+        elif dataclasses.is_dataclass(hints[f.name]):
+            lines += _section(f"`{f.name}`", hints[f.name], f.name)
     # the installed tasks (entry points), not ones a test or notebook registered at run time
     for task in sorted(ep.name for ep in entry_points(group="montage.tasks")):
         spec = TASKS.get(task).spec
