@@ -4,6 +4,7 @@ and tiny recipes under tmp_path, temp MLflow stores."""
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # long; a faster poll saves ~1 s per Ray fit and changes nothing a test checks
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients of a `ray start` head (Ray reads it at import)
+# Token auth needs a token: `ray start` (the job-submission and multi-node heads, which start before the shared
+# session) refuses to start without one, and only ray.init makes one, in ~/.ray/auth_token. One token for the
+# run, in the environment that every head, client and worker of the run inherits; nothing written to the home
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="session")
