@@ -2,16 +2,20 @@
 
 A docs file marks a bench's block with ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``;
 ``write_block`` replaces what lies between them with the command that ran, the machine and the
-bench's output. The benches call it when given ``--docs``.
+bench's output. The benches call it when given ``--docs``; a bench whose report is what it prints
+keeps a copy with :class:`Tee` and hands it to :func:`publish`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import re
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,3 +40,41 @@ def write_block(doc: str | Path, name: str, body: str, command: str, markdown: b
     block = f"{start}\n{head}\n\n{shown}\n{end}"
     path.write_text(pattern.sub(lambda _: block, text, count=1))
     return path
+
+
+def command_line() -> str:
+    """The command that ran this bench, as a reader would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return " ".join(["python", str(shown), *sys.argv[1:]])
+
+
+class Tee(io.TextIOBase):
+    """``with Tee() as out:`` prints as usual and keeps a copy of standard output in ``out.text``."""
+
+    def __init__(self) -> None:
+        self._copy = io.StringIO()
+        self._stdout: TextIO = sys.stdout
+
+    def __enter__(self) -> Tee:
+        self._stdout, sys.stdout = sys.stdout, self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout = self._stdout
+
+    def write(self, text: str) -> int:
+        self._stdout.write(text)
+        return self._copy.write(text)
+
+    def flush(self) -> None:
+        self._stdout.flush()
+
+    @property
+    def text(self) -> str:
+        return self._copy.getvalue()
+
+
+def publish(doc: str | Path, name: str, body: str, markdown: bool = False) -> None:
+    """``write_block`` with the command that ran this process, and a line saying where it went."""
+    print(f"wrote {write_block(doc, name, body, command_line(), markdown)}", file=sys.stderr)

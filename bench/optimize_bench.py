@@ -3,7 +3,7 @@ PyTorch eager, ONNX fp32 and ONNX INT8 (static QDQ, per-channel) in ONNX Runtime
 files in OpenVINO (fp32: converted to IR, float32 precision hint; INT8: the QDQ model compiled
 by OpenVINO), and the network with 50 % of its channels pruned (Torch-Pruning) in PyTorch.
 
-    python bench/optimize_bench.py [--size 512] [--runs 10] [--sections speed,quality]
+    python bench/optimize_bench.py [--size 512] [--runs 10] [--sections speed,quality] [--docs]
 
 Speed: segmentation (ResNet-34 UNet, the production config) and harmonization (the production
 widths) at ``--size``² with random weights — p50/p95 latency at batch 1 and images/s at batch 8.
@@ -20,6 +20,7 @@ import copy
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -234,23 +235,37 @@ def quality(task: str, tmp: Path) -> list[tuple[str, ...]]:
     return rows
 
 
+HEAD = "task | variant | MB | params | p50 ms (b=1) | p95 ms (b=1) | img/s (b=8) | p50 speed-up | throughput"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--sections", default="speed,quality", help="speed, quality or both")
+    p.add_argument("--docs", action="store_true", help="also write each section's table into docs/optimisation.md")
     args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from docs_table import Tee, publish
+
     tmp = Path(tempfile.mkdtemp(prefix="montage-optimize-bench-"))
     try:
-        print(f"{torch.get_num_threads()} torch threads; onnxruntime CPU EP; {args.size}² inputs, random weights")
-        print("task | variant | MB | params | p50 ms (b=1) | p95 ms (b=1) | img/s (b=8) | p50 speed-up | throughput")
-        for task in ("segmentation", "harmonization") if "speed" in args.sections else ():
-            speed(task, args.size, args.runs, tmp)
         if "speed" in args.sections:
-            print(tta_cost(args.size, args.runs), flush=True)
-        print("\ntask | metric | variant | parent | variant | delta | relative | parameters | notes")
-        for task in ("segmentation", "harmonization") if "quality" in args.sections else ():
-            quality(task, tmp)
+            with Tee() as out:
+                print(f"{torch.get_num_threads()} torch threads; {args.size}² inputs, random weights")
+                print(HEAD)
+                for task in ("segmentation", "harmonization"):
+                    speed(task, args.size, args.runs, tmp)
+                print(tta_cost(args.size, args.runs), flush=True)
+            if args.docs:
+                publish("docs/optimisation.md", "optimize_bench_speed", out.text)
+        if "quality" in args.sections:
+            with Tee() as out:
+                print("task | metric | variant | parent | variant | delta | relative | parameters | notes")
+                for task in ("segmentation", "harmonization"):
+                    quality(task, tmp)
+            if args.docs:
+                publish("docs/optimisation.md", "optimize_bench_quality", out.text)
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

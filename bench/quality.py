@@ -3,7 +3,7 @@
     python bench/quality.py                          # all three tasks, the packaged tiny configs
     python bench/quality.py --tasks pix2pix          # one task
     python bench/quality.py --seeds 0,1,2            # several seeds: median and range
-    python bench/quality.py --write-docs             # also write the table into docs/quality.md
+    python bench/quality.py --docs                   # also write the table into docs/quality.md
     python bench/quality.py --threads 1              # one torch thread (shared, loaded machine)
     python bench/quality.py segmentation.train.epochs=10   # a dotted override for one task
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import statistics
 import sys
 import time
@@ -46,8 +45,6 @@ from montage.platform.loop import Hook, Loop  # noqa: E402
 from montage.platform.runner import WorkerEnv, build_loop  # noqa: E402
 
 TASK_NAMES = ("segmentation", "harmonization", "pix2pix")
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "quality.md"
-BEGIN, END = "<!-- bench/quality.py: begin -->", "<!-- bench/quality.py: end -->"
 
 
 @dataclass(frozen=True)
@@ -166,14 +163,6 @@ def table(tasks: list[str], runs: dict[str, list[dict[str, float]]]) -> tuple[li
     return lines, all_met
 
 
-def write_docs(lines: list[str], footer: str) -> None:
-    block = f"{BEGIN}\n{chr(10).join(lines)}\n\n{footer}\n{END}"
-    text = DOCS.read_text() if DOCS.is_file() else f"# Model quality\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text = f"{text.rstrip()}\n\n{BEGIN}\n{END}\n"
-    DOCS.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASK_NAMES))
@@ -181,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a loaded machine"
     )
-    parser.add_argument("--write-docs", action="store_true", help=f"replace the results block of {DOCS}")
+    parser.add_argument("--docs", action="store_true", help="also write the table into its block of docs/quality.md")
     parser.add_argument("overrides", nargs="*", help="<task>.<dotted.key>=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -207,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(lines))
     print(f"\n{footer}")
-    if args.write_docs:
-        write_docs(lines, footer)
-        print(f"wrote {DOCS}", file=sys.stderr)
+    if args.docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from docs_table import publish
+
+        publish("docs/quality.md", "quality", "\n".join(lines) + "\n\n" + footer, markdown=True)
     return 0
 
 

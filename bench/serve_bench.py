@@ -153,8 +153,29 @@ def main() -> int:
         default="tiny",
         help="tiny networks (the platform's cost) or the production ones",
     )
+    p.add_argument("--docs", action="store_true", help="also write what it prints into its block of the docs (BLOCKS)")
     p.add_argument("overrides", nargs="*", help="serve config overrides, e.g. segmentation.batch_wait_timeout_s=0.002")
     args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from docs_table import Tee, publish
+
+    with Tee() as out:
+        code = measure(args)
+    if args.docs:
+        publish(*BLOCKS[args.models, args.rollout], out.text)
+    return code
+
+
+# where --docs writes: (models, --rollout) → (docs file, block)
+BLOCKS = {
+    ("tiny", False): ("docs/performance.md", "serve_bench"),
+    ("default", False): ("docs/performance.md", "serve_bench_production"),
+    ("tiny", True): ("docs/rollout.md", "serve_bench_rollout"),
+    ("default", True): ("docs/rollout.md", "serve_bench_rollout_production"),
+}
+
+
+def measure(args: argparse.Namespace) -> int:
     import ray
     import requests
 

@@ -372,6 +372,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=6, help="epochs per measurement: the fastest after the first counts")
     p.add_argument("--tasks", default="segmentation,harmonization,pix2pix")
     p.add_argument("--sections", default="throughput,startup,knobs,pipeline")
+    p.add_argument("--docs", action="store_true", help="also write the report into its block of docs/performance.md")
     args = p.parse_args()
     steps, epochs = args.steps or (6 if args.quick else 30), max(2, args.epochs)
     trials = 2 if args.quick else 4
@@ -542,6 +543,10 @@ def main() -> int:
     mark("pipeline")
     print("\n" + "\n".join(out))
     print(f"\nbench wall time {time.perf_counter() - t_start:.0f} s")
+    if args.docs:
+        from docs_table import publish
+
+        publish("docs/performance.md", "train_bench_quick" if args.quick else "train_bench", "\n".join(out), True)
     return 0
 
 
