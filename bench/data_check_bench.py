@@ -8,27 +8,25 @@ Writes ``--count`` generated ``--width``×``--height`` JPEGs with PNG masks (a s
 - ``montage data check segmentation`` (the task's own source: decode, size check, statistics,
   grid) with 0 and with 2 loader workers.
 
-Prints samples/s and the ratio to the baseline, and writes the figures into docs/data.md
-between the ``bench:data_check`` markers.
+Prints samples/s and the ratio to the baseline; ``--docs`` also writes the figures into
+docs/data.md between the ``bench:data_check`` markers.
 
-    python bench/data_check_bench.py [--count 2000] [--width 1024 --height 768]
+    python bench/data_check_bench.py [--count 2000] [--width 1024 --height 768] [--docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "data.md"
 
 
 def make_folder(root: Path, count: int, w: int, h: int) -> None:
@@ -90,7 +88,7 @@ def main() -> None:
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=768)
-    p.add_argument("--no-doc", action="store_true", help="do not write the figures into docs/data.md")
+    p.add_argument("--docs", action="store_true", help="also write the figures into docs/data.md")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="montage-data-bench-"))
     try:
@@ -121,10 +119,11 @@ def main() -> None:
         ),
     ]
     print("\n".join(lines))
-    if not args.no_doc and DOC.is_file():
-        text = DOC.read_text()
-        block = "<!-- bench:data_check -->\n" + "\n".join(lines) + "\n<!-- /bench:data_check -->"
-        DOC.write_text(re.sub(r"<!-- bench:data_check -->.*?<!-- /bench:data_check -->", block, text, flags=re.S))
+    if args.docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from docs_table import publish
+
+        publish("docs/data.md", "data_check", "\n".join(lines), markdown=True)
 
 
 if __name__ == "__main__":
