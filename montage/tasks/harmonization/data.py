@@ -243,10 +243,14 @@ class CutoutsOnBackgrounds:
         return str(self.cutouts[i % len(self.cutouts)])
 
     def load(self, i: int, rng: np.random.Generator) -> Triple:
-        rgba = read_image(self.cutouts[i % len(self.cutouts)], mode="unchanged")
+        return self.paste(i % len(self.cutouts), int(rng.integers(len(self.backgrounds))), rng)
+
+    def paste(self, cut: int, background: int, rng: np.random.Generator) -> Triple:
+        """Cut-out ``cut`` on background ``background`` (``load`` draws the background)."""
+        rgba = read_image(self.cutouts[cut], mode="unchanged")
         if rgba.ndim != 3 or rgba.shape[2] != 4:
-            raise ImageError(f"{self.name(i)}: a cut-out must be an RGBA image")
-        bg = read_image(self.backgrounds[int(rng.integers(len(self.backgrounds)))])
+            raise ImageError(f"{self.cutouts[cut]}: a cut-out must be an RGBA image")
+        bg = read_image(self.backgrounds[background])
         h, w = bg.shape[:2]
         scale = rng.uniform(0.3, 0.8) * min(h, w) / max(rgba.shape[:2])
         ch, cw = max(1, int(rgba.shape[0] * scale)), max(1, int(rgba.shape[1] * scale))
