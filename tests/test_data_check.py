@@ -305,3 +305,16 @@ def test_cutouts_check_reads_every_cutout_and_background_once(tmp_path: Path) ->
     assert rc == 1 and sorted(r["name"].split(" on ")[0] for r in report["rejected"]) == [
         str(tmp_path / "cut" / "b.png")
     ]
+
+
+def test_harmonization_masks_over_synthetic_masks_checks_and_trains(tmp_path: Path) -> None:
+    from montage.cli.common import load_config_for
+    from montage.core.registry import TASKS
+
+    over = ["data.source=masks", "data.mask_source=synthetic", "data.size=32", "data.synthetic_train=10"]
+    rc, report = _check(tmp_path, "harmonization", *over, "--workers", "0")
+    assert rc == 0 and report["rejected"] == [] and report["splits"]["all"]["samples"] == 10
+    train, val = TASKS.get("harmonization")(load_config_for("harmonization", None, over)).datasets()
+    assert (len(train), len(val)) == (9, 1)  # val_fraction 0.1 held out of the 10
+    sample = train[0]
+    assert sample["composite"].shape == (3, 32, 32) and 0 < sample["mask"].mean() < 1

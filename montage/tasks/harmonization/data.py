@@ -57,7 +57,7 @@ class HarmDataConfig(DataSamplingConfig):
     root: str = ""  # iharmony4 root, or the cut-out folder
     subsets: list[str] = field(default_factory=lambda: list(IHARMONY4_SUBSETS))
     backgrounds: str = ""  # cutouts: folder of background photos
-    mask_source: str = "folder"  # masks: any mask source (coco | supervisely | folder | synthetic)
+    mask_source: str = "folder"  # masks: any mask source (coco | supervisely | folder | synthetic: synthetic_train)
     images: str = ""
     annotations: str = ""
     masks: str = ""
@@ -403,6 +403,7 @@ def pair_source(cfg: HarmDataConfig, split: str) -> PairSource:
         classes=cfg.classes,
         keep_negatives=cfg.keep_negatives,
         crowd=cfg.crowd,
+        count=cfg.synthetic_train,  # mask_source=synthetic: the val_fraction held out of these
         size=cfg.size,
         seed=cfg.seed,
     )
