@@ -318,3 +318,25 @@ def test_harmonization_masks_over_synthetic_masks_checks_and_trains(tmp_path: Pa
     assert (len(train), len(val)) == (9, 1)  # val_fraction 0.1 held out of the 10
     sample = train[0]
     assert sample["composite"].shape == (3, 32, 32) and 0 < sample["mask"].mean() < 1
+
+
+def test_files_that_do_not_decode_are_unreadable(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    img, msk = tmp_path / "img", tmp_path / "mask"
+    m = np.zeros((16, 20), np.uint8)
+    m[4:10, 5:12] = 255
+    for name in "abcde":
+        _rgb(img / f"{name}.png", 16, 20, seed=ord(name))
+        msk.mkdir(exist_ok=True)
+        cv2.imwrite(str(msk / f"{name}.png"), m)
+    (img / "b.png").write_bytes(rng.bytes(500))  # random bytes with an image extension
+    (img / "c.png").write_bytes(b"")  # empty
+    (img / "d.png").write_bytes((img / "d.png").read_bytes()[:60])  # truncated
+    (msk / "e.png").write_bytes(rng.bytes(200))  # the mask does not decode
+    rc, report = _check(
+        tmp_path, "segmentation", "data.source=folder", f"data.images={img}", f"data.masks={msk}", "--workers", "0"
+    )
+    assert rc == 1 and report["splits"]["all"]["ok"] == 1
+    assert _reasons(report) == {"unreadable": ["b.png", "c.png", "d.png", "e.png"]}
+    messages = {Path(r["name"]).name: r["message"] for r in report["rejected"]}
+    assert str(img / "b.png") in messages["b.png"] and str(msk / "e.png") in messages["e.png"]
