@@ -270,3 +270,73 @@ def test_fingerprint_tells_data_apart_cheaply(tmp_path: Path) -> None:
     assert fingerprint(cfg).digest != a.digest
     syn = [fingerprint(SegDataConfig(seed=s)).digest for s in (0, 0, 1)]
     assert syn[0] == syn[1] != syn[2] and fingerprint(SegDataConfig()).files == 0
+
+
+# ------------------------------------------------------- every generated source end to end
+
+
+@pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
+def test_synthetic_source_of_every_task_passes_with_nothing_rejected(tmp_path: Path, task: str) -> None:
+    rc, report = _check(
+        tmp_path, task, "data.size=32", "data.synthetic_train=4", "data.synthetic_val=2", "--workers", "0"
+    )
+    assert report["rejected"] == [] and rc == 0
+    assert {k: (v["samples"], v["ok"]) for k, v in report["splits"].items()} == {"train": (4, 4), "val": (2, 2)}
+    assert all(0 < v["foreground"]["median"] < 1 for v in report["splits"].values())
+    assert (tmp_path / f"check-{task}" / "samples_train.png").is_file()
+
+
+def test_cutouts_check_reads_every_cutout_and_background_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        rgba = np.zeros((20, 10, 4), np.uint8)
+        rgba[..., :3] = rng.integers(0, 255, (20, 10, 3))
+        rgba[4:16, 2:8, 3] = 255
+        (tmp_path / "cut").mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / "cut" / f"{name}.png"), rgba)
+    for name in ("x", "y", "z"):
+        _rgb(tmp_path / "bg" / f"{name}.jpg", 40, 50, seed=ord(name))
+    common = ["data.source=cutouts", f"data.root={tmp_path / 'cut'}", f"data.backgrounds={tmp_path / 'bg'}"]
+    rc, report = _check(tmp_path, "harmonization", *common, "data.size=32", "--workers", "0")
+    assert report["rejected"] == [] and rc == 0
+    assert report["splits"]["all"]["samples"] == 3 and report["splits"]["all"]["common_sizes"] == {"50x40": 3}
+    cv2.imwrite(str(tmp_path / "cut" / "b.png"), rgba[..., :3])  # no alpha channel
+    rc, report = _check(tmp_path, "harmonization", *common, "data.size=32", "--workers", "0")
+    assert rc == 1 and sorted(r["name"].split(" on ")[0] for r in report["rejected"]) == [
+        str(tmp_path / "cut" / "b.png")
+    ]
+
+
+def test_harmonization_masks_over_synthetic_masks_checks_and_trains(tmp_path: Path) -> None:
+    from montage.cli.common import load_config_for
+    from montage.core.registry import TASKS
+
+    over = ["data.source=masks", "data.mask_source=synthetic", "data.size=32", "data.synthetic_train=10"]
+    rc, report = _check(tmp_path, "harmonization", *over, "--workers", "0")
+    assert rc == 0 and report["rejected"] == [] and report["splits"]["all"]["samples"] == 10
+    train, val = TASKS.get("harmonization")(load_config_for("harmonization", None, over)).datasets()
+    assert (len(train), len(val)) == (9, 1)  # val_fraction 0.1 held out of the 10
+    sample = train[0]
+    assert sample["composite"].shape == (3, 32, 32) and 0 < sample["mask"].mean() < 1
+
+
+def test_files_that_do_not_decode_are_unreadable(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    img, msk = tmp_path / "img", tmp_path / "mask"
+    m = np.zeros((16, 20), np.uint8)
+    m[4:10, 5:12] = 255
+    for name in "abcde":
+        _rgb(img / f"{name}.png", 16, 20, seed=ord(name))
+        msk.mkdir(exist_ok=True)
+        cv2.imwrite(str(msk / f"{name}.png"), m)
+    (img / "b.png").write_bytes(rng.bytes(500))  # random bytes with an image extension
+    (img / "c.png").write_bytes(b"")  # empty
+    (img / "d.png").write_bytes((img / "d.png").read_bytes()[:60])  # truncated
+    (msk / "e.png").write_bytes(rng.bytes(200))  # the mask does not decode
+    rc, report = _check(
+        tmp_path, "segmentation", "data.source=folder", f"data.images={img}", f"data.masks={msk}", "--workers", "0"
+    )
+    assert rc == 1 and report["splits"]["all"]["ok"] == 1
+    assert _reasons(report) == {"unreadable": ["b.png", "c.png", "d.png", "e.png"]}
+    messages = {Path(r["name"]).name: r["message"] for r in report["rejected"]}
+    assert str(img / "b.png") in messages["b.png"] and str(msk / "e.png") in messages["e.png"]

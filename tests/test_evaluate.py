@@ -111,3 +111,29 @@ def test_pix2pix_mean_face_baseline_is_eval_steps(tiny_config) -> None:
         model = task.eval_step(Modules(task.build_nets()), batch)
     base = task.baselines(batch)["mean_face"]
     assert torch.allclose(base["l1"], model["baseline_l1"]) and set(base) <= set(model)
+
+
+@pytest.mark.parametrize(
+    ("task", "overrides", "baselines"),
+    [
+        ("harmonization", ["loss.perceptual=0", "loss.style=0"], {"composite", "transfer_lab", "transfer_rgb"}),
+        ("pix2pix", [], {"mean_face", "warped_mean_face"}),
+    ],
+)
+def test_evaluate_reproduces_the_validation_of_harmonization_and_pix2pix(
+    tiny_config, tmp_path: Path, task: str, overrides: list[str], baselines: set[str]
+) -> None:
+    from montage.launch.local import fit_local
+
+    summary = fit_local(tiny_config(task, "train.epochs=1", "tracking.enabled=false", *overrides))
+    out = tmp_path / "report"
+    argv = ["evaluate", task, "--source", summary.best_checkpoint, "--out", str(out), "--no-track", "--worst", "2"]
+    assert main(argv) == 0
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "comparison.md", "per_image.csv", "worst.png"}
+    report = json.loads((out / "metrics.json").read_text())
+    reference = {k: v for k, v in summary.metrics.items() if k.startswith("val/")}
+    assert len(reference) > 3 and {k: report["metrics"][k] for k in reference} == reference  # to the last bit
+    assert set(report["baselines"]) == baselines and all(report["baselines"][b] for b in baselines)
+    table = (out / "comparison.md").read_text()
+    assert all(f" {b} " in table.splitlines()[0] for b in baselines)
+    assert len(list(csv.DictReader((out / "per_image.csv").open()))) == 8 and len(report["worst"]) == 2

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from montage.cli.common import TRACKING_HELP, load_config_for
+from montage.cli.common import ADDRESS_HELP, TRACKING_HELP, load_config_for
 
 log = logging.getLogger("montage")
 
@@ -29,6 +29,16 @@ def _check_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grid", type=int, default=16, help="random samples shown per split in samples_<split>.png")
     p.add_argument("--seed", type=int, default=0, help="which samples the grid shows")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="read with Ray tasks on a Ray cluster (--address) instead of local loader workers; the data paths "
+        "must be the same on every node",
+    )
+    p.add_argument("--address", help=ADDRESS_HELP + "; implies --ray")
+    p.add_argument(
+        "--chunk", type=int, default=0, help="--ray: samples per Ray task (default: about 4 tasks per CPU, 8..256)"
+    )
     return p
 
 
@@ -36,6 +46,7 @@ def data_check(argv: list[str]) -> int:
     """``montage data check <task> [--config F] [k=v ...]``: 0 when it passes, 1 past the threshold."""
     from montage.core.registry import TASKS
     from montage.platform.datacheck import format_table, run_check
+    from montage.platform.fingerprint import absolute_data_paths
 
     parser = _check_parser()
     args, extra = parser.parse_known_args(argv)
@@ -44,7 +55,17 @@ def data_check(argv: list[str]) -> int:
         parser.error(f"unrecognized arguments: {' '.join(e for e in extra if e not in args.overrides)}")
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.chunk and not (args.ray or args.address):
+        parser.error("--chunk is for --ray")
     cfg = load_config_for(args.task, args.config, args.overrides)
+    absolute_data_paths(cfg.data)  # the report names files absolutely; Ray workers open the same ones
+    read, reader, workers = None, "loader", args.workers
+    if args.ray or args.address:
+        from montage.launch.datacheck import cluster_cpus, ray_read
+        from montage.launch.session import ensure_ray
+
+        ensure_ray(args.address)
+        read, reader, workers = ray_read(args.chunk), "Ray tasks", cluster_cpus()
     task = TASKS.get(args.task)(cfg)
     sources = task.check_sources()
     report = run_check(
@@ -52,10 +73,12 @@ def data_check(argv: list[str]) -> int:
         str(getattr(cfg.data, "source", "")),
         sources,
         args.out,
-        workers=args.workers,
+        workers=workers,
         threshold=args.threshold,
         grid=args.grid,
         seed=args.seed,
+        read=read,
+        reader=reader,
     )
     print(format_table(report.as_dict()))
     print(f"report: {Path(args.out) / 'report.json'}")

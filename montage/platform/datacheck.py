@@ -3,8 +3,9 @@
 A task hands the platform its sources as :class:`CheckSource` objects (split name → source,
 :meth:`montage.platform.task.Task.check_sources`): each sample ``i`` is read by the task's own
 loading code and returned as a :class:`Probe` (the input image, its mask or target). The
-platform knows no task: it reads the samples in parallel with DataLoader worker processes,
-sorts the failures into reasons, checks the masks a task requires to be non-empty, and
+platform knows no task: it reads the samples in parallel (DataLoader worker processes here, or
+any :data:`ReadAll` a launcher passes in, e.g. Ray tasks on a cluster), sorts the failures into
+reasons, checks the masks a task requires to be non-empty, and
 summarises sizes, aspect ratios and foreground fractions into ``report.json`` and one PNG grid
 of random samples per split.
 """
@@ -18,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import cv2
 import numpy as np
@@ -105,9 +106,10 @@ def thumbnails(p: Probe) -> list[np.ndarray]:
     return tiles
 
 
-class _Reader(Dataset):
-    """Sample ``i`` → a small record (the loader workers' output: never the decoded arrays,
-    only the thumbnails of the samples the grid shows)."""
+class SampleReader(Dataset):
+    """Position ``k`` of the samples to read → a small record (what the parallel readers return:
+    never the decoded arrays, only the thumbnails of the samples the grid shows). Picklable when
+    its source is: a reader on other processes or machines gets a copy."""
 
     def __init__(self, source: CheckSource, indices: list[int], grid: set[int]) -> None:
         self.source, self.indices, self.grid = source, indices, grid
@@ -138,6 +140,26 @@ def _identity(x: Any) -> Any:
     return x
 
 
+ReadAll = Callable[[SampleReader], Iterable[dict[str, Any]]]
+"""Reads every position of a :class:`SampleReader` once and yields the records in position order
+(the report's lists follow it)."""
+
+
+def loader_read(workers: int = 0) -> ReadAll:
+    """The local reader: ``workers`` DataLoader processes (0: this process)."""
+
+    def read(reader: SampleReader) -> Iterable[dict[str, Any]]:
+        return DataLoader(
+            reader,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            prefetch_factor=8 if workers else None,
+        )
+
+    return read
+
+
 def _quantiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -159,8 +181,11 @@ class SplitResult:
     grid: np.ndarray | None = None
 
 
-def check_split(source: CheckSource, workers: int = 0, grid: int = 16, seed: int = 0) -> SplitResult:
-    """Read every sample of ``source`` once (``workers`` loader processes; 0 = this process)."""
+def check_split(
+    source: CheckSource, workers: int = 0, grid: int = 16, seed: int = 0, read: ReadAll | None = None
+) -> SplitResult:
+    """Read every sample of ``source`` once: with ``read`` (a parallel reader) or else in ``workers``
+    loader processes (0 = this process)."""
     n = len(source)
     names = [source.name(i) for i in range(n)]
     seen: set[str] = set()
@@ -174,24 +199,18 @@ def check_split(source: CheckSource, workers: int = 0, grid: int = 16, seed: int
             todo.append(i)
     rng = np.random.default_rng(seed)
     shown = set(rng.choice(todo, size=min(len(todo), 2 * grid), replace=False).tolist()) if todo and grid else set()
-    loader = DataLoader(
-        _Reader(source, todo, shown),
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_identity,
-        prefetch_factor=8 if workers else None,
-    )
+    records = (read or loader_read(workers))(SampleReader(source, todo, shown))
     sizes: list[tuple[int, int]] = []
     fgs: list[float] = []
     rows: dict[int, list[np.ndarray]] = {}
-    for rec in loader:
+    for rec in records:
         if "reason" in rec:
             rejected.append({"name": rec["name"], "reason": rec["reason"], "message": rec["message"]})
             continue
         sizes.append((rec["h"], rec["w"]))
         if "fg" in rec:
             fgs.append(rec["fg"])
-        if "thumbs" in rec and len(rows) < grid:
+        if "thumbs" in rec:
             rows[rec["index"]] = rec["thumbs"]
     ok = n - len(rejected)
     aspects = [w / h for h, w in sizes]
@@ -206,7 +225,7 @@ def check_split(source: CheckSource, workers: int = 0, grid: int = 16, seed: int
     if fgs:
         stats["foreground"] = _quantiles(fgs)
         stats["foreground_histogram"] = _histogram(fgs, FG_BINS)
-    return SplitResult(n, ok, rejected, stats, make_grid([rows[k] for k in sorted(rows)]))
+    return SplitResult(n, ok, rejected, stats, make_grid([rows[k] for k in sorted(rows)[:grid]]))
 
 
 def make_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray | None:
@@ -240,6 +259,7 @@ class CheckReport:
     threshold: float
     seconds: float
     workers: int
+    reader: str = "loader"
 
     @property
     def passed(self) -> bool:
@@ -256,6 +276,7 @@ class CheckReport:
             "samples_per_s": round(sum(s["samples"] for s in self.splits.values()) / max(self.seconds, 1e-9), 2),
             "seconds": round(self.seconds, 3),
             "workers": self.workers,
+            "reader": self.reader,
             "splits": self.splits,
             "rejected": self.rejected,
         }
@@ -270,15 +291,18 @@ def run_check(
     threshold: float = 0.01,
     grid: int = 16,
     seed: int = 0,
+    read: ReadAll | None = None,
+    reader: str = "loader",
 ) -> CheckReport:
-    """Check every split, write ``report.json`` and ``samples_<split>.png`` under ``out``."""
+    """Check every split, write ``report.json`` and ``samples_<split>.png`` under ``out``. ``read``:
+    a parallel reader instead of ``workers`` loader processes, named ``reader`` in the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     splits: dict[str, dict[str, Any]] = {}
     rejected: list[dict[str, str]] = []
     for split, src in sources.items():
-        res = check_split(src, workers=workers, grid=grid, seed=seed)
+        res = check_split(src, workers=workers, grid=grid, seed=seed, read=read)
         splits[split] = {"samples": res.samples, "ok": res.ok, "rejected": len(res.rejected), **res.stats}
         rejected += [{"split": split, **r} for r in res.rejected]
         if res.grid is not None:
@@ -287,7 +311,15 @@ def run_check(
         log.info("%s: %d samples, %d rejected", split, res.samples, len(res.rejected))
     total = sum(s["samples"] for s in splits.values())
     report = CheckReport(
-        task, source_kind, splits, rejected, len(rejected) / max(total, 1), threshold, time.perf_counter() - t0, workers
+        task,
+        source_kind,
+        splits,
+        rejected,
+        len(rejected) / max(total, 1),
+        threshold,
+        time.perf_counter() - t0,
+        workers,
+        reader,
     )
     (out / "report.json").write_text(json.dumps(report.as_dict(), indent=2))
     return report
@@ -314,9 +346,10 @@ def format_table(report: dict[str, Any], max_rejected: int = 20) -> str:
     if len(report["rejected"]) > max_rejected:
         lines.append(f"  ... and {len(report['rejected']) - max_rejected} more (report.json)")
     verdict = "PASS" if report["passed"] else "FAIL"
+    reader = report.get("reader", "loader")
+    readers = f"{report['workers']} loader workers" if reader == "loader" else f"{reader} on {report['workers']} CPUs"
     lines.append(
         f"{verdict}: {report['rejected_fraction']:.2%} rejected (threshold {report['threshold']:.2%}); "
-        f"{report['samples']} samples in {report['seconds']:.2f} s ({report['samples_per_s']:.1f}/s, "
-        f"{report['workers']} loader workers)"
+        f"{report['samples']} samples in {report['seconds']:.2f} s ({report['samples_per_s']:.1f}/s, {readers})"
     )
     return "\n".join(lines)

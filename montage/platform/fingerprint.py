@@ -65,6 +65,16 @@ def data_roots(data_cfg: Any) -> dict[str, Path]:
     return roots
 
 
+def absolute_data_paths(data_cfg: Any) -> None:
+    """Make the data config's existing path fields (plain ``str`` fields naming a file or folder here)
+    absolute: reports then name files unambiguously, and readers in other processes (Ray workers,
+    whatever their working directory) open the same files."""
+    types = {f.name: f.type for f in dataclasses.fields(data_cfg)}
+    for key, path in data_roots(data_cfg).items():
+        if types.get(key) in ("str", str):
+            setattr(data_cfg, key, str(path))
+
+
 def fingerprint(data_cfg: Any, splits: dict[str, int] | None = None) -> Fingerprint:
     """The fingerprint of a task's data config (``cfg.data``) and its split sizes."""
     scalars = {

@@ -57,7 +57,7 @@ class HarmDataConfig(DataSamplingConfig):
     root: str = ""  # iharmony4 root, or the cut-out folder
     subsets: list[str] = field(default_factory=lambda: list(IHARMONY4_SUBSETS))
     backgrounds: str = ""  # cutouts: folder of background photos
-    mask_source: str = "folder"  # masks: any mask source (coco | supervisely | folder | synthetic)
+    mask_source: str = "folder"  # masks: any mask source (coco | supervisely | folder | synthetic: synthetic_train)
     images: str = ""
     annotations: str = ""
     masks: str = ""
@@ -243,10 +243,14 @@ class CutoutsOnBackgrounds:
         return str(self.cutouts[i % len(self.cutouts)])
 
     def load(self, i: int, rng: np.random.Generator) -> Triple:
-        rgba = read_image(self.cutouts[i % len(self.cutouts)], mode="unchanged")
+        return self.paste(i % len(self.cutouts), int(rng.integers(len(self.backgrounds))), rng)
+
+    def paste(self, cut: int, background: int, rng: np.random.Generator) -> Triple:
+        """Cut-out ``cut`` on background ``background`` (``load`` draws the background)."""
+        rgba = read_image(self.cutouts[cut], mode="unchanged")
         if rgba.ndim != 3 or rgba.shape[2] != 4:
-            raise ImageError(f"{self.name(i)}: a cut-out must be an RGBA image")
-        bg = read_image(self.backgrounds[int(rng.integers(len(self.backgrounds)))])
+            raise ImageError(f"{self.cutouts[cut]}: a cut-out must be an RGBA image")
+        bg = read_image(self.backgrounds[background])
         h, w = bg.shape[:2]
         scale = rng.uniform(0.3, 0.8) * min(h, w) / max(rgba.shape[:2])
         ch, cw = max(1, int(rgba.shape[0] * scale)), max(1, int(rgba.shape[1] * scale))
@@ -399,6 +403,7 @@ def pair_source(cfg: HarmDataConfig, split: str) -> PairSource:
         classes=cfg.classes,
         keep_negatives=cfg.keep_negatives,
         crowd=cfg.crowd,
+        count=cfg.synthetic_train,  # mask_source=synthetic: the val_fraction held out of these
         size=cfg.size,
         seed=cfg.seed,
     )

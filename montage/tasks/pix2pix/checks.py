@@ -78,7 +78,7 @@ class SyntheticCheck:
         return f"synthetic[{self.faces.seed}:{i}]"
 
     def probe(self, i: int) -> Probe:
-        heat, face = self.faces._draw(i)
+        heat, face, _ = self.faces._draw(i)
         return Probe(face, (heat.max(axis=0) * 255).round().astype(np.uint8))
 
 
