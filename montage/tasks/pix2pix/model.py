@@ -25,10 +25,15 @@ class GanModelConfig:
     d_layers: int = 3  # 3 → the 70×70 PatchGAN
     norm: str = "batch"
     grad_checkpointing: bool = False  # G recomputes its blocks' activations in backward: less memory, more compute
+    # > 0: the last transposed conv gives this many features instead of the image, and two 3×3 convs
+    # on them and the condition itself (full resolution) draw the image; 0 = pix2pix's own output layer
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if self.num_downs < 2 or self.d_layers < 1:
             raise ValueError("num_downs must be >= 2 and d_layers >= 1")
+        if self.refine < 0:
+            raise ValueError(f"refine must be >= 0, got {self.refine}")
         if self.norm not in ("batch", "instance", "none"):
             raise ValueError(f"norm: unknown '{self.norm}'; valid: batch, instance, none")
 
@@ -63,7 +68,18 @@ class UNetGenerator(nn.Module):
             if cfg.dropout and n - 4 <= i <= n - 2:  # the three blocks next to the innermost
                 layers.append(nn.Dropout(cfg.dropout))
             self.ups.append(nn.Sequential(*layers))
-        self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(widths[0] * 2, cfg.out_channels, 4, 2, 1), nn.Tanh())
+        if cfg.refine:
+            self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(widths[0] * 2, cfg.refine, 4, 2, 1))
+            self.refine = nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(cfg.refine + cfg.in_channels, cfg.refine, 3, 1, 1),
+                nn.ReLU(),
+                nn.Conv2d(cfg.refine, cfg.out_channels, 3, 1, 1),
+                nn.Tanh(),
+            )
+        else:
+            self.out = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(widths[0] * 2, cfg.out_channels, 4, 2, 1), nn.Tanh())
+            self.refine = None
         self.divisor = 2**cfg.num_downs
         self.checkpointing = cfg.grad_checkpointing
 
@@ -75,6 +91,7 @@ class UNetGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ValueError(f"input {tuple(x.shape[-2:])} must be divisible by {self.divisor} (2**num_downs)")
+        condition = x
         skips: list[torch.Tensor] = []
         for i, down in enumerate(self.downs):
             if i:
@@ -87,7 +104,10 @@ class UNetGenerator(nn.Module):
         x = skips.pop()
         for up in self.ups:
             x = torch.cat([self._run(up, x), skips.pop()], dim=1)
-        return self._run(self.out, x)
+        x = self._run(self.out, x)
+        if self.refine is None:
+            return x
+        return self._run(self.refine, torch.cat([x, condition], dim=1))
 
 
 class PatchDiscriminator(nn.Module):
