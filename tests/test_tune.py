@@ -112,8 +112,9 @@ def test_concurrency_comes_from_what_the_cluster_can_grow_to() -> None:
     assert trial_concurrency(tune(workers=2, gpus=True, cpus_per_worker=4), gpus) == 2
     with pytest.raises(ConfigError, match=r"no node type of the autoscaler can hold it .*not enough GPU"):
         trial_concurrency(tune(workers=1, gpus=True, gpus_per_worker=2), gpus)
-    # an autoscaler whose node types cannot be read: as many as max_concurrent (else num_samples) allows
-    assert trial_concurrency(half, Capacity([], "of this autoscaling cluster", known=False)) == 8
+    # a node type whose resources are not declared: never refused, as many as max_concurrent (else num_samples)
+    undeclared = Capacity([{"CPU": 0.0}], "type of the autoscaler", ["head", "gpu_worker"], ["gpu_worker × 8"])
+    assert trial_concurrency(tune(workers=1, gpus=True, gpus_per_worker=2), undeclared) == 8
 
 
 def test_trial_status_says_stopped_early_only_for_the_schedulers_stops() -> None:

@@ -167,30 +167,35 @@ def load_tune_config(
 def trial_concurrency(tcfg: TuneConfig, capacity: Capacity) -> int:
     """How many trials the cluster can run at once once it has grown (an autoscaler's node types, or
     the nodes of a fixed cluster), capped by ``max_concurrent``. Fails at once, naming the resource,
-    when no node could ever host one of a trial's workers, or the whole cluster one trial."""
+    when no node could ever host one of a trial's workers, or the whole cluster one trial. A cluster
+    with node types whose resources are not declared (``resources: {}``: Ray learns them when such a
+    node starts) is never refused: up to ``max_concurrent`` (else ``num_samples``) trials at once."""
     r = tcfg.resources
     bundle, demand = r.bundle(), r.demand()
-    if capacity.nodes and not any(_fits(bundle, node) for node in capacity.nodes):
+    if not capacity.known:
+        fit = tcfg.max_concurrent or tcfg.num_samples
+        log.warning(
+            "the resources of node type(s) %s are not declared in the autoscaler's config (Ray learns them when "
+            "such a node starts): up to %d trial(s) at once; set max_concurrent to choose, or declare the node "
+            "type's resources (e.g. resources: {CPU: 8, GPU: 1}) to size it from them",
+            ", ".join(capacity.undeclared),
+            fit,
+        )
+        return fit
+    if not any(_fits(bundle, node) for node in capacity.nodes):
         short = [k for k in sorted(bundle) if not any(node.get(k, 0) + 1e-9 >= bundle[k] for node in capacity.nodes)]
         short = short or sorted(bundle)  # each fits somewhere, never together
         raise ConfigError(
             f"one trial worker needs {_fmt_res(bundle)} but no node {capacity.kind} can hold it "
-            f"({'; '.join(capacity.describe())}): not enough {', '.join(short)} — lower resources.cpus_per_worker / "
-            "gpus_per_worker, or add a node type that has them"
+            f"({'; '.join(capacity.describe()) or 'no nodes'}): not enough {', '.join(short)} — lower "
+            "resources.cpus_per_worker / gpus_per_worker, or add a node type that has them"
         )
     total = capacity.total
-    fit = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in demand.items()) if capacity.known else 0
-    if capacity.known and fit < 1:
+    fit = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in demand.items())
+    if fit < 1:
         raise ConfigError(
             f"one trial needs {_fmt_res(demand)} but the cluster {capacity.kind} has {_fmt_res(total)} in all: "
             "lower resources.workers / cpus_per_worker"
-        )
-    if not capacity.known:  # an autoscaler whose node types this process cannot read
-        fit = tcfg.max_concurrent or tcfg.num_samples
-        log.warning(
-            "this cluster autoscales but its node types are unknown here: up to %d trial(s) at once "
-            "(set max_concurrent to choose)",
-            fit,
         )
     return min(fit, tcfg.max_concurrent) if tcfg.max_concurrent else fit
 
