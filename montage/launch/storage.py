@@ -154,3 +154,36 @@ class Storage:
 
     def __str__(self) -> str:
         return self.uri
+
+
+@dataclass
+class StorageMirror:
+    """A folder on remote storage as the durable copy of a local one (the tracking outbox of a run on
+    object storage: :class:`montage.tracking.outbox.Mirror`)."""
+
+    storage: Storage
+
+    @property
+    def where(self) -> str:
+        return self.storage.uri
+
+    def pull(self, local: Path) -> None:
+        from pyarrow import fs
+
+        filesystem = self.storage.filesystem
+        files = filesystem.get_file_info(fs.FileSelector(self.storage.path, allow_not_found=True))
+        for info in files:
+            if info.type == fs.FileType.File:
+                with filesystem.open_input_stream(info.path) as src:
+                    (Path(local) / info.base_name).write_bytes(src.read())
+
+    def push(self, local: Path, name: str) -> None:
+        with self.storage.filesystem.open_output_stream(f"{self.storage.path}/{name}") as out:
+            out.write((Path(local) / name).read_bytes())
+
+    def remove(self, name: str) -> None:
+        from pyarrow import fs
+
+        path = f"{self.storage.path}/{name}"
+        if self.storage.filesystem.get_file_info(path).type != fs.FileType.NotFound:
+            self.storage.filesystem.delete_file(path)

@@ -65,8 +65,9 @@ def _staging(cfg: ExperimentConfig, main: bool) -> Iterator[str | None]:
     """Where rank 0 keeps the best checkpoint for MLflow and writes each epoch's checkpoint before Ray
     copies it to storage: inside the run's own folder on local
     storage (a worker killed by a failure or by ASHA leaves nothing in /tmp; a rerun reuses it),
-    a temporary folder for remote storage. Removed when the fit ends, by rank 0 only (the other ranks
-    write no checkpoint, and one that ended first must not remove it under rank 0)."""
+    a temporary folder for remote storage (what must outlive the worker is on the storage: checkpoints
+    Ray uploads, the tracking outbox's mirror). Removed when the fit ends, by rank 0 only (the other
+    ranks write no checkpoint, and one that ended first must not remove it under rank 0)."""
     if not main:
         yield None
         return
