@@ -117,9 +117,12 @@ class Storage:
         except OSError as exc:
             text = str(exc)
             if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text or "InvalidAccessKeyId" in text:
+                key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+                who = f"access key …{key[-4:]} of AWS_ACCESS_KEY_ID" if key else "AWS's default chain: ~/.aws, a role"
                 raise StorageError(
-                    f"storage {self.uri}: access to bucket '{bucket}'{where} denied — check the credentials "
-                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance profile) and the bucket policy"
+                    f"storage {self.uri}: access to bucket '{bucket}'{where} denied — the store refused the "
+                    f"credentials ({who}) or they may not read this bucket: check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY (or the instance profile) and the bucket policy"
                 ) from None
             raise StorageError(f"storage {self.uri}: cannot reach bucket '{bucket}'{where}: {text}") from None
         if info.type == fs.FileType.NotFound:
