@@ -100,3 +100,25 @@ def test_a_sweep_on_the_shipped_clusters_is_sized_not_refused(fresh_cluster, mon
     assert trial_concurrency(sweep, ec2) == 4  # 8 GPU nodes, 2 GPUs a trial
     with pytest.raises(ConfigError, match=r"no node type of the autoscaler can hold it .*gpu_worker.*not enough GPU"):
         trial_concurrency(_sweep("resources.gpus_per_worker=2"), ec2)
+
+
+def test_a_local_tracking_store_is_refused_where_the_cluster_can_grow(fresh_cluster, monkeypatch, tmp_path) -> None:
+    """One node up, but an autoscaler that can add more: a local store is refused as on several nodes (the
+    4-node case runs on a real cluster in test_multinode); the head's server over HTTP, or a laptop's Ray
+    with no autoscaler, is fine."""
+    from montage.core.config import ConfigError
+    from montage.launch import session
+    from montage.launch.tune import load_tune_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = load_tune_config(ROOT / "tune_configs" / "segmentation-tiny.yaml")[1]  # tracking.uri: the default
+    fresh_cluster(prepared("cluster.yaml", monkeypatch), head_cpus=0)
+    with pytest.raises(ConfigError, match=r"sqlite:///\S+/mlruns\.db is a local file, but this Ray cluster can add "
+                       r"nodes \(its autoscaler\).*mlflow server --host <head-ip>"):  # fmt: skip
+        session.refuse_local_tracking_on_a_cluster(base)
+    base.tracking.uri = "http://10.0.0.10:5000"
+    session.refuse_local_tracking_on_a_cluster(base)
+    base.tracking.uri = ""
+    monkeypatch.setattr(session, "autoscaler_config", lambda: None)  # a laptop: one node, nothing to grow
+    session.refuse_local_tracking_on_a_cluster(base)

@@ -75,9 +75,9 @@ def refuse_local_tracking_on_a_cluster(cfg: Any) -> None:
         return
     nodes = len(alive_nodes())
     if nodes > 1 or autoscaling():
-        grows = f"{nodes} nodes" if nodes > 1 else "an autoscaling cluster"
+        grows = f"has {nodes} nodes" if nodes > 1 else "can add nodes (its autoscaler)"
         raise ConfigError(
-            f"tracking URI {uri} is a local file, but this Ray cluster has {grows}: workers on other nodes would "
+            f"tracking URI {uri} is a local file, but this Ray cluster {grows}: workers on other nodes would "
             "each write their own database. Run an MLflow server on the head (`mlflow server --host <head-ip> "
             "--port 5000 ...`, as cluster.yaml does) and point runs at it: MLFLOW_TRACKING_URI=http://<head-ip>:5000 "
             "or `montage submit --tracking-uri http://<head-ip>:5000`"
