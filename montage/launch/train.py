@@ -174,19 +174,7 @@ def fit_ray(
     ensure_ray(address)
     refuse_local_tracking_on_a_cluster(cfg)
     run = begin(cfg, resume)
-    import ray.train
-
-    trainer = make_trainer(cfg, launched_at=launched_at or time.time())
-    failure: BaseException | None = None
-    try:
-        result = trainer.fit()
-        failure = result.error
-    except ray.train.TrainingFailedError as exc:  # V2 raises once the restarts allowed are spent
-        failure, result = exc, _stored_result(run)
-    except KeyboardInterrupt as exc:
-        run.end(exc)
-        raise
-    restarts = run.end(failure)
+    result, failure, restarts = fit_run(run, make_trainer(cfg, launched_at=launched_at or time.time()))
     error = _explain(failure, cfg, run.dir) if failure is not None else None
     if error:
         log.error("%s", error)
@@ -213,6 +201,25 @@ def fit_ray(
     summary.checkpoint = _uri(run, result.checkpoint.path) if result.checkpoint else None
     summary.checkpoints = [KeptCheckpoint(_uri(run, c.path), dict(m)) for c, m in kept]
     return summary
+
+
+def fit_run(run: Run, trainer: Any) -> tuple[Any, BaseException | None, int]:
+    """Fit ``run``'s TorchTrainer and end the run, the same for a training and a Tune trial: Ray Train
+    V2 raises once the restarts allowed (``scaling.max_failures``) are spent, and then the result is what
+    the storage holds; a failure marks the MLflow run FAILED, an interrupt KILLED (re-raised), with the
+    restarts counted (:meth:`Run.end`). Returns the result (None when nothing was stored), the failure
+    and the restarts."""
+    import ray.train
+
+    try:
+        result = trainer.fit()
+        failure = result.error
+    except ray.train.TrainingFailedError as exc:
+        failure, result = exc, _stored_result(run)
+    except KeyboardInterrupt as exc:
+        run.end(exc)
+        raise
+    return result, failure, run.end(failure)
 
 
 def _uri(run: Run, path: str) -> str:

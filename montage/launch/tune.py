@@ -239,7 +239,7 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
 
     from montage.core.logs import setup_logging
     from montage.launch.lifecycle import begin
-    from montage.launch.train import make_trainer
+    from montage.launch.train import fit_run, make_trainer
     from montage.platform.runner import config_from_tree
 
     setup_logging()
@@ -253,10 +253,9 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     cfg = config_from_tree(tree)
     # one MLflow run per trial, found again under the sweep's parent when Tune restores the trial
     run = begin(cfg, tags={"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}, trial=True)
-    result = make_trainer(cfg, callbacks=[TuneReportCallback()], launched_at=started).fit()
-    run.end(result.error)
-    if result.error:
-        raise result.error
+    _, failure, _ = fit_run(run, make_trainer(cfg, callbacks=[TuneReportCallback()], launched_at=started))
+    if failure is not None:  # the trial errs (Tune's max_failures may run it again from its checkpoint)
+        raise failure
 
 
 class SweepInterrupted(RuntimeError):
