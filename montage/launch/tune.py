@@ -283,7 +283,7 @@ def run_sweep(
     from montage.launch.session import cluster_capacity, ensure_ray, refuse_local_tracking_on_a_cluster
     from montage.launch.storage import Storage
     from montage.tracking import sweeps as st
-    from montage.tracking.runs import TrackingUnavailable, prepare_tracking, tracking_answers
+    from montage.tracking.runs import TrackingUnavailable, prepare_tracking, tracking_down
 
     if resume and not tcfg.name:
         raise ConfigError("--resume needs the sweep's name= (its folder under storage)")
@@ -293,10 +293,13 @@ def run_sweep(
     sweep_storage = root.child(tcfg.name)
     sweep_dir = sweep_storage.uri
     prepare_tracking(base)
-    if not tracking_answers(base):
+    down = tracking_down(base)
+    if down is not None:
         raise TrackingUnavailable(
-            f"a sweep compares its trials in MLflow, so its tracking server {base.tracking.uri} must answer at the "
-            "start (tracking.required=false is for single trainings); trials that lose it later queue and go on"
+            f"MLflow tracking server {base.tracking.uri} does not answer ({down}). A sweep compares its trials in "
+            "MLflow, so its server must answer at the start, whatever tracking.required says (that is for single "
+            "trainings); trials that lose it later queue their records and go on. Start it (on a cluster: "
+            "`mlflow server` on the head, as cluster.yaml does)"
         )
     ensure_ray(address)
     refuse_local_tracking_on_a_cluster(base)

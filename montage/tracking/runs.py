@@ -77,21 +77,30 @@ class TrackingUnavailable(ConfigError):
     """The tracking server does not answer and ``tracking.required`` is on."""
 
 
+def tracking_down(cfg: ExperimentConfig) -> str | None:
+    """Why the tracking server does not answer its health check (``tracking.timeout_s``), or None when it
+    does (a local store always does)."""
+    import requests
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=cfg.tracking.timeout_s).raise_for_status()
+        return None
+    except requests.RequestException as exc:
+        return str(exc).splitlines()[0][:300]
+
+
 def tracking_answers(cfg: ExperimentConfig) -> bool:
     """Driver side, before any worker starts: whether the tracking server answers (a local store
     always does). One that does not fails here at once when ``tracking.required`` (the default: a
     run nobody can see is rarely what was meant), else a warning and False — the workers train and
     send their records when it is back."""
-    import requests
-
     uri = resolve_tracking_uri(cfg.tracking.uri)
-    if not uri.startswith(("http://", "https://")):
+    reason = tracking_down(cfg)
+    if reason is None:
         return True
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=cfg.tracking.timeout_s).raise_for_status()
-        return True
-    except requests.RequestException as exc:
-        reason = str(exc).splitlines()[0][:300]
     if cfg.tracking.required:
         raise TrackingUnavailable(
             f"MLflow tracking server {uri} does not answer ({reason}). Start it (on a cluster: `mlflow server` "
