@@ -237,6 +237,22 @@ def test_a_trial_ends_its_run_as_a_training_does(tmp_path: Path, monkeypatch) ->
     assert "KeyboardInterrupt" in runs["trial_stopped"].data.tags["montage.error"]
     assert all(runs[n].data.tags["mlflow.parentRunId"] == parent for n in ("trial_lost", "trial_stopped"))
 
+    # the server gone since the sweep began: the trial trains, its worker opening its run with the trial's tags
+    from cluster_helpers import free_port
+
+    made: dict = {}
+
+    class Fits:
+        def fit(self):
+            return type("Result", (), {"error": None})()
+
+    away = to_dict(base)
+    away["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr("ray.tune.get_context", lambda: Context("away"))
+    monkeypatch.setattr(train, "make_trainer", lambda cfg, **kwargs: made.update(kwargs) or Fits())
+    tune._trial({"loss__dice": 1.0, "optim__lr": 0.003}, away, sweep)
+    assert made["tags"] == {"montage.sweep": "fails", "montage.trial": "away"}
+
 
 def _trial_dirs(trials: Path) -> list[Path]:
     return sorted((p for p in trials.glob("trial_*") if p.is_dir()), key=lambda p: p.stat().st_ctime)

@@ -22,7 +22,15 @@ from montage.platform.hooks import CheckpointHook
 from montage.platform.loop import Hook
 from montage.platform.runner import default_run_name
 from montage.tracking.outbox import OUTBOX, unreachable
-from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts, tracking_answers
+from montage.tracking.runs import (
+    MlflowHook,
+    end_failed_run,
+    open_run,
+    prepare_tracking,
+    starts,
+    tracking_answers,
+    tracking_down,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +118,24 @@ def begin(
     started = 0
     if cfg.tracking.enabled:
         prepare_tracking(cfg)
-        if tracking_answers(cfg):
+        if _answers(cfg, trial):
             cfg.tracking.run_id = open_run(cfg, storage.uri, tags=tags, resume=bool(resume))
             started = starts(cfg, cfg.tracking.run_id)
     return Run(cfg, storage, bool(resume), started)
+
+
+def _answers(cfg: ExperimentConfig, trial: bool) -> bool:
+    """Whether the tracking server answers now. A training's own start may refuse a server that does not
+    (``tracking.required``); a trial's never does: its sweep found the server at its start, and a trial that
+    starts while it is away trains like one that lost it, its worker opening its MLflow run (with the
+    trial's tags) once the server is back."""
+    if not trial:
+        return tracking_answers(cfg)
+    down = tracking_down(cfg)
+    if down is not None:
+        log.warning("MLflow at %s does not answer (%s): trial %s trains and sends its records once it is back",
+                    cfg.tracking.uri, down, cfg.run.name)  # fmt: skip
+    return down is None
 
 
 def rank_hooks(

@@ -252,8 +252,10 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
     cfg = config_from_tree(tree)
     # one MLflow run per trial, found again under the sweep's parent when Tune restores the trial
-    run = begin(cfg, tags={"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}, trial=True)
-    _, failure, _ = fit_run(run, make_trainer(cfg, callbacks=[TuneReportCallback()], launched_at=started))
+    tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
+    run = begin(cfg, tags=tags, trial=True)
+    trainer = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags, launched_at=started)
+    _, failure, _ = fit_run(run, trainer)
     if failure is not None:  # the trial errs (Tune's max_failures may run it again from its checkpoint)
         raise failure
 

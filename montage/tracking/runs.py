@@ -175,6 +175,11 @@ def find_run(cfg: ExperimentConfig, run_dir: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def run_dir_of(cfg: ExperimentConfig) -> str:
+    """The run folder ``<run.storage>/<run.name>`` as the launchers name it (:data:`RUN_DIR_TAG`)."""
+    return f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}"
+
+
 def open_run(cfg: ExperimentConfig, run_dir: str, tags: dict[str, str] | None = None, resume: bool = False) -> str:
     """Driver side, before the workers start: the run a training logs into. A resumed training
     (``resume``, or a restored Tune trial under the same parent) finds its run again; otherwise a
@@ -259,7 +264,7 @@ class MlflowHook(Hook):
 
     def _attach(self) -> None:
         """Find (or create) the run, mark it RUNNING, learn which epochs it holds, count this start."""
-        self.run_id = self.run_id or create_run(self.cfg, self.tags)
+        self.run_id = self.run_id or create_run(self.cfg, {RUN_DIR_TAG: run_dir_of(self.cfg), **self.tags})
         run = self.client.get_run(self.run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
@@ -397,8 +402,7 @@ class MlflowHook(Hook):
             log.error(
                 "MLflow at %s still does not answer: %d record(s) of this run wait in %s; they are sent first "
                 "when the run continues (its next restart, or `montage train %s --resume %s`)",
-                self.cfg.tracking.uri, len(self.outbox), self.outbox.where, self.cfg.task,
-                f"{self.cfg.run.storage.rstrip('/')}/{self.cfg.run.name}",
+                self.cfg.tracking.uri, len(self.outbox), self.outbox.where, self.cfg.task, run_dir_of(self.cfg),
             )  # fmt: skip
 
 
