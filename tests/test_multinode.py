@@ -225,6 +225,29 @@ def node_of_train_worker(cluster, rank: int = 0):
     raise AssertionError(f"no worker node runs the Train workers {pids}")
 
 
+def test_a_local_tracking_store_is_refused_on_a_cluster_of_several_nodes(cluster, tiny_config, monkeypatch, tmp_path):
+    """A relative SQLite store would be one database per node: fit_ray and run_sweep refuse it on this
+    4-node cluster before anything is created or any worker starts, and say to use the head's server."""
+    from montage.core.config import ConfigError
+    from montage.launch import train
+    from montage.launch.tune import load_tune_config, run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: pytest.fail("a trainer was made"))
+    refused = r"tracking URI sqlite:///\S+/mlruns\.db is a local file, but this Ray cluster has 4 nodes.*mlflow server"
+    cfg = tiny_config("segmentation", "tracking.uri=sqlite:///mlruns.db", "run.name=refused")
+    with pytest.raises(ConfigError, match=refused + r".*MLFLOW_TRACKING_URI=http://<head-ip>:5000"):
+        train.fit_ray(cfg)
+    tcfg, base, params = load_tune_config(
+        ROOT / "tune_configs" / "segmentation-tiny.yaml", [*TINY, f"storage={tmp_path / 'tune'}", "name=refused"]
+    )  # the default tracking URI: sqlite:///mlruns.db
+    with pytest.raises(ConfigError, match=refused):
+        run_sweep(tcfg, base, params)
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "runs" / "refused").exists()
+    assert not (tmp_path / "tune" / "refused").exists()
+
+
 def test_a_fit_on_object_storage_survives_a_lost_node(cluster, tracking, s3, tiny_config, monkeypatch) -> None:
     """2 DDP workers, checkpoints on S3 (the nodes share no storage but the bucket), scaling.max_failures=1:
     the node of a worker is removed after the first checkpoint; the fit restarts once from that

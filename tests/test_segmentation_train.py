@@ -85,3 +85,28 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys, caplog) -> None:
         == 2
     )
     assert "checkpoint not found" in caplog.text
+
+
+def test_in_process_training_takes_the_global_batch_of_the_configs_workers(seg_config, tmp_path: Path) -> None:
+    """``train.batch_size`` is per worker: a config of 2 workers × 4 trains 8 images a step. In this process
+    (``montage train --no-ray``, the toolbox, the demo) the one rank takes that global batch: the steps of
+    an epoch are the Ray run's (32 images: 4, not 8), and the run records what it trained."""
+    import yaml
+
+    from montage.platform.loop import Hook
+
+    class Steps(Hook):
+        count = 0
+
+        def after_optimizer_step(self, loop, name) -> None:
+            Steps.count += 1
+
+    two = ["scaling.workers=2", "train.batch_size=4", "data.synthetic_train=32", "train.epochs=1",
+           "tracking.enabled=false"]  # fmt: skip
+    fit_local(seg_config(*two, "run.name=direct"), extra_hooks=[Steps()])
+    assert Steps.count == 4
+    assert main(["train", "segmentation", "--config", "segmentation-smoke", "--no-ray", "--workers", "2", *two,
+                 f"run.storage={tmp_path / 'runs'}", "run.name=cli"]) == 0  # fmt: skip
+    for name in ("direct", "cli"):
+        saved = yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())
+        assert (saved["train"]["batch_size"], saved["scaling"]["workers"]) == (8, 1)

@@ -90,6 +90,126 @@ def test_a_server_down_at_the_start_is_refused_at_once_unless_not_required(serve
     client = mlflow.MlflowClient(server.uri)
     exp = client.get_experiment_by_name("montage-segmentation")
     runs = client.search_runs([exp.experiment_id])
-    finished = [r for r in runs if r.info.status == "FINISHED" and _epochs(server.uri, r.info.run_id)]
-    assert len(finished) == 1 and _epochs(server.uri, finished[0].info.run_id) == [1, 2, 3], resumed
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", resumed
+    assert _epochs(server.uri, runs[0].info.run_id) == [1, 2, 3]
     assert not outbox.exists()
+
+
+def test_the_outbox_of_a_run_on_object_storage_outlives_its_worker(server, tiny_config, monkeypatch, tmp_path) -> None:
+    """run.storage on S3 (nodes share no disk): a worker that trains while the server is away keeps its
+    outbox in the run folder on the bucket; its own staging folder goes when it ends. A worker elsewhere
+    that continues the run (a restart on another node, a resume) finds the records there and sends them
+    once the server is back: one FINISHED run with every epoch, grid and the model once; nothing left."""
+    import tempfile
+
+    import torch
+    from cluster_helpers import S3Endpoint
+
+    from montage.launch.lifecycle import rank_hooks
+    from montage.platform.runner import WorkerEnv, build_loop
+
+    s3 = S3Endpoint()
+    try:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        bucket = s3.bucket("outbox")
+        server.stop()
+        cfg = tiny_config("segmentation", "train.epochs=2", f"tracking.uri={server.uri}", *QUICK,
+                          "tracking.required=false", "tracking.drain_s=0.5", f"run.storage=s3://{bucket}/runs",
+                          f"run.storage_endpoint={s3.url}", "run.name=away")  # fmt: skip
+
+        def worker(state: dict | None = None):
+            """Rank 0 of a Ray Train worker group, as train_loop_per_worker builds it: its own staging folder."""
+            with tempfile.TemporaryDirectory(dir=tmp_path) as staging:
+                loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), rank_hooks(cfg, 0, staging, False))
+                if state is not None:
+                    loop.load_state_dict(state)
+                loop.fit()
+            assert not Path(staging).exists()
+            return loop
+
+        first = worker()
+        queued = s3.keys(bucket, "runs/away/tracking-outbox/")
+        records = [k for k in queued if k.endswith("records.jsonl")]
+        assert len(records) == 1 and len(queued) == 4, queued  # the records, 2 sample grids, the model's weights
+        assert sum(k.endswith(".png") for k in queued) == 2 and sum(k.endswith("best.pt") for k in queued) == 1
+
+        server.start()
+        worker(first.state_dict())  # continues at its end: sends what waits, adds nothing
+        client = mlflow.MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("montage-segmentation").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["montage.run_dir"] == f"s3://{bucket}/runs/away"  # a later resume finds it
+        assert _epochs(server.uri, run.info.run_id) == [1, 2]
+        samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+        assert samples == {"samples/epoch_001.png", "samples/epoch_002.png"}
+        assert len(client.search_logged_models([run.info.experiment_id])) == 1
+        left = s3.keys(bucket, "runs/away/tracking-outbox/")
+        assert [k for k in left if not k.endswith("/")] == []  # all sent (pyarrow may leave a folder marker)
+    finally:
+        s3.stop()
+
+
+def test_the_outbox_is_bounded_sample_grids_first() -> None:
+    """tracking.outbox_limit=10: past 90 % of it a record queues without its sample grid, past the limit
+    new records are dropped, each drop counted; the end of the run is always kept (it says how it ended).
+    What is queued survives the process (read back by the next one)."""
+    import tempfile
+
+    import numpy as np
+
+    from montage.tracking.outbox import Outbox
+
+    grid = np.zeros((8, 8, 3), np.uint8)
+    with tempfile.TemporaryDirectory() as folder:
+        box = Outbox(Path(folder), limit=10)
+        for epoch in range(1, 13):
+            box.add({"kind": "epoch", "epoch": epoch, "artifact_file": f"samples/epoch_{epoch:03d}.png"}, grid)
+        box.add({"kind": "model"})
+        box.add({"kind": "end", "status": "FINISHED"})
+        assert [r.get("epoch") for r in box.records] == [*range(1, 11), None]  # epochs 11, 12 and the model dropped
+        assert [bool(r.get("image")) for r in box.records[:10]] == [True] * 9 + [False]  # epoch 10: no grid
+        assert box.records[-1]["kind"] == "end" and box.dropped == 4  # 3 records, 1 grid
+        assert len(list(Path(folder).glob("*.png"))) == 9
+        again = Outbox(Path(folder), limit=10)
+        assert again.records == box.records
+
+
+def test_a_full_outbox_says_what_it_dropped(tiny_config, caplog) -> None:
+    """The server is away for the whole training (a port nobody listens on): the warning says how many
+    records are pending and how many the full outbox dropped, and the training still ends normally."""
+    from cluster_helpers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = tiny_config("segmentation", "train.epochs=4", f"tracking.uri={uri}", *QUICK, "tracking.required=false",
+                      "tracking.outbox_limit=2", "tracking.drain_s=1", "run.name=full")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="montage.tracking.runs"):
+        summary = fit_local(cfg)
+    assert summary.metrics["epoch"] == 4
+    records = (Path(summary.run_dir) / "tracking-outbox" / "records.jsonl").read_text().splitlines()
+    assert len(records) == 3  # epochs 1 and 2, and the end; epochs 3, 4 and the model dropped
+    dropped = [r.message for r in caplog.records if "dropped: outbox full" in r.message]
+    assert dropped and "3 record(s) pending" in dropped[-1] and "(3 dropped: outbox full)" in dropped[-1]
+    assert any("still does not answer: 3 record(s) of this run wait in" in r.message for r in caplog.records)
+
+
+def test_a_sweep_does_not_start_without_its_tracking_server(tmp_path, monkeypatch) -> None:
+    """A sweep compares its trials in MLflow: with its server down it is refused at once, before Ray is
+    asked for and whatever tracking.required says, naming the server."""
+    from cluster_helpers import free_port
+
+    from montage.launch import session
+    from montage.launch.tune import load_tune_config, run_sweep
+
+    root = Path(__file__).resolve().parent.parent
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(session, "ensure_ray", lambda *a, **k: pytest.fail("Ray was asked for"))
+    for required in ("true", "false"):
+        tcfg, base, params = load_tune_config(
+            root / "tune_configs" / "segmentation-tiny.yaml",
+            [f"storage={tmp_path / 'tune'}", f"base.tracking.uri={uri}", f"base.tracking.required={required}"],
+        )
+        started = time.time()
+        with pytest.raises(TrackingUnavailable, match=rf"{uri} does not answer .*A sweep compares its trials"):
+            run_sweep(tcfg, base, params)
+        assert time.time() - started < 15

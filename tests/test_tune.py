@@ -112,8 +112,9 @@ def test_concurrency_comes_from_what_the_cluster_can_grow_to() -> None:
     assert trial_concurrency(tune(workers=2, gpus=True, cpus_per_worker=4), gpus) == 2
     with pytest.raises(ConfigError, match=r"no node type of the autoscaler can hold it .*not enough GPU"):
         trial_concurrency(tune(workers=1, gpus=True, gpus_per_worker=2), gpus)
-    # an autoscaler whose node types cannot be read: as many as max_concurrent (else num_samples) allows
-    assert trial_concurrency(half, Capacity([], "of this autoscaling cluster", known=False)) == 8
+    # a node type whose resources are not declared: never refused, as many as max_concurrent (else num_samples)
+    undeclared = Capacity([{"CPU": 0.0}], "type of the autoscaler", ["head", "gpu_worker"], ["gpu_worker × 8"])
+    assert trial_concurrency(tune(workers=1, gpus=True, gpus_per_worker=2), undeclared) == 8
 
 
 def test_trial_status_says_stopped_early_only_for_the_schedulers_stops() -> None:
@@ -191,6 +192,66 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     st.promote("segmentation", "2")
     assert str(st.champion("segmentation").version) == "2"
     assert [str(v.version) for v in st.list_versions("segmentation")] == ["1", "2"]
+
+
+def test_a_trial_ends_its_run_as_a_training_does(tmp_path: Path, monkeypatch) -> None:
+    """Tune's trial function ends its run through fit_ray's code (``train.fit_run``): a training whose
+    restarts are spent (Ray Train raises) marks the trial's MLflow run FAILED with the error, an interrupt
+    KILLED, before the trial errs. Its workers may have died before they could say so, and the sweep's own
+    summary of its trials comes only once every trial has ended, never when the sweep is interrupted.
+    (The trial's TorchTrainer is a stand-in that fails at once: no Ray needed.)"""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from montage.core.config import to_dict
+    from montage.launch import train, tune
+    from montage.tracking.runs import prepare_tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    base = load_tune_config(write_tune(tmp_path))[1]
+    prepare_tracking(base)
+    client = mlflow.MlflowClient(base.tracking.uri)
+    parent = client.create_run(client.create_experiment("montage-segmentation")).info.run_id
+    sweep = {"name": "fails", "parent_run_id": parent, "trials_storage": str(tmp_path / "tune" / "fails" / "trials")}
+
+    class Trainer:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def fit(self):
+            raise self.error
+
+    class Context:
+        def __init__(self, trial_id: str) -> None:
+            self.get_trial_id = lambda: trial_id
+
+    monkeypatch.setattr("ray.tune.integration.ray_train.TuneReportCallback", lambda: None)  # needs a Tune session
+    lost = WorkerGroupError("rank 0: ImageError: image folder not found", {0: RuntimeError("image folder not found")})
+    for trial_id, error, status in (("lost", lost, "FAILED"), ("stopped", KeyboardInterrupt(), "KILLED")):
+        monkeypatch.setattr("ray.tune.get_context", lambda: Context(trial_id))
+        monkeypatch.setattr(train, "make_trainer", lambda *args, **kwargs: Trainer(error))
+        with pytest.raises(type(error)):
+            tune._trial({"loss__dice": 1.0, "optim__lr": 0.003}, to_dict(base), sweep)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_run(parent).info.experiment_id])}
+    assert runs["trial_lost"].info.status == "FAILED" and runs["trial_stopped"].info.status == "KILLED"
+    assert "image folder not found" in runs["trial_lost"].data.tags["montage.error"]
+    assert "KeyboardInterrupt" in runs["trial_stopped"].data.tags["montage.error"]
+    assert all(runs[n].data.tags["mlflow.parentRunId"] == parent for n in ("trial_lost", "trial_stopped"))
+
+    # the server gone since the sweep began: the trial trains, its worker opening its run with the trial's tags
+    from cluster_helpers import free_port
+
+    made: dict = {}
+
+    class Fits:
+        def fit(self):
+            return type("Result", (), {"error": None})()
+
+    away = to_dict(base)
+    away["tracking"]["uri"] = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr("ray.tune.get_context", lambda: Context("away"))
+    monkeypatch.setattr(train, "make_trainer", lambda cfg, **kwargs: made.update(kwargs) or Fits())
+    tune._trial({"loss__dice": 1.0, "optim__lr": 0.003}, away, sweep)
+    assert made["tags"] == {"montage.sweep": "fails", "montage.trial": "away"}
 
 
 def _trial_dirs(trials: Path) -> list[Path]:

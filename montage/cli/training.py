@@ -160,10 +160,16 @@ def register(sub: Any) -> None:
     t.add_argument("task")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 loss.dice=0.5")
-    t.add_argument("--workers", type=int, help="number of DDP workers (scaling.workers)")
+    t.add_argument(
+        "--workers", type=int, help="number of DDP workers (scaling.workers; train.batch_size stays per worker)"
+    )
     t.add_argument("--gpus", action="store_true", help="one GPU per worker (scaling.gpus=true)")
     t.add_argument("--resume", help="a run folder <storage>/<name> to continue from its latest checkpoint")
-    t.add_argument("--no-ray", action="store_true", help="run the loop in this process (debugging)")
+    t.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run the loop in this process (debugging), at the global batch of scaling.workers × train.batch_size",
+    )
     t.add_argument(
         "--address",
         help=ADDRESS_HELP,

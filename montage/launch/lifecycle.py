@@ -17,12 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from montage.core.config import ExperimentConfig
-from montage.launch.storage import Storage
+from montage.launch.storage import Storage, StorageMirror
 from montage.platform.hooks import CheckpointHook
 from montage.platform.loop import Hook
 from montage.platform.runner import default_run_name
-from montage.tracking.outbox import unreachable
-from montage.tracking.runs import MlflowHook, end_failed_run, open_run, prepare_tracking, starts, tracking_answers
+from montage.tracking.outbox import OUTBOX, unreachable
+from montage.tracking.runs import (
+    MlflowHook,
+    end_failed_run,
+    open_run,
+    prepare_tracking,
+    starts,
+    tracking_answers,
+    tracking_down,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +118,24 @@ def begin(
     started = 0
     if cfg.tracking.enabled:
         prepare_tracking(cfg)
-        if tracking_answers(cfg):
+        if _answers(cfg, trial):
             cfg.tracking.run_id = open_run(cfg, storage.uri, tags=tags, resume=bool(resume))
             started = starts(cfg, cfg.tracking.run_id)
     return Run(cfg, storage, bool(resume), started)
+
+
+def _answers(cfg: ExperimentConfig, trial: bool) -> bool:
+    """Whether the tracking server answers now. A training's own start may refuse a server that does not
+    (``tracking.required``); a trial's never does: its sweep found the server at its start, and a trial that
+    starts while it is away trains like one that lost it, its worker opening its MLflow run (with the
+    trial's tags) once the server is back."""
+    if not trial:
+        return tracking_answers(cfg)
+    down = tracking_down(cfg)
+    if down is not None:
+        log.warning("MLflow at %s does not answer (%s): trial %s trains and sends its records once it is back",
+                    cfg.tracking.uri, down, cfg.run.name)  # fmt: skip
+    return down is None
 
 
 def rank_hooks(
@@ -124,14 +146,20 @@ def rank_hooks(
     tags: dict[str, str] | None = None,
 ) -> list[Hook]:
     """Rank 0's hooks: checkpoint files in ``folder`` (``latest.pt`` too when ``latest``; every
-    ``train.checkpoint_every`` epochs) and, when tracking is on, the MLflow hook, whose outbox lives
-    in the run folder when that is a local (shared) disk, else beside the checkpoints in ``folder``."""
+    ``train.checkpoint_every`` epochs) and, when tracking is on, the MLflow hook. Its outbox (what the
+    tracking server could not take yet) lives in the run folder, which outlives this worker and this run:
+    on a local (shared) disk directly; on object storage as a mirror of a working copy in ``folder``
+    (nodes share no disk: a restart on another node, or a resume, finds it only there)."""
     if rank != 0:
         return []
     files = CheckpointHook(folder, latest=latest, every=cfg.train.checkpoint_every if latest else 0)
     hooks: list[Hook] = [files]
     if cfg.tracking.enabled:
         run_dir = Storage.of(cfg.run.storage, cfg.run.storage_endpoint).child(cfg.run.name)
-        outbox = folder if run_dir.remote else run_dir.uri
-        hooks.append(MlflowHook(cfg, tags=tags, best_path=files.best_path, outbox_dir=outbox))
+        if run_dir.remote:
+            mirror = StorageMirror(run_dir.child(OUTBOX))
+            hook = MlflowHook(cfg, tags=tags, best_path=files.best_path, outbox_dir=folder, outbox_mirror=mirror)
+        else:
+            hook = MlflowHook(cfg, tags=tags, best_path=files.best_path, outbox_dir=run_dir.uri)
+        hooks.append(hook)
     return hooks

@@ -1,5 +1,10 @@
 """Train in this process (no Ray): the same loop, hooks, files and MLflow run as under Ray,
-one rank, no DDP. For debugging, tests and ``montage train --no-ray``."""
+one rank, no DDP. For debugging, tests and ``montage train --no-ray``.
+
+``train.batch_size`` is per worker everywhere, and the global batch ``scaling.workers × batch_size``
+is what a config trains: in this process the one rank takes the whole global batch, so a step sees the
+samples the config's workers see together under Ray (the platform cuts each global batch into the
+ranks' shares: docs/reliability.md), with the same steps per epoch and learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ def fit_local(
     extra_hooks: list[Hook] | None = None,
     launched_at: float | None = None,
 ) -> RunSummary:
-    """Train in this process: same loop, hooks and files as under Ray, one rank, no DDP.
+    """Train in this process: same loop, hooks and files as under Ray, one rank at the global batch of
+    the config's workers (:func:`as_one_process`; the run records ``scaling.workers=1`` and that batch).
 
     Writes ``<run.storage>/<run.name>/{config.yaml,latest.pt,best.pt}``; returns a summary.
     """
@@ -52,6 +58,14 @@ def fit_local(
         raise ValueError(
             "training in this process writes a local run folder: use Ray (montage train) for s3:// storage"
         )
+    if cfg.scaling.workers > 1:
+        log.info(
+            "one process for scaling.workers=%d: train.batch_size %d per worker → the global batch %d",
+            cfg.scaling.workers,
+            cfg.train.batch_size,
+            cfg.scaling.workers * cfg.train.batch_size,
+        )
+        as_one_process(cfg)
     run = begin(cfg, resume)
     run_dir = Path(run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ from typing import Any
 
 from montage.core.config import ConfigError
 
+HEAD_RESOURCE = "node:__internal_head__"  # the resource only the head node of a Ray cluster has
+
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address`` / $RAY_ADDRESS (``auto``: a ``ray start`` cluster on this machine),
@@ -48,14 +50,10 @@ def train_worker_pids() -> list[int]:
 
 def autoscaling() -> bool:
     """Whether the connected cluster has an autoscaler that can add worker nodes (its config names a
-    worker node type with ``max_workers`` > 0). A local ``ray.init()`` runs a monitor too, but with no
+    node type of which it may start worker nodes). A local ``ray.init()`` runs a monitor too, but with no
     autoscaling config."""
     config = autoscaler_config()
-    if not config:
-        return False
-    head = config.get("head_node_type")
-    types = config.get("available_node_types") or {}
-    return any(int(spec.get("max_workers", 0) or 0) > 0 for name, spec in types.items() if name != head)
+    return bool(config) and any(t.workers > 0 for t in node_types(config))
 
 
 def alive_nodes() -> list[dict]:
@@ -77,9 +75,9 @@ def refuse_local_tracking_on_a_cluster(cfg: Any) -> None:
         return
     nodes = len(alive_nodes())
     if nodes > 1 or autoscaling():
-        grows = f"{nodes} nodes" if nodes > 1 else "an autoscaling cluster"
+        grows = f"has {nodes} nodes" if nodes > 1 else "can add nodes (its autoscaler)"
         raise ConfigError(
-            f"tracking URI {uri} is a local file, but this Ray cluster has {grows}: workers on other nodes would "
+            f"tracking URI {uri} is a local file, but this Ray cluster {grows}: workers on other nodes would "
             "each write their own database. Run an MLflow server on the head (`mlflow server --host <head-ip> "
             "--port 5000 ...`, as cluster.yaml does) and point runs at it: MLFLOW_TRACKING_URI=http://<head-ip>:5000 "
             "or `montage submit --tracking-uri http://<head-ip>:5000`"
@@ -90,10 +88,17 @@ def refuse_local_tracking_on_a_cluster(cfg: Any) -> None:
 class Capacity:
     """What a cluster can grow to: the resources of every node it has or can have."""
 
-    nodes: list[dict[str, float]]
+    nodes: list[dict[str, float]]  # one entry per node whose resources are known
     kind: str  # how the nodes were found, for messages ("type of the autoscaler", "of this cluster")
     labels: list[str] = field(default_factory=list)  # one line per node type (or node)
-    known: bool = True  # False: an autoscaler whose node types this process cannot read
+    # node types (``name × count``) whose resources are not declared in the autoscaler's config: the
+    # provider learns them when a node starts, so what they can hold is unknown here
+    undeclared: list[str] = field(default_factory=list)
+
+    @property
+    def known(self) -> bool:
+        """Whether every node the cluster can have is in :attr:`nodes`."""
+        return not self.undeclared
 
     @property
     def total(self) -> dict[str, float]:
@@ -104,7 +109,35 @@ class Capacity:
         return out
 
     def describe(self) -> list[str]:
-        return self.labels or [", ".join(f"{v:g} {k}" for k, v in sorted(n.items())) for n in self.nodes]
+        return self.labels or [_fmt(n) for n in self.nodes]
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node type of an autoscaler's config, as Ray's autoscaler reads it."""
+
+    name: str
+    resources: dict[str, float] | None  # None: not declared (``resources: {}`` or none)
+    head: bool  # the head's type: one node of it is the head
+    workers: int  # how many worker nodes of it the autoscaler may start
+
+    @property
+    def count(self) -> int:
+        return int(self.head) + self.workers
+
+
+def node_types(config: dict[str, Any]) -> list[NodeType]:
+    """The node types of an autoscaling config, counted as Ray's autoscaler counts them: the head's type
+    gives the head plus its own ``max_workers`` (default 0; Ray's on-premise provider has one type for the
+    head and the workers), any other type ``max_workers`` worker nodes (default: the cluster's)."""
+    head = config.get("head_node_type")
+    out = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        spec = spec or {}
+        default = 0 if name == head else config.get("max_workers", 0)
+        declared = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        out.append(NodeType(name, declared or None, name == head, int(spec.get("max_workers", default) or 0)))
+    return out
 
 
 def cluster_capacity() -> Capacity:
@@ -114,21 +147,37 @@ def cluster_capacity() -> Capacity:
     config = autoscaler_config()
     if config is not None:
         return _capacity_from_config(config)
-    nodes = [{k: float(v) for k, v in n.get("Resources", {}).items() if k in ("CPU", "GPU")} for n in alive_nodes()]
+    nodes = [_schedulable(n) for n in alive_nodes()]
     return Capacity(nodes, "of this cluster")
 
 
+def _schedulable(node: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in node.get("Resources", {}).items() if k in ("CPU", "GPU")}
+
+
 def _capacity_from_config(config: dict[str, Any]) -> Capacity:
-    nodes, labels, known = [], [], True
-    head = config.get("head_node_type")
-    for name, spec in (config.get("available_node_types") or {}).items():
-        res = {k: float(v) for k, v in (spec.get("resources") or {}).items() if k in ("CPU", "GPU")}
-        count = 1 if name == head else int(spec.get("max_workers", config.get("max_workers", 0)) or 0)
-        if not spec.get("resources") and name != head:
-            known = False  # a cloud provider fills these in from the instance type at run time
-        nodes += [res] * count
-        labels.append(f"{name}: {', '.join(f'{v:g} {k}' for k, v in sorted(res.items())) or 'none'} × {count}")
-    return Capacity(nodes, "type of the autoscaler", labels, known)
+    """A node type without declared resources is one whose nodes Ray sizes when they start (``resources: {}``:
+    the CPUs and GPUs Ray detects; a cloud provider may fill them in from the instance type when ``ray up``
+    can ask the cloud, Ray's on-premise provider never does). Its head is up: its resources are read there;
+    its worker nodes stay unknown (:attr:`Capacity.undeclared`)."""
+    nodes, labels, undeclared = [], [], []
+    for t in node_types(config):
+        if t.resources is not None:
+            res = {k: v for k, v in t.resources.items() if k in ("CPU", "GPU")}
+            nodes += [res] * t.count
+            text = _fmt(res)
+        else:
+            up = [_schedulable(n) for n in alive_nodes() if HEAD_RESOURCE in n.get("Resources", {})] if t.head else []
+            nodes += up[:1]
+            if t.workers:
+                undeclared.append(f"{t.name} × {t.workers}")
+            text = "not declared" + (f" (the head: {_fmt(up[0])})" if up else "")
+        labels.append(f"{t.name}: {text} × {t.count}")
+    return Capacity(nodes, "type of the autoscaler", labels, undeclared)
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items())) or "none"
 
 
 def autoscaler_config() -> dict[str, Any] | None:

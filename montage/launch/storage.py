@@ -117,9 +117,12 @@ class Storage:
         except OSError as exc:
             text = str(exc)
             if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text or "InvalidAccessKeyId" in text:
+                key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+                who = f"access key …{key[-4:]} of AWS_ACCESS_KEY_ID" if key else "AWS's default chain: ~/.aws, a role"
                 raise StorageError(
-                    f"storage {self.uri}: access to bucket '{bucket}'{where} denied — check the credentials "
-                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance profile) and the bucket policy"
+                    f"storage {self.uri}: access to bucket '{bucket}'{where} denied — the store refused the "
+                    f"credentials ({who}) or they may not read this bucket: check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY (or the instance profile) and the bucket policy"
                 ) from None
             raise StorageError(f"storage {self.uri}: cannot reach bucket '{bucket}'{where}: {text}") from None
         if info.type == fs.FileType.NotFound:
@@ -154,3 +157,36 @@ class Storage:
 
     def __str__(self) -> str:
         return self.uri
+
+
+@dataclass
+class StorageMirror:
+    """A folder on remote storage as the durable copy of a local one (the tracking outbox of a run on
+    object storage: :class:`montage.tracking.outbox.Mirror`)."""
+
+    storage: Storage
+
+    @property
+    def where(self) -> str:
+        return self.storage.uri
+
+    def pull(self, local: Path) -> None:
+        from pyarrow import fs
+
+        filesystem = self.storage.filesystem
+        files = filesystem.get_file_info(fs.FileSelector(self.storage.path, allow_not_found=True))
+        for info in files:
+            if info.type == fs.FileType.File:
+                with filesystem.open_input_stream(info.path) as src:
+                    (Path(local) / info.base_name).write_bytes(src.read())
+
+    def push(self, local: Path, name: str) -> None:
+        with self.storage.filesystem.open_output_stream(f"{self.storage.path}/{name}") as out:
+            out.write((Path(local) / name).read_bytes())
+
+    def remove(self, name: str) -> None:
+        from pyarrow import fs
+
+        path = f"{self.storage.path}/{name}"
+        if self.storage.filesystem.get_file_info(path).type != fs.FileType.NotFound:
+            self.storage.filesystem.delete_file(path)

@@ -65,8 +65,9 @@ def _staging(cfg: ExperimentConfig, main: bool) -> Iterator[str | None]:
     """Where rank 0 keeps the best checkpoint for MLflow and writes each epoch's checkpoint before Ray
     copies it to storage: inside the run's own folder on local
     storage (a worker killed by a failure or by ASHA leaves nothing in /tmp; a rerun reuses it),
-    a temporary folder for remote storage. Removed when the fit ends, by rank 0 only (the other ranks
-    write no checkpoint, and one that ended first must not remove it under rank 0)."""
+    a temporary folder for remote storage (what must outlive the worker is on the storage: checkpoints
+    Ray uploads, the tracking outbox's mirror). Removed when the fit ends, by rank 0 only (the other
+    ranks write no checkpoint, and one that ended first must not remove it under rank 0)."""
     if not main:
         yield None
         return
@@ -173,19 +174,7 @@ def fit_ray(
     ensure_ray(address)
     refuse_local_tracking_on_a_cluster(cfg)
     run = begin(cfg, resume)
-    import ray.train
-
-    trainer = make_trainer(cfg, launched_at=launched_at or time.time())
-    failure: BaseException | None = None
-    try:
-        result = trainer.fit()
-        failure = result.error
-    except ray.train.TrainingFailedError as exc:  # V2 raises once the restarts allowed are spent
-        failure, result = exc, _stored_result(run)
-    except KeyboardInterrupt as exc:
-        run.end(exc)
-        raise
-    restarts = run.end(failure)
+    result, failure, restarts = fit_run(run, make_trainer(cfg, launched_at=launched_at or time.time()))
     error = _explain(failure, cfg, run.dir) if failure is not None else None
     if error:
         log.error("%s", error)
@@ -212,6 +201,25 @@ def fit_ray(
     summary.checkpoint = _uri(run, result.checkpoint.path) if result.checkpoint else None
     summary.checkpoints = [KeptCheckpoint(_uri(run, c.path), dict(m)) for c, m in kept]
     return summary
+
+
+def fit_run(run: Run, trainer: Any) -> tuple[Any, BaseException | None, int]:
+    """Fit ``run``'s TorchTrainer and end the run, the same for a training and a Tune trial: Ray Train
+    V2 raises once the restarts allowed (``scaling.max_failures``) are spent, and then the result is what
+    the storage holds; a failure marks the MLflow run FAILED, an interrupt KILLED (re-raised), with the
+    restarts counted (:meth:`Run.end`). Returns the result (None when nothing was stored), the failure
+    and the restarts."""
+    import ray.train
+
+    try:
+        result = trainer.fit()
+        failure = result.error
+    except ray.train.TrainingFailedError as exc:
+        failure, result = exc, _stored_result(run)
+    except KeyboardInterrupt as exc:
+        run.end(exc)
+        raise
+    return result, failure, run.end(failure)
 
 
 def _uri(run: Run, path: str) -> str:

@@ -167,30 +167,35 @@ def load_tune_config(
 def trial_concurrency(tcfg: TuneConfig, capacity: Capacity) -> int:
     """How many trials the cluster can run at once once it has grown (an autoscaler's node types, or
     the nodes of a fixed cluster), capped by ``max_concurrent``. Fails at once, naming the resource,
-    when no node could ever host one of a trial's workers, or the whole cluster one trial."""
+    when no node could ever host one of a trial's workers, or the whole cluster one trial. A cluster
+    with node types whose resources are not declared (``resources: {}``: Ray learns them when such a
+    node starts) is never refused: up to ``max_concurrent`` (else ``num_samples``) trials at once."""
     r = tcfg.resources
     bundle, demand = r.bundle(), r.demand()
-    if capacity.nodes and not any(_fits(bundle, node) for node in capacity.nodes):
+    if not capacity.known:
+        fit = tcfg.max_concurrent or tcfg.num_samples
+        log.warning(
+            "the resources of node type(s) %s are not declared in the autoscaler's config (Ray learns them when "
+            "such a node starts): up to %d trial(s) at once; set max_concurrent to choose, or declare the node "
+            "type's resources (e.g. resources: {CPU: 8, GPU: 1}) to size it from them",
+            ", ".join(capacity.undeclared),
+            fit,
+        )
+        return fit
+    if not any(_fits(bundle, node) for node in capacity.nodes):
         short = [k for k in sorted(bundle) if not any(node.get(k, 0) + 1e-9 >= bundle[k] for node in capacity.nodes)]
         short = short or sorted(bundle)  # each fits somewhere, never together
         raise ConfigError(
             f"one trial worker needs {_fmt_res(bundle)} but no node {capacity.kind} can hold it "
-            f"({'; '.join(capacity.describe())}): not enough {', '.join(short)} — lower resources.cpus_per_worker / "
-            "gpus_per_worker, or add a node type that has them"
+            f"({'; '.join(capacity.describe()) or 'no nodes'}): not enough {', '.join(short)} — lower "
+            "resources.cpus_per_worker / gpus_per_worker, or add a node type that has them"
         )
     total = capacity.total
-    fit = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in demand.items()) if capacity.known else 0
-    if capacity.known and fit < 1:
+    fit = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in demand.items())
+    if fit < 1:
         raise ConfigError(
             f"one trial needs {_fmt_res(demand)} but the cluster {capacity.kind} has {_fmt_res(total)} in all: "
             "lower resources.workers / cpus_per_worker"
-        )
-    if not capacity.known:  # an autoscaler whose node types this process cannot read
-        fit = tcfg.max_concurrent or tcfg.num_samples
-        log.warning(
-            "this cluster autoscales but its node types are unknown here: up to %d trial(s) at once "
-            "(set max_concurrent to choose)",
-            fit,
         )
     return min(fit, tcfg.max_concurrent) if tcfg.max_concurrent else fit
 
@@ -234,7 +239,7 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
 
     from montage.core.logs import setup_logging
     from montage.launch.lifecycle import begin
-    from montage.launch.train import make_trainer
+    from montage.launch.train import fit_run, make_trainer
     from montage.platform.runner import config_from_tree
 
     setup_logging()
@@ -247,11 +252,12 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
     cfg = config_from_tree(tree)
     # one MLflow run per trial, found again under the sweep's parent when Tune restores the trial
-    run = begin(cfg, tags={"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}, trial=True)
-    result = make_trainer(cfg, callbacks=[TuneReportCallback()], launched_at=started).fit()
-    run.end(result.error)
-    if result.error:
-        raise result.error
+    tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
+    run = begin(cfg, tags=tags, trial=True)
+    trainer = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags, launched_at=started)
+    _, failure, _ = fit_run(run, trainer)
+    if failure is not None:  # the trial errs (Tune's max_failures may run it again from its checkpoint)
+        raise failure
 
 
 class SweepInterrupted(RuntimeError):
@@ -279,7 +285,7 @@ def run_sweep(
     from montage.launch.session import cluster_capacity, ensure_ray, refuse_local_tracking_on_a_cluster
     from montage.launch.storage import Storage
     from montage.tracking import sweeps as st
-    from montage.tracking.runs import TrackingUnavailable, prepare_tracking, tracking_answers
+    from montage.tracking.runs import TrackingUnavailable, prepare_tracking, tracking_down
 
     if resume and not tcfg.name:
         raise ConfigError("--resume needs the sweep's name= (its folder under storage)")
@@ -289,10 +295,13 @@ def run_sweep(
     sweep_storage = root.child(tcfg.name)
     sweep_dir = sweep_storage.uri
     prepare_tracking(base)
-    if not tracking_answers(base):
+    down = tracking_down(base)
+    if down is not None:
         raise TrackingUnavailable(
-            f"a sweep compares its trials in MLflow, so its tracking server {base.tracking.uri} must answer at the "
-            "start (tracking.required=false is for single trainings); trials that lose it later queue and go on"
+            f"MLflow tracking server {base.tracking.uri} does not answer ({down}). A sweep compares its trials in "
+            "MLflow, so its server must answer at the start, whatever tracking.required says (that is for single "
+            "trainings); trials that lose it later queue their records and go on. Start it (on a cluster: "
+            "`mlflow server` on the head, as cluster.yaml does)"
         )
     ensure_ray(address)
     refuse_local_tracking_on_a_cluster(base)

@@ -19,7 +19,7 @@ from typing import Any
 from montage.core.config import ConfigError, ExperimentConfig, flatten, to_dict
 from montage.platform.loop import Hook, Loop
 from montage.tracking.datasets import DATA_DIGEST_TAG, log_data_input, split_sizes
-from montage.tracking.outbox import OUTBOX, Backoff, Outbox, unreachable
+from montage.tracking.outbox import OUTBOX, Backoff, Mirror, Outbox, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +77,30 @@ class TrackingUnavailable(ConfigError):
     """The tracking server does not answer and ``tracking.required`` is on."""
 
 
+def tracking_down(cfg: ExperimentConfig) -> str | None:
+    """Why the tracking server does not answer its health check (``tracking.timeout_s``), or None when it
+    does (a local store always does)."""
+    import requests
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=cfg.tracking.timeout_s).raise_for_status()
+        return None
+    except requests.RequestException as exc:
+        return str(exc).splitlines()[0][:300]
+
+
 def tracking_answers(cfg: ExperimentConfig) -> bool:
     """Driver side, before any worker starts: whether the tracking server answers (a local store
     always does). One that does not fails here at once when ``tracking.required`` (the default: a
     run nobody can see is rarely what was meant), else a warning and False — the workers train and
     send their records when it is back."""
-    import requests
-
     uri = resolve_tracking_uri(cfg.tracking.uri)
-    if not uri.startswith(("http://", "https://")):
+    reason = tracking_down(cfg)
+    if reason is None:
         return True
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=cfg.tracking.timeout_s).raise_for_status()
-        return True
-    except requests.RequestException as exc:
-        reason = str(exc).splitlines()[0][:300]
     if cfg.tracking.required:
         raise TrackingUnavailable(
             f"MLflow tracking server {uri} does not answer ({reason}). Start it (on a cluster: `mlflow server` "
@@ -166,6 +175,11 @@ def find_run(cfg: ExperimentConfig, run_dir: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def run_dir_of(cfg: ExperimentConfig) -> str:
+    """The run folder ``<run.storage>/<run.name>`` as the launchers name it (:data:`RUN_DIR_TAG`)."""
+    return f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}"
+
+
 def open_run(cfg: ExperimentConfig, run_dir: str, tags: dict[str, str] | None = None, resume: bool = False) -> str:
     """Driver side, before the workers start: the run a training logs into. A resumed training
     (``resume``, or a restored Tune trial under the same parent) finds its run again; otherwise a
@@ -195,7 +209,9 @@ class MlflowHook(Hook):
     saved in the checkpoint when resuming, or a new one. Epochs already in the run's history (an
     epoch redone after a restart) are not logged twice. With ``outbox_dir`` (the run folder), what
     the server cannot take while it is away waits in an :class:`~montage.tracking.outbox.Outbox`
-    there and is sent when it is back: training goes on either way."""
+    there and is sent when it is back: training goes on either way. With ``outbox_mirror`` (the run
+    folder on object storage), ``outbox_dir`` is the worker's working copy and the mirror holds the
+    records for whoever continues the run."""
 
     key = "mlflow"
 
@@ -205,11 +221,13 @@ class MlflowHook(Hook):
         tags: dict[str, str] | None = None,
         best_path: str | Path | None = None,
         outbox_dir: str | Path | None = None,
+        outbox_mirror: Mirror | None = None,
     ) -> None:
         self.cfg = cfg
         self.tags = dict(tags or {})
         self.best_path = Path(best_path) if best_path else None
         self.outbox_dir = Path(outbox_dir) / OUTBOX if outbox_dir else None
+        self.outbox_mirror = outbox_mirror
         self.outbox: Outbox | None = None
         self.backoff = Backoff(cfg.tracking.retry_s, cfg.tracking.retry_max_s)
         self.run_id: str | None = None
@@ -217,6 +235,7 @@ class MlflowHook(Hook):
         self.attached = False
         self.stale = False
         self.logged_epochs: set[int] = set()
+        self.ended, self.start_epoch = False, 0
         self.splits: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -232,7 +251,11 @@ class MlflowHook(Hook):
         if self.outbox_dir is None:
             self._attach()
             return
-        self.outbox = Outbox(self.outbox_dir, self.cfg.tracking.outbox_limit)
+        self.outbox = Outbox(self.outbox_dir, self.cfg.tracking.outbox_limit, self.outbox_mirror)
+        # a session that ended with its records queued, resumed at its end (nothing left to train): those
+        # records say how the run ended, none are added
+        self.ended = loop.epoch > 0 and any(r["kind"] == "end" for r in self.outbox.records)
+        self.start_epoch = loop.epoch
         try:
             self._attach()
             self._flush()
@@ -241,7 +264,7 @@ class MlflowHook(Hook):
 
     def _attach(self) -> None:
         """Find (or create) the run, mark it RUNNING, learn which epochs it holds, count this start."""
-        self.run_id = self.run_id or create_run(self.cfg, self.tags)
+        self.run_id = self.run_id or create_run(self.cfg, {RUN_DIR_TAG: run_dir_of(self.cfg), **self.tags})
         run = self.client.get_run(self.run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
@@ -266,8 +289,8 @@ class MlflowHook(Hook):
         self._deliver(record, loop.sample_image)
 
     def after_train(self, loop: Loop) -> None:
-        if self.outbox is not None and any(r["kind"] == "end" for r in self.outbox.records):
-            self._drain()  # resumed at its end with the last session's records still queued: send those
+        if self.ended and loop.epoch == self.start_epoch:
+            self._drain()
             return
         if self.cfg.tracking.log_model and self.best_path is not None and self.best_path.is_file():
             self._deliver({"kind": "model", "metric": loop.best.metric, "value": loop.best.value}, model=True)
@@ -301,13 +324,8 @@ class MlflowHook(Hook):
                 return
             except Exception as exc:  # noqa: BLE001
                 self._away(exc)
-        if model:  # keep the weights it names: a staging folder may be gone when it is sent
-            import shutil
-
-            self.outbox_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self.best_path, self.outbox_dir / f"model_{len(self.outbox):06d}.pt")
-            record = {**record, "checkpoint": f"model_{len(self.outbox):06d}.pt"}
-        self.outbox.add(record, image)
+        # a model record keeps a copy of the weights it names: a staging folder may be gone when it is sent
+        self.outbox.add(record, image, attachment=self.best_path if model else None)
         if self.backoff.due():
             try:
                 self._flush()
@@ -333,7 +351,7 @@ class MlflowHook(Hook):
             elif image is not None:
                 self.client.log_image(self.run_id, image, artifact_file=record["artifact_file"])
         elif kind == "model":
-            path = checkpoint or self.outbox_dir / record["checkpoint"]
+            path = checkpoint or self.outbox.path(record, "file")
             self.log_model(path, record["metric"], record["value"])
         elif kind == "tag":
             self.client.set_tag(self.run_id, record["key"], record["value"])
@@ -352,12 +370,7 @@ class MlflowHook(Hook):
             self.logged_epochs = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
         self.stale = False
 
-        def send(record: dict[str, Any], image: Path | None) -> None:
-            self._send(record, image, None)
-            if record.get("checkpoint"):
-                (self.outbox_dir / record["checkpoint"]).unlink(missing_ok=True)
-
-        sent = self.outbox.flush(send)
+        sent = self.outbox.flush(lambda record, image: self._send(record, image, None))
         if away is not None:
             log.warning("MLflow at %s answers again after %.0f s: sent %d queued record(s)", self.cfg.tracking.uri,
                         time.monotonic() - away, sent)  # fmt: skip
@@ -370,7 +383,7 @@ class MlflowHook(Hook):
         self.stale = True  # a request that timed out may have landed: re-read the history before resending
         log.warning(
             "MLflow at %s does not answer (%s): training goes on; %d record(s) pending in %s%s, next try in %.0f s",
-            self.cfg.tracking.uri, str(exc).splitlines()[0][:200], len(self.outbox), self.outbox_dir,
+            self.cfg.tracking.uri, str(exc).splitlines()[0][:200], len(self.outbox), self.outbox.where,
             f" ({self.outbox.dropped} dropped: outbox full)" if self.outbox.dropped else "", self.backoff.delay,
         )  # fmt: skip
 
@@ -387,9 +400,9 @@ class MlflowHook(Hook):
                 self._away(exc)
         if self.outbox or not self.attached:
             log.error(
-                "MLflow at %s still does not answer: %d record(s) of this run wait in %s; send them with "
-                "`montage resume` of the run (or its next restart) sends them first",
-                self.cfg.tracking.uri, len(self.outbox), self.outbox_dir,
+                "MLflow at %s still does not answer: %d record(s) of this run wait in %s; they are sent first "
+                "when the run continues (its next restart, or `montage train %s --resume %s`)",
+                self.cfg.tracking.uri, len(self.outbox), self.outbox.where, self.cfg.task, run_dir_of(self.cfg),
             )  # fmt: skip
 
 
