@@ -127,7 +127,7 @@ def test_loss_terms_and_label_smoothing() -> None:
 
 
 def test_the_tiny_recipe_beats_the_mean_face(recipe_config) -> None:
-    # the demo's recipe on half its budget (the full run reaches about 0.66× the mean face)
+    # the demo's recipe on half its budget (the full run reaches about 0.58× the mean face; this one ~0.62×)
     cfg = recipe_config("pix2pix", "data.synthetic_train=256", "data.synthetic_val=32", "train.epochs=10")
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
     loop.fit()
@@ -139,7 +139,7 @@ def test_the_tiny_recipe_beats_the_mean_face(recipe_config) -> None:
         f"val/l1 mean face {mean_face:.4f}, warped to the landmarks {warped:.4f} → generated {loop.best.value:.4f} "
         f"({loop.best.value / mean_face:.2f}×)"
     )
-    assert loop.best.value < 0.8 * mean_face
+    assert loop.best.value < 0.7 * mean_face
     assert loop.best.value < warped  # better than the classical warp measured on the same faces
 
 
