@@ -39,11 +39,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(args: argparse.Namespace) -> Any:
+    """``--source`` parsed (default: the task's champion)."""
+    from montage.core.sources import ModelSource
+
+    return ModelSource.parse(args.source, "--source") if args.source else ModelSource.champion(args.task)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from montage.tracking.registry import CHAMPION, model_name
     from montage.tracking.variants import export_model, report_dict
 
-    source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
+    source = _source(args)
     output = args.output or f"{args.task}.onnx"
     variant = export_model(
         args.task,
@@ -59,9 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from montage.tracking.registry import CHAMPION, model_name
-
-    source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
+    source = _source(args)
     uri = args.tracking_uri or ""
     if args.method == "quantize":
         from montage.tracking.variants import quantize_model, report_dict
@@ -123,7 +127,8 @@ def register(sub: Any) -> None:
     )
     ex.add_argument("task")
     ex.add_argument(
-        "--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file"
+        "--source",
+        help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint (local or s3://…)",
     )
     ex.add_argument("--format", choices=["onnx"], default="onnx")
     ex.add_argument("--opset", type=int, default=18)
@@ -148,7 +153,8 @@ def register(sub: Any) -> None:
     )
     op.add_argument("task")
     op.add_argument(
-        "--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file"
+        "--source",
+        help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint (local or s3://…)",
     )
     op.add_argument(
         "--method",

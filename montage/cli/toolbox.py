@@ -178,12 +178,13 @@ def cmd_openvino(args: argparse.Namespace) -> int:
     """ONNX export (or a given one) → OpenVINO IR, checked against PyTorch and timed beside ONNX Runtime."""
     import dataclasses
 
+    from montage.core.sources import ModelSource
     from montage.platform.export import export_onnx
     from montage.platform.inference import load_for_inference
     from montage.platform.ov_runtime import to_openvino
-    from montage.tracking.variants import resolve_source, validation_batch
+    from montage.tracking.variants import validation_batch, variant_parent
 
-    _, checkpoint = resolve_source(args.source, args.tracking_uri or "")
+    _, checkpoint = variant_parent(ModelSource.parse(args.source, "--source"), args.tracking_uri or "")
     inst, nets = load_for_inference(checkpoint, task=args.task, device="cpu")
     spec = inst.export_spec(nets, validation_batch(inst, size=1))
     output = Path(args.output or f"{args.task}.xml")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from montage.core.config import load_file
+from montage.core.sources import ModelSource
 
 
 @dataclass
@@ -125,6 +126,18 @@ class ModelServeConfig:
     challenger: str = ""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     autoscaling: AutoscalingServeConfig = field(default_factory=AutoscalingServeConfig)
+
+    def __post_init__(self) -> None:
+        self.arm_source("", "challenger")  # a source that is none of the forms fails here, naming the key
+        if self.source:
+            ModelSource.parse(self.source, "source")
+
+    def arm_source(self, task: str, arm: str = "champion") -> ModelSource | None:
+        """The source of an arm: the champion's (default ``models:/montage-<task>@champion``) or the
+        challenger's (None when unset)."""
+        if arm == "challenger":
+            return ModelSource.parse(self.challenger, "challenger") if self.challenger else None
+        return ModelSource.parse(self.source, "source") if self.source else ModelSource.champion(task)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from ray import serve
 
 from montage.core.config import to_dict
 from montage.core.serve_sections import ModelServeConfig, MonitoringConfig, ServeConfig
+from montage.core.sources import ModelSource
 from montage.serve.deployments import Harmonizer, LocalModel, Pix2Pix, Segmenter
 
 log = logging.getLogger("montage.serve")
@@ -71,7 +72,7 @@ def _model(
     if source is None:
         return None
     user_config = {
-        "source": source,
+        "source": source.uri,
         "runtime": cfg.runtime,
         "revision": revision,
         "arm": arm,
@@ -96,24 +97,27 @@ def _model(
     ).bind()
 
 
-def _revision(cfg: ModelServeConfig, task: str, tracking_uri: str, arm: str) -> tuple[str | None, str]:
+def _revision(cfg: ModelServeConfig, task: str, tracking_uri: str, arm: str) -> tuple[ModelSource | None, str]:
     """(source, revision) of an arm; the revision pins a registry alias's current version (so a reload
-    after a promotion reconfigures) or a file's modification time. (None, "") for a challenger alias
-    that names no version."""
+    after a promotion reconfigures) or a local file's modification time. (None, "") for a challenger
+    alias that names no version."""
     from mlflow.exceptions import MlflowException
 
-    from montage.tracking.registry import CHAMPION, model_name, parse_model_uri, resolve_version
+    from montage.tracking.registry import resolve_version
 
-    source = cfg.challenger if arm == "challenger" else (cfg.source or f"models:/{model_name(task)}@{CHAMPION}")
-    if source.startswith("models:/"):
+    source = cfg.arm_source(task, arm)
+    if source is None:
+        return None, ""
+    if source.in_registry:
         try:
             return source, resolve_version(source, tracking_uri)
         except MlflowException as exc:
-            if arm == "challenger" and parse_model_uri(source)[1]:
+            if arm == "challenger" and source.kind == "alias":
                 log.info("%s: no challenger (%s names no version: %s)", task, source, exc.message)
                 return None, ""
             raise
-    return source, str(Path(source).stat().st_mtime_ns) if Path(source).exists() else ""
+    path = Path(source.path)
+    return source, str(path.stat().st_mtime_ns) if source.local and path.exists() else ""
 
 
 def model_graph(cfg: ServeConfig, uri: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -130,7 +134,7 @@ def model_graph(cfg: ServeConfig, uri: str) -> tuple[dict[str, Any], dict[str, A
             rollout[task] = {
                 "config": to_dict(mcfg.rollout),
                 "salt": f"{source}@{revision}",
-                "source": source,
+                "source": source.uri,
                 "version": revision,
                 "tracking_uri": uri,
             }
@@ -189,6 +193,6 @@ def _check_sources(cfg: ServeConfig) -> None:
             if source is None:
                 continue
             try:
-                load_model(task, {"source": source, "runtime": mcfg.runtime, "tracking_uri": uri})
+                load_model(task, {"source": source.uri, "runtime": mcfg.runtime, "tracking_uri": uri})
             except Exception as exc:
                 raise ReloadError(f"{task} ({arm}): {source} does not load, nothing deployed: {exc!r}") from exc

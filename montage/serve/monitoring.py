@@ -46,12 +46,11 @@ def version_tag(user_config: dict[str, Any], label: str) -> str:
     when not torch), else the checkpoint's file name."""
     from pathlib import Path
 
-    source, revision, runtime = (
-        user_config.get("source", ""),
-        user_config.get("revision", ""),
-        user_config.get("runtime", "torch"),
-    )
-    tag = f"v{revision}" if source.startswith("models:/") and revision else Path(label).name or label
+    from montage.core.sources import ModelSource
+
+    source = ModelSource.parse(user_config.get("source", ""))
+    revision, runtime = user_config.get("revision", ""), user_config.get("runtime") or "torch"
+    tag = f"v{revision}" if source.in_registry and revision else Path(label).name or label
     return tag if runtime == "torch" else f"{tag}-{runtime}"
 
 

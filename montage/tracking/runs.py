@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from montage.core.config import ConfigError, ExperimentConfig, flatten, to_dict
+from montage.core.sources import logged_model_uri
 from montage.platform.loop import Hook, Loop
 from montage.tracking.datasets import DATA_DIGEST_TAG, log_data_input, split_sizes
 from montage.tracking.outbox import OUTBOX, Backoff, Outbox, unreachable
@@ -455,5 +456,5 @@ def log_checkpoint_model(
         )
         version = str(mv.version)
     return LoggedCheckpoint(
-        model_id=model.model_id, model_uri=f"models:/{model.model_id}", registered_model_version=version
+        model_id=model.model_id, model_uri=logged_model_uri(model.model_id), registered_model_version=version
     )
