@@ -14,6 +14,8 @@ import requests
 from conftest import _tiny
 from serve_helpers import decode, free_port, img, png, stop_serve
 
+from montage.core import schema
+
 SEG = "montage-segmentation"
 
 
@@ -199,7 +201,7 @@ def test_rollback_and_promote_through_the_registry(app) -> None:
     url, uri, over = app["url"], app["uri"], app["overrides"]
     mlc = reg.client(uri)
     assert main(["rollout", "rollback", "segmentation", "--url", url, *over]) == 0
-    assert mlc.get_model_version(SEG, "2").tags[reg.ROLLOUT_TAG] == "rolled-back"
+    assert mlc.get_model_version(SEG, "2").tags[schema.ROLLOUT] == "rolled-back"
     assert "challenger" not in mlc.get_registered_model(SEG).aliases  # the alias is gone ...
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert "segmentation" not in health.get("challengers", {})  # ... so the reload dropped the arm
@@ -209,7 +211,7 @@ def test_rollback_and_promote_through_the_registry(app) -> None:
     run(load_serve_config(None, over))
     assert main(["rollout", "promote", "segmentation", "--url", url, "--force", *over]) == 0
     assert str(mlc.get_model_version_by_alias(SEG, "champion").version) == "2"
-    assert mlc.get_model_version(SEG, "1").tags[reg.ROLLOUT_TAG] == "replaced"
+    assert mlc.get_model_version(SEG, "1").tags[schema.ROLLOUT] == "replaced"
     health = requests.get(f"{url}/healthz", timeout=30).json()
     assert "v2" in health["models"]["segmentation"] and "segmentation" not in health.get("challengers", {})
     r = requests.post(f"{url}/v1/segment", files={"image": png(img(30, 30))}, timeout=60)

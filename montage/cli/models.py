@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from montage.cli.common import TRACKING_HELP
+from montage.core import schema
 
 log = logging.getLogger("montage")
 
@@ -25,15 +26,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     for v in st.list_versions(args.task, args.tracking_uri or ""):
         mark = f"@{st.CHAMPION}" if champ is not None and str(champ.version) == str(v.version) else ""
         t = v.tags
-        variant = f"{t.get('montage.variant', 'fp32'):<11} {t.get('montage.runtime', 'torch'):<11}"
+        variant = f"{t.get(schema.VARIANT, 'fp32'):<11} {t.get(schema.RUNTIME, 'torch'):<11}"
         measured = (
-            f" params={t['montage.params']} p50={t['montage.latency_ms']}ms Δ{t['montage.quality_delta']}"
-            if "montage.latency_ms" in t
+            f" params={t[schema.PARAMS]} p50={t[schema.LATENCY_MS]}ms Δ{t[schema.QUALITY_DELTA]}"
+            if schema.LATENCY_MS in t
             else ""
         )
-        judged = f"{t.get('montage.metric', '?')}={t.get('montage.value', '?'):<12}"
+        judged = f"{t.get(schema.METRIC, '?')}={t.get(schema.VALUE, '?'):<12}"
         print(
-            f"{v.name} v{v.version:<4} {variant} {judged} sweep={t.get('montage.sweep', '-')}{measured} "
+            f"{v.name} v{v.version:<4} {variant} {judged} sweep={t.get(schema.SWEEP, '-')}{measured} "
             f"run={v.run_id} {mark}"
         )
     return 0

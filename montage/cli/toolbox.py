@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from montage.cli.common import ADDRESS_HELP, LAUNCHED_AT, load_config_for
+from montage.core import schema
 
 log = logging.getLogger("montage")
 
@@ -40,7 +41,7 @@ def _track(cfg: Any, kind: str, metrics: dict[str, float], files: list[str], tag
     prepare_tracking(cfg)
     if not cfg.run.name:
         cfg.run.name = f"{cfg.task}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = create_run(cfg, {"montage.role": kind, **tags})
+    run_id = create_run(cfg, {schema.ROLE: kind, **tags})
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.uri))
     now = int(time.time() * 1000)
     entries = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -67,7 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     summary = {r.name: {"passed": r.passed, "message": r.message, "figure": r.figure} for r in results}
     (out / "checks.json").write_text(json.dumps(summary, indent=2))
     files = [str(out / "checks.json"), *[r.figure for r in results if r.figure]]
-    run_id = _track(cfg, "check", metrics, files, {"montage.check.passed": str(all(r.passed for r in results))})
+    run_id = _track(cfg, "check", metrics, files, {schema.CHECK_PASSED: str(all(r.passed for r in results))})
     failed = [r.name for r in results if not r.passed]
     print(f"{len(results) - len(failed)}/{len(results)} checks passed; figures in {out}" + _run(run_id))
     return 1 if failed else 0

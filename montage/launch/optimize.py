@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig, apply_overrides, build_config, to_dict
 from montage.core.registry import TASKS
 from montage.core.sources import ModelSource
@@ -94,12 +95,12 @@ def _register(task: str, variant: TrainedVariant, cfg: ExperimentConfig, extra: 
     )
     size_mb = Path(variant.checkpoint).stat().st_size / 2**20
     tags = {
-        "montage.variant": variant.variant,
-        "montage.runtime": "torch",
-        "montage.parent": variant.parent,
-        "montage.params": str(variant.params),
-        "montage.parent_params": str(variant.parent_params),
-        "montage.size_mb": f"{size_mb:.3f}",
+        schema.VARIANT: variant.variant,
+        schema.RUNTIME: schema.RUNTIME_TORCH,
+        schema.PARENT: variant.parent,
+        schema.PARAMS: str(variant.params),
+        schema.PARENT_PARAMS: str(variant.parent_params),
+        schema.SIZE_MB: f"{size_mb:.3f}",
         **m.tags(),
         **extra,
     }
@@ -172,9 +173,7 @@ def prune_model(
                 "registering a variant needs its MLflow run: fine-tune it (--epochs > 0, tracking on) or pass "
                 "--no-register"
             )
-        variant.registered = _register(
-            task, variant, cfg, {"montage.prune_mode": mode, "montage.prune_ratio": f"{ratio:g}"}
-        )
+        variant.registered = _register(task, variant, cfg, {schema.PRUNE_MODE: mode, schema.PRUNE_RATIO: f"{ratio:g}"})
     return variant
 
 
@@ -229,6 +228,6 @@ def distill_model(
         if variant.mlflow_run_id is None:
             raise ValueError("registering a student needs its MLflow run (tracking.enabled=true) or --no-register")
         variant.registered = _register(
-            task, variant, cfg, {"montage.student": " ".join(student), "montage.distill_weight": f"{weight:g}"}
+            task, variant, cfg, {schema.STUDENT: " ".join(student), schema.DISTILL_WEIGHT: f"{weight:g}"}
         )
     return variant

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from montage.core import schema
 from montage.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -247,7 +248,7 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
     cfg = config_from_tree(tree)
     # one MLflow run per trial, found again under the sweep's parent when Tune restores the trial
-    run = begin(cfg, tags={"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}, trial=True)
+    run = begin(cfg, tags={schema.SWEEP: sweep["name"], schema.TRIAL: ctx.get_trial_id()}, trial=True)
     result = make_trainer(cfg, callbacks=[TuneReportCallback()], launched_at=started).fit()
     run.end(result.error)
     if result.error:

@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig
 from montage.core.sources import ModelSource
 from montage.platform.evaluation import Evaluation
@@ -20,8 +21,6 @@ from montage.tracking.datasets import log_data_input
 from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-EVALUATION_RUN_TAG = "montage.evaluation_run"
 
 
 def log_evaluation(
@@ -34,13 +33,13 @@ def log_evaluation(
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = get_experiment_id(client, cfg.tracking.experiment or f"montage-{cfg.task}", cfg.tracking.artifacts, uri)
-    tags = {"montage.kind": "evaluation", "montage.task": cfg.task, "montage.source": source.uri}
+    tags = {schema.KIND: "evaluation", schema.TASK: cfg.task, schema.SOURCE: source.uri}
     version = None
     if source.in_registry:
         from montage.tracking.registry import resolve_version
 
         version = resolve_version(source, tracking_uri)
-        tags |= {"montage.model_name": source.name, "montage.model_version": version}
+        tags |= {schema.MODEL_NAME: source.name, schema.MODEL_VERSION: version}
     run = client.create_run(exp, run_name=f"evaluate-{cfg.task}", tags=tags)
     rid = run.info.run_id
     try:
@@ -57,7 +56,7 @@ def log_evaluation(
             )
         client.log_artifacts(rid, str(report_dir), artifact_path="report")
         if version is not None:
-            client.set_model_version_tag(tags["montage.model_name"], version, EVALUATION_RUN_TAG, rid)
+            client.set_model_version_tag(tags[schema.MODEL_NAME], version, schema.EVALUATION_RUN, rid)
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig
 from montage.core.sources import CHALLENGER, CHAMPION, ModelSource, model_name  # noqa: F401  (re-exported)
 from montage.tracking.runs import log_checkpoint_model, resolve_tracking_uri
@@ -69,11 +70,11 @@ def register_checkpoint(
     version = str(info.registered_model_version)
     mlc = client(base.tracking.uri)
     tags = {
-        "montage.metric": metric,
-        "montage.mode": mode,
-        "montage.value": repr(float(value)),
-        "montage.sweep": sweep,
-        "montage.params": yaml.safe_dump(params, default_flow_style=True).strip(),
+        schema.METRIC: metric,
+        schema.MODE: mode,
+        schema.VALUE: repr(float(value)),
+        schema.SWEEP: sweep,
+        schema.SWEEP_PARAMS: yaml.safe_dump(params, default_flow_style=True).strip(),
     }
     for k, v in tags.items():
         mlc.set_model_version_tag(name, version, k, v)
@@ -92,9 +93,9 @@ def beats(value: float, mode: str, metric: str, current: Any) -> bool:
     """Whether ``value`` of ``metric`` beats the champion version ``current`` (None: no champion)."""
     if current is None:
         return True
-    if current.tags.get("montage.metric") != metric:
+    if current.tags.get(schema.METRIC) != metric:
         return True  # a champion judged on another metric cannot be compared: the sweep's rules win
-    old = float(current.tags.get("montage.value", "nan"))
+    old = float(current.tags.get(schema.VALUE, "nan"))
     if old != old:  # NaN
         return True
     return value > old if mode == "max" else value < old
@@ -143,9 +144,6 @@ def download_model_checkpoint(source: ModelSource | str, tracking_uri: str = "")
     return resolved.checkpoint
 
 
-ROLLOUT_TAG = "montage.rollout"  # promoted | rolled-back | replaced: what a rollout did to a version
-
-
 def _alias_version(mlc: Any, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -171,11 +169,11 @@ def promote_challenger(source: ModelSource, version: str, uri: str = "", reason:
     mlc.set_registered_model_alias(name, CHAMPION, str(version))
     if _alias_version(mlc, name, CHALLENGER) == str(version):
         mlc.delete_registered_model_alias(name, CHALLENGER)
-    mlc.set_model_version_tag(name, str(version), ROLLOUT_TAG, "promoted")
+    mlc.set_model_version_tag(name, str(version), schema.ROLLOUT, "promoted")
     if reason:
-        mlc.set_model_version_tag(name, str(version), f"{ROLLOUT_TAG}.reason", reason[:5000])
+        mlc.set_model_version_tag(name, str(version), schema.ROLLOUT_REASON, reason[:5000])
     if before and before != str(version):
-        mlc.set_model_version_tag(name, before, ROLLOUT_TAG, "replaced")
+        mlc.set_model_version_tag(name, before, schema.ROLLOUT, "replaced")
     log.info("%s: version %s is now @%s (was %s)", name, version, CHAMPION, before)
     return before
 
@@ -187,7 +185,7 @@ def retire_challenger(source: ModelSource, version: str, uri: str = "", reason: 
     mlc = client(uri)
     if _alias_version(mlc, name, CHALLENGER) == str(version):
         mlc.delete_registered_model_alias(name, CHALLENGER)
-    mlc.set_model_version_tag(name, str(version), ROLLOUT_TAG, "rolled-back")
+    mlc.set_model_version_tag(name, str(version), schema.ROLLOUT, "rolled-back")
     if reason:
-        mlc.set_model_version_tag(name, str(version), f"{ROLLOUT_TAG}.reason", reason[:5000])
+        mlc.set_model_version_tag(name, str(version), schema.ROLLOUT_REASON, reason[:5000])
     log.info("%s: version %s rolled back (no longer @%s)", name, version, CHALLENGER)

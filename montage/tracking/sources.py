@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from montage.core import schema
 from montage.core.sources import ModelSource, logged_model_uri
 from montage.tracking.registry import client
 from montage.tracking.runs import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-ONNX_RUNTIME_TAG = "onnxruntime"  # the montage.runtime tag of a registered ONNX variant
-PARENT_KEY = "montage.parent"  # a variant's parent: a registry version tag, and an exported ONNX file's metadata
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ def model_version(source: ModelSource, tracking_uri: str = "") -> Any:
 
 
 def is_onnx_variant(version: Any) -> bool:
-    return version.tags.get("montage.runtime") == ONNX_RUNTIME_TAG
+    return version.tags.get(schema.RUNTIME) == schema.RUNTIME_ONNX
 
 
 def source_runtime(source: ModelSource, tracking_uri: str = "", version: Any = None) -> str:
@@ -110,13 +108,13 @@ def onnx_parent(onnx_path: Path) -> ModelSource:
     """The source an exported ONNX file was made from (``montage.parent`` in its metadata)."""
     from montage.platform.export import read_metadata
 
-    parent = read_metadata(onnx_path).get(PARENT_KEY, "")
+    parent = read_metadata(onnx_path).get(schema.PARENT, "")
     if not parent:
         raise ValueError(
-            f"{onnx_path} does not name the checkpoint it was exported from (ONNX metadata {PARENT_KEY}): export "
+            f"{onnx_path} does not name the checkpoint it was exported from (ONNX metadata {schema.PARENT}): export "
             "it with `montage export`, or serve its registered variant (models:/<name>/<version>)"
         )
-    return ModelSource.parse(parent, f"{onnx_path}'s {PARENT_KEY}")
+    return ModelSource.parse(parent, f"{onnx_path}'s {schema.PARENT}")
 
 
 def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
@@ -127,9 +125,9 @@ def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
         found = sorted(files.rglob("*.onnx"))
         if not found:
             raise FileNotFoundError(f"{src} (version {mv.version}) holds no .onnx file")
-        parent = ModelSource.parse(mv.tags.get(PARENT_KEY, ""), f"{pinned}'s {PARENT_KEY} tag")
+        parent = ModelSource.parse(mv.tags.get(schema.PARENT, ""), f"{pinned}'s {schema.PARENT} tag")
         checkpoint = resolve_source(parent, tracking_uri).checkpoint
-        label = f"{src.name} v{mv.version} ({mv.tags.get('montage.variant')} onnx of {parent})"
+        label = f"{src.name} v{mv.version} ({mv.tags.get(schema.VARIANT)} onnx of {parent})"
         return ResolvedSource(src, pinned, checkpoint, found[0], label)
     hits = sorted(files.rglob("*.pt"))
     if not hits:

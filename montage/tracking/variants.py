@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from montage.core import schema
 from montage.core.sources import ModelSource
 from montage.platform.export import ExportReport, export_onnx, write_metadata
-from montage.tracking.datasets import DATA_DIGEST_TAG
 from montage.tracking.registry import client, model_name
 from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
-from montage.tracking.sources import PARENT_KEY, resolve_source
+from montage.tracking.sources import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def variant_parent(source: ModelSource, tracking_uri: str) -> tuple[str, Path]:
 def _name_parent(onnx_path: str | Path, parent: str, checkpoint: Path) -> None:
     """Write the parent into the ONNX file's metadata (a local checkpoint by its absolute path)."""
     local = ModelSource.parse(parent).local
-    write_metadata(onnx_path, {PARENT_KEY: str(checkpoint.resolve()) if local else parent})
+    write_metadata(onnx_path, {schema.PARENT: str(checkpoint.resolve()) if local else parent})
 
 
 def quantize_model(
@@ -200,23 +200,23 @@ def register_onnx(
     if run_id is None:
         exp = get_experiment_id(mlc, f"montage-{task}", "mlartifacts", resolve_tracking_uri(tracking_uri))
         run_id = mlc.create_run(
-            exp, run_name=f"export-{onnx_path.stem}", tags={"montage.task": task, "montage.role": "export"}
+            exp, run_name=f"export-{onnx_path.stem}", tags={schema.TASK: task, schema.ROLE: "export"}
         ).info.run_id
         mlc.set_terminated(run_id, "FINISHED")
     tags = {
-        "montage.variant": variant,
-        "montage.runtime": "onnxruntime",
-        "montage.parent": parent,
-        "montage.opset": str(report.opset),
-        "montage.size_mb": f"{report.size_mb:.3f}",
-        "montage.params": str(report.params),
-        "montage.max_abs_diff": f"{report.max_abs_diff:.3g}",
-        "montage.dynamic_batch": str(report.dynamic_batch).lower(),
+        schema.VARIANT: variant,
+        schema.RUNTIME: schema.RUNTIME_ONNX,
+        schema.PARENT: parent,
+        schema.OPSET: str(report.opset),
+        schema.SIZE_MB: f"{report.size_mb:.3f}",
+        schema.PARAMS: str(report.params),
+        schema.MAX_ABS_DIFF: f"{report.max_abs_diff:.3g}",
+        schema.DYNAMIC_BATCH: str(report.dynamic_batch).lower(),
         **(extra_tags or {}),
     }
     run = mlc.get_run(run_id)
-    if run.data.tags.get(DATA_DIGEST_TAG):  # the parent's training data
-        tags[DATA_DIGEST_TAG] = run.data.tags[DATA_DIGEST_TAG]
+    if run.data.tags.get(schema.DATA_DIGEST):  # the parent's training data
+        tags[schema.DATA_DIGEST] = run.data.tags[schema.DATA_DIGEST]
     experiment_id = run.info.experiment_id
     model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type="onnx")
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,13 +267,13 @@ class Measurement:
 
     def tags(self) -> dict[str, str]:
         return {
-            "montage.quality_metric": self.metric,
-            "montage.quality": f"{self.value:.6g}",
-            "montage.parent_quality": f"{self.parent_value:.6g}",
-            "montage.quality_delta": f"{self.delta:+.4g}",
-            "montage.latency_ms": f"{self.latency_ms:.2f}",
-            "montage.parent_latency_ms": f"{self.parent_latency_ms:.2f}",
-            "montage.speedup": f"{self.parent_latency_ms / self.latency_ms:.2f}",
+            schema.QUALITY_METRIC: self.metric,
+            schema.QUALITY: f"{self.value:.6g}",
+            schema.PARENT_QUALITY: f"{self.parent_value:.6g}",
+            schema.QUALITY_DELTA: f"{self.delta:+.4g}",
+            schema.LATENCY_MS: f"{self.latency_ms:.2f}",
+            schema.PARENT_LATENCY_MS: f"{self.parent_latency_ms:.2f}",
+            schema.SPEEDUP: f"{self.parent_latency_ms / self.latency_ms:.2f}",
         }
 
 
