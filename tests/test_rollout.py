@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,58 @@ def test_reload_onto_models_that_do_not_load_keeps_serving(app, caplog) -> None:
     assert len(codes) >= 3 and set(codes) == {200}  # no request failed during the failed reloads
     run(load_serve_config(None, app["overrides"]))
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def _shadowed(app, over: list[str], n: int = 3) -> dict:
+    """Reload with ``over``, send ``n`` harmonizations (shadow: the champion answers), and return
+    /v1/monitor's harmonization side once the challenger has run on them."""
+    from montage.serve.app import load_serve_config, run
+
+    url = app["url"]
+    run(load_serve_config(None, app["overrides"] + over))
+    comp, mask = img(40, 40, 8), np.zeros((40, 40), np.uint8)
+    mask[6:34, 8:30] = 255
+    for _ in range(n):
+        r = requests.post(f"{url}/v1/harmonize", files={"composite": png(comp), "mask": png(mask)}, timeout=60)
+        assert r.status_code == 200 and _versions(r)["harmonization"][1] == "champion"
+    end = time.monotonic() + 30
+    while True:
+        side = requests.get(f"{url}/v1/monitor", timeout=30).json()["rollout"]["harmonization"]
+        ran = side["arms"]["challenger"]["requests"]
+        if ran >= n or time.monotonic() > end:
+            return side
+        time.sleep(0.3)
+
+
+def test_the_challengers_runtime_follows_its_source(app) -> None:
+    """An exported .onnx challenger runs in ONNX Runtime beside the PyTorch champion (the section names
+    no runtime); a remote checkpoint (``file://``, fetched by pyarrow like ``s3://``) runs in PyTorch."""
+    from montage.platform.inference import load_onnx_predictor, load_predictor
+    from montage.serve.app import load_serve_config, run
+    from montage.tracking.variants import export_model
+
+    url, ck, tmp = app["url"], app["ck"], app["tmp"]
+    onnx = export_model("harmonization", ck["harm2"], tmp / "harm2.onnx", dynamic_batch=True, register=False)
+    comp, mask = img(40, 40, 8), np.zeros((40, 40), np.uint8)
+    mask[6:34, 8:30] = 255
+    # the file serves like its parent: the ONNX predictor answers what the PyTorch one does
+    ours = load_onnx_predictor(onnx.report.path, ck["harm2"], task="harmonization")([comp], [mask])[0]
+    torch_answer = load_predictor(ck["harm2"], task="harmonization")([comp], [mask])[0]
+    assert np.abs(ours.astype(int) - torch_answer.astype(int)).max() <= 1
+    try:
+        side = _shadowed(app, [f"harmonization.challenger={onnx.report.path}"])
+        assert side["arms"]["challenger"] == {**side["arms"]["challenger"], "version": "harm2.onnx-onnx", "errors": 0}
+        assert side["arms"]["challenger"]["requests"] == 3 and side["agreement"]["delta_e"]["n"] == 3
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["status"] == "ok" and "harm2.onnx (onnx of " in health["challengers"]["harmonization"]
+        assert health["models"]["harmonization"] == ck["harm1"]  # the champion still runs its checkpoint
+
+        remote = f"file://{Path(ck['harm2']).resolve()}"
+        side = _shadowed(app, [f"harmonization.challenger={remote}"])
+        assert side["arms"]["challenger"]["requests"] == 3 and side["arms"]["challenger"]["errors"] == 0
+        assert side["arms"]["challenger"]["version"] == Path(ck["harm2"]).name  # a torch series: no suffix
+    finally:
+        run(load_serve_config(None, app["overrides"]))
 
 
 def test_rollback_and_promote_through_the_registry(app) -> None:

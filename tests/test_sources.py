@@ -110,3 +110,82 @@ def test_local_sources_resolve_or_say_what_is_missing(tmp_path: Path) -> None:
     resolved = resolve_source(str(tmp_path / "ckpt"))  # a Ray checkpoint folder → its file
     assert resolved.checkpoint == tmp_path / "ckpt" / "checkpoint.pt" and resolved.runtime == "torch"
     assert resolved.pinned == resolved.source and resolved.label == str(tmp_path / "ckpt")
+
+
+def test_a_remote_checkpoint_is_downloaded(tmp_path: Path, monkeypatch) -> None:
+    """``s3://`` sources (a local S3 endpoint): a checkpoint file, and a Ray checkpoint folder."""
+    import boto3
+    from cluster_helpers import S3Endpoint
+
+    from montage.tracking.sources import resolve_source
+
+    s3 = S3Endpoint()
+    try:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        bucket = s3.bucket("models")
+        put = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1").put_object
+        put(Bucket=bucket, Key="runs/seg/best.pt", Body=b"weights")
+        put(Bucket=bucket, Key="runs/seg/checkpoint_000002/checkpoint.pt", Body=b"folder weights")
+        where = f"?endpoint_override={s3.url.removeprefix('http://')}&scheme=http"
+        file = resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}")
+        assert file.source.kind == "remote" and file.checkpoint.read_bytes() == b"weights"
+        folder = resolve_source(f"s3://{bucket}/runs/seg/checkpoint_000002{where}")
+        assert folder.checkpoint.name == "checkpoint.pt" and folder.checkpoint.read_bytes() == b"folder weights"
+        with pytest.raises(FileNotFoundError, match="cannot download s3://models/runs/none.pt"):
+            resolve_source(f"s3://{bucket}/runs/none.pt{where}")
+    finally:
+        s3.stop()
+
+
+def test_each_arm_runs_the_runtime_its_source_asks_for(tmp_path: Path) -> None:
+    """A torch champion beside an ONNX challenger (a file, or a registry version tagged as an ONNX variant)
+    gets each its own runtime unless the section names one; a remote challenger needs no local file."""
+    import mlflow
+
+    from montage.core import schema
+    from montage.core.serve_sections import load_serve_config
+    from montage.serve.graph import Arm, ReloadError, arm_of
+
+    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    mlc = mlflow.MlflowClient(tracking_uri=uri)
+    mlc.create_registered_model("m")
+    mlc.create_model_version("m", source=str(tmp_path), tags={schema.RUNTIME: schema.RUNTIME_TORCH})  # v1
+    mlc.create_model_version("m", source=str(tmp_path), tags={schema.RUNTIME: schema.RUNTIME_ONNX})  # v2
+    champion = tmp_path / "best.pt"
+    champion.write_bytes(b"x")
+
+    def arms(*over: str) -> tuple[Arm | None, Arm | None]:
+        cfg = load_serve_config(None, [f"segmentation.source={champion}", *over]).segmentation
+        return arm_of(cfg, "segmentation", uri, "champion"), arm_of(cfg, "segmentation", uri, "challenger")
+
+    champ, chall = arms("segmentation.challenger=models:/m/2")
+    assert (champ.runtime, chall.runtime) == ("torch", "onnx") and chall.revision == "2"
+    assert champ.revision == str(champion.stat().st_mtime_ns)
+    assert arms("segmentation.challenger=exports/seg.onnx")[1].runtime == "onnx"  # not read to decide
+    assert arms("segmentation.challenger=models:/m/1")[1].runtime == "torch"
+    assert arms("segmentation.challenger=models:/m/2", "segmentation.challenger_runtime=openvino")[1].runtime == (
+        "openvino"
+    )
+    champ, chall = arms("segmentation.runtime=onnx", "segmentation.challenger=models:/m/1")
+    assert (champ.runtime, chall.runtime) == ("onnx", "torch")  # the section's runtime is the champion's only
+    remote = arms("segmentation.challenger=s3://bucket/runs/seg/checkpoint_000002")[1]
+    assert remote == Arm(ModelSource.parse("s3://bucket/runs/seg/checkpoint_000002"), "", "torch")
+    mlc.set_registered_model_alias("m", "challenger", "2")
+    assert arms("segmentation.challenger=models:/m@challenger")[1].revision == "2"
+    assert arms("segmentation.challenger=models:/m@gone")[1] is None  # an alias that names nothing: no challenger
+    with pytest.raises(ReloadError, match=r"segmentation \(challenger\): models:/m/9"):
+        arms("segmentation.challenger=models:/m/9")
+    from montage.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="challenger_runtime: unknown 'tensorrt'"):
+        arms("segmentation.challenger_runtime=tensorrt")
+
+
+def test_a_series_names_a_file_source_by_its_file_name() -> None:
+    from montage.serve.monitoring import version_tag
+
+    assert version_tag({"source": "models:/m@champion", "revision": "4", "runtime": "onnx"}) == "v4-onnx"
+    assert version_tag({"source": "/runs/h/checkpoint_000001", "revision": "1"}) == "checkpoint_000001"
+    assert version_tag({"source": "/x/harm2.onnx", "runtime": "onnx"}) == "harm2.onnx-onnx"
+    assert version_tag({"source": "s3://b/runs/best.pt?endpoint_override=h:9000", "runtime": "torch"}) == "best.pt"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
+from urllib.parse import urlsplit
 
 SCHEME = "models:/"  # MLflow's model URIs
 CHAMPION = "champion"  # the alias Serve, Tune and `montage models` treat as the task's current model
@@ -133,6 +135,14 @@ class ModelSource:
         if self.kind == "version":
             return f"{SCHEME}{self.name}/{self.version}"
         return self.path
+
+    @property
+    def file_name(self) -> str:
+        """The last part of a path or URI (no query): what a series calls a checkpoint or ONNX source."""
+        if self.in_registry:
+            return self.uri
+        path = urlsplit(self.path).path if _REMOTE.match(self.path) else self.path
+        return PurePath(path).name or self.path
 
     def at_version(self, version: str | int) -> ModelSource:
         """The same registered model at ``version`` (e.g. what an alias names now)."""

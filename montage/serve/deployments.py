@@ -83,9 +83,7 @@ class _ModelDeployment:
         self.predictor, self.label = predictor, label  # swap only once the new model is loaded
         self.load_error = None
         self.arm = user_config.get("arm", "champion")
-        self.monitor.configure(
-            user_config.get("monitoring"), version_tag(user_config, label), str(checkpoint), arm=self.arm
-        )
+        self.monitor.configure(user_config.get("monitoring"), version_tag(user_config), str(checkpoint), arm=self.arm)
         self._settings(user_config)
         log.info("%s deployment (%s) serves %s", self.task, self.arm, label)
 
