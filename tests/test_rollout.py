@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import _tiny
-from serve_helpers import decode, free_port, img, png, stop_serve
+from serve_helpers import Load, decode, free_port, img, png, stop_serve
 
 from montage.core import schema
 
@@ -192,6 +192,109 @@ def test_reload_onto_models_that_do_not_load_keeps_serving(app, caplog) -> None:
     assert len(codes) >= 3 and set(codes) == {200}  # no request failed during the failed reloads
     run(load_serve_config(None, app["overrides"]))
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def _champions(headers: list[str]) -> set[str]:
+    """The champion versions among ``X-Montage-Model-Version`` headers of /v1/segment answers."""
+    return {h.split("; ")[0].removeprefix("segmentation=") for h in headers if h.endswith("arm=champion")}
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_good_reload_under_load_fails_no_request(app, replicas: int) -> None:
+    """The champion moves v1 → v2 → v1 (sources given as a version, then the alias) while two clients keep
+    calling: every request is answered 200, and every request started after a reload returned is
+    answered by the new version, with one Segmenter replica and with two."""
+    from montage.serve.app import load_serve_config, run
+
+    over = app["overrides"] + [f"segmentation.num_replicas={replicas}"]
+    run(load_serve_config(None, over))  # scaling up is not what is measured
+    try:
+        with Load(app["url"]) as load:
+            load.wait_for(4)
+            run(load_serve_config(None, over + [f"segmentation.source=models:/{SEG}/2"]))
+            moved = time.monotonic()
+            load.wait_for(12, since=moved)
+            moving_back = time.monotonic()
+            run(load_serve_config(None, over))
+            back = time.monotonic()
+            load.wait_for(12, since=back)
+        codes = [code for _, code, _ in load.calls]
+        assert len(codes) >= 28 and set(codes) == {200}, [c for c in load.calls if c[1] != 200][:3]
+        assert _champions([v for t, _, v in load.calls if moved < t < moving_back]) == {"v2"}
+        assert _champions(load.answered_since(back)) == {"v1"}
+    finally:
+        run(load_serve_config(None, app["overrides"]))
+
+
+def test_a_failed_reload_keeps_both_replicas_serving(app, caplog) -> None:
+    """``montage serve --reload`` onto a checkpoint of random bytes with two Segmenter replicas: exit 1
+    naming the deployment, the file and the reason; both replicas keep answering with v1 (no request
+    fails), and /healthz says the reload failed."""
+    from ray import serve
+
+    from montage.cli import main
+    from montage.serve.app import load_serve_config, run
+
+    url, garbage = app["url"], app["tmp"] / "garbage-2.pt"
+    garbage.write_bytes(np.random.default_rng(1).bytes(8192))
+    over = app["overrides"] + ["segmentation.num_replicas=2"]
+    run(load_serve_config(None, over))
+    try:
+        with Load(url) as load:
+            load.wait_for(4)
+            assert main(["serve", "--reload", *over, f"segmentation.source={garbage}"]) == 1
+            failed = time.monotonic()
+            load.wait_for(16, since=failed)
+        assert f"Segmenter: {garbage} failed to load (CheckpointError: cannot read checkpoint" in caplog.text
+        assert "still serving montage-segmentation v1 (@champion)" in caplog.text
+        assert {code for _, code, _ in load.calls} == {200}
+        assert _champions(load.answered_since(0)) == {"v1"}
+        handle = serve.get_deployment_handle("Segmenter", "montage")
+        states = [handle.status.remote().result(timeout_s=30) for _ in range(12)]  # both replicas, by chance
+        assert all(s["version"] == "v1" and str(garbage) == s["reload_error"]["source"] for s in states)
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["status"] == "degraded" and "CheckpointError" in health["reload_errors"]["segmentation"]["error"]
+    finally:
+        run(load_serve_config(None, app["overrides"]))
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_a_version_whose_artifact_is_gone_keeps_the_champion_serving(app) -> None:
+    """A registered version whose artifacts were deleted from the store: the reload fails naming it, v1 serves."""
+    import shutil
+
+    from montage.core.config import load_config
+    from montage.core.paths import packaged_config
+    from montage.core.registry import TASKS
+    from montage.serve.app import ReloadError, load_serve_config, run
+    from montage.tracking import registry as reg
+    from montage.tracking.runs import create_run
+
+    url, uri, tmp = app["url"], app["uri"], app["tmp"]
+    base = load_config(
+        "segmentation",
+        TASKS.get("segmentation").spec,
+        packaged_config("segmentation-smoke"),
+        [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'artifacts'}"],
+    )
+    version = reg.register_checkpoint(
+        base, app["ck"]["seg2"], create_run(base), "val/iou", "max", 0.1, "manual", {}, "never"
+    ).version
+    mv = reg.client(uri).get_model_version(SEG, version)
+    stored = reg.client(uri).get_logged_model(mv.model_id).artifact_location if mv.model_id else mv.source
+    assert stored.startswith(("file://", "/")), stored  # the module's store is a local folder
+    shutil.rmtree(stored.removeprefix("file://"))
+    try:
+        with pytest.raises(ReloadError, match=f"Segmenter: models:/{SEG}/{version} failed to load") as err:
+            run(load_serve_config(None, app["overrides"] + [f"segmentation.source=models:/{SEG}/{version}"]))
+        assert f"artifacts cannot be fetched from {stored}: No such artifact" in str(err.value)
+        assert "still serving montage-segmentation v1" in str(err.value)
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["status"] == "degraded" and health["reload_errors"]["segmentation"]["revision"] == version
+        r = requests.post(f"{url}/v1/segment", files={"image": png(img(30, 30))}, timeout=60)
+        assert r.status_code == 200 and _champions([r.headers["x-montage-model-version"]]) <= {"v1"}
+    finally:
+        run(load_serve_config(None, app["overrides"]))
 
 
 def _shadowed(app, over: list[str], n: int = 3) -> dict:

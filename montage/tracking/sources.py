@@ -141,6 +141,7 @@ def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
 def _download_version(mv: Any, tracking_uri: str) -> Path:
     """A registry version's artifacts, fetched from where they are stored."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     location = mv.source
     if mv.model_id and location == logged_model_uri(mv.model_id):  # registered from a logged model by id
@@ -149,7 +150,7 @@ def _download_version(mv: Any, tracking_uri: str) -> Path:
         return Path(
             mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=resolve_tracking_uri(tracking_uri))
         )
-    except OSError as exc:  # a deleted or unreachable artifact store
+    except (OSError, MlflowException) as exc:  # deleted ("No such artifact") or an unreachable store
         raise FileNotFoundError(
-            f"{mv.name} version {mv.version}: its artifacts at {location} are missing: {exc}"
+            f"{mv.name} version {mv.version}: its artifacts cannot be fetched from {location}: {exc}"
         ) from exc
