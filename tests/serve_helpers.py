@@ -79,6 +79,14 @@ def stop_serve(timeout: float = 120) -> None:
         wait_until(lambda: not left(), timeout, f"Serve's actors {left()} to go after ray.kill")
 
 
+def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """``(name, labels, value)`` of every sample on Ray's metrics port (what Prometheus scrapes)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
 def wait_healthy(url: str, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while True:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import _tiny
-from serve_helpers import Load, decode, free_port, img, png, stop_serve
+from serve_helpers import Load, decode, free_port, img, png, scrape, stop_serve, wait_until
 
 from montage.core import schema
 
@@ -69,7 +69,14 @@ def app(ray_session, tmp_path_factory):
         "monitoring.reference_samples=16",  # the drift references the replicas compute for the checkpoints
     ]
     run(load_serve_config(None, overrides))
-    yield {"url": f"http://127.0.0.1:{port}", "ck": ck, "uri": uri, "overrides": overrides, "tmp": tmp}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "ck": ck,
+        "uri": uri,
+        "overrides": overrides,
+        "tmp": tmp,
+        "metrics_port": ray_session.nodes()[0]["MetricsExportPort"],
+    }
     stop_serve()
 
 
@@ -159,6 +166,26 @@ def test_monitor_compares_the_arms_and_measures_the_shadow(app, capsys) -> None:
     out = capsys.readouterr().out
     assert "challenger  v2" in out and "verdict:" in out and "quality foreground_fraction" in out
 
+    # the same split on Ray's metrics port (what Prometheus scrapes), each series labelled by arm
+    def total(samples: list, name: str, **labels: str) -> float:
+        want = {"application": "montage", **labels}
+        return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in want.items()))
+
+    def exported() -> bool:
+        s = scrape(app["metrics_port"])
+        return (
+            total(s, "ray_montage_arm_requests_total", model="segmentation", arm="challenger", version="v2")
+            >= arms["challenger"]["requests"]
+            and total(s, "ray_montage_arm_requests_total", model="segmentation", arm="champion", version="v1")
+            >= arms["champion"]["requests"]
+            and total(s, "ray_montage_arm_latency_ms_count", model="segmentation", arm="challenger") >= 1
+            and total(s, "ray_montage_shadow_agreement_count", model="harmonization", metric="delta_e") >= de["n"]
+            and total(s, "ray_montage_images_total", model="segmentation", arm="challenger", version="v2") >= 1
+            and total(s, "ray_montage_images_total", model="harmonization", arm="challenger") >= de["n"]
+        )
+
+    wait_until(exported, 60, "the arm-labelled series on Ray's metrics port")
+
 
 def test_reload_onto_models_that_do_not_load_keeps_serving(app, caplog) -> None:
     from montage.cli import main
@@ -192,6 +219,37 @@ def test_reload_onto_models_that_do_not_load_keeps_serving(app, caplog) -> None:
     assert len(codes) >= 3 and set(codes) == {200}  # no request failed during the failed reloads
     run(load_serve_config(None, app["overrides"]))
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_autoscaling_in_serve_yaml_reaches_the_deployments(app) -> None:
+    """``<model>.autoscaling`` in a serve.yaml becomes Serve's ``autoscaling_config`` of both arms'
+    deployments (in place of ``num_replicas``); a section without it keeps its fixed replicas."""
+    import yaml
+    from ray.serve.context import _get_global_client
+
+    from montage.serve.app import load_serve_config, run
+
+    want = {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 4.0,
+        "upscale_delay_s": 5.0,
+        "downscale_delay_s": 60.0,
+    }
+    path = app["tmp"] / "serve-autoscaling.yaml"
+    path.write_text(yaml.safe_dump({"segmentation": {"autoscaling": {"enabled": True, **want}}}))
+    run(load_serve_config(path, app["overrides"]))
+    try:
+        deployments = _get_global_client().get_serve_details()["applications"]["montage"]["deployments"]
+        for name in ("Segmenter", "SegmenterChallenger"):
+            auto = deployments[name]["deployment_config"]["autoscaling_config"]
+            assert {k: auto[k] for k in want} == want, name
+        assert deployments["Harmonizer"]["deployment_config"].get("autoscaling_config") is None
+        assert deployments["Harmonizer"]["deployment_config"]["num_replicas"] == 1
+        r = requests.post(f"{app['url']}/v1/segment", files={"image": png(img(30, 30))}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        run(load_serve_config(None, app["overrides"]))
 
 
 def _champions(headers: list[str]) -> set[str]:

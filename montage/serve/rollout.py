@@ -384,7 +384,8 @@ def registry_step(spec: dict[str, Any]) -> Callable[[Arms, str, list[str]], None
             try:
                 fn(source, version, uri, "; ".join(reasons))
                 if arms.decision is not None:
-                    arms.decision["registry"] = f"{action}d version {version}"
+                    done = "promoted" if action == "promote" else "rolled back"
+                    arms.decision["registry"] = f"{done} version {version}"
             except Exception as exc:  # noqa: BLE001 - reported in /v1/monitor's decision
                 log.error("%s rollout: registry %s of version %s failed: %r", arms.task, action, version, exc)
                 if arms.decision is not None:
