@@ -50,6 +50,7 @@ def smoke(task: str, overrides: list[str]):
 def int8_sources(ckpts: dict[str, str], tmp: Path) -> list[str]:
     """Register both checkpoints in a registry of the bench's own, quantize each to INT8 (a
     registered variant) and return the serve overrides that run those variants in ONNX Runtime."""
+    from montage.core.sources import ModelSource
     from montage.tracking import registry as reg
     from montage.tracking.runs import create_run, prepare_tracking
     from montage.tracking.variants import quantize_model
@@ -61,10 +62,9 @@ def int8_sources(ckpts: dict[str, str], tmp: Path) -> list[str]:
         prepare_tracking(cfg)
         metric, mode = ("val/iou", "max") if task == "segmentation" else ("val/fmse", "min")
         version = reg.register_checkpoint(cfg, ckpt, create_run(cfg), metric, mode, 0.0, "bench", {}, "always").version
-        variant = quantize_model(
-            task, f"models:/montage-{task}/{version}", tmp / f"{task}-int8.onnx", samples=8, tracking_uri=uri
-        )
-        out += [f"{task}.source=models:/montage-{task}/{variant.version}", f"{task}.runtime=onnx"]
+        parent = ModelSource.registered(reg.model_name(task), version=version)
+        variant = quantize_model(task, parent, tmp / f"{task}-int8.onnx", samples=8, tracking_uri=uri)
+        out += [f"{task}.source={parent.at_version(variant.version)}", f"{task}.runtime=onnx"]
     return out
 
 

@@ -79,6 +79,14 @@ def stop_serve(timeout: float = 120) -> None:
         wait_until(lambda: not left(), timeout, f"Serve's actors {left()} to go after ray.kill")
 
 
+def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """``(name, labels, value)`` of every sample on Ray's metrics port (what Prometheus scrapes)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
 def wait_healthy(url: str, timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     while True:
@@ -90,3 +98,42 @@ def wait_healthy(url: str, timeout: float = 60) -> None:
         if time.monotonic() > end:
             raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout} s")
         time.sleep(0.2)
+
+
+class Load:
+    """``with Load(url) as load:`` — ``clients`` threads post a small /v1/segment each, back to back, until the
+    block ends; ``load.calls`` holds ``(started, status, X-Montage-Model-Version or "")`` per request."""
+
+    def __init__(self, url: str, clients: int = 2) -> None:
+        import threading
+
+        self.url, self.calls = url, []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, seed: int) -> None:
+        body = png(img(24, 24, seed))
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                r = requests.post(f"{self.url}/v1/segment", files={"image": body}, timeout=60)
+                self.calls.append((started, r.status_code, r.headers.get("x-montage-model-version", "")))
+            except requests.RequestException as exc:  # a refused connection is a failed request too
+                self.calls.append((started, 0, repr(exc)))
+
+    def answered_since(self, t: float) -> list[str]:
+        """The version headers of the requests that started after ``t`` (monotonic clock)."""
+        return [v for started, _, v in list(self.calls) if started > t]
+
+    def wait_for(self, n: int, since: float = 0.0, timeout: float = 60) -> None:
+        wait_until(lambda: len(self.answered_since(since)) >= n, timeout, f"{n} answers under load")
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)

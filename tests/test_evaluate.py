@@ -19,9 +19,9 @@ from montage.core.registry import TASKS
 def test_trained_run_logs_its_data_and_evaluate_reproduces_its_validation(seg_config, tmp_path: Path, caplog) -> None:
     import mlflow
 
+    from montage.core import schema
     from montage.launch.local import fit_local
     from montage.platform.fingerprint import fingerprint
-    from montage.tracking.datasets import DATA_DIGEST_TAG
     from montage.tracking.runs import log_checkpoint_model
 
     # no perceptual term: a random VGG16 costs seconds per task instance; registered once, below
@@ -41,7 +41,7 @@ def test_trained_run_logs_its_data_and_evaluate_reproduces_its_validation(seg_co
     ckpt = Path(summary.best_checkpoint)
     info = log_checkpoint_model(uri, summary.mlflow_run_id, ckpt, "segmentation", {}, "montage-segmentation")
     version = client.get_model_version("montage-segmentation", info.registered_model_version)
-    assert version.tags[DATA_DIGEST_TAG] == ds.digest
+    assert version.tags[schema.DATA_DIGEST] == ds.digest
 
     out = tmp_path / "report"
     source = f"models:/montage-segmentation/{info.registered_model_version}"

@@ -42,7 +42,7 @@ def test_export_round_trips_at_any_batch_and_size(tiny_config, tmp_path: Path, t
     assert float(np.abs(out).max()) > 1e-2  # a graph of zeros would not pass
 
 
-def _perturbed(checkpoint: str, tmp_path: Path) -> str:
+def _perturbed(checkpoint: str, folder: Path) -> str:
     """The checkpoint with noise on its (near-)zero-initialised weights. A one-step model is near its
     initialisation: harmonization's head starts at zero, so its transform was ~1e-5 and an exported
     graph that outputs zeros was within the 1e-4 tolerance; with the head perturbed it is not."""
@@ -55,7 +55,8 @@ def _perturbed(checkpoint: str, tmp_path: Path) -> str:
             if value.is_floating_point() and "running" not in name and float(value.abs().max()) < 1e-3:
                 value.add_(0.05 * torch.randn(value.shape, generator=g))
     state.pop("format", None)
-    return str(save_checkpoint(state, tmp_path / "perturbed.pt"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(save_checkpoint(state, folder / "perturbed.pt"))
 
 
 def test_export_of_a_registered_version_becomes_a_tagged_variant(tiny_config, tmp_path: Path) -> None:
@@ -94,25 +95,32 @@ def test_bad_sources_get_clear_errors(tiny_config, tmp_path: Path) -> None:
 
 
 def test_onnx_predictors_answer_like_the_torch_ones(tiny_config, tmp_path: Path) -> None:
-    """The task predictors with their exported network in ONNX Runtime (what Serve's
-    ``runtime: onnx`` runs): same outputs as PyTorch at an arbitrary image size."""
+    """The task predictors with their exported network in ONNX Runtime (what Serve's ``runtime: onnx``
+    runs): same outputs as PyTorch at an arbitrary image size. The weights are perturbed and the answers
+    checked to be far from what a graph of zeros gives (a 0.5 alpha; the composite unchanged), so a
+    broken export cannot pass. The .onnx file alone is a model source: it names its checkpoint."""
     from montage.platform.inference import load_onnx_predictor, load_predictor
+    from montage.tracking.sources import resolve_source
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)
     mask = np.zeros((45, 70), np.uint8)
     mask[10:35, 20:50] = 255
     for task, args in (("segmentation", ([image],)), ("harmonization", ([image], [mask]))):
-        ckpt = fit_local(
-            tiny_config(task, "tracking.enabled=false", "train.max_steps=2", f"run.name=p-{task}")
-        ).best_checkpoint
+        ckpt = _perturbed(
+            fit_local(
+                tiny_config(task, "tracking.enabled=false", "train.max_steps=2", f"run.name=p-{task}")
+            ).best_checkpoint,
+            tmp_path / task,
+        )
         onnx_path = export_model(task, ckpt, tmp_path / f"{task}.onnx").report.path
-        ours = load_onnx_predictor(onnx_path, ckpt, task=task)(*args)[0]
-        ref = load_predictor(ckpt, task=task, device="cpu")(*args)[0]
+        ours = np.asarray(load_onnx_predictor(onnx_path, ckpt, task=task)(*args)[0], np.float64)
+        ref = np.asarray(load_predictor(ckpt, task=task, device="cpu")(*args)[0], np.float64)
+        tolerance = 1e-4 if task == "segmentation" else 1  # alpha in [0, 1]; uint8 levels
+        zeros = np.full(ref.shape, 0.5) if task == "segmentation" else image.astype(np.float64)
         assert ours.shape == ref.shape
-        assert np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64)).max() <= (
-            1e-4 if task == "segmentation" else 1
-        ), task
+        assert np.abs(ours - ref).max() <= tolerance < np.abs(ref - zeros).max() / 10, task
+        assert resolve_source(onnx_path).checkpoint == Path(ckpt).resolve()
 
 
 def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Path) -> None:
@@ -145,12 +153,21 @@ def test_fp16_variant_runs_and_stays_near_fp32(tiny_config, tmp_path: Path) -> N
     """fp16 (for GPU providers) runs in ONNX Runtime here too, float32 in and out, its weights half the size."""
     from montage.tracking.variants import quantize_model
 
-    ckpt = fit_local(
-        tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h16")
-    ).best_checkpoint
+    ckpt = _perturbed(  # the head starts at zero: perturbed, the transform is far from a graph of zeros
+        fit_local(
+            tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h16")
+        ).best_checkpoint,
+        tmp_path,
+    )
     fp32 = export_model("harmonization", ckpt, tmp_path / "h.onnx", dynamic_batch=True)
     half = quantize_model("harmonization", ckpt, tmp_path / "h16.onnx", samples=2, precision="fp16")
     saved_mb = fp32.report.size_mb - half.report.size_mb  # 2 bytes a weight, beside the graph's own structure
     assert saved_mb > 0.8 * fp32.report.params * 2 / 2**20 and 0 <= half.report.max_abs_diff < 0.05
     sess = session(half.report.path)
     assert [i.type for i in sess.get_inputs()] == ["tensor(float)", "tensor(float)"]
+    composite = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    names = [i.name for i in sess.get_inputs()]  # composite, mask
+    inputs = dict(zip(names, (composite, (composite[:, :1] > 0.5).float())))
+    (ours,), (ref,) = run_session(sess, inputs)[:1], run_session(session(fp32.report.path), inputs)[:1]
+    # near fp32 (10 % of the transform's size), and the transform is not a zero one
+    assert np.abs(ours - ref).max() < 0.1 * np.abs(ref).max() and np.abs(ref).max() > 0.05

@@ -21,7 +21,7 @@ from conftest import _tiny
 from serve_helpers import free_port as _free_port
 from serve_helpers import img as _img
 from serve_helpers import png as _png
-from serve_helpers import stop_serve
+from serve_helpers import scrape, stop_serve
 
 APP = "montage-mon"
 N_COMPOSITE = 5
@@ -135,13 +135,6 @@ def mon(ray_session, tmp_path_factory):
     stop_serve()
 
 
-def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
-
-
 def _total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
     return sum(
         v
@@ -214,13 +207,13 @@ def test_metrics_count_requests_stages_and_errors(mon) -> None:
     ep = {"endpoint": "/v1/composite"}
 
     def complete() -> bool:
-        s = _scrape(port)
+        s = scrape(port)
         return _total(s, "ray_montage_stage_latency_ms_count", stage="encode", **ep) == N_COMPOSITE and _total(
             s, "ray_montage_errors_total", endpoint="/v1/harmonize"
         ) == sum(HARMONIZE_ERRORS.values())
 
     _wait(complete, what="the montage series on Ray's metrics port")
-    s = _scrape(port)
+    s = scrape(port)
     for name in ("decode", "segment", "paste", "harmonize", "encode"):  # every stage of every request, exactly
         want = 2 * N_COMPOSITE if name == "decode" else N_COMPOSITE  # person and background are both decoded
         assert _total(s, "ray_montage_stage_latency_ms_count", stage=name, **ep) == want, name
@@ -316,7 +309,8 @@ def test_prometheus_server_scrapes_the_series(mon, tmp_path) -> None:
             assert r["status"] == "success", (expr, r)
         names = {m for e in exprs for m in re.findall(r"ray_montage_\w+", e)}
         have = requests.get(f"http://127.0.0.1:{port}/api/v1/label/__name__/values", timeout=10).json()["data"]
-        rollout_only = {"ray_montage_arm_latency_ms_bucket", "ray_montage_arm_requests_total"}  # need a challenger
+        # these need a challenger: tests/test_rollout.py finds them on the metrics port
+        rollout_only = {"ray_montage_arm_latency_ms_bucket", "ray_montage_arm_requests_total"}
         rollout_only |= {"ray_montage_shadow_agreement_sum", "ray_montage_shadow_agreement_count"}
         absent = {"ray_montage_anomalies_total", "ray_montage_drift_score", "ray_montage_drifted"} | rollout_only
         assert names - absent <= set(have), names - set(have)
@@ -370,14 +364,14 @@ def test_drift_of_a_darker_stream(mon) -> None:
     seg_tags = {"model": "segmentation", "version": f"v{mon['version']}"}
 
     def flagged() -> bool:
-        s = _scrape(mon["metrics_port"])
+        s = scrape(mon["metrics_port"])
         return (
             _total(s, "ray_montage_drifted", feature="brightness", **seg_tags) == 1
             and _total(s, "ray_montage_drifted", feature="width", **seg_tags) == 0
         )
 
     _wait(flagged, what="montage_drifted{feature=brightness} == 1 on the metrics port")
-    s = _scrape(mon["metrics_port"])
+    s = scrape(mon["metrics_port"])
     assert _total(s, "ray_montage_drift_score", feature="brightness", method="psi", **seg_tags) > 0.25
 
 

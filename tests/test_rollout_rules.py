@@ -116,3 +116,57 @@ def test_canary_shadow_verdict_and_automatic_rollback() -> None:
     doc = arms.compare()
     assert doc["errors"]["rate"][1] == 1.0 and doc["verdict"] == "rollback"
     assert verdict(doc, RolloutRules(min_requests=1000))[0] == "collecting"
+
+
+def test_the_registry_step_of_a_decision(tmp_path) -> None:
+    """``registry_step``: promote moves ``@champion`` to the challenger's version and drops ``@challenger``,
+    rollback drops ``@challenger`` only, both tag the versions (in a thread: the request does not wait);
+    a checkpoint challenger moves nothing, and a registry failure is reported in the decision."""
+    import time
+
+    import mlflow
+
+    from montage.core import schema
+    from montage.serve.rollout import registry_step
+
+    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    mlc = mlflow.MlflowClient(tracking_uri=uri)
+    for name in ("montage-segmentation", "montage-harmonization"):
+        mlc.create_registered_model(name)
+        for _ in range(2):
+            mlc.create_model_version(name, source=str(tmp_path))
+        mlc.set_registered_model_alias(name, "champion", "1")
+        mlc.set_registered_model_alias(name, "challenger", "2")
+
+    def decide(task: str, action: str, spec: dict) -> dict:
+        arms = Arms(task, _Fake("v1", None), _Fake("v2", None))
+        arms.on_decision = registry_step({"tracking_uri": uri, **spec})
+        arms.decide(action, ["p95 ratio 2.10 > 1.5"], automatic=True)
+        end = time.monotonic() + 30
+        while not {"registry", "registry_error"} & set(arms.decision) and time.monotonic() < end:
+            time.sleep(0.05)
+        return arms.decision
+
+    seg = {"source": "models:/montage-segmentation@challenger", "version": "2"}
+    assert decide("segmentation", "promote", seg)["registry"] == "promoted version 2"
+    aliases = mlc.get_registered_model("montage-segmentation").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "2"}
+    assert mlc.get_model_version("montage-segmentation", "2").tags[schema.ROLLOUT] == "promoted"
+    assert mlc.get_model_version("montage-segmentation", "2").tags[schema.ROLLOUT_REASON] == "p95 ratio 2.10 > 1.5"
+    assert mlc.get_model_version("montage-segmentation", "1").tags[schema.ROLLOUT] == "replaced"
+
+    harm = {"source": "models:/montage-harmonization@challenger", "version": "2"}
+    assert decide("harmonization", "rollback", harm)["registry"] == "rolled back version 2"
+    assert {k: str(v) for k, v in mlc.get_registered_model("montage-harmonization").aliases.items()} == {
+        "champion": "1"
+    }
+    assert mlc.get_model_version("montage-harmonization", "2").tags[schema.ROLLOUT] == "rolled-back"
+
+    checkpoint = Arms("segmentation", _Fake("v1", None), _Fake("v2", None))
+    checkpoint.on_decision = registry_step({"source": str(tmp_path / "best.pt"), "version": "17", "tracking_uri": uri})
+    checkpoint.decide("rollback", [])
+    time.sleep(0.2)
+    assert not {"registry", "registry_error"} & set(checkpoint.decision)  # nothing to move
+
+    missing = {"source": "models:/montage-pix2pix@challenger", "version": "3"}
+    assert "montage-pix2pix not found" in decide("pix2pix", "promote", missing)["registry_error"]

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from montage.core.config import ConfigError
+from montage.core.sources import ModelSource
 from montage.launch.session import Capacity
 from montage.launch.tune import (
     TrialResources,
@@ -175,7 +176,7 @@ def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkey
     champ = st.champion("segmentation")
     assert str(champ.version) == "1" and champ.tags["montage.metric"] == "val/iou"
     # the champion's weights reproduce the best trial's val metric
-    state = load_checkpoint(st.download_model_checkpoint("segmentation"), task="segmentation")
+    state = load_checkpoint(st.download_model_checkpoint(ModelSource.champion("segmentation")), task="segmentation")
     cfg = config_from_tree(state["config"])
     cfg.tracking.enabled = False
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])

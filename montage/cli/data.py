@@ -94,12 +94,14 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from montage.core.sources import ModelSource
     from montage.platform.evaluation import comparison_table, evaluate_loop, evaluation_setup, write_report
-    from montage.tracking.evaluation import log_evaluation, source_files
-    from montage.tracking.registry import CHAMPION, model_name
+    from montage.tracking.evaluation import log_evaluation
+    from montage.tracking.sources import resolve_source
 
-    source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
-    checkpoint, onnx_path = source_files(source, args.tracking_uri or "")
+    source = ModelSource.parse(args.source, "--source") if args.source else ModelSource.champion(args.task)
+    resolved = resolve_source(source, args.tracking_uri or "")
+    checkpoint, onnx_path = resolved.checkpoint, resolved.onnx
     loop = evaluation_setup(checkpoint, task=args.task, data_overrides=args.data)
     if onnx_path is not None:  # an ONNX variant: ONNX Runtime runs the exported network
         from montage.platform.inference import OnnxNet
@@ -132,7 +134,9 @@ def register(sub: Any) -> None:
     )
     ev.add_argument("task")
     ev.add_argument(
-        "--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint"
+        "--source",
+        help="models:/montage-<task>@champion (default), models:/<name>/<version>, a checkpoint (local or s3://…) "
+        "or an exported .onnx file",
     )
     ev.add_argument(
         "--data",

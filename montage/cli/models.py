@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from montage.cli.common import TRACKING_HELP
+from montage.core import schema
 
 log = logging.getLogger("montage")
 
@@ -25,25 +26,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     for v in st.list_versions(args.task, args.tracking_uri or ""):
         mark = f"@{st.CHAMPION}" if champ is not None and str(champ.version) == str(v.version) else ""
         t = v.tags
-        variant = f"{t.get('montage.variant', 'fp32'):<11} {t.get('montage.runtime', 'torch'):<11}"
+        variant = f"{t.get(schema.VARIANT, 'fp32'):<11} {t.get(schema.RUNTIME, 'torch'):<11}"
         measured = (
-            f" params={t['montage.params']} p50={t['montage.latency_ms']}ms Δ{t['montage.quality_delta']}"
-            if "montage.latency_ms" in t
+            f" params={t[schema.PARAMS]} p50={t[schema.LATENCY_MS]}ms Δ{t[schema.QUALITY_DELTA]}"
+            if schema.LATENCY_MS in t
             else ""
         )
-        judged = f"{t.get('montage.metric', '?')}={t.get('montage.value', '?'):<12}"
+        judged = f"{t.get(schema.METRIC, '?')}={t.get(schema.VALUE, '?'):<12}"
         print(
-            f"{v.name} v{v.version:<4} {variant} {judged} sweep={t.get('montage.sweep', '-')}{measured} "
+            f"{v.name} v{v.version:<4} {variant} {judged} sweep={t.get(schema.SWEEP, '-')}{measured} "
             f"run={v.run_id} {mark}"
         )
     return 0
 
 
+def _source(args: argparse.Namespace) -> Any:
+    """``--source`` parsed (default: the task's champion)."""
+    from montage.core.sources import ModelSource
+
+    return ModelSource.parse(args.source, "--source") if args.source else ModelSource.champion(args.task)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from montage.tracking.registry import CHAMPION, model_name
     from montage.tracking.variants import export_model, report_dict
 
-    source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
+    source = _source(args)
     output = args.output or f"{args.task}.onnx"
     variant = export_model(
         args.task,
@@ -59,9 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from montage.tracking.registry import CHAMPION, model_name
-
-    source = args.source or f"models:/{model_name(args.task)}@{CHAMPION}"
+    source = _source(args)
     uri = args.tracking_uri or ""
     if args.method == "quantize":
         from montage.tracking.variants import quantize_model, report_dict
@@ -123,7 +128,8 @@ def register(sub: Any) -> None:
     )
     ex.add_argument("task")
     ex.add_argument(
-        "--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file"
+        "--source",
+        help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint (local or s3://…)",
     )
     ex.add_argument("--format", choices=["onnx"], default="onnx")
     ex.add_argument("--opset", type=int, default=18)
@@ -148,7 +154,8 @@ def register(sub: Any) -> None:
     )
     op.add_argument("task")
     op.add_argument(
-        "--source", help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint file"
+        "--source",
+        help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint (local or s3://…)",
     )
     op.add_argument(
         "--method",

@@ -35,10 +35,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from montage.tracking.runs import resolve_tracking_uri
 
     cfg = load_serve_config(resolve_config_path(args.config), args.overrides)
-    source = getattr(cfg, args.task).challenger
-    if not source:
+    source = getattr(cfg, args.task).arm_source(args.task, "challenger")
+    if source is None:
         raise ValueError(f"{args.task}.challenger is not set in the serve config")
-    if not source.startswith("models:/"):
+    if not source.in_registry:
         raise ValueError(
             f"the challenger {source} is not a registry version: {args.action} it by editing {args.task}.source /"
             f" {args.task}.challenger in the serve config and `montage serve --reload`"

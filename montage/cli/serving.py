@@ -47,7 +47,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     access = resolve_settings(cfg.auth, cfg.cors)
     check_bind(cfg.host, access, args.insecure)  # refuse before saying "serving"
     print(f"serving on http://{cfg.host}:{cfg.port}/ (API keys {'on' if access.auth else 'off'}; Ctrl-C to stop)")
-    run(cfg, blocking=True, insecure=args.insecure)
+    from montage.serve.app import ReloadError
+
+    try:
+        run(cfg, blocking=True, insecure=args.insecure)
+    except ReloadError as exc:  # a source that does not load (fused mode) or a version the registry lacks
+        log.error("%s", exc)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from montage.cli.common import ADDRESS_HELP, LAUNCHED_AT, load_config_for
+from montage.core import schema
 
 log = logging.getLogger("montage")
 
@@ -40,7 +41,7 @@ def _track(cfg: Any, kind: str, metrics: dict[str, float], files: list[str], tag
     prepare_tracking(cfg)
     if not cfg.run.name:
         cfg.run.name = f"{cfg.task}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = create_run(cfg, {"montage.role": kind, **tags})
+    run_id = create_run(cfg, {schema.ROLE: kind, **tags})
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.uri))
     now = int(time.time() * 1000)
     entries = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -67,7 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     summary = {r.name: {"passed": r.passed, "message": r.message, "figure": r.figure} for r in results}
     (out / "checks.json").write_text(json.dumps(summary, indent=2))
     files = [str(out / "checks.json"), *[r.figure for r in results if r.figure]]
-    run_id = _track(cfg, "check", metrics, files, {"montage.check.passed": str(all(r.passed for r in results))})
+    run_id = _track(cfg, "check", metrics, files, {schema.CHECK_PASSED: str(all(r.passed for r in results))})
     failed = [r.name for r in results if not r.passed]
     print(f"{len(results) - len(failed)}/{len(results)} checks passed; figures in {out}" + _run(run_id))
     return 1 if failed else 0
@@ -178,12 +179,13 @@ def cmd_openvino(args: argparse.Namespace) -> int:
     """ONNX export (or a given one) → OpenVINO IR, checked against PyTorch and timed beside ONNX Runtime."""
     import dataclasses
 
+    from montage.core.sources import ModelSource
     from montage.platform.export import export_onnx
     from montage.platform.inference import load_for_inference
     from montage.platform.ov_runtime import to_openvino
-    from montage.tracking.variants import resolve_source, validation_batch
+    from montage.tracking.variants import validation_batch, variant_parent
 
-    _, checkpoint = resolve_source(args.source, args.tracking_uri or "")
+    _, checkpoint = variant_parent(ModelSource.parse(args.source, "--source"), args.tracking_uri or "")
     inst, nets = load_for_inference(checkpoint, task=args.task, device="cpu")
     spec = inst.export_spec(nets, validation_batch(inst, size=1))
     output = Path(args.output or f"{args.task}.xml")

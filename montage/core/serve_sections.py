@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from montage.core.config import load_file
+from montage.core.sources import ModelSource
 
 
 @dataclass
@@ -41,6 +42,7 @@ class MonitoringConfig:
 
 
 MODES = ("canary", "shadow")
+RUNTIMES = ("", "torch", "onnx", "openvino")
 
 
 @dataclass
@@ -104,9 +106,11 @@ class AutoscalingServeConfig:
 
 @dataclass
 class ModelServeConfig:
-    source: str = ""  # models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint path
-    # torch | onnx | openvino (a registered ONNX variant from `montage export`, run by ONNX Runtime or OpenVINO)
-    runtime: str = "torch"
+    # models:/montage-<task>@champion (default), models:/<name>/<version>, a checkpoint (path or s3://…), an .onnx file
+    source: str = ""
+    # torch | onnx | openvino (an .onnx file or registered ONNX variant, run by ONNX Runtime or OpenVINO);
+    # empty: what the source is (onnx for an .onnx file or a version tagged montage.runtime=onnxruntime, else torch)
+    runtime: str = ""
     enabled: bool = True
     num_replicas: int = 1
     num_cpus: float = 0.25  # small by default: ingress + three models fit a 2-core laptop
@@ -123,8 +127,25 @@ class ModelServeConfig:
     # a second source answering beside `source` (canary) or measured on a copy of the requests (shadow);
     # a registry alias that does not exist (e.g. models:/montage-segmentation@challenger after a promotion) means none
     challenger: str = ""
+    challenger_runtime: str = ""  # the challenger's runtime, as `runtime` is the source's (empty: what it is)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     autoscaling: AutoscalingServeConfig = field(default_factory=AutoscalingServeConfig)
+
+    def __post_init__(self) -> None:
+        self.arm_source("", "challenger")  # a source that is none of the forms fails here, naming the key
+        if self.source:
+            ModelSource.parse(self.source, "source")
+        for key in ("runtime", "challenger_runtime"):
+            if getattr(self, key) not in RUNTIMES:
+                valid = ", ".join(r or "'' (the source's)" for r in RUNTIMES)
+                raise ValueError(f"{key}: unknown '{getattr(self, key)}'; valid: {valid}")
+
+    def arm_source(self, task: str, arm: str = "champion") -> ModelSource | None:
+        """The source of an arm: the champion's (default ``models:/montage-<task>@champion``) or the
+        challenger's (None when unset)."""
+        if arm == "challenger":
+            return ModelSource.parse(self.challenger, "challenger") if self.challenger else None
+        return ModelSource.parse(self.source, "source") if self.source else ModelSource.champion(task)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig
 from montage.platform.runner import RunSummary, default_run_name
 
@@ -86,7 +87,7 @@ def run_cv(
         prepare_tracking(cfg)
         head = copy.deepcopy(cfg)
         head.run.name = name
-        parent = create_run(head, {"montage.role": "cv", "montage.cv.folds": str(cfg.cv.folds)})
+        parent = create_run(head, {schema.ROLE: "cv", schema.CV_FOLDS: str(cfg.cv.folds)})
     configs = fold_configs(cfg, name, parent)
     if use_ray:
         from montage.launch.session import ensure_ray

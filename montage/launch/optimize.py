@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig, apply_overrides, build_config, to_dict
 from montage.core.registry import TASKS
+from montage.core.sources import ModelSource
 from montage.platform.checkpoint import load_checkpoint, save_checkpoint
 from montage.platform.pruning import PruneReport, count_params, prune_channels, prune_magnitude
 from montage.platform.runner import RunSummary
 from montage.tracking.registry import model_name, register_checkpoint
-from montage.tracking.variants import Measurement, measure, registers, resolve_source, tag_version, validation_batch
+from montage.tracking.variants import Measurement, measure, registers, tag_version, validation_batch, variant_parent
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +95,22 @@ def _register(task: str, variant: TrainedVariant, cfg: ExperimentConfig, extra: 
     )
     size_mb = Path(variant.checkpoint).stat().st_size / 2**20
     tags = {
-        "montage.variant": variant.variant,
-        "montage.runtime": "torch",
-        "montage.parent": variant.parent,
-        "montage.params": str(variant.params),
-        "montage.parent_params": str(variant.parent_params),
-        "montage.size_mb": f"{size_mb:.3f}",
+        schema.VARIANT: variant.variant,
+        schema.RUNTIME: schema.RUNTIME_TORCH,
+        schema.PARENT: variant.parent,
+        schema.PARAMS: str(variant.params),
+        schema.PARENT_PARAMS: str(variant.parent_params),
+        schema.SIZE_MB: f"{size_mb:.3f}",
         **m.tags(),
         **extra,
     }
     tag_version(task, reg.version, tags, cfg.tracking.uri)
-    return f"models:/{model_name(task)}/{reg.version}"
+    return ModelSource.registered(model_name(task), version=reg.version).uri
 
 
 def prune_model(
     task: str,
-    source: str,
+    source: ModelSource | str,
     ratio: float = 0.5,
     mode: str = "channels",
     epochs: int = 2,
@@ -129,7 +131,8 @@ def prune_model(
         raise ValueError(f"--prune-mode: unknown '{mode}'; valid: channels, magnitude")
     if epochs < 0:
         raise ValueError(f"--epochs must be >= 0, got {epochs}")
-    parent, checkpoint = resolve_source(source, tracking_uri)
+    source = ModelSource.parse(source, "--source")
+    parent, checkpoint = variant_parent(source, tracking_uri)
     state = load_checkpoint(checkpoint, task=task)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
     spec = inst.export_spec(nets, validation_batch(inst, 2))
@@ -170,15 +173,13 @@ def prune_model(
                 "registering a variant needs its MLflow run: fine-tune it (--epochs > 0, tracking on) or pass "
                 "--no-register"
             )
-        variant.registered = _register(
-            task, variant, cfg, {"montage.prune_mode": mode, "montage.prune_ratio": f"{ratio:g}"}
-        )
+        variant.registered = _register(task, variant, cfg, {schema.PRUNE_MODE: mode, schema.PRUNE_RATIO: f"{ratio:g}"})
     return variant
 
 
 def distill_model(
     task: str,
-    source: str,
+    source: ModelSource | str,
     student: Sequence[str] = (),
     weight: float = 1.0,
     temperature: float = 2.0,
@@ -193,7 +194,8 @@ def distill_model(
     smaller model) against ``source`` as the teacher (``distill.*``) and the labels, measure it
     against the teacher and register it (default: when the source is registered) as ``student``."""
 
-    parent, checkpoint = resolve_source(source, tracking_uri)
+    source = ModelSource.parse(source, "--source")
+    parent, checkpoint = variant_parent(source, tracking_uri)
     state = load_checkpoint(checkpoint, task=task)
     teacher_cfg = build_config(task, TASKS.get(task).spec, state["config"])
     student = list(student) or TASKS.get(task)(teacher_cfg).student_overrides()
@@ -226,6 +228,6 @@ def distill_model(
         if variant.mlflow_run_id is None:
             raise ValueError("registering a student needs its MLflow run (tracking.enabled=true) or --no-register")
         variant.registered = _register(
-            task, variant, cfg, {"montage.student": " ".join(student), "montage.distill_weight": f"{weight:g}"}
+            task, variant, cfg, {schema.STUDENT: " ".join(student), schema.DISTILL_WEIGHT: f"{weight:g}"}
         )
     return variant

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from montage.core import schema
 from montage.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -252,7 +253,7 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     tree["tracking"]["parent_run_id"] = sweep["parent_run_id"]
     cfg = config_from_tree(tree)
     # one MLflow run per trial, found again under the sweep's parent when Tune restores the trial
-    tags = {"montage.sweep": sweep["name"], "montage.trial": ctx.get_trial_id()}
+    tags = {schema.SWEEP: sweep["name"], schema.TRIAL: ctx.get_trial_id()}
     run = begin(cfg, tags=tags, trial=True)
     trainer = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags, launched_at=started)
     _, failure, _ = fit_run(run, trainer)

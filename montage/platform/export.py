@@ -74,6 +74,31 @@ def run_session(sess: Any, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
     return sess.run(None, {k: v.detach().cpu().float().numpy() for k, v in inputs.items()})
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` (its weights are not read)."""
+    import onnx
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no ONNX model at {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise ExportError(f"{path} is not an ONNX model: {exc}") from exc
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def write_metadata(path: str | Path, values: dict[str, str]) -> None:
+    """Set ``values`` in an ONNX file's ``metadata_props`` (others are kept)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    for key, value in [*kept, *values.items()]:
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(path))
+
+
 def _dynamic_shapes(spec: ExportSpec, dynamic_batch: bool) -> tuple[dict[int, Any], ...]:
     from torch.export import Dim
 

@@ -15,47 +15,38 @@ from montage.serve.monitoring import ModelMonitor, version_tag
 log = logging.getLogger("montage.serve")
 
 
-def resolve_source(source: str, tracking_uri: str = "") -> tuple[str, str]:
-    """A model source → (local checkpoint path, a label for /healthz).
-
-    ``models:/montage-<task>@champion``, ``models:/<name>/<version>`` or a checkpoint path.
-    """
-    from pathlib import Path
-
-    if source.startswith("models:/"):
-        from montage.tracking.registry import download_model_checkpoint, parse_model_uri, resolve_version
-
-        path = download_model_checkpoint(source, tracking_uri)
-        label = source
-        try:
-            name, alias, _ = parse_model_uri(source)
-            if alias:
-                label = f"{name} v{resolve_version(source, tracking_uri)} (@{alias})"
-        except Exception:  # noqa: BLE001 - the label is informational
-            pass
-        return str(path), label
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"model source not found: {source}")
-    return str(path), str(path)
+RUNTIMES = ("torch", "onnx", "openvino")
 
 
 def load_model(task: str, user_config: dict[str, Any]) -> tuple[Any, str, str]:
-    """(predictor, label, local checkpoint) of a model deployment's ``user_config``."""
+    """(predictor, label, local checkpoint) of a model deployment's ``user_config``: its ``source``
+    (parsed here, where it enters the replica) run by its ``runtime`` (empty: what the source is,
+    ``onnx`` for an ONNX file or registered ONNX variant, else ``torch``)."""
+    from montage.core.sources import ModelSource
     from montage.platform.inference import load_onnx_predictor, load_predictor
+    from montage.tracking.sources import resolve_source
 
-    runtime = user_config.get("runtime", "torch")
-    if runtime in ("onnx", "openvino"):
-        from montage.tracking.variants import onnx_variant_files
+    source = ModelSource.parse(user_config["source"], f"{task} source")
+    resolved = resolve_source(source, user_config.get("tracking_uri", ""))
+    runtime = user_config.get("runtime") or resolved.runtime
+    if runtime not in RUNTIMES:
+        raise ValueError(f"{task}.runtime: unknown '{runtime}'; valid: {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        if resolved.onnx is not None:
+            raise ValueError(f"{source} is an ONNX model: runtime torch cannot run it (use onnx or openvino)")
+        return load_predictor(resolved.checkpoint, task=task), resolved.label, str(resolved.checkpoint)
+    if resolved.onnx is None:
+        raise ValueError(
+            f"runtime {runtime} serves an ONNX file or a registered ONNX variant (models:/montage-<task>/<version>, "
+            f"made by `montage export`), not {source}"
+        )
+    if runtime == "openvino":  # OpenVINO compiles the ONNX file itself (no IR file to register)
+        from montage.platform.ov_runtime import load_openvino_predictor
 
-        onnx_path, checkpoint, label = onnx_variant_files(user_config["source"], user_config.get("tracking_uri", ""))
-        if runtime == "openvino":  # OpenVINO compiles the ONNX variant itself (no IR file to register)
-            from montage.platform.ov_runtime import load_openvino_predictor
-
-            return load_openvino_predictor(onnx_path, checkpoint, task=task), label, str(checkpoint)
-        return load_onnx_predictor(onnx_path, checkpoint, task=task), label, str(checkpoint)
-    checkpoint, label = resolve_source(user_config["source"], user_config.get("tracking_uri", ""))
-    return load_predictor(checkpoint, task=task), label, checkpoint
+        predictor = load_openvino_predictor(resolved.onnx, resolved.checkpoint, task=task)
+    else:
+        predictor = load_onnx_predictor(resolved.onnx, resolved.checkpoint, task=task)
+    return predictor, resolved.label, str(resolved.checkpoint)
 
 
 class _ModelDeployment:
@@ -92,9 +83,7 @@ class _ModelDeployment:
         self.predictor, self.label = predictor, label  # swap only once the new model is loaded
         self.load_error = None
         self.arm = user_config.get("arm", "champion")
-        self.monitor.configure(
-            user_config.get("monitoring"), version_tag(user_config, label), str(checkpoint), arm=self.arm
-        )
+        self.monitor.configure(user_config.get("monitoring"), version_tag(user_config), str(checkpoint), arm=self.arm)
         self._settings(user_config)
         log.info("%s deployment (%s) serves %s", self.task, self.arm, label)
 

@@ -5,6 +5,7 @@ that every model loaded what it was given (else it kept serving its previous ver
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from ray import serve
 
 from montage.core.config import to_dict
 from montage.core.serve_sections import ModelServeConfig, MonitoringConfig, ServeConfig
+from montage.core.sources import ModelSource
 from montage.serve.deployments import Harmonizer, LocalModel, Pix2Pix, Segmenter
 
 log = logging.getLogger("montage.serve")
@@ -51,6 +53,16 @@ class ReloadError(RuntimeError):
     """A (re)deploy left a model on its previous version because the new one failed to load."""
 
 
+@dataclass(frozen=True)
+class Arm:
+    """What one arm of a model serves: its source, the revision that pins it (a registry alias's version
+    now, a local file's modification time) and the runtime that runs it."""
+
+    source: ModelSource
+    revision: str
+    runtime: str
+
+
 def _model(
     cls: Any,
     cfg: ModelServeConfig,
@@ -63,17 +75,15 @@ def _model(
 ) -> Any:
     """The bound deployment of a model's arm, or (``fused``) what the ingress needs to run it itself;
     None when the model is off, or the challenger is unset (or a registry alias that names no version)."""
-    if not cfg.enabled or (arm == "challenger" and not cfg.challenger):
+    if not cfg.enabled:
         return None
-    if cfg.runtime not in ("torch", "onnx", "openvino"):
-        raise ValueError(f"{task}.runtime: unknown '{cfg.runtime}'; valid: torch, onnx, openvino")
-    source, revision = _revision(cfg, task, tracking_uri, arm)
-    if source is None:
+    served = arm_of(cfg, task, tracking_uri, arm)
+    if served is None:
         return None
     user_config = {
-        "source": source,
-        "runtime": cfg.runtime,
-        "revision": revision,
+        "source": served.source.uri,
+        "runtime": served.runtime,
+        "revision": served.revision,
         "arm": arm,
         "tracking_uri": tracking_uri,
         "max_batch_size": cfg.max_batch_size,
@@ -83,12 +93,11 @@ def _model(
     }
     if fused:
         return LocalModel.spec(cls, user_config)
-    replicas = cfg.autoscaling.options() if cfg.autoscaling.enabled else {"num_replicas": cfg.num_replicas}
     return pinned(
         cls.options(
             name=cls.name if arm == "champion" else f"{cls.name}Challenger",
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-            **replicas,
+            **replica_options(cfg),
             **_overload(task, cfg.max_ongoing_requests, cfg.max_queued_requests, retry_after_s),
             user_config=user_config,
         ),
@@ -96,24 +105,37 @@ def _model(
     ).bind()
 
 
-def _revision(cfg: ModelServeConfig, task: str, tracking_uri: str, arm: str) -> tuple[str | None, str]:
-    """(source, revision) of an arm; the revision pins a registry alias's current version (so a reload
-    after a promotion reconfigures) or a file's modification time. (None, "") for a challenger alias
-    that names no version."""
+def replica_options(cfg: ModelServeConfig) -> dict[str, Any]:
+    """Serve's ``autoscaling_config`` when the section's autoscaling is on, else a fixed ``num_replicas``."""
+    return cfg.autoscaling.options() if cfg.autoscaling.enabled else {"num_replicas": cfg.num_replicas}
+
+
+def arm_of(cfg: ModelServeConfig, task: str, tracking_uri: str, arm: str) -> Arm | None:
+    """The :class:`Arm` of ``arm`` (champion | challenger); None for an unset challenger or a challenger
+    alias that names no version. The runtime is the section's (``runtime``, ``challenger_runtime``) when
+    set, else the source's own: ``onnx`` for an ONNX file or a registry version tagged as an ONNX
+    variant, ``torch`` otherwise. A registry version the registry does not hold raises
+    :class:`ReloadError` (nothing is deployed)."""
     from mlflow.exceptions import MlflowException
 
-    from montage.tracking.registry import CHAMPION, model_name, parse_model_uri, resolve_version
+    from montage.tracking.sources import model_version, source_runtime
 
-    source = cfg.challenger if arm == "challenger" else (cfg.source or f"models:/{model_name(task)}@{CHAMPION}")
-    if source.startswith("models:/"):
+    source = cfg.arm_source(task, arm)
+    if source is None:
+        return None
+    runtime = cfg.runtime if arm == "champion" else cfg.challenger_runtime
+    if source.in_registry:
         try:
-            return source, resolve_version(source, tracking_uri)
+            version = model_version(source, tracking_uri)
         except MlflowException as exc:
-            if arm == "challenger" and parse_model_uri(source)[1]:
+            if arm == "challenger" and source.kind == "alias":
                 log.info("%s: no challenger (%s names no version: %s)", task, source, exc.message)
-                return None, ""
-            raise
-    return source, str(Path(source).stat().st_mtime_ns) if Path(source).exists() else ""
+                return None
+            raise ReloadError(f"{task} ({arm}): {source}: {exc.message}") from exc
+        return Arm(source, str(version.version), runtime or source_runtime(source, version=version))
+    path = Path(source.path)
+    revision = str(path.stat().st_mtime_ns) if source.local and path.exists() else ""
+    return Arm(source, revision, runtime or source_runtime(source))
 
 
 def model_graph(cfg: ServeConfig, uri: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -126,12 +148,12 @@ def model_graph(cfg: ServeConfig, uri: str) -> tuple[dict[str, Any], dict[str, A
         chall = _model(*args, arm="challenger") if bound[task] is not None else None
         if chall is not None:
             challengers[task] = chall
-            source, revision = _revision(mcfg, task, uri, "challenger")
+            served = arm_of(mcfg, task, uri, "challenger")
             rollout[task] = {
                 "config": to_dict(mcfg.rollout),
-                "salt": f"{source}@{revision}",
-                "source": source,
-                "version": revision,
+                "salt": f"{served.source}@{served.revision}",
+                "source": served.source.uri,
+                "version": served.revision,
                 "tracking_uri": uri,
             }
     return bound, challengers, rollout
@@ -185,10 +207,10 @@ def _check_sources(cfg: ServeConfig) -> None:
         for arm in ("champion", "challenger") if mcfg.challenger else ("champion",):
             if not mcfg.enabled:
                 continue
-            source, _ = _revision(mcfg, task, uri, arm)
-            if source is None:
+            served = arm_of(mcfg, task, uri, arm)
+            if served is None:
                 continue
             try:
-                load_model(task, {"source": source, "runtime": mcfg.runtime, "tracking_uri": uri})
+                load_model(task, {"source": served.source.uri, "runtime": served.runtime, "tracking_uri": uri})
             except Exception as exc:
-                raise ReloadError(f"{task} ({arm}): {source} does not load, nothing deployed: {exc!r}") from exc
+                raise ReloadError(f"{task} ({arm}): {served.source} does not load, nothing deployed: {exc!r}") from exc

@@ -41,17 +41,14 @@ _PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar(
 _INGRESS: IngressMonitor | None = None  # the ingress replica's monitor (one per process), read by the middleware
 
 
-def version_tag(user_config: dict[str, Any], label: str) -> str:
-    """The ``version`` tag of a model's series: ``v<N>`` for a registry version (its runtime added
-    when not torch), else the checkpoint's file name."""
-    from pathlib import Path
+def version_tag(user_config: dict[str, Any]) -> str:
+    """The ``version`` tag of a model's series: ``v<N>`` for a registry version, else the file name of
+    the checkpoint or ONNX file (its runtime added when not torch)."""
+    from montage.core.sources import ModelSource
 
-    source, revision, runtime = (
-        user_config.get("source", ""),
-        user_config.get("revision", ""),
-        user_config.get("runtime", "torch"),
-    )
-    tag = f"v{revision}" if source.startswith("models:/") and revision else Path(label).name or label
+    source = ModelSource.parse(user_config.get("source", ""))
+    revision, runtime = user_config.get("revision", ""), user_config.get("runtime") or "torch"
+    tag = f"v{revision}" if source.in_registry and revision else source.file_name
     return tag if runtime == "torch" else f"{tag}-{runtime}"
 
 

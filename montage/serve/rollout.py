@@ -35,7 +35,6 @@ log = logging.getLogger("montage.serve")
 
 ARMS = ("champion", "challenger")
 HEADER = "X-Montage-Model-Version"
-CHALLENGER_ALIAS = "challenger"
 
 
 # -- per request: who calls, and which versions answered ----------------------------------------
@@ -366,10 +365,13 @@ def registry_step(spec: dict[str, Any]) -> Callable[[Arms, str, list[str]], None
     challenger: promote moves ``@champion`` to it, rollback removes ``@challenger``. Run in a
     thread: the request that triggered the decision does not wait for MLflow. The deployments
     follow at the next reload; until then the ingress routes by the decision."""
-    source, version, uri = spec.get("source", ""), str(spec.get("version", "")), spec.get("tracking_uri", "")
+    from montage.core.sources import ModelSource
+
+    source = ModelSource.parse(spec.get("source", ""), "rollout source")
+    version, uri = str(spec.get("version", "")), spec.get("tracking_uri", "")
 
     def step(arms: Arms, action: str, reasons: list[str]) -> None:
-        if not source.startswith("models:/") or not version:
+        if not source.in_registry or not version:
             log.info("%s rollout: the challenger %s is not a registry version; nothing to move", arms.task, source)
             return
         import threading
@@ -382,7 +384,8 @@ def registry_step(spec: dict[str, Any]) -> Callable[[Arms, str, list[str]], None
             try:
                 fn(source, version, uri, "; ".join(reasons))
                 if arms.decision is not None:
-                    arms.decision["registry"] = f"{action}d version {version}"
+                    done = "promoted" if action == "promote" else "rolled back"
+                    arms.decision["registry"] = f"{done} version {version}"
             except Exception as exc:  # noqa: BLE001 - reported in /v1/monitor's decision
                 log.error("%s rollout: registry %s of version %s failed: %r", arms.task, action, version, exc)
                 if arms.decision is not None:

@@ -6,12 +6,11 @@ import json
 import logging
 from typing import Any
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig
 from montage.platform.loop import Loop
 
 log = logging.getLogger(__name__)
-
-DATA_DIGEST_TAG = "montage.data_digest"  # a run's / registered version's training data (the log_inputs digest)
 
 
 def split_sizes(loop: Loop) -> dict[str, int]:
@@ -43,10 +42,10 @@ def log_data_input(
     )
     tags = [
         InputTag("mlflow.data.context", context),
-        InputTag("montage.data.sha256", fp.digest),
-        *(InputTag(f"montage.data.{k}_samples", str(v)) for k, v in fp.splits.items()),
+        InputTag(schema.DATA_SHA256, fp.digest),
+        *(InputTag(schema.data_samples(k), str(v)) for k, v in fp.splits.items()),
     ]
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
-    client.set_tag(run_id, DATA_DIGEST_TAG, fp.short)
+    client.set_tag(run_id, schema.DATA_DIGEST, fp.short)
     log.info("data %s-%s: digest %s, %d files, splits %s", cfg.task, fp.source, fp.short, fp.files, fp.splits)
     return fp.short

@@ -13,18 +13,18 @@ import logging
 import time
 from pathlib import Path
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig
+from montage.core.sources import ModelSource
 from montage.platform.evaluation import Evaluation
 from montage.tracking.datasets import log_data_input
 from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-EVALUATION_RUN_TAG = "montage.evaluation_run"
-
 
 def log_evaluation(
-    cfg: ExperimentConfig, ev: Evaluation, report_dir: str | Path, source: str, tracking_uri: str = ""
+    cfg: ExperimentConfig, ev: Evaluation, report_dir: str | Path, source: ModelSource, tracking_uri: str = ""
 ) -> str:
     """Log ``ev`` as a finished MLflow run; returns its id."""
     import mlflow
@@ -33,14 +33,13 @@ def log_evaluation(
     uri = resolve_tracking_uri(tracking_uri or cfg.tracking.uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = get_experiment_id(client, cfg.tracking.experiment or f"montage-{cfg.task}", cfg.tracking.artifacts, uri)
-    tags = {"montage.kind": "evaluation", "montage.task": cfg.task, "montage.source": source}
+    tags = {schema.KIND: "evaluation", schema.TASK: cfg.task, schema.SOURCE: source.uri}
     version = None
-    if source.startswith("models:/"):
-        from montage.tracking.registry import parse_model_uri, resolve_version
+    if source.in_registry:
+        from montage.tracking.registry import resolve_version
 
-        name, _, _ = parse_model_uri(source)
         version = resolve_version(source, tracking_uri)
-        tags |= {"montage.model_name": name, "montage.model_version": version}
+        tags |= {schema.MODEL_NAME: source.name, schema.MODEL_VERSION: version}
     run = client.create_run(exp, run_name=f"evaluate-{cfg.task}", tags=tags)
     rid = run.info.run_id
     try:
@@ -57,32 +56,9 @@ def log_evaluation(
             )
         client.log_artifacts(rid, str(report_dir), artifact_path="report")
         if version is not None:
-            client.set_model_version_tag(tags["montage.model_name"], version, EVALUATION_RUN_TAG, rid)
+            client.set_model_version_tag(tags[schema.MODEL_NAME], version, schema.EVALUATION_RUN, rid)
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise
     client.set_terminated(rid, "FINISHED")
     return rid
-
-
-def source_files(source: str, tracking_uri: str = "") -> tuple[Path, str | None]:
-    """A model source → (the local checkpoint file, the ONNX file that replaces its exported network
-    or None). ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (an ONNX variant made by
-    ``montage export`` / ``optimize --method quantize``: its .onnx and its parent's checkpoint), or a
-    checkpoint file or folder."""
-    from montage.platform.checkpoint import resolve_checkpoint_path
-
-    if source.startswith("models:/"):
-        from montage.tracking.registry import client, download_model_checkpoint, parse_model_uri
-        from montage.tracking.variants import onnx_variant_files
-
-        name, alias, version = parse_model_uri(source)
-        mlc = client(tracking_uri)
-        mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
-        if mv.tags.get("montage.runtime") == "onnxruntime":
-            onnx_path, checkpoint, _ = onnx_variant_files(source, tracking_uri)
-            return Path(checkpoint), onnx_path
-        return download_model_checkpoint(source, tracking_uri), None
-    if not Path(source).exists():
-        raise FileNotFoundError(f"model source not found: {source}")
-    return resolve_checkpoint_path(source), None

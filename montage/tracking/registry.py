@@ -9,19 +9,18 @@ objects bound to a tracking URI; it never sets MLflow's process-wide tracking UR
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig
+from montage.core.sources import CHALLENGER, CHAMPION, ModelSource, model_name  # noqa: F401  (re-exported)
 from montage.tracking.runs import log_checkpoint_model, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
@@ -35,48 +34,19 @@ class Registration:
     value: float
 
 
-def model_name(task: str) -> str:
-    """The registered-model name of a task: ``montage-<task>``."""
-    return f"montage-{task}"
-
-
 def client(uri: str = "") -> Any:
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 
-def parse_model_uri(source: str) -> tuple[str, str, str]:
-    """``models:/<name>@<alias>`` → (name, alias, ""); ``models:/<name>/<version>`` → (name, "", version)."""
-    if not source.startswith("models:/"):
-        raise ValueError(f"not a model URI: {source!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
-    ref = source[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, alias, ""
-    name, _, version = ref.partition("/")
-    if not name or not version:
-        raise ValueError(f"model URI {source!r} names no alias or version")
-    return name, "", version
-
-
-def resolve_version(source: str, uri: str = "") -> str:
-    """The version number a model URI points at now (an alias is looked up)."""
-    name, alias, version = parse_model_uri(source)
-    return str(client(uri).get_model_version_by_alias(name, alias).version) if alias else version
-
-
-def _local_checkpoint(checkpoint: str) -> Path:
-    """A checkpoint folder/file on this machine (remote checkpoints are downloaded)."""
-    from montage.platform.checkpoint import resolve_checkpoint_path
-
-    if "://" not in checkpoint:
-        return resolve_checkpoint_path(checkpoint)
-    import pyarrow.fs  # what Ray Train persists checkpoints with (s3://, gs://, ...)
-
-    local = tempfile.mkdtemp(prefix="montage-download-")
-    pyarrow.fs.copy_files(checkpoint, local)
-    return resolve_checkpoint_path(local)
+def resolve_version(source: ModelSource, uri: str = "") -> str:
+    """The version number a registry source names now (an alias is looked up)."""
+    if source.kind == "version":
+        return source.version
+    if source.kind != "alias":
+        raise ValueError(f"{source} is not a registry source: it has no version")
+    return str(client(uri).get_model_version_by_alias(source.name, source.alias).version)
 
 
 def register_checkpoint(
@@ -93,16 +63,18 @@ def register_checkpoint(
     """Register ``checkpoint`` as a new version of ``montage-<task>``; move ``@champion`` to it
     when ``promote`` is ``always``, or ``better`` and it beats the champion on ``metric``."""
     name = model_name(base.task)
-    path = _local_checkpoint(checkpoint)
+    from montage.tracking.sources import local_checkpoint
+
+    path = local_checkpoint(checkpoint)
     info = log_checkpoint_model(base.tracking.uri, run_id, path, base.task, {metric: value}, registered_name=name)
     version = str(info.registered_model_version)
     mlc = client(base.tracking.uri)
     tags = {
-        "montage.metric": metric,
-        "montage.mode": mode,
-        "montage.value": repr(float(value)),
-        "montage.sweep": sweep,
-        "montage.params": yaml.safe_dump(params, default_flow_style=True).strip(),
+        schema.METRIC: metric,
+        schema.MODE: mode,
+        schema.VALUE: repr(float(value)),
+        schema.SWEEP: sweep,
+        schema.SWEEP_PARAMS: yaml.safe_dump(params, default_flow_style=True).strip(),
     }
     for k, v in tags.items():
         mlc.set_model_version_tag(name, version, k, v)
@@ -121,9 +93,9 @@ def beats(value: float, mode: str, metric: str, current: Any) -> bool:
     """Whether ``value`` of ``metric`` beats the champion version ``current`` (None: no champion)."""
     if current is None:
         return True
-    if current.tags.get("montage.metric") != metric:
+    if current.tags.get(schema.METRIC) != metric:
         return True  # a champion judged on another metric cannot be compared: the sweep's rules win
-    old = float(current.tags.get("montage.value", "nan"))
+    old = float(current.tags.get(schema.VALUE, "nan"))
     if old != old:  # NaN
         return True
     return value > old if mode == "max" else value < old
@@ -148,40 +120,28 @@ def promote(task: str, version: str, uri: str = "") -> None:
 
 
 def resolve_model_sources(cfg: ExperimentConfig) -> None:
-    """``distill.teacher`` and ``init.checkpoint`` given as ``models:/…`` → the downloaded
+    """``distill.teacher`` and ``init.checkpoint`` given as a registry or remote source → the downloaded
     checkpoints (in place)."""
-    if cfg.distill.teacher.startswith("models:/"):
-        cfg.distill.teacher = str(download_model_checkpoint(cfg.distill.teacher, cfg.tracking.uri))
-    if cfg.init.checkpoint.startswith("models:/"):
-        cfg.init.checkpoint = str(download_model_checkpoint(cfg.init.checkpoint, cfg.tracking.uri))
+    for section, key in (("distill", "teacher"), ("init", "checkpoint")):
+        text = getattr(getattr(cfg, section), key)
+        if not text:
+            continue
+        source = ModelSource.parse(text, f"{section}.{key}")
+        if source.kind == "onnx":
+            raise ValueError(f"{section}.{key} {source}: an ONNX file has no weights to train from; give a checkpoint")
+        if not source.local:
+            setattr(getattr(cfg, section), key, str(download_model_checkpoint(source, cfg.tracking.uri)))
 
 
-def download_model_checkpoint(uri_or_task: str, tracking_uri: str = "") -> Path:
-    """``models:/<name>@<alias>``, ``models:/<name>/<version>`` (or a bare task name, meaning
-    its champion) → the local checkpoint file. The version is looked up with a client bound to
-    ``tracking_uri`` and its artifacts fetched from where they are stored."""
-    import mlflow
+def download_model_checkpoint(source: ModelSource | str, tracking_uri: str = "") -> Path:
+    """The local checkpoint file of a registry (or remote) source: the version's artifacts are fetched
+    from where they are stored, with a client bound to ``tracking_uri``."""
+    from montage.tracking.sources import resolve_source
 
-    from montage.platform.checkpoint import resolve_checkpoint_path
-
-    model_uri = uri_or_task if uri_or_task.startswith("models:/") else f"models:/{model_name(uri_or_task)}@{CHAMPION}"
-    name, alias, version = parse_model_uri(model_uri)
-    mlc = client(tracking_uri)
-    mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
-    source = mv.source
-    if source.startswith("models:/") and mv.model_id:  # registered from a logged model by id
-        source = mlc.get_logged_model(mv.model_id).artifact_location
-    local = Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=resolve_tracking_uri(tracking_uri))
-    )
-    hits = list(local.rglob("*.pt"))
-    if not hits:
-        raise FileNotFoundError(f"{model_uri} (version {mv.version}) holds no checkpoint artifact")
-    return resolve_checkpoint_path(hits[0])
-
-
-CHALLENGER = "challenger"
-ROLLOUT_TAG = "montage.rollout"  # promoted | rolled-back | replaced: what a rollout did to a version
+    resolved = resolve_source(source, tracking_uri)
+    if resolved.onnx is not None:
+        raise ValueError(f"{source} is an ONNX variant: its checkpoint is its parent's; give that instead")
+    return resolved.checkpoint
 
 
 def _alias_version(mlc: Any, name: str, alias: str) -> str | None:
@@ -193,33 +153,39 @@ def _alias_version(mlc: Any, name: str, alias: str) -> str | None:
         return None
 
 
-def promote_challenger(source: str, version: str, uri: str = "", reason: str = "") -> str | None:
+def _registered_name(source: ModelSource) -> str:
+    if not source.in_registry:
+        raise ValueError(f"{source} is not a registry version: nothing to move in the registry")
+    return source.name
+
+
+def promote_challenger(source: ModelSource, version: str, uri: str = "", reason: str = "") -> str | None:
     """A rollout's challenger wins: ``@champion`` of the source's model moves to ``version``, the
     ``@challenger`` alias (when it still names that version) is removed, and both versions are tagged.
     Returns the version that was champion before (None if there was none)."""
-    name, _, _ = parse_model_uri(source)
+    name = _registered_name(source)
     mlc = client(uri)
     before = _alias_version(mlc, name, CHAMPION)
     mlc.set_registered_model_alias(name, CHAMPION, str(version))
     if _alias_version(mlc, name, CHALLENGER) == str(version):
         mlc.delete_registered_model_alias(name, CHALLENGER)
-    mlc.set_model_version_tag(name, str(version), ROLLOUT_TAG, "promoted")
+    mlc.set_model_version_tag(name, str(version), schema.ROLLOUT, "promoted")
     if reason:
-        mlc.set_model_version_tag(name, str(version), f"{ROLLOUT_TAG}.reason", reason[:5000])
+        mlc.set_model_version_tag(name, str(version), schema.ROLLOUT_REASON, reason[:5000])
     if before and before != str(version):
-        mlc.set_model_version_tag(name, before, ROLLOUT_TAG, "replaced")
+        mlc.set_model_version_tag(name, before, schema.ROLLOUT, "replaced")
     log.info("%s: version %s is now @%s (was %s)", name, version, CHAMPION, before)
     return before
 
 
-def retire_challenger(source: str, version: str, uri: str = "", reason: str = "") -> None:
+def retire_challenger(source: ModelSource, version: str, uri: str = "", reason: str = "") -> None:
     """A rollout's challenger loses: the ``@challenger`` alias (when it still names ``version``) is
     removed and the version tagged ``montage.rollout=rolled-back``; ``@champion`` stays."""
-    name, _, _ = parse_model_uri(source)
+    name = _registered_name(source)
     mlc = client(uri)
     if _alias_version(mlc, name, CHALLENGER) == str(version):
         mlc.delete_registered_model_alias(name, CHALLENGER)
-    mlc.set_model_version_tag(name, str(version), ROLLOUT_TAG, "rolled-back")
+    mlc.set_model_version_tag(name, str(version), schema.ROLLOUT, "rolled-back")
     if reason:
-        mlc.set_model_version_tag(name, str(version), f"{ROLLOUT_TAG}.reason", reason[:5000])
+        mlc.set_model_version_tag(name, str(version), schema.ROLLOUT_REASON, reason[:5000])
     log.info("%s: version %s rolled back (no longer @%s)", name, version, CHALLENGER)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from montage.core import schema
 from montage.core.registry import TASKS
 from montage.tracking.registry import CHAMPION, model_name
 from montage.tracking.runs import resolve_tracking_uri
@@ -110,8 +111,8 @@ def _run_data(client: Any, run: Any, label: str, metrics: list[str], note: str =
     """``budget``: a sweep's epochs per trial; a trial that ran fewer, did not fail and whose loop did not
     stop itself (``montage.stop_reason``) was stopped by the scheduler, whatever Tune's ``done`` flag said."""
     tags = run.data.tags
-    if tags.get("montage.trial_status"):
-        status = tags["montage.trial_status"]
+    if tags.get(schema.TRIAL_STATUS):
+        status = tags[schema.TRIAL_STATUS]
     else:
         status = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed", "RUNNING": "running"}.get(
             run.info.status, run.info.status.lower()
@@ -129,7 +130,7 @@ def _run_data(client: Any, run: Any, label: str, metrics: list[str], note: str =
     epochs = sorted(int(m.group(1)) for f in files if (m := _SAMPLE.search(f.path)))
     data = RunData(run.info.run_id, label, status, dict(run.data.params), history, epochs, note)
     ran = data.epochs
-    if budget and 0 < ran < budget and status != "failed" and not tags.get("montage.stop_reason"):
+    if budget and 0 < ran < budget and status != "failed" and not tags.get(schema.STOP_REASON):
         data.status = "stopped early"
     return data
 
@@ -174,7 +175,7 @@ def load_sweep(sweep: str, uri: str = "") -> ReportData:
     if parent is None:
         raise FileNotFoundError(f"no sweep named {sweep!r} in {resolve_tracking_uri(uri)}")
     p = parent.data.params
-    task = parent.data.tags.get("montage.task", "")
+    task = parent.data.tags.get(schema.TASK, "")
     metric, mode = p.get("metric") or _monitor(task)[0], p.get("mode") or _monitor(task)[1]
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=5000
@@ -187,13 +188,13 @@ def load_sweep(sweep: str, uri: str = "") -> ReportData:
     for r in runs:  # a trial's params are the sampled values of the search space
         r.params = {k: r.params.get(k, "") for k in space} | r.params
     facts = {
-        "sweep": parent.data.tags.get("montage.sweep", parent.info.run_name or ""),
+        "sweep": parent.data.tags.get(schema.SWEEP, parent.info.run_name or ""),
         "parent run": parent.info.run_id,
         "trials": str(len(runs)),
         "scheduler": " ".join(
             [p.get("scheduler", "")] + [f"{k.split('.', 1)[1]}={p[k]}" for k in _SCHEDULER_KEYS if k in p]
         ),
-        "best trial": parent.data.tags.get("montage.best_trial", "-"),
+        "best trial": parent.data.tags.get(schema.BEST_TRIAL, "-"),
         "git commit": parent.data.tags.get("mlflow.source.git.commit", "-")[:12],
     }
     title = f"sweep {facts['sweep']}"
@@ -208,7 +209,7 @@ def load_runs(run_ids: list[str], uri: str = "") -> ReportData:
         raise ValueError("name at least one run id")
     client = _client(uri)
     fetched = [client.get_run(rid) for rid in run_ids]
-    task = fetched[0].data.tags.get("montage.task", "")
+    task = fetched[0].data.tags.get(schema.TASK, "")
     metric, mode = _monitor(task)
     runs = [_run_data(client, r, r.info.run_name or r.info.run_id[:8], _metric_keys(task, metric)) for r in fetched]
     facts = {"runs": str(len(runs)), "task": task}
@@ -229,15 +230,15 @@ def load_versions(task: str, versions: list[str] | None = None, uri: str = "") -
     if not found:
         raise FileNotFoundError(f"no registered versions of {name} in {resolve_tracking_uri(uri)}")
     metric, mode = _monitor(task)
-    metric = found[-1].tags.get("montage.metric", metric)
-    mode = found[-1].tags.get("montage.mode", mode)
+    metric = found[-1].tags.get(schema.METRIC, metric)
+    mode = found[-1].tags.get(schema.MODE, mode)
     try:
         champ = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except Exception:  # noqa: BLE001 - no champion yet
         champ = ""
     runs = []
     for v in found:
-        variant = v.tags.get("montage.variant", "")
+        variant = v.tags.get(schema.VARIANT, "")
         note = ", ".join(x for x in (f"@{CHAMPION}" if str(v.version) == champ else "", variant) if x)
         label = f"v{v.version}"
         if v.run_id:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from montage.core import schema
 from montage.core.config import ConfigError, ExperimentConfig, flatten, to_dict
+from montage.core.sources import logged_model_uri
 from montage.platform.loop import Hook, Loop
-from montage.tracking.datasets import DATA_DIGEST_TAG, log_data_input, split_sizes
+from montage.tracking.datasets import log_data_input, split_sizes
 from montage.tracking.outbox import OUTBOX, Backoff, Mirror, Outbox, unreachable
 
 log = logging.getLogger(__name__)
@@ -117,10 +119,6 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
-RUN_DIR_TAG = "montage.run_dir"  # where the run's checkpoints live: finds the run again on resume
-STARTS_TAG = "montage.starts"  # times training started in this run (first start, resumes, restarts)
-
-
 def _client(cfg: ExperimentConfig) -> Any:
     """An MLflow client with this config's request timeout and retries. MLflow's defaults (7 retries,
     120 s timeout) block one call ~4 min against a refused port and far longer against a silent one;
@@ -145,7 +143,7 @@ def create_run(cfg: ExperimentConfig, tags: dict[str, str] | None = None) -> str
     client = _client(cfg)
     uri = resolve_tracking_uri(t.uri)
     exp_id = get_experiment_id(client, t.experiment or f"montage-{cfg.task}", t.artifacts, uri)
-    all_tags = {"montage.task": cfg.task, "mlflow.source.git.commit": git_commit(), **(tags or {})}
+    all_tags = {schema.TASK: cfg.task, "mlflow.source.git.commit": git_commit(), **(tags or {})}
     if t.parent_run_id:
         all_tags["mlflow.parentRunId"] = t.parent_run_id
     run_id = client.create_run(
@@ -168,7 +166,7 @@ def find_run(cfg: ExperimentConfig, run_dir: str) -> str | None:
     exp = client.get_experiment_by_name(cfg.tracking.experiment or f"montage-{cfg.task}")
     if exp is None:
         return None
-    query = f"tags.`{RUN_DIR_TAG}` = '{run_dir}'"
+    query = f"tags.`{schema.RUN_DIR}` = '{run_dir}'"
     if cfg.tracking.parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{cfg.tracking.parent_run_id}'"
     found = client.search_runs([exp.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
@@ -187,12 +185,12 @@ def open_run(cfg: ExperimentConfig, run_dir: str, tags: dict[str, str] | None = 
     if cfg.tracking.run_id:
         return cfg.tracking.run_id
     found = find_run(cfg, run_dir) if resume or cfg.tracking.parent_run_id else None
-    return found or create_run(cfg, {RUN_DIR_TAG: run_dir, **(tags or {})})
+    return found or create_run(cfg, {schema.RUN_DIR: run_dir, **(tags or {})})
 
 
 def starts(cfg: ExperimentConfig, run_id: str) -> int:
-    """How many times training started in ``run_id`` (see :data:`STARTS_TAG`)."""
-    return int(_client(cfg).get_run(run_id).data.tags.get(STARTS_TAG, "0") or 0)
+    """How many times training started in ``run_id`` (see :data:`schema.STARTS`)."""
+    return int(_client(cfg).get_run(run_id).data.tags.get(schema.STARTS, "0") or 0)
 
 
 def end_failed_run(cfg: ExperimentConfig, run_id: str, error: BaseException | str) -> None:
@@ -200,7 +198,7 @@ def end_failed_run(cfg: ExperimentConfig, run_id: str, error: BaseException | st
     so. Mark the run FAILED (KILLED for an interrupt) with the error as a tag."""
     client = _client(cfg)
     interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
-    client.set_tag(run_id, "montage.error", repr(error)[:4000])
+    client.set_tag(run_id, schema.ERROR, repr(error)[:4000])
     client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
 
 
@@ -264,7 +262,7 @@ class MlflowHook(Hook):
 
     def _attach(self) -> None:
         """Find (or create) the run, mark it RUNNING, learn which epochs it holds, count this start."""
-        self.run_id = self.run_id or create_run(self.cfg, {RUN_DIR_TAG: run_dir_of(self.cfg), **self.tags})
+        self.run_id = self.run_id or create_run(self.cfg, {schema.RUN_DIR: run_dir_of(self.cfg), **self.tags})
         run = self.client.get_run(self.run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
@@ -272,7 +270,7 @@ class MlflowHook(Hook):
         if self.logged_epochs:
             log.info("continuing MLflow run %s (epochs %d–%d logged)", self.run_id, min(self.logged_epochs),
                      max(self.logged_epochs))  # fmt: skip
-        self.client.set_tag(self.run_id, STARTS_TAG, str(int(run.data.tags.get(STARTS_TAG, "0") or 0) + 1))
+        self.client.set_tag(self.run_id, schema.STARTS, str(int(run.data.tags.get(schema.STARTS, "0") or 0) + 1))
         if not run.inputs.dataset_inputs:  # once per run (a resume or restart logs nothing new)
             log_data_input(self.client, self.run_id, self.cfg, self.splits)
         self.attached = True
@@ -295,7 +293,7 @@ class MlflowHook(Hook):
         if self.cfg.tracking.log_model and self.best_path is not None and self.best_path.is_file():
             self._deliver({"kind": "model", "metric": loop.best.metric, "value": loop.best.value}, model=True)
         if loop.stop_reason:
-            self._deliver({"kind": "tag", "key": "montage.stop_reason", "value": loop.stop_reason})
+            self._deliver({"kind": "tag", "key": schema.STOP_REASON, "value": loop.stop_reason})
         self._deliver({"kind": "end", "status": "FINISHED"})
         self._drain()
 
@@ -304,7 +302,7 @@ class MlflowHook(Hook):
             return
         interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
         try:
-            self.client.set_tag(self.run_id, "montage.error", repr(exc)[:4000])
+            self.client.set_tag(self.run_id, schema.ERROR, repr(exc)[:4000])
             self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
         except Exception as err:  # noqa: BLE001 - the training's own error is what matters here
             log.warning("could not mark MLflow run %s failed: %s", self.run_id, err)
@@ -427,7 +425,7 @@ def log_checkpoint_model(
 
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
     run = client.get_run(run_id)
-    tags = {"montage.task": task, **{f"montage.{k}": str(v) for k, v in metrics.items()}}
+    tags = {schema.TASK: task, **{schema.logged_metric(k): str(v) for k, v in metrics.items()}}
     model = client.create_logged_model(
         run.info.experiment_id, name="model", source_run_id=run_id, tags=tags, model_type="pyfunc"
     )
@@ -458,15 +456,15 @@ def log_checkpoint_model(
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "ALREADY_EXISTS" not in str(exc.error_code):
                 raise
-        digest = run.data.tags.get(DATA_DIGEST_TAG)  # the data it was trained on (the run's log_input)
+        digest = run.data.tags.get(schema.DATA_DIGEST)  # the data it was trained on (the run's log_input)
         mv = client.create_model_version(
             registered_name,
             source=model.artifact_location,
             run_id=run_id,
             model_id=model.model_id,
-            tags={DATA_DIGEST_TAG: digest} if digest else None,
+            tags={schema.DATA_DIGEST: digest} if digest else None,
         )
         version = str(mv.version)
     return LoggedCheckpoint(
-        model_id=model.model_id, model_uri=f"models:/{model.model_id}", registered_model_version=version
+        model_id=model.model_id, model_uri=logged_model_uri(model.model_id), registered_model_version=version
     )

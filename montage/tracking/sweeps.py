@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from montage.core import schema
 from montage.core.config import ExperimentConfig, to_dict
 from montage.tracking.registry import client as mlflow_client
 from montage.tracking.registry import register_checkpoint
@@ -64,10 +65,10 @@ def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: 
         exp_id,
         run_name=tcfg.name,
         tags={
-            "montage.role": "sweep",
-            "montage.sweep": tcfg.name,
-            "montage.task": tcfg.task,
-            "montage.sweep_dir": sweep_dir,
+            schema.ROLE: "sweep",
+            schema.SWEEP: tcfg.name,
+            schema.TASK: tcfg.task,
+            schema.SWEEP_DIR: sweep_dir,
             "mlflow.source.git.commit": git_commit() or "unknown",
         },
     )
@@ -102,14 +103,14 @@ def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: 
 def interrupt_sweep(base: ExperimentConfig, parent_id: str, why: str) -> None:
     """The sweep's parent run stops as KILLED until ``--resume`` sets it running again."""
     client = mlflow_client(base.tracking.uri)
-    client.set_tag(parent_id, "montage.interrupted", why)
+    client.set_tag(parent_id, schema.INTERRUPTED, why)
     client.set_terminated(parent_id, "KILLED")
 
 
 def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
     exp_id = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
-    return {r.data.tags.get("montage.trial", ""): r for r in runs}
+    return {r.data.tags.get(schema.TRIAL, ""): r for r in runs}
 
 
 def finish_sweep(
@@ -130,14 +131,14 @@ def finish_sweep(
             run = client.create_run(
                 exp_id,
                 run_name=t.name,
-                tags={"mlflow.parentRunId": parent_id, "montage.trial": t.trial_id, "montage.sweep": tcfg.name},
+                tags={"mlflow.parentRunId": parent_id, schema.TRIAL: t.trial_id, schema.SWEEP: tcfg.name},
             )
         rid = run.info.run_id
         status = t.status
-        client.set_tag(rid, "montage.trial_status", status.value)
-        client.set_tag(rid, "montage.stopped_early", str(status is TrialStatus.STOPPED).lower())
+        client.set_tag(rid, schema.TRIAL_STATUS, status.value)
+        client.set_tag(rid, schema.STOPPED_EARLY, str(status is TrialStatus.STOPPED).lower())
         if t.error:
-            client.set_tag(rid, "montage.error", t.error[:5000])
+            client.set_tag(rid, schema.ERROR, t.error[:5000])
             client.set_terminated(rid, "FAILED")
         elif status is TrialStatus.STOPPED:
             client.set_terminated(rid, "KILLED")
@@ -168,7 +169,7 @@ def finish_sweep(
     if best is not None:
         value = best.best(tcfg.metric)
         client.log_metric(parent_id, f"best/{tcfg.metric}", value)
-        client.set_tag(parent_id, "montage.best_trial", best.name)
+        client.set_tag(parent_id, schema.BEST_TRIAL, best.name)
         for k, v in best.params.items():
             client.set_tag(parent_id, f"best.{k}", str(v))
         if best.checkpoint and best.mlflow_run_id:

@@ -10,10 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from montage.platform.export import ExportReport, export_onnx
-from montage.tracking.datasets import DATA_DIGEST_TAG
-from montage.tracking.registry import client, download_model_checkpoint, model_name, parse_model_uri, resolve_version
+from montage.core import schema
+from montage.core.sources import ModelSource
+from montage.platform.export import ExportReport, export_onnx, write_metadata
+from montage.tracking.registry import client, model_name
 from montage.tracking.runs import get_experiment_id, resolve_tracking_uri
+from montage.tracking.sources import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ class Variant:
     """An exported model and, when registered, its version."""
 
     report: ExportReport
-    parent: str  # the source it was made from (models:/name/N for a registered version)
+    parent: str  # the source it was made from (models:/name/N for a registered version, else the path)
     name: str = ""
     version: str = ""
     measurement: Measurement | None = None
@@ -46,22 +48,25 @@ def validation_batch(inst: Any, size: int = 2) -> dict[str, Any]:
 
 def export_model(
     task: str,
-    source: str,
+    source: ModelSource | str,
     output: str | Path,
     opset: int = 18,
     dynamic_batch: bool = False,
     tracking_uri: str = "",
     register: bool | None = None,
 ) -> Variant:
-    """Export ``source`` (``models:/…``, or a checkpoint path) of ``task`` to ONNX at
+    """Export ``source`` (a registry version or alias, or a checkpoint) of ``task`` to ONNX at
     ``output``, checked with ONNX Runtime on validation inputs; register it (default: when
-    the source is a registered model) as a new version tagged ``variant=onnx``."""
+    the source is a registered model) as a new version tagged ``variant=onnx``. The file names
+    its parent in its metadata (``montage.parent``), so it can be served on its own."""
     from montage.platform.inference import load_for_inference
 
-    parent, checkpoint = resolve_source(source, tracking_uri)
+    source = ModelSource.parse(source, "--source")
+    parent, checkpoint = variant_parent(source, tracking_uri)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
     batch = validation_batch(inst, size=2 if dynamic_batch else 1)  # a static batch is fixed at the example's
     report = export_onnx(inst.export_spec(nets, batch), output, opset=opset, dynamic_batch=dynamic_batch)
+    _name_parent(report.path, parent, checkpoint)
     m = measure(checkpoint, onnx_path=report.path)
     if not registers(source, register):
         return Variant(report, parent, measurement=m)
@@ -69,23 +74,32 @@ def export_model(
     return Variant(report, parent, model_name(task), version, m)
 
 
-def registers(source: str, register: bool | None) -> bool:
+def registers(source: ModelSource, register: bool | None) -> bool:
     """Whether a variant of ``source`` is registered: as asked, by default when the source is a registered model."""
-    return source.startswith("models:/") if register is None else register
+    return source.in_registry if register is None else register
 
 
-def resolve_source(source: str, tracking_uri: str) -> tuple[str, Path]:
-    """(the parent a variant records: models:/name/N or the path, the local checkpoint)."""
-    if source.startswith("models:/"):
-        name, alias, version = parse_model_uri(source)
-        parent = f"models:/{name}/{resolve_version(source, tracking_uri) if alias else version}"
-        return parent, download_model_checkpoint(parent, tracking_uri)
-    return source, Path(source)
+def variant_parent(source: ModelSource, tracking_uri: str) -> tuple[str, Path]:
+    """(the parent a variant records: models:/name/N for a registry source (an alias: the version it
+    names now), else the checkpoint's path; the local checkpoint). An ONNX source has no weights to
+    make a variant from."""
+    resolved = resolve_source(source, tracking_uri)
+    if resolved.onnx is not None:
+        raise ValueError(
+            f"{source} is an ONNX model already: make the variant from the checkpoint it was exported from"
+        )
+    return resolved.pinned.uri, resolved.checkpoint
+
+
+def _name_parent(onnx_path: str | Path, parent: str, checkpoint: Path) -> None:
+    """Write the parent into the ONNX file's metadata (a local checkpoint by its absolute path)."""
+    local = ModelSource.parse(parent).local
+    write_metadata(onnx_path, {schema.PARENT: str(checkpoint.resolve()) if local else parent})
 
 
 def quantize_model(
     task: str,
-    source: str,
+    source: ModelSource | str,
     output: str | Path,
     samples: int = 32,
     tracking_uri: str = "",
@@ -108,7 +122,8 @@ def quantize_model(
         raise ValueError(f"--precision: unknown '{precision}'; valid: int8, fp16")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1 (the calibration set), got {samples}")
-    parent, checkpoint = resolve_source(source, tracking_uri)
+    source = ModelSource.parse(source, "--source")
+    parent, checkpoint = variant_parent(source, tracking_uri)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
     validation_batch(inst)  # a clear error when the validation data cannot be built
     loader = DataLoader(inst.datasets()[1], batch_size=1, shuffle=False)
@@ -120,6 +135,7 @@ def quantize_model(
             quantize_int8(fp32.path, output, [s.inputs for s in specs])
         else:
             convert_fp16(fp32.path, output)
+    _name_parent(output, parent, checkpoint)
     sess, module, worst = session(output), specs[0].module.eval(), 0.0
     with torch.no_grad():
         for s in specs:
@@ -178,29 +194,29 @@ def register_onnx(
     mlc = client(tracking_uri)
     name = model_name(task)
     run_id = None
-    if parent.startswith("models:/"):
-        pname, _, pversion = parse_model_uri(parent)
-        run_id = mlc.get_model_version(pname, pversion).run_id
+    psource = ModelSource.parse(parent, "the parent")
+    if psource.in_registry:
+        run_id = mlc.get_model_version(psource.name, psource.version).run_id
     if run_id is None:
         exp = get_experiment_id(mlc, f"montage-{task}", "mlartifacts", resolve_tracking_uri(tracking_uri))
         run_id = mlc.create_run(
-            exp, run_name=f"export-{onnx_path.stem}", tags={"montage.task": task, "montage.role": "export"}
+            exp, run_name=f"export-{onnx_path.stem}", tags={schema.TASK: task, schema.ROLE: "export"}
         ).info.run_id
         mlc.set_terminated(run_id, "FINISHED")
     tags = {
-        "montage.variant": variant,
-        "montage.runtime": "onnxruntime",
-        "montage.parent": parent,
-        "montage.opset": str(report.opset),
-        "montage.size_mb": f"{report.size_mb:.3f}",
-        "montage.params": str(report.params),
-        "montage.max_abs_diff": f"{report.max_abs_diff:.3g}",
-        "montage.dynamic_batch": str(report.dynamic_batch).lower(),
+        schema.VARIANT: variant,
+        schema.RUNTIME: schema.RUNTIME_ONNX,
+        schema.PARENT: parent,
+        schema.OPSET: str(report.opset),
+        schema.SIZE_MB: f"{report.size_mb:.3f}",
+        schema.PARAMS: str(report.params),
+        schema.MAX_ABS_DIFF: f"{report.max_abs_diff:.3g}",
+        schema.DYNAMIC_BATCH: str(report.dynamic_batch).lower(),
         **(extra_tags or {}),
     }
     run = mlc.get_run(run_id)
-    if run.data.tags.get(DATA_DIGEST_TAG):  # the parent's training data
-        tags[DATA_DIGEST_TAG] = run.data.tags[DATA_DIGEST_TAG]
+    if run.data.tags.get(schema.DATA_DIGEST):  # the parent's training data
+        tags[schema.DATA_DIGEST] = run.data.tags[schema.DATA_DIGEST]
     experiment_id = run.info.experiment_id
     model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type="onnx")
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,40 +240,12 @@ def register_onnx(
     return str(mv.version)
 
 
-def onnx_variant_files(source: str, tracking_uri: str = "") -> tuple[str, str, str]:
-    """A registered ONNX variant → (its .onnx file, the checkpoint it was exported from, a label)."""
-    import mlflow
-
-    if not source.startswith("models:/"):
-        raise ValueError(
-            "runtime onnx serves a registered ONNX variant (models:/montage-<task>/<version>, made by `montage "
-            f"export`), not {source!r}"
-        )
-    name, alias, version = parse_model_uri(source)
-    mlc = client(tracking_uri)
-    mv = mlc.get_model_version_by_alias(name, alias) if alias else mlc.get_model_version(name, version)
-    if mv.tags.get("montage.runtime") != "onnxruntime":
-        raise ValueError(
-            f"{source} (version {mv.version}) is not an ONNX variant; make one with `montage export <task> --source "
-            f"{source}`"
-        )
-    local = Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=resolve_tracking_uri(tracking_uri))
-    )
-    found = sorted(local.rglob("*.onnx"))
-    if not found:
-        raise FileNotFoundError(f"{source} (version {mv.version}) holds no .onnx file")
-    parent = mv.tags["montage.parent"]
-    checkpoint = download_model_checkpoint(parent, tracking_uri)
-    return str(found[0]), str(checkpoint), f"{name} v{mv.version} ({mv.tags.get('montage.variant')} onnx of {parent})"
-
-
 def report_dict(variant: Variant) -> dict[str, Any]:
     out = {"parent": variant.parent, **asdict(variant.report)}
     if variant.measurement is not None:
         out["measured"] = {**asdict(variant.measurement), "delta": variant.measurement.delta}
     if variant.version:
-        out["registered"] = f"models:/{variant.name}/{variant.version}"
+        out["registered"] = ModelSource.registered(variant.name, version=variant.version).uri
     return out
 
 
@@ -279,13 +267,13 @@ class Measurement:
 
     def tags(self) -> dict[str, str]:
         return {
-            "montage.quality_metric": self.metric,
-            "montage.quality": f"{self.value:.6g}",
-            "montage.parent_quality": f"{self.parent_value:.6g}",
-            "montage.quality_delta": f"{self.delta:+.4g}",
-            "montage.latency_ms": f"{self.latency_ms:.2f}",
-            "montage.parent_latency_ms": f"{self.parent_latency_ms:.2f}",
-            "montage.speedup": f"{self.parent_latency_ms / self.latency_ms:.2f}",
+            schema.QUALITY_METRIC: self.metric,
+            schema.QUALITY: f"{self.value:.6g}",
+            schema.PARENT_QUALITY: f"{self.parent_value:.6g}",
+            schema.QUALITY_DELTA: f"{self.delta:+.4g}",
+            schema.LATENCY_MS: f"{self.latency_ms:.2f}",
+            schema.PARENT_LATENCY_MS: f"{self.parent_latency_ms:.2f}",
+            schema.SPEEDUP: f"{self.parent_latency_ms / self.latency_ms:.2f}",
         }
 
 

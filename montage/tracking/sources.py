@@ -1,0 +1,156 @@
+"""A :class:`~montage.core.sources.ModelSource` resolved to files on this machine: registry
+aliases and versions through MLflow (an ONNX variant: its ``.onnx`` and the checkpoint it was
+exported from), remote checkpoints through pyarrow's filesystems (what Ray Train persists with),
+ONNX files through the parent they name in their metadata. The one ``resolve_source`` of montage:
+Serve, ``montage evaluate``, ``export``, ``optimize`` and the training launchers use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from montage.core import schema
+from montage.core.sources import ModelSource, logged_model_uri
+from montage.tracking.registry import client
+from montage.tracking.runs import resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source and the local files that serve it."""
+
+    source: ModelSource  # as given
+    pinned: ModelSource  # an alias: the version it names now; every other kind: the source
+    checkpoint: Path  # the checkpoint file (an ONNX source: the one it was exported from: it holds the config)
+    onnx: Path | None = None  # the exported network that replaces the checkpoint's, for an ONNX source
+    label: str = ""  # what /healthz and the logs call it
+
+    @property
+    def runtime(self) -> str:
+        """``onnx`` for an ONNX file or registered ONNX variant, else ``torch``."""
+        return "onnx" if self.onnx is not None else "torch"
+
+
+def model_version(source: ModelSource, tracking_uri: str = "") -> Any:
+    """The registry ``ModelVersion`` a registry source names now (raises MLflow's error when none)."""
+    if not source.in_registry:
+        raise ValueError(f"{source} is not a registry source")
+    mlc = client(tracking_uri)
+    if source.kind == "alias":
+        return mlc.get_model_version_by_alias(source.name, source.alias)
+    return mlc.get_model_version(source.name, source.version)
+
+
+def is_onnx_variant(version: Any) -> bool:
+    return version.tags.get(schema.RUNTIME) == schema.RUNTIME_ONNX
+
+
+def source_runtime(source: ModelSource, tracking_uri: str = "", version: Any = None) -> str:
+    """The runtime a source's own kind asks for, without downloading it: ``onnx`` for an ONNX file
+    or a registry version tagged as an ONNX variant, else ``torch``."""
+    if source.kind == "onnx":
+        return "onnx"
+    if source.in_registry:
+        return "onnx" if is_onnx_variant(version or model_version(source, tracking_uri)) else "torch"
+    return "torch"
+
+
+def local_checkpoint(path: str) -> Path:
+    """A checkpoint file on this machine (a folder's ``checkpoint.pt``); a remote one (``s3://``, ``gs://``,
+    …) is downloaded first."""
+    from montage.platform.checkpoint import resolve_checkpoint_path
+
+    if ModelSource.parse(path).local:
+        return resolve_checkpoint_path(path)
+    return resolve_checkpoint_path(_download(path))
+
+
+def _download(uri: str) -> Path:
+    import pyarrow.fs
+
+    local = Path(tempfile.mkdtemp(prefix="montage-download-"))
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+        if fs.get_file_info(inner).type == pyarrow.fs.FileType.File:
+            target = local / Path(inner).name
+            pyarrow.fs.copy_files(uri, str(target))
+            return target
+        pyarrow.fs.copy_files(uri, str(local))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot download {uri}: {exc}") from exc
+    return local
+
+
+def resolve_source(source: ModelSource | str, tracking_uri: str = "") -> ResolvedSource:
+    """The local files of ``source`` (a string is parsed first). Raises ``CheckpointError`` for a
+    checkpoint that does not exist, ``FileNotFoundError`` for a missing ONNX file or a version without
+    its artifact, MLflow's error for a name, alias or version the registry does not hold."""
+    src = ModelSource.parse(source)
+    if src.in_registry:
+        return _resolve_registered(src, tracking_uri)
+    if src.kind == "onnx":
+        onnx_path = Path(src.path) if src.local else _download(src.path)
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"model source not found: {src.path}")
+        parent = onnx_parent(onnx_path)
+        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        return ResolvedSource(src, src, checkpoint, onnx_path, f"{src.path} (onnx of {parent})")
+    return ResolvedSource(src, src, local_checkpoint(src.path), label=src.path)
+
+
+def onnx_parent(onnx_path: Path) -> ModelSource:
+    """The source an exported ONNX file was made from (``montage.parent`` in its metadata)."""
+    from montage.platform.export import read_metadata
+
+    parent = read_metadata(onnx_path).get(schema.PARENT, "")
+    if not parent:
+        raise ValueError(
+            f"{onnx_path} does not name the checkpoint it was exported from (ONNX metadata {schema.PARENT}): export "
+            "it with `montage export`, or serve its registered variant (models:/<name>/<version>)"
+        )
+    return ModelSource.parse(parent, f"{onnx_path}'s {schema.PARENT}")
+
+
+def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
+    mv = model_version(src, tracking_uri)
+    pinned = src.at_version(mv.version)
+    files = _download_version(mv, tracking_uri)
+    if is_onnx_variant(mv):
+        found = sorted(files.rglob("*.onnx"))
+        if not found:
+            raise FileNotFoundError(f"{src} (version {mv.version}) holds no .onnx file")
+        parent = ModelSource.parse(mv.tags.get(schema.PARENT, ""), f"{pinned}'s {schema.PARENT} tag")
+        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        label = f"{src.name} v{mv.version} ({mv.tags.get(schema.VARIANT)} onnx of {parent})"
+        return ResolvedSource(src, pinned, checkpoint, found[0], label)
+    hits = sorted(files.rglob("*.pt"))
+    if not hits:
+        raise FileNotFoundError(f"{src} (version {mv.version}) holds no checkpoint artifact")
+    from montage.platform.checkpoint import resolve_checkpoint_path
+
+    label = f"{src.name} v{mv.version} (@{src.alias})" if src.kind == "alias" else src.uri
+    return ResolvedSource(src, pinned, resolve_checkpoint_path(hits[0]), label=label)
+
+
+def _download_version(mv: Any, tracking_uri: str) -> Path:
+    """A registry version's artifacts, fetched from where they are stored."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    location = mv.source
+    if mv.model_id and location == logged_model_uri(mv.model_id):  # registered from a logged model by id
+        location = client(tracking_uri).get_logged_model(mv.model_id).artifact_location
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=resolve_tracking_uri(tracking_uri))
+        )
+    except (OSError, MlflowException) as exc:  # deleted ("No such artifact") or an unreachable store
+        raise FileNotFoundError(
+            f"{mv.name} version {mv.version}: its artifacts cannot be fetched from {location}: {exc}"
+        ) from exc
