@@ -265,6 +265,53 @@ def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_pat
     assert len(search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 3
 
 
+def test_fold_curves_report_an_epoch_once_every_fold_reached_it() -> None:
+    from montage.launch.tune_cv import FoldCurves
+
+    curves = FoldCurves(3, "val/iou", "max")
+    assert curves.add(0, {"epoch": 1, "val/iou": 0.2, "train/total": 1.0}) == []
+    assert curves.add(1, {"epoch": 1, "val/iou": 0.4}) == []
+    assert curves.add(0, {"epoch": 2, "val/iou": 0.1}) == []  # fold 0 ahead: waits for the others
+    (one,) = curves.add(2, {"epoch": 1, "val/iou": 0.6})
+    assert one["epoch"] == 1 and one["cv/iou_mean"] == pytest.approx(0.4)
+    assert one["cv/iou_std"] == pytest.approx(np.std([0.2, 0.4, 0.6], ddof=1)) and "cv/total_mean" not in one
+    assert one["best/cv/iou_mean"] == pytest.approx(0.4) and one["stopped_early"] == 0.0
+    curves.add(1, {"epoch": 2, "val/iou": 0.2})
+    (two,) = curves.add(2, {"epoch": 2, "val/iou": 0.3, "stopped_early": 1.0})
+    assert two["cv/iou_mean"] == pytest.approx(0.2) and two["best/cv/iou_mean"] == pytest.approx(0.4)
+    assert two["cv/best_epoch"] == 1 and two["best/cv/iou_std"] == one["cv/iou_std"] and two["stopped_early"] == 1.0
+    assert curves.add(2, {"epoch": 2, "val/iou": 0.3}) == []  # re-reported after a resume: not again
+    # a resumed trial whose folds restart at different epochs: the first epoch they all reach
+    resumed = FoldCurves(2, "val/loss", "min")
+    assert resumed.add(0, {"epoch": 4, "val/loss": 1.0}) == [] and resumed.add(1, {"epoch": 3, "val/loss": 2.0}) == []
+    (four,) = resumed.add(1, {"epoch": 4, "val/loss": 3.0})
+    assert four["epoch"] == 4 and four["best/cv/loss_mean"] == 2.0 and resumed.pending == {}
+
+
+def test_a_cv_sweep_names_its_metric_and_asks_for_its_folds(tmp_path: Path) -> None:
+    import yaml
+
+    from montage.core.config import ConfigError
+    from montage.core.tune_sections import TrialResources, TuneConfig
+    from montage.launch.session import Capacity
+    from montage.launch.tune import load_tune_config, trial_concurrency
+
+    path = tmp_path / "t.yaml"
+    space = {"optim.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}}
+    path.write_text(yaml.safe_dump({"task": "segmentation", "base": "segmentation-smoke", "search_space": space}))
+    assert load_tune_config(path, ["base.cv.folds=3"])[0].metric == "cv/iou_mean"
+    assert load_tune_config(path)[0].metric == "val/iou"
+    with pytest.raises(ConfigError, match="set metric: cv/iou_mean"):
+        load_tune_config(path, ["base.cv.folds=3", "metric=val/iou"])
+    with pytest.raises(ConfigError, match="set cv.folds=K"):
+        load_tune_config(path, ["metric=cv/iou_mean"])
+    tcfg = TuneConfig(task="x", base="y", resources=TrialResources(cpus_per_worker=0.5), num_samples=8)
+    two = Capacity([{"CPU": 2.0}], "of this cluster")
+    assert trial_concurrency(tcfg, two) == 4 and trial_concurrency(tcfg, two, fits=2) == 2
+    with pytest.raises(ConfigError, match=r"one trial needs 2.5 CPU \(5 folds at once; cv.parallel=false"):
+        trial_concurrency(tcfg, two, fits=5)
+
+
 # ------------------------------------------------------------------------- multi-scale
 
 
