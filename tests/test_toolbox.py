@@ -1,144 +1,26 @@
-"""The experimenter's toolbox: sanity checks, the LR range test, K-fold cross-validation,
-multi-scale training and hard-negative mining, on a tiny image task (no Ray) and the real tasks'
-smoke configs where the platform path matters."""
+"""The experimenter's toolbox: sanity checks, the LR range test, multi-scale training,
+hard-negative mining and OpenVINO, on a tiny image task (no Ray, ``toolbox_task.py``) and the real
+tasks' smoke configs where the platform path matters. K-fold: ``test_toolbox_cv.py``,
+``test_toolbox_ray.py``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
+from toolbox_task import one_thread, pic_cfg, search  # noqa: F401  (one_thread: the module's fixture)
 from torch import nn
-from torch.utils.data import Dataset
 
-from montage.core.config import SectionSpec, load_config
-from montage.core.registry import TASKS
-from montage.core.sections import DataSamplingConfig
-from montage.launch.cv import run_cv
 from montage.launch.local import fit_local
 from montage.platform.build import make_loader
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.lrfind import lr_find
 from montage.platform.multiscale import MultiScaleLoader
-from montage.platform.runner import fold_datasets, make_task
-from montage.platform.sampling import ShardSampler, kfold_split
+from montage.platform.runner import make_task
+from montage.platform.sampling import ShardSampler
 from montage.platform.sanity import fast_dev_run, overfit_and_grad_flow
-from montage.platform.task import Modules, Task
-
-
-@dataclass
-class PixModel:
-    width: int = 6
-    detach_aux: bool = False  # the aux head's output cut from the graph (its term cannot move)
-    freeze_aux: bool = False  # the aux head's weights frozen by mistake (still in the optimizer)
-
-
-@dataclass
-class PixData(DataSamplingConfig):
-    n: int = 24
-    size: int = 16
-    offset: float = 0.3  # added to the targets of every third sample (the model cannot tell which)
-
-
-@dataclass
-class PixLoss:
-    mse: float = 1.0
-    aux: float = 1.0
-
-
-class Pictures(Dataset):
-    """Smooth random images x and targets 0.5·x + 0.25 (sample ``i`` gets a sample-dependent offset)."""
-
-    def __init__(self, n: int, size: int, seed: int, offset: float = 0.3) -> None:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size + 2, size + 2, generator=g), 3, 1)
-        self.x = x
-        self.y = 0.5 * x + 0.25 + offset * (torch.arange(n) % 3 == 0).float().view(n, 1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.x[i], "target": self.y[i]}
-
-
-class TwoHeads(nn.Module):
-    def __init__(self, cfg: PixModel) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Conv2d(1, cfg.width, 3, padding=1)
-        self.head = nn.Conv2d(cfg.width, 1, 3, padding=1)
-        self.aux = nn.Conv2d(1, 1, 3, padding=1)
-        self.cfg = cfg
-        if cfg.freeze_aux:
-            self.aux.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        aux = self.aux(x)
-        return self.head(torch.relu(self.body(x))), aux.detach() if self.cfg.detach_aux else aux
-
-
-@TASKS.register("pictures")
-class PicturesTask(Task):
-    name = "pictures"
-    monitor = ("val/mse", "min")
-    spec = SectionSpec(
-        model=PixModel,
-        data=PixData,
-        loss=PixLoss,
-        defaults={"sched.name": "none", "train.loader_workers": 0, "train.progress": False, "optim.lr": 0.02},
-    )
-
-    def build_nets(self, pretrained: bool = True) -> dict[str, nn.Module]:
-        return {"net": TwoHeads(self.cfg.model)}
-
-    def datasets(self):
-        d = self.cfg.data
-        return Pictures(d.n, d.size, 0, d.offset), Pictures(9, d.size, 1, d.offset)
-
-    def train_step(self, m: Modules, batch, stepper):
-        out, aux = m["net"](batch["image"])
-        terms = {
-            "mse": (out - batch["target"]).pow(2).mean(),
-            "aux": (aux - batch["target"]).abs().mean(),
-        }
-        terms["total"] = self.weighted_total(terms, {"mse": self.cfg.loss.mse, "aux": self.cfg.loss.aux})
-        stepper.optimize(terms["total"])
-        return {k: v.detach() for k, v in terms.items()}
-
-    def eval_step(self, m: Modules, batch):
-        out, _ = m.unwrap("net")(batch["image"])
-        return {"mse": (out - batch["target"]).pow(2).flatten(1).mean(1)}
-
-    def samples(self, m, batch):
-        return np.zeros((8, 8, 3), np.uint8)
-
-
-def search(uri: str, query: str) -> list:
-    client = mlflow.MlflowClient(uri)
-    return client.search_runs([client.get_experiment_by_name("montage-pictures").experiment_id], query)
-
-
-def pic_cfg(tmp_path: Path, *overrides: str):
-    return load_config(
-        "pictures",
-        PicturesTask.spec,
-        None,
-        [f"run.storage={tmp_path / 'runs'}", "tracking.enabled=false", "train.batch_size=4", *overrides],
-    )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one torch thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------ checks
 
@@ -227,89 +109,6 @@ def test_lr_find_sweeps_each_gan_optimizer_and_writes_both_rates(tmp_path: Path,
     written = yaml.safe_load(config.read_text())
     assert set(written["optim"]) == {"lr", "lr_d"} and written["optim"]["lr"] != 0.5
     assert (tmp_path / "lrf" / "lr_find.png").is_file()
-
-
-# ------------------------------------------------------------------------------ K-fold
-
-
-def test_kfold_folds_are_disjoint_and_cover_the_data() -> None:
-    for n, k in [(10, 3), (7, 7), (100, 5)]:
-        vals = [kfold_split(n, k, f, seed=4)[1] for f in range(k)]
-        assert sorted(i for v in vals for i in v) == list(range(n))
-        for f in range(k):
-            train, val = kfold_split(n, k, f, seed=4)
-            assert not set(train) & set(val) and len(train) + len(val) == n
-        assert max(map(len, vals)) - min(map(len, vals)) <= 1
-    assert kfold_split(10, 3, 0, 1) != kfold_split(10, 3, 0, 2)
-    with pytest.raises(ValueError, match="too few"):
-        kfold_split(2, 3, 0, 0)
-
-
-def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = pic_cfg(tmp_path, "cv.folds=3", "train.epochs=1", "tracking.enabled=true", f"tracking.uri={uri}")
-    cfg.tracking.artifacts = str(tmp_path / "art")
-    task = make_task(pic_cfg(tmp_path, "cv.folds=3", "cv.fold=1"))
-    train, val = fold_datasets(task)
-    assert len(train) + len(val) == 24 and not set(train.indices) & set(val.indices)
-
-    result = run_cv(cfg, use_ray=False)
-    assert result.error is None and len(result.folds) == 3
-    assert sum(s.metrics["val/samples"] for s in result.folds) == 24  # each sample validated exactly once
-    per_fold = [s.best_metrics["val/mse"] for s in result.folds]
-    assert result.mean["val/mse"] == pytest.approx(np.mean(per_fold))
-    assert result.std["val/mse"] == pytest.approx(np.std(per_fold, ddof=1)) and result.std["val/mse"] > 0
-    client = mlflow.MlflowClient(uri)
-    parent = client.get_run(result.parent_run_id)
-    assert parent.data.metrics["cv/mse_mean"] == pytest.approx(result.mean["val/mse"])
-    assert len(search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 3
-
-
-def test_fold_curves_report_an_epoch_once_every_fold_reached_it() -> None:
-    from montage.launch.tune_cv import FoldCurves
-
-    curves = FoldCurves(3, "val/iou", "max")
-    assert curves.add(0, {"epoch": 1, "val/iou": 0.2, "train/total": 1.0}) == []
-    assert curves.add(1, {"epoch": 1, "val/iou": 0.4}) == []
-    assert curves.add(0, {"epoch": 2, "val/iou": 0.1}) == []  # fold 0 ahead: waits for the others
-    (one,) = curves.add(2, {"epoch": 1, "val/iou": 0.6})
-    assert one["epoch"] == 1 and one["cv/iou_mean"] == pytest.approx(0.4)
-    assert one["cv/iou_std"] == pytest.approx(np.std([0.2, 0.4, 0.6], ddof=1)) and "cv/total_mean" not in one
-    assert one["best/cv/iou_mean"] == pytest.approx(0.4) and one["stopped_early"] == 0.0
-    curves.add(1, {"epoch": 2, "val/iou": 0.2})
-    (two,) = curves.add(2, {"epoch": 2, "val/iou": 0.3, "stopped_early": 1.0})
-    assert two["cv/iou_mean"] == pytest.approx(0.2) and two["best/cv/iou_mean"] == pytest.approx(0.4)
-    assert two["cv/best_epoch"] == 1 and two["best/cv/iou_std"] == one["cv/iou_std"] and two["stopped_early"] == 1.0
-    assert curves.add(2, {"epoch": 2, "val/iou": 0.3}) == []  # re-reported after a resume: not again
-    # a resumed trial whose folds restart at different epochs: the first epoch they all reach
-    resumed = FoldCurves(2, "val/loss", "min")
-    assert resumed.add(0, {"epoch": 4, "val/loss": 1.0}) == [] and resumed.add(1, {"epoch": 3, "val/loss": 2.0}) == []
-    (four,) = resumed.add(1, {"epoch": 4, "val/loss": 3.0})
-    assert four["epoch"] == 4 and four["best/cv/loss_mean"] == 2.0 and resumed.pending == {}
-
-
-def test_a_cv_sweep_names_its_metric_and_asks_for_its_folds(tmp_path: Path) -> None:
-    import yaml
-
-    from montage.core.config import ConfigError
-    from montage.core.tune_sections import TrialResources, TuneConfig
-    from montage.launch.session import Capacity
-    from montage.launch.tune import load_tune_config, trial_concurrency
-
-    path = tmp_path / "t.yaml"
-    space = {"optim.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}}
-    path.write_text(yaml.safe_dump({"task": "segmentation", "base": "segmentation-smoke", "search_space": space}))
-    assert load_tune_config(path, ["base.cv.folds=3"])[0].metric == "cv/iou_mean"
-    assert load_tune_config(path)[0].metric == "val/iou"
-    with pytest.raises(ConfigError, match="set metric: cv/iou_mean"):
-        load_tune_config(path, ["base.cv.folds=3", "metric=val/iou"])
-    with pytest.raises(ConfigError, match="set cv.folds=K"):
-        load_tune_config(path, ["metric=cv/iou_mean"])
-    tcfg = TuneConfig(task="x", base="y", resources=TrialResources(cpus_per_worker=0.5), num_samples=8)
-    two = Capacity([{"CPU": 2.0}], "of this cluster")
-    assert trial_concurrency(tcfg, two) == 4 and trial_concurrency(tcfg, two, fits=2) == 2
-    with pytest.raises(ConfigError, match=r"one trial needs 2.5 CPU \(5 folds at once; cv.parallel=false"):
-        trial_concurrency(tcfg, two, fits=5)
 
 
 # ------------------------------------------------------------------------- multi-scale
