@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -50,6 +51,23 @@ def test_grad_flow_flags_a_layer_frozen_by_mistake(tmp_path: Path) -> None:
     assert flow.details["norms"]["main:net.head"] > 0 and flow.details["norms"]["main:net.body"] > 0
 
 
+def test_grad_flow_flags_nan_and_exploding_gradients(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    nan = overfit_and_grad_flow(pic_cfg(tmp_path, "model.nan_aux=true"), tmp_path / "nan", cpu, steps=3)[1]
+    assert not nan.passed and nan.details["flags"] == {"main:net.aux": "non-finite gradient"}, nan.message
+    assert all(np.isfinite(nan.details["norms"][f"main:net.{k}"]) for k in ("body", "head"))
+
+    big = overfit_and_grad_flow(pic_cfg(tmp_path, "model.aux_gain=1e5"), tmp_path / "big", cpu, steps=3)[1]
+    assert not big.passed and list(big.details["flags"]) == ["main:net.aux"], big.message
+    assert big.details["flags"]["main:net.aux"].startswith("exploding gradient")
+    # the same layer at its usual gain is not flagged, nor the large one under a higher threshold
+    ok = overfit_and_grad_flow(pic_cfg(tmp_path), tmp_path / "ok", cpu, steps=3)[1]
+    assert ok.passed and big.details["norms"]["main:net.aux"] > 1e3 * ok.details["norms"]["main:net.aux"]
+    cfg = pic_cfg(tmp_path, "model.aux_gain=1e5")
+    mild = overfit_and_grad_flow(cfg, tmp_path / "mild", cpu, steps=3, explode=1e9)[1]
+    assert mild.passed and mild.details["flags"] == {}
+
+
 def test_montage_check_exits_by_its_result_and_logs_to_mlflow(tmp_path: Path, monkeypatch, capsys) -> None:
     from montage.cli import main
 
@@ -88,6 +106,32 @@ def test_lr_find_suggests_within_3x_of_the_best_lr_measured_by_short_fits(tmp_pa
     tuned = min(finals, key=finals.get)
     assert tuned / 3 <= found.suggested <= tuned * 3, (found.suggested, tuned, finals)
     assert found.rule == "valley" and found.steepest < found.valley < found.min_lr
+
+
+def test_lr_find_logs_its_curve_and_suggestion_to_mlflow(tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+
+    from montage.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    track = [f"tracking.uri={uri}", f"tracking.artifacts={tmp_path / 'art'}", "loss.aux=0"]
+    assert main(["lr-find", "pictures", *track, "--steps", "30", "--lo", "1e-4", "--hi", "10", "--out", "lrf"]) == 0
+    printed = capsys.readouterr().out
+    (found,) = json.loads((tmp_path / "lrf" / "lr_find.json").read_text())
+    (run,) = search(uri, "tags.`montage.role` = 'lr-find'")
+    assert run.info.status == "FINISHED" and run.info.run_id in printed
+    m = run.data.metrics
+    assert m["lr_find/main/suggested_lr"] == pytest.approx(found["suggested"]) == pytest.approx(found["valley"])
+    assert m["lr_find/main/steepest_lr"] == pytest.approx(found["steepest"])
+    assert f"suggested lr {found['suggested']:.3g}" in printed
+    client = mlflow.MlflowClient(uri)
+    lrs = [x.value for x in sorted(client.get_metric_history(run.info.run_id, "lr_find/main/lr"), key=lambda x: x.step)]
+    loss = sorted(client.get_metric_history(run.info.run_id, "lr_find/main/loss"), key=lambda x: x.step)
+    assert len(lrs) == len(loss) == len(found["lrs"]) and lrs == pytest.approx(found["lrs"])
+    assert lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:]))  # the exponential sweep
+    assert [x.value for x in loss] == pytest.approx(found["smoothed"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"lr_find.json", "lr_find.png"}
 
 
 def test_lr_find_sweeps_each_gan_optimizer_and_writes_both_rates(tmp_path: Path, monkeypatch) -> None:
@@ -166,6 +210,41 @@ def test_hard_mining_draws_the_hard_samples_more_often_and_resumes_exactly(tmp_p
     off = fit_local(pic_cfg(tmp_path, "train.epochs=3", "train.seed=1", "data.offset=1.0", "run.name=plain"))
     c = load_checkpoint(Path(off.run_dir) / "latest.pt")
     assert not torch.equal(a["nets"]["net"]["head.weight"], c["nets"]["net"]["head.weight"])
+
+
+def test_hard_mining_scores_and_draws_on_two_ranks_what_one_process_draws(tmp_path: Path) -> None:
+    """The DDP contract without DDP: each rank scores its share of the training samples (summed over the
+    ranks by an all-reduce, here by hand), and with the resulting weights 2 ranks at batch 4 draw, global
+    batch by global batch, what one process draws at batch 8."""
+    from montage.platform.mining import HardMining, mining_weights
+    from montage.platform.runner import WorkerEnv, build_loop
+
+    mining = ["data.hard_mining.fraction=0.25", "data.hard_mining.weight=4", "data.offset=1.0", "train.seed=3"]
+    one = build_loop(pic_cfg(tmp_path, *mining, "train.batch_size=8"), WorkerEnv(torch.device("cpu")), [])
+    cfg = pic_cfg(tmp_path, *mining, "train.batch_size=4")
+    ranks = [build_loop(cfg, WorkerEnv(torch.device("cpu"), rank=r, world_size=2), []) for r in (0, 1)]
+    hook = HardMining(cfg.data.hard_mining)
+    hook.resolve(one.task.monitor)
+    whole = hook.score(one)
+    shares = [hook.score(loop) for loop in ranks]
+    for r, share in enumerate(shares):  # rank r scored samples r, r+2, …; the others are left to the other rank
+        assert torch.all(share[r::2] > 0) and torch.all(share[1 - r :: 2] == 0)
+    torch.testing.assert_close(shares[0] + shares[1], whole)
+    weights = mining_weights(whole, 0.25, 4.0, hook.hard_is_high)
+    assert int((weights > 1).sum()) == 6
+
+    samplers = [loop.train_loader.sampler for loop in (one, *ranks)]
+    for sampler in samplers:
+        sampler.set_weights(weights)
+    draws = []
+    for epoch in (0, 1):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        single, r0, r1 = (list(s) for s in samplers)
+        assert len(single) == len(r0) + len(r1) == 24
+        assert single == [i for step in range(3) for i in r0[4 * step : 4 * step + 4] + r1[4 * step : 4 * step + 4]]
+        draws.append(single)
+    assert draws[0] != draws[1] and len(set(draws[0])) < 24  # drawn anew each epoch, with replacement
 
 
 # ---------------------------------------------------------------------------- OpenVINO

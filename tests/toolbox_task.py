@@ -25,6 +25,8 @@ class PixModel:
     width: int = 6
     detach_aux: bool = False  # the aux head's output cut from the graph (its term cannot move)
     freeze_aux: bool = False  # the aux head's weights frozen by mistake (still in the optimizer)
+    aux_gain: float = 1.0  # the aux head's input scaled: its weight gradient grows with it
+    nan_aux: bool = False  # a hand-written RMS of a zero difference in the aux term: finite loss, NaN gradient
 
 
 @dataclass
@@ -68,7 +70,7 @@ class TwoHeads(nn.Module):
             self.aux.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        aux = self.aux(x)
+        aux = self.aux(x * self.cfg.aux_gain)
         return self.head(torch.relu(self.body(x))), aux.detach() if self.cfg.detach_aux else aux
 
 
@@ -96,6 +98,8 @@ class PicturesTask(Task):
             "mse": (out - batch["target"]).pow(2).mean(),
             "aux": (aux - batch["target"]).abs().mean(),
         }
+        if self.cfg.model.nan_aux:  # sqrt's gradient at 0 is infinite: 0 · inf = NaN reaches the aux head only
+            terms["aux"] = terms["aux"] + (aux - aux.detach()).pow(2).mean().sqrt()
         terms["total"] = self.weighted_total(terms, {"mse": self.cfg.loss.mse, "aux": self.cfg.loss.aux})
         stepper.optimize(terms["total"])
         return {k: v.detach() for k, v in terms.items()}
