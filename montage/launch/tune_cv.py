@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,29 +137,37 @@ def cv_trial(cfg: ExperimentConfig, tags: dict[str, str], started: float) -> Non
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     curves = FoldCurves(cfg.cv.folds, *monitor(cfg))
-    pool = ThreadPoolExecutor(max_workers=fits_at_once(cfg), thread_name_prefix="cv-fold")
+    ended: dict[int, BaseException | None] = {}  # fold → its failure (None: it trained to its end)
     sweep = tags.get("montage.sweep", "")
-    futures: list[Future] = [
-        pool.submit(_fit_fold, c, queue, k, {"montage.sweep": sweep, "montage.cv.fold": str(k)}, started)
-        for k, c in enumerate(folds)
-    ]
-    failure: BaseException | None = None
-    try:
-        while True:
+
+    def fit(ks: list[int]) -> None:
+        for k in ks:
             try:
-                fold, metrics = queue.get(timeout=0.5)
-            except Empty:
-                done = [f for f in futures if f.done()]  # before looking at the queue: a fold reports before it ends
-                failure = next((e for e in map(_failure, done) if e is not None), None)
-                if failure is not None or (len(done) == len(futures) and queue.empty()):
-                    break
-                continue
-            for report in curves.add(fold, metrics):
-                if trial_run:
-                    log_trial_epoch(cfg, trial_run, report)
-                ray.tune.report(report)  # ASHA may stop the trial here (SystemExit): its folds end with it
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+                ended[k] = _fit_fold(folds[k], queue, k, {"montage.sweep": sweep, "montage.cv.fold": str(k)}, started)
+            except BaseException as exc:  # noqa: BLE001 - handed to the trial's thread, which raises it
+                ended[k] = exc
+            if ended[k] is not None:
+                return
+
+    # daemon threads, as Tune's own for the trial function: a trial ASHA stops exits without waiting for its
+    # folds' fits (their controllers end with this process), where pool threads would hold it until they end
+    groups = [[k] for k in range(len(folds))] if fits_at_once(cfg) > 1 else [list(range(len(folds)))]
+    for ks in groups:
+        threading.Thread(target=fit, args=(ks,), name=f"cv-fold{ks[0]}", daemon=True).start()
+    failure: BaseException | None = None
+    while True:
+        try:
+            fold, metrics = queue.get(timeout=0.5)
+        except Empty:
+            done = dict(ended)  # before looking at the queue: a fold's reports are queued before it ends
+            failure = next((e for e in done.values() if e is not None), None)
+            if failure is not None or (len(done) == len(folds) and queue.empty()):
+                break
+            continue
+        for report in curves.add(fold, metrics):
+            if trial_run:
+                log_trial_epoch(cfg, trial_run, report)
+            ray.tune.report(report)  # ASHA may stop the trial here (SystemExit): its folds end with it
     if failure is None and curves.last == 0:
         failure = RuntimeError(f"{cfg.run.name}: the folds ended without reporting an epoch together")
     if failure is not None:
@@ -170,11 +178,6 @@ def cv_trial(cfg: ExperimentConfig, tags: dict[str, str], started: float) -> Non
     queue.shutdown()
     log.info("%s: %d folds, %s=%.4g at epoch %d", cfg.run.name, cfg.cv.folds, f"best/{curves.key}",
              curves.best.get("mean", math.nan), int(curves.best.get("epoch", 0)))  # fmt: skip
-
-
-def _failure(future: Future) -> BaseException | None:
-    exc = future.exception()
-    return exc if exc is not None else future.result()
 
 
 def best_fold_checkpoint(trial: Storage, cfg: ExperimentConfig, local: str) -> tuple[str | None, dict[str, str]]:
