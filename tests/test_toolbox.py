@@ -1,144 +1,27 @@
-"""The experimenter's toolbox: sanity checks, the LR range test, K-fold cross-validation,
-multi-scale training and hard-negative mining, on a tiny image task (no Ray) and the real tasks'
-smoke configs where the platform path matters."""
+"""The experimenter's toolbox: sanity checks, the LR range test, multi-scale training,
+hard-negative mining and OpenVINO, on a tiny image task (no Ray, ``toolbox_task.py``) and the real
+tasks' smoke configs where the platform path matters. K-fold: ``test_toolbox_cv.py``,
+``test_toolbox_ray.py``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from toolbox_task import one_thread, pic_cfg, search  # noqa: F401  (one_thread: the module's fixture)
 from torch import nn
-from torch.utils.data import Dataset
 
-from montage.core.config import SectionSpec, load_config
-from montage.core.registry import TASKS
-from montage.core.sections import DataSamplingConfig
-from montage.launch.cv import run_cv
 from montage.launch.local import fit_local
 from montage.platform.build import make_loader
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.lrfind import lr_find
 from montage.platform.multiscale import MultiScaleLoader
-from montage.platform.runner import fold_datasets, make_task
-from montage.platform.sampling import ShardSampler, kfold_split
+from montage.platform.runner import make_task
+from montage.platform.sampling import ShardSampler
 from montage.platform.sanity import fast_dev_run, overfit_and_grad_flow
-from montage.platform.task import Modules, Task
-
-
-@dataclass
-class PixModel:
-    width: int = 6
-    detach_aux: bool = False  # the aux head's output cut from the graph (its term cannot move)
-    freeze_aux: bool = False  # the aux head's weights frozen by mistake (still in the optimizer)
-
-
-@dataclass
-class PixData(DataSamplingConfig):
-    n: int = 24
-    size: int = 16
-    offset: float = 0.3  # added to the targets of every third sample (the model cannot tell which)
-
-
-@dataclass
-class PixLoss:
-    mse: float = 1.0
-    aux: float = 1.0
-
-
-class Pictures(Dataset):
-    """Smooth random images x and targets 0.5·x + 0.25 (sample ``i`` gets a sample-dependent offset)."""
-
-    def __init__(self, n: int, size: int, seed: int, offset: float = 0.3) -> None:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size + 2, size + 2, generator=g), 3, 1)
-        self.x = x
-        self.y = 0.5 * x + 0.25 + offset * (torch.arange(n) % 3 == 0).float().view(n, 1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image": self.x[i], "target": self.y[i]}
-
-
-class TwoHeads(nn.Module):
-    def __init__(self, cfg: PixModel) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Conv2d(1, cfg.width, 3, padding=1)
-        self.head = nn.Conv2d(cfg.width, 1, 3, padding=1)
-        self.aux = nn.Conv2d(1, 1, 3, padding=1)
-        self.cfg = cfg
-        if cfg.freeze_aux:
-            self.aux.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        aux = self.aux(x)
-        return self.head(torch.relu(self.body(x))), aux.detach() if self.cfg.detach_aux else aux
-
-
-@TASKS.register("pictures")
-class PicturesTask(Task):
-    name = "pictures"
-    monitor = ("val/mse", "min")
-    spec = SectionSpec(
-        model=PixModel,
-        data=PixData,
-        loss=PixLoss,
-        defaults={"sched.name": "none", "train.loader_workers": 0, "train.progress": False, "optim.lr": 0.02},
-    )
-
-    def build_nets(self, pretrained: bool = True) -> dict[str, nn.Module]:
-        return {"net": TwoHeads(self.cfg.model)}
-
-    def datasets(self):
-        d = self.cfg.data
-        return Pictures(d.n, d.size, 0, d.offset), Pictures(9, d.size, 1, d.offset)
-
-    def train_step(self, m: Modules, batch, stepper):
-        out, aux = m["net"](batch["image"])
-        terms = {
-            "mse": (out - batch["target"]).pow(2).mean(),
-            "aux": (aux - batch["target"]).abs().mean(),
-        }
-        terms["total"] = self.weighted_total(terms, {"mse": self.cfg.loss.mse, "aux": self.cfg.loss.aux})
-        stepper.optimize(terms["total"])
-        return {k: v.detach() for k, v in terms.items()}
-
-    def eval_step(self, m: Modules, batch):
-        out, _ = m.unwrap("net")(batch["image"])
-        return {"mse": (out - batch["target"]).pow(2).flatten(1).mean(1)}
-
-    def samples(self, m, batch):
-        return np.zeros((8, 8, 3), np.uint8)
-
-
-def search(uri: str, query: str) -> list:
-    client = mlflow.MlflowClient(uri)
-    return client.search_runs([client.get_experiment_by_name("montage-pictures").experiment_id], query)
-
-
-def pic_cfg(tmp_path: Path, *overrides: str):
-    return load_config(
-        "pictures",
-        PicturesTask.spec,
-        None,
-        [f"run.storage={tmp_path / 'runs'}", "tracking.enabled=false", "train.batch_size=4", *overrides],
-    )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one torch thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------------------ checks
 
@@ -166,6 +49,23 @@ def test_grad_flow_flags_a_layer_frozen_by_mistake(tmp_path: Path) -> None:
     flow = overfit_and_grad_flow(cfg, tmp_path, torch.device("cpu"), steps=3)[1]
     assert flow.details["flags"] == {"main:net.aux": "zero gradient (requires_grad=False)"}
     assert flow.details["norms"]["main:net.head"] > 0 and flow.details["norms"]["main:net.body"] > 0
+
+
+def test_grad_flow_flags_nan_and_exploding_gradients(tmp_path: Path) -> None:
+    cpu = torch.device("cpu")
+    nan = overfit_and_grad_flow(pic_cfg(tmp_path, "model.nan_aux=true"), tmp_path / "nan", cpu, steps=3)[1]
+    assert not nan.passed and nan.details["flags"] == {"main:net.aux": "non-finite gradient"}, nan.message
+    assert all(np.isfinite(nan.details["norms"][f"main:net.{k}"]) for k in ("body", "head"))
+
+    big = overfit_and_grad_flow(pic_cfg(tmp_path, "model.aux_gain=1e5"), tmp_path / "big", cpu, steps=3)[1]
+    assert not big.passed and list(big.details["flags"]) == ["main:net.aux"], big.message
+    assert big.details["flags"]["main:net.aux"].startswith("exploding gradient")
+    # the same layer at its usual gain is not flagged, nor the large one under a higher threshold
+    ok = overfit_and_grad_flow(pic_cfg(tmp_path), tmp_path / "ok", cpu, steps=3)[1]
+    assert ok.passed and big.details["norms"]["main:net.aux"] > 1e3 * ok.details["norms"]["main:net.aux"]
+    cfg = pic_cfg(tmp_path, "model.aux_gain=1e5")
+    mild = overfit_and_grad_flow(cfg, tmp_path / "mild", cpu, steps=3, explode=1e9)[1]
+    assert mild.passed and mild.details["flags"] == {}
 
 
 def test_montage_check_exits_by_its_result_and_logs_to_mlflow(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -208,6 +108,32 @@ def test_lr_find_suggests_within_3x_of_the_best_lr_measured_by_short_fits(tmp_pa
     assert found.rule == "valley" and found.steepest < found.valley < found.min_lr
 
 
+def test_lr_find_logs_its_curve_and_suggestion_to_mlflow(tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+
+    from montage.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    track = [f"tracking.uri={uri}", f"tracking.artifacts={tmp_path / 'art'}", "loss.aux=0"]
+    assert main(["lr-find", "pictures", *track, "--steps", "30", "--lo", "1e-4", "--hi", "10", "--out", "lrf"]) == 0
+    printed = capsys.readouterr().out
+    (found,) = json.loads((tmp_path / "lrf" / "lr_find.json").read_text())
+    (run,) = search(uri, "tags.`montage.role` = 'lr-find'")
+    assert run.info.status == "FINISHED" and run.info.run_id in printed
+    m = run.data.metrics
+    assert m["lr_find/main/suggested_lr"] == pytest.approx(found["suggested"]) == pytest.approx(found["valley"])
+    assert m["lr_find/main/steepest_lr"] == pytest.approx(found["steepest"])
+    assert f"suggested lr {found['suggested']:.3g}" in printed
+    client = mlflow.MlflowClient(uri)
+    lrs = [x.value for x in sorted(client.get_metric_history(run.info.run_id, "lr_find/main/lr"), key=lambda x: x.step)]
+    loss = sorted(client.get_metric_history(run.info.run_id, "lr_find/main/loss"), key=lambda x: x.step)
+    assert len(lrs) == len(loss) == len(found["lrs"]) and lrs == pytest.approx(found["lrs"])
+    assert lrs[0] == pytest.approx(1e-4) and all(b > a for a, b in zip(lrs, lrs[1:]))  # the exponential sweep
+    assert [x.value for x in loss] == pytest.approx(found["smoothed"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"lr_find.json", "lr_find.png"}
+
+
 def test_lr_find_sweeps_each_gan_optimizer_and_writes_both_rates(tmp_path: Path, monkeypatch) -> None:
     import yaml
 
@@ -227,42 +153,6 @@ def test_lr_find_sweeps_each_gan_optimizer_and_writes_both_rates(tmp_path: Path,
     written = yaml.safe_load(config.read_text())
     assert set(written["optim"]) == {"lr", "lr_d"} and written["optim"]["lr"] != 0.5
     assert (tmp_path / "lrf" / "lr_find.png").is_file()
-
-
-# ------------------------------------------------------------------------------ K-fold
-
-
-def test_kfold_folds_are_disjoint_and_cover_the_data() -> None:
-    for n, k in [(10, 3), (7, 7), (100, 5)]:
-        vals = [kfold_split(n, k, f, seed=4)[1] for f in range(k)]
-        assert sorted(i for v in vals for i in v) == list(range(n))
-        for f in range(k):
-            train, val = kfold_split(n, k, f, seed=4)
-            assert not set(train) & set(val) and len(train) + len(val) == n
-        assert max(map(len, vals)) - min(map(len, vals)) <= 1
-    assert kfold_split(10, 3, 0, 1) != kfold_split(10, 3, 0, 2)
-    with pytest.raises(ValueError, match="too few"):
-        kfold_split(2, 3, 0, 0)
-
-
-def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = pic_cfg(tmp_path, "cv.folds=3", "train.epochs=1", "tracking.enabled=true", f"tracking.uri={uri}")
-    cfg.tracking.artifacts = str(tmp_path / "art")
-    task = make_task(pic_cfg(tmp_path, "cv.folds=3", "cv.fold=1"))
-    train, val = fold_datasets(task)
-    assert len(train) + len(val) == 24 and not set(train.indices) & set(val.indices)
-
-    result = run_cv(cfg, use_ray=False)
-    assert result.error is None and len(result.folds) == 3
-    assert sum(s.metrics["val/samples"] for s in result.folds) == 24  # each sample validated exactly once
-    per_fold = [s.best_metrics["val/mse"] for s in result.folds]
-    assert result.mean["val/mse"] == pytest.approx(np.mean(per_fold))
-    assert result.std["val/mse"] == pytest.approx(np.std(per_fold, ddof=1)) and result.std["val/mse"] > 0
-    client = mlflow.MlflowClient(uri)
-    parent = client.get_run(result.parent_run_id)
-    assert parent.data.metrics["cv/mse_mean"] == pytest.approx(result.mean["val/mse"])
-    assert len(search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 3
 
 
 # ------------------------------------------------------------------------- multi-scale
@@ -320,6 +210,41 @@ def test_hard_mining_draws_the_hard_samples_more_often_and_resumes_exactly(tmp_p
     off = fit_local(pic_cfg(tmp_path, "train.epochs=3", "train.seed=1", "data.offset=1.0", "run.name=plain"))
     c = load_checkpoint(Path(off.run_dir) / "latest.pt")
     assert not torch.equal(a["nets"]["net"]["head.weight"], c["nets"]["net"]["head.weight"])
+
+
+def test_hard_mining_scores_and_draws_on_two_ranks_what_one_process_draws(tmp_path: Path) -> None:
+    """The DDP contract without DDP: each rank scores its share of the training samples (summed over the
+    ranks by an all-reduce, here by hand), and with the resulting weights 2 ranks at batch 4 draw, global
+    batch by global batch, what one process draws at batch 8."""
+    from montage.platform.mining import HardMining, mining_weights
+    from montage.platform.runner import WorkerEnv, build_loop
+
+    mining = ["data.hard_mining.fraction=0.25", "data.hard_mining.weight=4", "data.offset=1.0", "train.seed=3"]
+    one = build_loop(pic_cfg(tmp_path, *mining, "train.batch_size=8"), WorkerEnv(torch.device("cpu")), [])
+    cfg = pic_cfg(tmp_path, *mining, "train.batch_size=4")
+    ranks = [build_loop(cfg, WorkerEnv(torch.device("cpu"), rank=r, world_size=2), []) for r in (0, 1)]
+    hook = HardMining(cfg.data.hard_mining)
+    hook.resolve(one.task.monitor)
+    whole = hook.score(one)
+    shares = [hook.score(loop) for loop in ranks]
+    for r, share in enumerate(shares):  # rank r scored samples r, r+2, …; the others are left to the other rank
+        assert torch.all(share[r::2] > 0) and torch.all(share[1 - r :: 2] == 0)
+    torch.testing.assert_close(shares[0] + shares[1], whole)
+    weights = mining_weights(whole, 0.25, 4.0, hook.hard_is_high)
+    assert int((weights > 1).sum()) == 6
+
+    samplers = [loop.train_loader.sampler for loop in (one, *ranks)]
+    for sampler in samplers:
+        sampler.set_weights(weights)
+    draws = []
+    for epoch in (0, 1):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        single, r0, r1 = (list(s) for s in samplers)
+        assert len(single) == len(r0) + len(r1) == 24
+        assert single == [i for step in range(3) for i in r0[4 * step : 4 * step + 4] + r1[4 * step : 4 * step + 4]]
+        draws.append(single)
+    assert draws[0] != draws[1] and len(set(draws[0])) < 24  # drawn anew each epoch, with replacement
 
 
 # ---------------------------------------------------------------------------- OpenVINO

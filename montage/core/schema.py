@@ -16,7 +16,9 @@ RUN_DIR = "montage.run_dir"  # where the run's checkpoints live: finds the run a
 STARTS = "montage.starts"  # times training started in this run (first start, resumes, restarts)
 DATA_DIGEST = "montage.data_digest"  # a run's / registered version's training data (the log_inputs digest)
 CHECK_PASSED = "montage.check.passed"  # `montage check`: every check passed (true | false)
-CV_FOLDS = "montage.cv.folds"  # a cross-validation parent run: its number of folds
+CV_FOLDS = "montage.cv.folds"  # a cross-validation parent run (or CV trial, or its registered version): its folds
+CV_FOLD = "montage.cv.fold"  # one fold's run (and a CV sweep's version: the fold whose checkpoint it is) ...
+CV_FOLD_VALUE = "montage.cv.fold_value"  # ... and that fold's own best value
 
 # -- evaluation runs (`montage evaluate`) --------------------------------------------------------
 SOURCE = "montage.source"  # the model source it scored, as given

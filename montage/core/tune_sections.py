@@ -52,7 +52,7 @@ class TuneConfig:
     base: str  # training config: a YAML path (relative to the tune config) or a shipped config name
     search_space: dict[str, dict] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)  # applied to the base config before the search
-    metric: str = ""  # empty: the task's monitored metric
+    metric: str = ""  # empty: the task's monitored metric (cv/<name>_mean with cv.folds in the base)
     mode: Literal["", "min", "max"] = ""
     num_samples: int = 8
     max_concurrent: int = 0  # 0: as many as the cluster can fit once its autoscaler has grown it

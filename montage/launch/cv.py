@@ -48,13 +48,22 @@ class CVResult:
         return "\n".join(lines)
 
 
-def fold_configs(cfg: ExperimentConfig, name: str, parent_run_id: str = "") -> list[ExperimentConfig]:
-    """One config per fold: ``cv.fold=k``, run ``<name>-fold<k>``, a child of ``parent_run_id``."""
+def cv_key(metric: str, stat: str) -> str:
+    """The cross-validated name of a validation metric: ``val/iou`` → ``cv/iou_mean`` (``stat``: mean | std)."""
+    return f"cv/{metric.removeprefix('val/')}_{stat}"
+
+
+def fold_configs(
+    cfg: ExperimentConfig, name: str, parent_run_id: str = "", storage: str | None = None
+) -> list[ExperimentConfig]:
+    """One config per fold: ``cv.fold=k``, run ``<name>-fold<k>`` beside the others (or ``fold<k>`` in the
+    folder ``storage``: a sweep trial's folds live in the trial's folder), a child of ``parent_run_id``."""
     out = []
     for k in range(cfg.cv.folds):
         c = copy.deepcopy(cfg)
         c.cv.fold = k
-        c.run.name = f"{name}-fold{k}"
+        c.run.name = f"fold{k}" if storage else f"{name}-fold{k}"
+        c.run.storage = storage or c.run.storage
         c.tracking.parent_run_id = parent_run_id
         c.tracking.run_id = ""
         out.append(c)
@@ -63,7 +72,13 @@ def fold_configs(cfg: ExperimentConfig, name: str, parent_run_id: str = "") -> l
 
 def aggregate(summaries: list[RunSummary]) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and (sample) std over the folds of every ``val/`` metric at each fold's best epoch."""
-    per_fold = [{k: v for k, v in s.best_metrics.items() if k.startswith("val/")} for s in summaries if not s.error]
+    return mean_std(
+        [{k: v for k, v in s.best_metrics.items() if k.startswith("val/")} for s in summaries if not s.error]
+    )
+
+
+def mean_std(per_fold: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and (sample) std over the folds of every metric all of them have."""
     keys = sorted(set.intersection(*(set(m) for m in per_fold))) if per_fold else []
     mean = {k: float(np.mean([m[k] for m in per_fold])) for k in keys}
     std = {k: float(np.std([m[k] for m in per_fold], ddof=1)) if len(per_fold) > 1 else 0.0 for k in keys}
@@ -119,8 +134,8 @@ def _log_parent(cfg: ExperimentConfig, run_id: str, result: CVResult) -> None:
 
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.uri))
     now = int(time.time() * 1000)
-    metrics = [Metric(f"cv/{k.removeprefix('val/')}_mean", v, now, 0) for k, v in result.mean.items()]
-    metrics += [Metric(f"cv/{k.removeprefix('val/')}_std", v, now, 0) for k, v in result.std.items()]
+    metrics = [Metric(cv_key(k, "mean"), v, now, 0) for k, v in result.mean.items()]
+    metrics += [Metric(cv_key(k, "std"), v, now, 0) for k, v in result.std.items()]
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i : i + 500])
     folds = [

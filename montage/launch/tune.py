@@ -4,7 +4,9 @@ best checkpoint registered (and promoted) in the MLflow model registry.
 
 A tune config (``tune_configs/*.yaml``) names the task, a base training config, the
 search space and the sweep's settings; its sections are :mod:`montage.core.tune_sections`
-(re-exported here), :func:`load_tune_config` reads and validates one.
+(re-exported here), :func:`~montage.launch.tune_space.load_tune_config` reads and validates
+one. With ``cv.folds=K`` in the base, each trial fits K folds and reports their mean
+(:mod:`montage.launch.tune_cv`).
 """
 
 from __future__ import annotations
@@ -15,28 +17,19 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from montage.core import schema
-from montage.core.config import (
-    ConfigError,
-    ExperimentConfig,
-    load_config,
-    load_file,
-    parse_override,
-    set_dotted,
-    to_dict,
-)
-from montage.core.registry import TASKS
+from montage.core.config import ConfigError, ExperimentConfig, set_dotted, to_dict
 from montage.core.tune_sections import (  # noqa: F401  (SchedulerConfig, TrialResources: re-exported)
-    DISTRIBUTIONS,
     SchedulerConfig,
     TrialResources,
     TuneConfig,
 )
 from montage.launch.session import Capacity
+from montage.launch.tune_cv import best_fold_checkpoint, cv_trial, fits_at_once
 from montage.launch.tune_results import best_checkpoint, best_trial, trial_status, trials_ended
+from montage.launch.tune_space import Param, load_tune_config, parse_space  # noqa: F401  (re-exported)
 from montage.tracking.registry import Registration
 from montage.tracking.sweeps import TrialRecord
 
@@ -49,130 +42,15 @@ log = logging.getLogger(__name__)
 TRIAL_FUNCTION_RESOURCES = {"node:__internal_head__": 0.01}
 
 
-@dataclass
-class Param:
-    key: str  # dotted config key
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
-
-    @property
-    def safe(self) -> str:
-        """Ray flattens nested names on '/', Optuna keeps names as given: no dots in either."""
-        return self.key.replace(".", "__")
-
-    def domain(self) -> Any:
-        from ray import tune
-
-        if self.kind == "uniform":
-            return tune.uniform(self.low, self.high)
-        if self.kind == "loguniform":
-            return tune.loguniform(self.low, self.high)
-        if self.kind == "int":
-            return tune.randint(int(self.low), int(self.high) + 1)
-        return tune.choice(self.values)
-
-    def describe(self) -> str:
-        return f"{self.kind}{self.values}" if self.kind == "choice" else f"{self.kind}({self.low}, {self.high})"
-
-
-def parse_space(space: dict[str, dict], base: ExperimentConfig) -> list[Param]:
-    """Validate the search space against the task's config (keys exist, values type-check)."""
-    if not space:
-        raise ConfigError("search_space is empty")
-    params = []
-    tree = to_dict(base)
-    spec = TASKS.get(base.task).spec
-    from montage.core.config import build_config
-
-    for key, d in space.items():
-        if not isinstance(d, dict) or "type" not in d:
-            raise ConfigError(f"search_space.{key}: needs a mapping with 'type' ({', '.join(DISTRIBUTIONS)})")
-        kind = d["type"]
-        extra = set(d) - {"type", "low", "high", "values"}
-        if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"search_space.{key}: unknown type '{kind}'; valid: {', '.join(DISTRIBUTIONS)}")
-        if extra:
-            raise ConfigError(f"search_space.{key}: unknown fields {sorted(extra)}")
-        if kind == "choice":
-            values = d.get("values")
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"search_space.{key}: choice needs a non-empty 'values' list")
-            p = Param(key, kind, values=values)
-            samples = values
-        else:
-            try:
-                low, high = float(d["low"]), float(d["high"])
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(f"search_space.{key}: {kind} needs numeric 'low' and 'high'") from None
-            if not low < high:
-                raise ConfigError(f"search_space.{key}: low ({low}) must be < high ({high})")
-            if kind == "loguniform" and low <= 0:
-                raise ConfigError(f"search_space.{key}: loguniform needs low > 0")
-            p = Param(key, kind, low, high)
-            samples = [int(low), int(high)] if kind == "int" else [low, high]
-        for value in samples:  # the key must exist and accept the sampled values
-            trial = copy.deepcopy(tree)
-            try:
-                set_dotted(trial, key, value)
-                build_config(base.task, spec, trial)
-            except ConfigError as exc:
-                raise ConfigError(f"search_space.{key}: {exc}") from exc
-        params.append(p)
-    return params
-
-
-def load_tune_config(
-    path: str | Path, overrides: list[str] | None = None
-) -> tuple[TuneConfig, ExperimentConfig, list[Param]]:
-    """Read and validate a tune config; ``overrides`` ``a.b=c`` apply to the tune config itself
-    (``num_samples=2``, ``scheduler.grace_period=2``, ``storage=...``; its dataclass defaults are
-    the starting point, so a section the file leaves out can be overridden) or, under ``base.``,
-    to the training config."""
-    from montage.core.paths import resolve_config_path
-
-    path = Path(path)
-    own: list[str] = []
-    base_over: list[str] = []
-    for text in overrides or []:
-        key, _ = parse_override(text)
-        if key.startswith("base."):
-            base_over.append(text[len("base.") :])
-        else:
-            own.append(text)
-    tcfg: TuneConfig = load_file(TuneConfig, path, own)
-    base_path = path.parent / tcfg.base if (path.parent / tcfg.base).is_file() else resolve_config_path(tcfg.base)
-    task_cls = TASKS.get(tcfg.task)
-    base = load_config(tcfg.task, task_cls.spec, base_path, tcfg.overrides + base_over)
-    tcfg.metric = tcfg.metric or task_cls.monitor[0]
-    tcfg.mode = tcfg.mode or task_cls.monitor[1]
-    r = tcfg.resources
-    base.scaling.workers, base.scaling.gpus = r.workers, r.gpus
-    base.scaling.cpus_per_worker, base.scaling.gpus_per_worker = r.cpus_per_worker, r.gpus_per_worker
-    base.run.storage_endpoint = tcfg.storage_endpoint or base.run.storage_endpoint
-    s = tcfg.scheduler
-    if s.name == "asha" and s.grace_period > (s.max_t or base.train.epochs):
-        raise ConfigError(
-            f"scheduler.grace_period ({s.grace_period}) must be <= max_t ({s.max_t or base.train.epochs}: "
-            "train.epochs unless scheduler.max_t is set)"
-        )
-    params = parse_space(tcfg.search_space, base)
-    for point in tcfg.points_to_evaluate:
-        unknown = set(point) - {p.key for p in params}
-        if unknown:
-            raise ConfigError(f"points_to_evaluate: {sorted(unknown)} not in the search space")
-    return tcfg, base, params
-
-
-def trial_concurrency(tcfg: TuneConfig, capacity: Capacity) -> int:
+def trial_concurrency(tcfg: TuneConfig, capacity: Capacity, fits: int = 1) -> int:
     """How many trials the cluster can run at once once it has grown (an autoscaler's node types, or
-    the nodes of a fixed cluster), capped by ``max_concurrent``. Fails at once, naming the resource,
-    when no node could ever host one of a trial's workers, or the whole cluster one trial. A cluster
-    with node types whose resources are not declared (``resources: {}``: Ray learns them when such a
-    node starts) is never refused: up to ``max_concurrent`` (else ``num_samples``) trials at once."""
+    the nodes of a fixed cluster), capped by ``max_concurrent``; a trial runs ``fits`` TorchTrainer fits at
+    once (its K folds under ``cv.folds=K``) and asks for that many fits' resources. Fails at once, naming
+    the resource, when no node could ever host one of a trial's workers, or the whole cluster one trial. A
+    cluster with node types whose resources are not declared (``resources: {}``: Ray learns them when such
+    a node starts) is never refused: up to ``max_concurrent`` (else ``num_samples``) trials at once."""
     r = tcfg.resources
-    bundle, demand = r.bundle(), r.demand()
+    bundle, demand = r.bundle(), {k: v * fits for k, v in r.demand().items()}
     if not capacity.known:
         fit = tcfg.max_concurrent or tcfg.num_samples
         log.warning(
@@ -194,9 +72,10 @@ def trial_concurrency(tcfg: TuneConfig, capacity: Capacity) -> int:
     total = capacity.total
     fit = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in demand.items())
     if fit < 1:
+        folds = f" ({fits} folds at once; cv.parallel=false fits them one after another)" if fits > 1 else ""
         raise ConfigError(
-            f"one trial needs {_fmt_res(demand)} but the cluster {capacity.kind} has {_fmt_res(total)} in all: "
-            "lower resources.workers / cpus_per_worker"
+            f"one trial needs {_fmt_res(demand)}{folds} but the cluster {capacity.kind} has {_fmt_res(total)} in "
+            "all: lower resources.workers / cpus_per_worker"
         )
     return min(fit, tcfg.max_concurrent) if tcfg.max_concurrent else fit
 
@@ -254,6 +133,9 @@ def _trial(config: dict[str, Any], base_tree: dict[str, Any], sweep: dict[str, s
     cfg = config_from_tree(tree)
     # one MLflow run per trial, found again under the sweep's parent when Tune restores the trial
     tags = {schema.SWEEP: sweep["name"], schema.TRIAL: ctx.get_trial_id()}
+    if cfg.cv.folds:
+        cv_trial(cfg, tags, started)
+        return
     run = begin(cfg, tags=tags, trial=True)
     trainer = make_trainer(cfg, callbacks=[TuneReportCallback()], tags=tags, launched_at=started)
     _, failure, _ = fit_run(run, trainer)
@@ -306,7 +188,7 @@ def run_sweep(
         )
     ensure_ray(address)
     refuse_local_tracking_on_a_cluster(base)
-    concurrency = trial_concurrency(tcfg, cluster_capacity())
+    concurrency = trial_concurrency(tcfg, cluster_capacity(), fits_at_once(base))
     parent_id = st.parent_run(base, tcfg, params, sweep_dir, resume)
     log.info(
         "sweep %s: %d trials, %d at a time, metric %s (%s); MLflow parent run %s",
@@ -378,10 +260,15 @@ def run_sweep(
         )
     trials = _collect(grid, params, base)
     best = best_trial(trials, tcfg.metric, tcfg.mode)
+    version_tags: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="montage-best-") as local:
         if best is not None:  # registered from a local copy when trials live on object storage
-            best.checkpoint = best_checkpoint(sweep_storage.child("trials", best.name), tcfg, local)
-        registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id)
+            folder = sweep_storage.child("trials", best.name)
+            if base.cv.folds:  # its best fold's best checkpoint, with the trial's CV mean as the version's value
+                best.checkpoint, version_tags = best_fold_checkpoint(folder, base, local)
+            else:
+                best.checkpoint = best_checkpoint(folder, tcfg.metric, tcfg.mode, local)[0]
+        registered = st.finish_sweep(trials, best, tcfg, base, params, parent_id, version_tags)
     errors = [t.error for t in trials if t.error]
     return SweepResult(tcfg.name, parent_id, trials, best, registered, errors)
 

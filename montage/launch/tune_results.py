@@ -8,7 +8,6 @@ import logging
 import math
 from typing import Any
 
-from montage.core.tune_sections import TuneConfig
 from montage.tracking.sweeps import TrialRecord, TrialStatus
 
 log = logging.getLogger(__name__)
@@ -54,17 +53,19 @@ def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord
     return pick(finished, key=lambda t: t.best(metric))
 
 
-def best_checkpoint(trainer: Any, tcfg: TuneConfig, local: str) -> str | None:
-    """The trial's best checkpoint as kept by its TorchTrainer's CheckpointConfig (``trainer``: the
-    trial's run folder, a :class:`~montage.launch.storage.Storage`), downloaded into ``local`` when remote."""
+def best_checkpoint(trainer: Any, metric: str, mode: str, local: str) -> tuple[str | None, float | None]:
+    """The best checkpoint on ``metric`` of a trial's TorchTrainer run as kept by its CheckpointConfig
+    (``trainer``: the run's folder, a :class:`~montage.launch.storage.Storage`), downloaded into ``local``
+    when remote, and its value of ``metric``; (None, None) when it kept none."""
     import ray.train
 
     try:
         result = ray.train.Result.from_path(trainer.path, storage_filesystem=trainer.filesystem)
     except Exception as exc:  # noqa: BLE001 - a trial stopped before its first report has no run
         log.warning("no checkpoints for %s: %s", trainer, exc)
-        return None
-    ckpt = result.get_best_checkpoint(tcfg.metric, tcfg.mode) if result.best_checkpoints else None
+        return None, None
+    ckpt = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
     if ckpt is None:
-        return None
-    return ckpt.to_directory(local) if trainer.remote else ckpt.path
+        return None, None
+    value = next((m.get(metric) for c, m in result.best_checkpoints if c.path == ckpt.path), None)
+    return (ckpt.to_directory(local) if trainer.remote else ckpt.path), value

@@ -59,9 +59,11 @@ def register_checkpoint(
     sweep: str,
     params: dict[str, Any],
     promote: str = "better",
+    extra_tags: dict[str, str] | None = None,
 ) -> Registration:
     """Register ``checkpoint`` as a new version of ``montage-<task>``; move ``@champion`` to it
-    when ``promote`` is ``always``, or ``better`` and it beats the champion on ``metric``."""
+    when ``promote`` is ``always``, or ``better`` and it beats the champion on ``metric``.
+    ``extra_tags`` go on the version beside the metric, value, sweep and params."""
     name = model_name(base.task)
     from montage.tracking.sources import local_checkpoint
 
@@ -75,6 +77,7 @@ def register_checkpoint(
         schema.VALUE: repr(float(value)),
         schema.SWEEP: sweep,
         schema.SWEEP_PARAMS: yaml.safe_dump(params, default_flow_style=True).strip(),
+        **(extra_tags or {}),
     }
     for k, v in tags.items():
         mlc.set_model_version_tag(name, version, k, v)

@@ -88,6 +88,7 @@ def parent_run(base: ExperimentConfig, tcfg: Any, params: list[Any], sweep_dir: 
             "scheduler.max_t": tcfg.scheduler.max_t or base.train.epochs,
             "trial.workers": tcfg.resources.workers,
             "trial.gpus": tcfg.resources.gpus,
+            "trial.cv_folds": base.cv.folds,
             "base": tcfg.base,
         }
     )
@@ -107,6 +108,38 @@ def interrupt_sweep(base: ExperimentConfig, parent_id: str, why: str) -> None:
     client.set_terminated(parent_id, "KILLED")
 
 
+def log_trial_epoch(cfg: ExperimentConfig, run_id: str, metrics: dict[str, float]) -> None:
+    """One epoch of a trial's own records (a cross-validated trial's ``cv/`` means), at step ``epoch``.
+    A tracking server that does not answer loses the point, with a warning: the trial goes on (its folds'
+    runs keep their records in their outboxes)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from montage.tracking.outbox import unreachable
+
+    now, step = int(time.time() * 1000), int(metrics.get("epoch", 0))
+    try:
+        mlflow_client(cfg.tracking.uri).log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+    except Exception as exc:  # noqa: BLE001 - only an absent server is survived
+        if not unreachable(exc):
+            raise
+        log.warning("MLflow at %s does not answer: epoch %d of run %s not logged (%s)", cfg.tracking.uri, step,
+                    run_id, str(exc).splitlines()[0][:200])  # fmt: skip
+
+
+def end_trial_run(cfg: ExperimentConfig, run_id: str, status: str) -> None:
+    """Mark a trial's run ended (``FINISHED``); the sweep's end records every trial's outcome again."""
+    from montage.tracking.outbox import unreachable
+
+    try:
+        mlflow_client(cfg.tracking.uri).set_terminated(run_id, status)
+    except Exception as exc:  # noqa: BLE001
+        if not unreachable(exc):
+            raise
+        log.warning("MLflow at %s does not answer: run %s stays RUNNING until the sweep ends", cfg.tracking.uri, run_id)
+
+
 def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
     exp_id = client.get_run(parent_id).info.experiment_id
     runs = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5000)
@@ -120,8 +153,11 @@ def finish_sweep(
     base: ExperimentConfig,
     params: list[Any],
     parent_id: str,
+    version_tags: dict[str, str] | None = None,
 ) -> dict[str, Any] | None:
-    """Record every trial's outcome, summarise on the parent, register and promote the best."""
+    """Record every trial's outcome, summarise on the parent, register and promote the best (with
+    ``version_tags`` on its version). Runs nested under a trial's run (a cross-validated trial's folds)
+    that are still running end as the trial did: a trial the scheduler stopped took them with it."""
     client = mlflow_client(base.tracking.uri)
     children = _child_runs(client, parent_id)
     exp_id = client.get_run(parent_id).info.experiment_id
@@ -144,6 +180,11 @@ def finish_sweep(
             client.set_terminated(rid, "KILLED")
         elif client.get_run(rid).info.status == "RUNNING":
             client.set_terminated(rid, "FINISHED")
+        nested = client.search_runs(
+            [exp_id], f"tags.`mlflow.parentRunId` = '{rid}' and attributes.status = 'RUNNING'", max_results=1000
+        )
+        for run in nested:
+            client.set_terminated(run.info.run_id, client.get_run(rid).info.status)
         t.mlflow_run_id = rid
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.csv"
@@ -183,6 +224,7 @@ def finish_sweep(
                 tcfg.name,
                 best.params,
                 tcfg.promote,
+                version_tags,
             )
     all_failed = all(t.error for t in trials)
     client.set_terminated(parent_id, "FAILED" if all_failed else "FINISHED")
