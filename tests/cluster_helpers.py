@@ -1,6 +1,6 @@
-"""Real servers for the multi-node tests: an MLflow tracking server over HTTP, a local S3 endpoint
-(moto), and an autoscaling Ray head on Ray's fake multi-node provider. Each stops only what it
-started (never `ray stop`, which would end every Ray on the machine)."""
+"""Real servers for the multi-node tests and bench/cluster_bench.py: an MLflow tracking server over
+HTTP, a local S3 endpoint (moto), and an autoscaling Ray head on Ray's fake multi-node provider. Each
+stops only what it started (never `ray stop`, which would end every Ray on the machine)."""
 
 from __future__ import annotations
 
@@ -272,3 +272,20 @@ def kill_cluster_processes(gcs_address: str) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def raylet_of_train_worker(gcs_address: str) -> int | None:
+    """The raylet of a node of the cluster at ``gcs_address`` that runs a live Ray Train worker."""
+    from montage.launch.session import train_worker_pids
+
+    return next((r for pid in train_worker_pids() if (r := raylet_of(pid, gcs_address))), None)
+
+
+def submit(head: AutoscalingHead, tracking_uri: str, *command: str) -> int:
+    """``montage submit`` as on a cluster whose nodes have montage installed (no working dir upload:
+    the fake nodes share this machine's session folder, and one node's runtime-env agent would delete
+    the unpacked working dir another node's workers run in)."""
+    from montage.cli import main
+
+    return main([*["submit", *command], "--address", head.dashboard, "--tracking-uri", tracking_uri,
+                 "--python", sys.executable, "--working-dir", ""])  # fmt: skip

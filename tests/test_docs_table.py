@@ -46,7 +46,14 @@ def _blocks() -> list[tuple[str, str]]:
 
 def test_the_benches_blocks_are_where_the_benches_write() -> None:
     names = {name for _, name in _blocks()}
-    for expected in ("restart_bench", "monitoring_bench", "quality", "train_bench_quick", "serve_bench"):
+    for expected in (
+        "restart_bench",
+        "monitoring_bench",
+        "quality",
+        "train_bench_quick",
+        "serve_bench",
+        "cluster_bench",
+    ):
         assert expected in names, f"no docs file holds the block bench:{expected}"
 
 

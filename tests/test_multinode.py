@@ -16,9 +16,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from cluster_helpers import AutoscalingHead, MlflowServer, parent_pid, wait_until
-
-from montage.cli import main
+from cluster_helpers import AutoscalingHead, MlflowServer, submit, wait_until
+from node_loss import add_worker_node, lost_node_cluster, remove_train_node
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -70,15 +69,6 @@ def _most_nodes(head: AutoscalingHead):
     return stop
 
 
-def _submit(head: AutoscalingHead, tracking: MlflowServer, *command: str) -> int:
-    """``montage submit`` as on a cluster whose nodes have montage installed (no working dir upload:
-    the fake nodes share this machine's session folder, and one node's runtime-env agent would delete
-    the unpacked working dir another node's workers run in)."""
-    args = ["submit", *command, "--address", head.dashboard, "--tracking-uri", tracking.uri,
-            "--python", sys.executable, "--working-dir", ""]  # fmt: skip
-    return main(args)
-
-
 @pytest.mark.timeout(900)
 def test_a_training_grows_an_autoscaling_cluster_and_an_impossible_trial_fails_at_once(
     autoscaling, tracking, tmp_path
@@ -91,7 +81,7 @@ def test_a_training_grows_an_autoscaling_cluster_and_an_impossible_trial_fails_a
     most = _most_nodes(autoscaling)
     train = ["train", "segmentation", "--config", "segmentation-smoke", "train.epochs=1", "train.max_steps=2",
              "scaling.cpus_per_worker=0.5", f"run.storage={tmp_path / 'runs'}", "run.name=grown"]  # fmt: skip
-    assert _submit(autoscaling, tracking, *train) == 0
+    assert submit(autoscaling, tracking.uri, *train) == 0
     exp = client.get_experiment_by_name("montage-segmentation")
     run = client.search_runs([exp.experiment_id], "attributes.run_name = 'grown'")[0]
     assert run.info.status == "FINISHED" and run.data.metrics["epoch"] == 1
@@ -122,7 +112,7 @@ def test_a_sweep_grows_an_autoscaling_cluster_from_nothing(autoscaling, tracking
         "tune", str(ROOT / "tune_configs" / "segmentation-tiny.yaml"), *TINY, "num_samples=2", "max_concurrent=2",
         "scheduler.name=none", f"storage={tmp_path / 'tune'}", "name=grow",
     ]  # fmt: skip
-    assert _submit(autoscaling, tracking, *sweep) == 0
+    assert submit(autoscaling, tracking.uri, *sweep) == 0
     client = mlflow.MlflowClient(tracking.uri)
     versions = client.search_model_versions("name = 'montage-segmentation'")
     assert len(versions) == 1  # the champion, once
@@ -146,23 +136,18 @@ def test_a_training_that_loses_its_node_gets_a_replacement_from_the_autoscaler(a
     that checkpoint, one FINISHED run with every epoch once."""
     import threading
 
-    from cluster_helpers import kill_node, raylet_of
-
-    from montage.launch.session import train_worker_pids
+    from cluster_helpers import kill_node, raylet_of_train_worker
 
     runs = tmp_path / "runs"
     train = ["train", "segmentation", "--config", "segmentation-smoke", "train.epochs=4", "train.max_steps=2",
              "scaling.workers=1", "scaling.cpus_per_worker=1", "scaling.max_failures=1", f"run.storage={runs}",
              "run.name=replaced"]  # fmt: skip
     out: dict = {}
-    job = threading.Thread(target=lambda: out.update(rc=_submit(autoscaling, tracking, *train)))
+    job = threading.Thread(target=lambda: out.update(rc=submit(autoscaling, tracking.uri, *train)))
     job.start()
     wait_until(lambda: any((runs / "replaced").glob("checkpoint_*")), 600, "the first checkpoint")
 
-    def worker_raylet() -> int | None:
-        return next((r for p in train_worker_pids() if (r := raylet_of(p, autoscaling.gcs))), None)
-
-    raylet = wait_until(worker_raylet, 60, "the raylet of the training's worker node")
+    raylet = wait_until(lambda: raylet_of_train_worker(autoscaling.gcs), 60, "the raylet of the training's worker node")
     kill_node(raylet)
     job.join(timeout=780)
     assert out.get("rc") == 0
@@ -182,18 +167,8 @@ def cluster(tmp_path_factory):
     """A head with 0 CPUs (this process is its driver) and three 1-CPU worker nodes on this machine's
     disk; dead nodes are noticed within ~2 s. A test that removes a node adds a replacement."""
     import ray
-    from cluster_helpers import free_port
-    from ray.cluster_utils import Cluster
 
-    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4, "health_check_initial_delay_ms": 0}
-    c = Cluster(
-        initialize_head=True,
-        connect=True,
-        head_node_args={"num_cpus": 0, "dashboard_agent_listen_port": free_port(), "_system_config": health},
-    )
-    for _ in range(3):
-        c.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
-    c.wait_for_nodes()
+    c = lost_node_cluster()
     yield c
     ray.shutdown()
     c.shutdown()
@@ -206,23 +181,6 @@ def s3():
     endpoint = S3Endpoint()
     yield endpoint
     endpoint.stop()
-
-
-def node_of_train_worker(cluster, rank: int = 0):
-    """The Cluster node whose raylet started the Ray Train worker of ``rank`` (the lowest-numbered one
-    found: ranks are not visible from outside, so any live worker's node serves)."""
-    from montage.launch.session import train_worker_pids
-
-    pids = train_worker_pids()
-    assert pids, "no Ray Train worker is running"
-    for node in cluster.list_all_nodes():
-        if node.head:
-            continue
-        raylet = node.all_processes["raylet"][0].process.pid
-        for pid in pids:
-            if parent_pid(pid) == raylet:
-                return node
-    raise AssertionError(f"no worker node runs the Train workers {pids}")
 
 
 def test_a_local_tracking_store_is_refused_on_a_cluster_of_several_nodes(cluster, tiny_config, monkeypatch, tmp_path):
@@ -269,7 +227,7 @@ def test_a_fit_on_object_storage_survives_a_lost_node(cluster, tracking, s3, tin
     started = time.time()
     fit.start()
     wait_until(lambda: any("/checkpoint_" in k for k in s3.keys(bucket, "runs/lost/")), 300, "the first checkpoint")
-    cluster.remove_node(node_of_train_worker(cluster), allow_graceful=False)
+    remove_train_node(cluster)
     fit.join(timeout=600)
     summary = out["summary"]
     assert summary.error is None, summary.error
@@ -280,7 +238,7 @@ def test_a_fit_on_object_storage_survives_a_lost_node(cluster, tracking, s3, tin
     assert run.info.status == "FINISHED"
     assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
     print(f"lost node: fit of 4 epochs finished in {time.time() - started:.0f} s with 1 restart")
-    cluster.add_node(num_cpus=1)  # the next test has its spare again
+    add_worker_node(cluster)  # the next test has its spare again
 
 
 def test_a_sweep_on_object_storage_survives_a_lost_node(cluster, tracking, s3, monkeypatch) -> None:
@@ -305,7 +263,7 @@ def test_a_sweep_on_object_storage_survives_a_lost_node(cluster, tracking, s3, m
     started = time.time()
     sweep.start()
     wait_until(lambda: any("/checkpoint_" in k for k in s3.keys(bucket, "sweeps/lost/")), 300, "the first checkpoint")
-    cluster.remove_node(node_of_train_worker(cluster), allow_graceful=False)
+    remove_train_node(cluster)
     sweep.join(timeout=600)
     result = out["result"]
     assert not result.errors, result.errors
@@ -316,63 +274,39 @@ def test_a_sweep_on_object_storage_survives_a_lost_node(cluster, tracking, s3, m
     assert result.registered is not None
     assert client.get_model_version_by_alias("montage-segmentation", "champion").run_id == trial.mlflow_run_id
     print(f"lost node: sweep of one 4-epoch trial finished in {time.time() - started:.0f} s")
-    cluster.add_node(num_cpus=1)
+    add_worker_node(cluster)
 
 
 def test_serve_replicas_on_worker_nodes_survive_a_lost_node(cluster, tmp_path) -> None:
     """The Serve application with two segmentation replicas (and its ingress) on worker nodes, under a
-    steady stream of requests: the node of a replica is removed. Serve replaces what ran there; the
-    requests that fail are at most those in flight on that node, and the service answers again within
-    the bound measured here (written to docs/cluster.md by hand from the printed figure)."""
-    import threading
-
+    steady stream of requests from one client: the node of a replica is removed. Serve replaces what ran
+    there; the requests that fail are at most those in flight on that node, and the service answers
+    again within a bound (what it costs is measured by bench/cluster_bench.py's serve scenario)."""
     import ray
     import requests
-    from ray.util.state import list_actors
-    from serve_helpers import checkpoints, free_port, img, png, start, stop_serve
+    from node_loss import Traffic, node_of_replica, serve_segmentation
+    from serve_helpers import checkpoints, free_port, img, png, stop_serve
 
     (ckpt,) = checkpoints(tmp_path, ("segmentation",)).values()
-    port = free_port()
-    start([f"port={port}", f"segmentation.source={ckpt}", "segmentation.num_replicas=2", "segmentation.num_cpus=0.5",
-           "harmonization.enabled=false", "ingress_cpus=0.25", "monitoring.enabled=false"])  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1/segment"
+    url = serve_segmentation(ckpt, free_port())
     body = png(img(48, 48))
     assert requests.post(url, files={"image": body}, timeout=60).status_code == 200
 
-    results: list[tuple[float, int]] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            try:
-                code = requests.post(url, files={"image": body}, timeout=30).status_code
-            except requests.RequestException:
-                code = -1
-            results.append((time.time(), code))
-            stop.wait(0.05)
-
-    sender = threading.Thread(target=traffic, daemon=True)
-    sender.start()
-    time.sleep(3)
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Segmenter" in (a.class_name or "")]
-    victim_id = replicas[0].node_id
-    victim = next(n for n in cluster.list_all_nodes() if n.node_id == victim_id)
-    assert not victim.head
-    removed = time.time()
-    cluster.remove_node(victim, allow_graceful=False)
-    cluster.add_node(num_cpus=1)  # the replacement capacity a cluster would bring
-    wait_until(lambda: any(t > removed + 1 and c == 200 for t, c in results), 120, "the service to answer again")
-    time.sleep(5)  # and keep answering
-    stop.set()
-    sender.join(timeout=60)
-    after = [(t, c) for t, c in results if t >= removed]
-    failed = [t for t, c in after if c != 200]
-    back = min(t for t, c in after if c == 200 and t > max(failed, default=removed))
-    print(f"serve lost a node: {len(failed)} of {len(after)} requests failed; answering again {back - removed:.1f} s "
-          f"after the removal")  # fmt: skip
-    assert all(c == 200 for t, c in results if t < removed)
-    assert len(failed) <= 4  # the requests in flight on the removed node (one at a time here), plus its retries
-    assert all(c == 200 for t, c in after if t > back)  # once back, it stays up
-    assert back - removed < 60
+    with Traffic(url, body, clients=1) as traffic:
+        time.sleep(3)
+        victim = node_of_replica(cluster)
+        assert not victim.head
+        removed = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        add_worker_node(cluster)  # the replacement capacity a cluster would bring
+        traffic.wait_answered(removed + 1, 120)
+        time.sleep(5)  # and keep answering
+    out = traffic.outage(removed)
+    print(f"serve lost a node: {len(out.failed)} of {len(out.after)} requests failed; answering again "
+          f"{out.back_s:.1f} s after the removal")  # fmt: skip
+    assert out.before and all(c.status == 200 for c in out.before)
+    assert len(out.failed) <= 4  # the requests in flight on the removed node (one at a time here), plus its retries
+    assert out.back_s < 60
+    assert sum(c.answered > removed + out.back_s for c in out.after) >= 5  # once back, it kept answering
     stop_serve()
     assert ray.is_initialized()
