@@ -258,6 +258,46 @@ def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
         run(load_serve_config(None, server["overrides"]))
 
 
+def test_openvino_variant_answers_the_same_endpoint(server) -> None:
+    """A registered OpenVINO variant (``montage optimize --method openvino``) as the source, no runtime
+    named: its ``montage.runtime`` tag makes the replica run the IR in OpenVINO; the same HTTP API, the
+    answers of the PyTorch model it was made from, batched requests included."""
+    from montage.serve.app import load_serve_config, run
+    from montage.serve.rollout import HEADER
+    from montage.tracking import registry as reg
+    from montage.tracking.ov_variant import openvino_model
+    from montage.tracking.runs import create_run
+
+    tmp = server["tmp"]
+    uri, base = _registry(tmp, "openvino-registry")
+    ckpt = server["ckpts"]["segmentation"]
+    reg.register_checkpoint(base, ckpt, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
+    variant = openvino_model(
+        "segmentation", "models:/montage-segmentation/1", tmp / "seg-openvino.xml", samples=2, tracking_uri=uri
+    )
+    image = _img(40, 56, seed=9)
+
+    def segment() -> requests.Response:
+        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
+        assert r.status_code == 200
+        return r
+
+    torch_alpha = _decode(segment().content)[..., 3].astype(int)  # the module's server runs the checkpoint in PyTorch
+    source = f"models:/montage-segmentation/{variant.version}"
+    run(load_serve_config(None, server["overrides"] + [f"segmentation.source={source}", f"tracking_uri={uri}"]))
+    try:
+        label = requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+        assert f"v{variant.version} (openvino of models:/montage-segmentation/1)" in label
+        r = segment()
+        assert f"segmentation=v{variant.version}-openvino" in r.headers[HEADER]
+        assert np.abs(_decode(r.content)[..., 3].astype(int) - torch_alpha).max() <= 1
+        with ThreadPoolExecutor(8) as pool:  # batched by @serve.batch through the IR's dynamic batch dimension
+            answers = list(pool.map(lambda _: segment().content, range(8)))
+        assert all(np.abs(_decode(a)[..., 3].astype(int) - torch_alpha).max() <= 1 for a in answers)
+    finally:
+        run(load_serve_config(None, server["overrides"]))
+
+
 def _registry(tmp, name: str):
     """(tracking URI, a segmentation config on it) for a registry of the test's own."""
     from montage.core.config import load_config

@@ -24,6 +24,8 @@ from montage.core.sources import ModelSource
         ("gs://b/c.pt?endpoint_override=localhost:9000", "remote", {}, None),
         ("exports/seg.onnx", "onnx", {"path": "exports/seg.onnx"}, None),
         ("s3://bucket/seg.ONNX", "onnx", {"path": "s3://bucket/seg.ONNX"}, None),
+        ("exports/seg-openvino.xml", "openvino", {"path": "exports/seg-openvino.xml"}, None),
+        ("s3://bucket/seg.xml", "openvino", {}, None),
     ],
 )
 def test_every_kind_parses_and_prints_back(text: str, kind: str, fields: dict, uri: str | None) -> None:
@@ -34,7 +36,7 @@ def test_every_kind_parses_and_prints_back(text: str, kind: str, fields: dict, u
     assert ModelSource.parse(src.uri) == src  # printing and parsing again changes nothing
     assert ModelSource.parse(src) is src  # a parsed source passes through
     assert src.in_registry == (kind in ("alias", "version"))
-    assert src.local == (kind == "checkpoint" or (kind == "onnx" and "://" not in text))
+    assert src.local == (kind == "checkpoint" or (kind in ("onnx", "openvino") and "://" not in text))
 
 
 @pytest.mark.parametrize(
@@ -105,6 +107,13 @@ def test_local_sources_resolve_or_say_what_is_missing(tmp_path: Path) -> None:
         resolve_source(ModelSource.parse(str(tmp_path / "missing.pt")))
     with pytest.raises(FileNotFoundError, match="model source not found: .*gone.onnx"):
         resolve_source(str(tmp_path / "gone.onnx"))
+    with pytest.raises(FileNotFoundError, match="model source not found: .*gone.xml"):
+        resolve_source(str(tmp_path / "gone.xml"))
+    (tmp_path / "foreign.xml").write_text("<html/>")  # an .xml that is no OpenVINO IR
+    from montage.platform.export import ExportError
+
+    with pytest.raises(ExportError, match="foreign.xml is not an OpenVINO IR"):
+        resolve_source(str(tmp_path / "foreign.xml"))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "checkpoint.pt").write_bytes(b"x")
     resolved = resolve_source(str(tmp_path / "ckpt"))  # a Ray checkpoint folder → its file
@@ -152,6 +161,7 @@ def test_each_arm_runs_the_runtime_its_source_asks_for(tmp_path: Path) -> None:
     mlc.create_registered_model("m")
     mlc.create_model_version("m", source=str(tmp_path), tags={schema.RUNTIME: schema.RUNTIME_TORCH})  # v1
     mlc.create_model_version("m", source=str(tmp_path), tags={schema.RUNTIME: schema.RUNTIME_ONNX})  # v2
+    mlc.create_model_version("m", source=str(tmp_path), tags={schema.RUNTIME: schema.RUNTIME_OPENVINO})  # v3
     champion = tmp_path / "best.pt"
     champion.write_bytes(b"x")
 
@@ -163,6 +173,8 @@ def test_each_arm_runs_the_runtime_its_source_asks_for(tmp_path: Path) -> None:
     assert (champ.runtime, chall.runtime) == ("torch", "onnx") and chall.revision == "2"
     assert champ.revision == str(champion.stat().st_mtime_ns)
     assert arms("segmentation.challenger=exports/seg.onnx")[1].runtime == "onnx"  # not read to decide
+    assert arms("segmentation.challenger=exports/seg.xml")[1].runtime == "openvino"
+    assert arms("segmentation.challenger=models:/m/3")[1].runtime == "openvino"  # the version's runtime tag
     assert arms("segmentation.challenger=models:/m/1")[1].runtime == "torch"
     assert arms("segmentation.challenger=models:/m/2", "segmentation.challenger_runtime=openvino")[1].runtime == (
         "openvino"

@@ -101,12 +101,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     source = ModelSource.parse(args.source, "--source") if args.source else ModelSource.champion(args.task)
     resolved = resolve_source(source, args.tracking_uri or "")
-    checkpoint, onnx_path = resolved.checkpoint, resolved.onnx
-    loop = evaluation_setup(checkpoint, task=args.task, data_overrides=args.data)
-    if onnx_path is not None:  # an ONNX variant: ONNX Runtime runs the exported network
-        from montage.platform.inference import OnnxNet
+    loop = evaluation_setup(resolved.checkpoint, task=args.task, data_overrides=args.data)
+    if resolved.exported is not None:  # an ONNX (OpenVINO) variant: ONNX Runtime (OpenVINO) runs the exported network
+        from montage.tracking.variants import exported_net
 
-        loop.m.nets[loop.task.export_net] = loop.task.from_exported(OnnxNet(onnx_path))
+        loop.m.nets[loop.task.export_net] = loop.task.from_exported(exported_net(resolved.exported))
     ev = evaluate_loop(loop, worst=args.worst)
     files = write_report(loop, ev, args.out)
     table = comparison_table(ev)
@@ -135,8 +134,8 @@ def register(sub: Any) -> None:
     ev.add_argument("task")
     ev.add_argument(
         "--source",
-        help="models:/montage-<task>@champion (default), models:/<name>/<version>, a checkpoint (local or s3://…) "
-        "or an exported .onnx file",
+        help="models:/montage-<task>@champion (default), models:/<name>/<version>, a checkpoint (local or s3://…), "
+        "an exported .onnx file or an OpenVINO IR .xml",
     )
     ev.add_argument(
         "--data",

@@ -1,4 +1,4 @@
-"""Commands on registered models: models (list, promote), export, optimize."""
+"""Commands on registered models: models (list, promote), export, optimize (and ``openvino``'s variant)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from montage.tracking.variants import export_model, report_dict
 
     source = _source(args)
+    if args.format == "openvino":  # the same as `montage optimize <task> --method openvino`
+        return _openvino(args, source, "fp32")
     output = args.output or f"{args.task}.onnx"
     variant = export_model(
         args.task,
@@ -65,13 +67,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _openvino(args: argparse.Namespace, source: Any, precision: str) -> int:
+    from montage.tracking.ov_variant import openvino_model, variant_name
+    from montage.tracking.variants import report_dict
+
+    variant = openvino_model(
+        args.task,
+        source,
+        args.output or f"{args.task}-{variant_name(precision)}.xml",
+        precision=precision,
+        samples=getattr(args, "samples", 8),
+        tolerance=getattr(args, "tolerance", None),
+        tracking_uri=args.tracking_uri or "",
+        register=args.register,
+    )
+    print(json.dumps(report_dict(variant), indent=2))
+    return 0
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     source = _source(args)
     uri = args.tracking_uri or ""
+    if args.method == "openvino":
+        return _openvino(args, source, args.precision or "fp32")
     if args.method == "quantize":
         from montage.tracking.variants import quantize_model, report_dict
 
-        output = args.output or f"{args.task}-{args.precision}.onnx"
+        precision = args.precision or "int8"
+        output = args.output or f"{args.task}-{precision}.onnx"
         variant = quantize_model(
             args.task,
             source,
@@ -79,7 +102,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             samples=args.samples,
             tracking_uri=uri,
             register=args.register,
-            precision=args.precision,
+            precision=precision,
         )
         print(json.dumps(report_dict(variant), indent=2))
         return 0
@@ -131,14 +154,19 @@ def register(sub: Any) -> None:
         "--source",
         help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint (local or s3://…)",
     )
-    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument(
+        "--format",
+        choices=["onnx", "openvino"],
+        default="onnx",
+        help="onnx (default), or openvino: the same as `montage optimize <task> --method openvino` (fp32 IR)",
+    )
     ex.add_argument("--opset", type=int, default=18)
     ex.add_argument(
         "--dynamic-batch",
         action="store_true",
         help="a dynamic batch dimension (spatial size is always dynamic, in multiples of the network's stride)",
     )
-    ex.add_argument("--output", help="the .onnx file (default <task>.onnx)")
+    ex.add_argument("--output", help="the .onnx file (default <task>.onnx; openvino: the .xml, <task>-openvino.xml)")
     ex.add_argument(
         "--register",
         action=argparse.BooleanOptionalAction,
@@ -150,7 +178,8 @@ def register(sub: Any) -> None:
 
     op = sub.add_parser(
         "optimize",
-        help="an optimised variant of a model (INT8, pruned, distilled student), measured against it and registered",
+        help="an optimised variant of a model (INT8, OpenVINO, pruned, distilled student), measured against it and "
+        "registered",
     )
     op.add_argument("task")
     op.add_argument(
@@ -159,24 +188,39 @@ def register(sub: Any) -> None:
     )
     op.add_argument(
         "--method",
-        choices=["quantize", "prune", "distill"],
+        choices=["quantize", "openvino", "prune", "distill"],
         default="quantize",
-        help="quantize: INT8 static quantization (ONNX Runtime); prune: channel pruning (Torch-Pruning) + fine-tune; "
-        "distill: train a smaller student",
+        help="quantize: INT8 static quantization (ONNX Runtime); openvino: the ONNX export as OpenVINO IR; "
+        "prune: channel pruning (Torch-Pruning) + fine-tune; distill: train a smaller student",
     )
     op.add_argument(
         "overrides",
         nargs="*",
         help="prune/distill: overrides of the training run, e.g. scaling.workers=2 train.batch_size=8",
     )
-    op.add_argument("--samples", type=int, default=32, help="quantize: validation samples to calibrate on")
+    op.add_argument(
+        "--samples",
+        type=int,
+        default=32,
+        help="quantize, openvino: validation samples to calibrate on (int8) and to check against PyTorch on",
+    )
     op.add_argument(
         "--precision",
-        choices=["int8", "fp16"],
-        default="int8",
-        help="quantize: int8 (static, ONNX Runtime CPU) or fp16 (GPU providers)",
+        choices=["int8", "fp16", "fp32"],
+        help="quantize: int8 (default; static, ONNX Runtime CPU) or fp16 (GPU providers); openvino: fp32 (default) "
+        "or int8 (the quantize method's QDQ model, run by OpenVINO in INT8)",
     )
-    op.add_argument("--output", help="quantize: the .onnx file (default <task>-<precision>.onnx)")
+    op.add_argument(
+        "--tolerance",
+        type=float,
+        help="openvino: the largest |OpenVINO − PyTorch| accepted (default 1e-3 for fp32; for int8 twice ONNX "
+        "Runtime's own error on the same model, +1e-3)",
+    )
+    op.add_argument(
+        "--output",
+        help="quantize: the .onnx file (default <task>-<precision>.onnx); openvino: the .xml, its weights beside it "
+        "as .bin (default <task>-openvino[-int8].xml)",
+    )
     op.add_argument(
         "--ratio", type=float, default=0.5, help="prune: fraction of channels (or of weights, magnitude mode) removed"
     )

@@ -1,6 +1,6 @@
 """The experimenter's toolbox: ``check`` (sanity checks), ``lr-find`` (learning-rate range test),
 ``cv`` (K-fold cross-validation), every task through the platform's one loop; and ``openvino``
-(the ONNX export as an OpenVINO model)."""
+(``montage optimize <task> --method openvino`` under its own name)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from montage.cli.common import ADDRESS_HELP, LAUNCHED_AT, load_config_for
+from montage.cli.common import ADDRESS_HELP, LAUNCHED_AT, TRACKING_HELP, load_config_for
 from montage.core import schema
 
 log = logging.getLogger("montage")
@@ -176,23 +176,11 @@ def run_cv_command(cfg: Any, no_ray: bool, address: str | None) -> int:
 
 
 def cmd_openvino(args: argparse.Namespace) -> int:
-    """ONNX export (or a given one) → OpenVINO IR, checked against PyTorch and timed beside ONNX Runtime."""
-    import dataclasses
+    """``montage optimize <task> --method openvino`` under its own name."""
+    from montage.cli.models import cmd_optimize
 
-    from montage.core.sources import ModelSource
-    from montage.platform.export import export_onnx
-    from montage.platform.inference import load_for_inference
-    from montage.platform.ov_runtime import to_openvino
-    from montage.tracking.variants import validation_batch, variant_parent
-
-    _, checkpoint = variant_parent(ModelSource.parse(args.source, "--source"), args.tracking_uri or "")
-    inst, nets = load_for_inference(checkpoint, task=args.task, device="cpu")
-    spec = inst.export_spec(nets, validation_batch(inst, size=1))
-    output = Path(args.output or f"{args.task}.xml")
-    onnx = Path(args.onnx) if args.onnx else export_onnx(spec, output.with_suffix(".onnx")).path
-    report = to_openvino(spec, onnx, output, tolerance=args.tolerance)
-    print(json.dumps(dataclasses.asdict(report), indent=2))
-    return 0
+    args.method = "openvino"
+    return cmd_optimize(args)
 
 
 # ------------------------------------------------------------------------------ parsers
@@ -237,11 +225,26 @@ def register(sub: Any) -> None:
     cv.add_argument("--address", help=ADDRESS_HELP)
     cv.set_defaults(func=cmd_cv)
 
-    ov = sub.add_parser("openvino", help="convert a model's ONNX export to OpenVINO IR, checked against PyTorch")
+    ov = sub.add_parser(
+        "openvino",
+        help="the same as `montage optimize <task> --method openvino`: OpenVINO IR, checked, measured, registered",
+    )
     ov.add_argument("task")
-    ov.add_argument("--source", required=True, help="a checkpoint path or models:/montage-<task>@champion")
-    ov.add_argument("--onnx", help="an existing ONNX export of that source (default: export it first)")
-    ov.add_argument("--output", help="the .xml file (default <task>.xml; the weights go beside it as .bin)")
-    ov.add_argument("--tolerance", type=float, default=1e-3, help="max |OpenVINO − PyTorch| allowed")
-    ov.add_argument("--tracking-uri", help="for a models:/ source")
+    ov.add_argument(
+        "--source",
+        help="models:/montage-<task>@champion (default), models:/<name>/<version>, or a checkpoint (local or s3://…)",
+    )
+    ov.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="fp32 (default) or int8 (QDQ)")
+    ov.add_argument("--samples", type=int, default=32, help="validation samples to check on (and calibrate int8 on)")
+    ov.add_argument("--tolerance", type=float, help="max |OpenVINO − PyTorch| (default 1e-3; int8: see optimize)")
+    ov.add_argument(
+        "--output", help="the .xml file (default <task>-openvino[-int8].xml; the weights beside it as .bin)"
+    )
+    ov.add_argument(
+        "--register",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="register as a new version (default: when the source is a registered model)",
+    )
+    ov.add_argument("--tracking-uri", help=TRACKING_HELP)
     ov.set_defaults(func=cmd_openvino)

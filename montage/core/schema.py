@@ -44,15 +44,16 @@ ROLLOUT = "montage.rollout"  # promoted | rolled-back | replaced: what a rollout
 ROLLOUT_REASON = "montage.rollout.reason"  # the rules' reasons for it
 
 # -- registry versions: variants (`montage export`, `montage optimize`) ----------------------------
-VARIANT = "montage.variant"  # onnx | int8 | fp16 | pruned-<ratio> | sparse-<ratio> | student
-RUNTIME = "montage.runtime"  # torch | onnxruntime: what runs it
-PARENT = "montage.parent"  # the source it was made from (also the metadata key of an exported ONNX file)
+VARIANT = "montage.variant"  # onnx | int8 | fp16 | openvino | openvino-int8 | pruned-<ratio> | sparse-<ratio> | student
+RUNTIME = "montage.runtime"  # torch | onnxruntime | openvino: what runs it
+PARENT = "montage.parent"  # the source it was made from (also the key in an ONNX file's metadata, an IR's rt_info)
 PARAMS = "montage.params"  # parameters of its inference network (a count)
 PARENT_PARAMS = "montage.parent_params"
 SIZE_MB = "montage.size_mb"
 OPSET = "montage.opset"  # ONNX opset
-MAX_ABS_DIFF = "montage.max_abs_diff"  # largest |ONNX − PyTorch| on the checked inputs
+MAX_ABS_DIFF = "montage.max_abs_diff"  # largest |ONNX (or OpenVINO) − PyTorch| on the checked inputs
 DYNAMIC_BATCH = "montage.dynamic_batch"  # true | false
+OPENVINO_VERSION = "montage.openvino_version"  # an OpenVINO variant: the OpenVINO that wrote its IR
 QUALITY_METRIC = "montage.quality_metric"  # measured beside the parent on the parent's validation data:
 QUALITY = "montage.quality"
 PARENT_QUALITY = "montage.parent_quality"
@@ -67,6 +68,7 @@ DISTILL_WEIGHT = "montage.distill_weight"
 
 RUNTIME_TORCH = "torch"  # values of RUNTIME
 RUNTIME_ONNX = "onnxruntime"
+RUNTIME_OPENVINO = "openvino"
 
 # -- dataset inputs (`log_inputs`) ----------------------------------------------------------------
 DATA_SHA256 = "montage.data.sha256"  # the full fingerprint of the data

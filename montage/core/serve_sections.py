@@ -106,10 +106,13 @@ class AutoscalingServeConfig:
 
 @dataclass
 class ModelServeConfig:
-    # models:/montage-<task>@champion (default), models:/<name>/<version>, a checkpoint (path or s3://…), an .onnx file
+    # models:/montage-<task>@champion (default), models:/<name>/<version>, a checkpoint (path or s3://…), an .onnx
+    # file, an OpenVINO IR .xml file
     source: str = ""
-    # torch | onnx | openvino (an .onnx file or registered ONNX variant, run by ONNX Runtime or OpenVINO);
-    # empty: what the source is (onnx for an .onnx file or a version tagged montage.runtime=onnxruntime, else torch)
+    # torch | onnx | openvino (an .onnx file or registered ONNX variant, run by ONNX Runtime or OpenVINO; an IR or
+    # registered OpenVINO variant, run by OpenVINO); empty: what the source is (onnx for an .onnx file or a version
+    # tagged montage.runtime=onnxruntime, openvino for an .xml file or a version tagged montage.runtime=openvino,
+    # else torch)
     runtime: str = ""
     enabled: bool = True
     num_replicas: int = 1

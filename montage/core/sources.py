@@ -1,6 +1,7 @@
 """Where a model comes from, as one value: a registry alias (``models:/<name>@<alias>``), a
 registry version (``models:/<name>/<version>``), a local checkpoint (file or folder), a remote
-checkpoint (``s3://…``, ``gs://…``, any ``<scheme>://``) or an ONNX file (``*.onnx``).
+checkpoint (``s3://…``, ``gs://…``, any ``<scheme>://``), an ONNX file (``*.onnx``) or an OpenVINO
+IR (``*.xml``, its weights beside it as ``.bin``).
 
 A string from a config file, the command line or a request becomes a :class:`ModelSource` once,
 with :meth:`ModelSource.parse`, where it enters; only the object travels inward. Pure parsing:
@@ -19,12 +20,14 @@ SCHEME = "models:/"  # MLflow's model URIs
 CHAMPION = "champion"  # the alias Serve, Tune and `montage models` treat as the task's current model
 CHALLENGER = "challenger"  # the alias a rollout's challenger conventionally takes
 
-KINDS = ("alias", "version", "checkpoint", "remote", "onnx")
+KINDS = ("alias", "version", "checkpoint", "remote", "onnx", "openvino")
+EXPORTED = ("onnx", "openvino")  # the kinds that are an exported network (no weights to train from)
 _NAME = re.compile(r"[^/@\s]+")  # a registered model's name: no slash, no '@', no blanks
 _ALIAS = re.compile(r"[\w-]+")  # MLflow's alias rule: alphanumerics, '_' and '-'
 _REMOTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://.")  # scheme://something
 FORMS = (
-    "models:/<name>@<alias>, models:/<name>/<version>, a checkpoint path, a remote checkpoint (s3://…) or an .onnx file"
+    "models:/<name>@<alias>, models:/<name>/<version>, a checkpoint path, a remote checkpoint (s3://…), an .onnx "
+    "file or an OpenVINO IR .xml file"
 )
 
 
@@ -49,6 +52,7 @@ class ModelSource:
     - ``remote``: ``path`` (a checkpoint on object storage, fetched with pyarrow's filesystems)
     - ``onnx``: ``path`` (an exported network; the checkpoint it was exported from supplies the
       task's config: see :func:`montage.tracking.sources.resolve_source`)
+    - ``openvino``: ``path`` (an OpenVINO IR ``.xml``; like ``onnx``, it names its parent, in its ``rt_info``)
     """
 
     kind: str
@@ -85,6 +89,8 @@ class ModelSource:
             )
         if s.lower().endswith(".onnx"):
             return cls("onnx", path=s)
+        if s.lower().endswith(".xml"):
+            return cls("openvino", path=s)
         if _REMOTE.match(s):
             return cls("remote", path=s)
         if "://" in s:
@@ -124,8 +130,8 @@ class ModelSource:
 
     @property
     def local(self) -> bool:
-        """A file or folder on this machine (a checkpoint, or an ONNX file without a scheme)."""
-        return self.kind == "checkpoint" or (self.kind == "onnx" and not _REMOTE.match(self.path))
+        """A file or folder on this machine (a checkpoint, or an ONNX / IR file without a scheme)."""
+        return self.kind == "checkpoint" or (self.kind in EXPORTED and not _REMOTE.match(self.path))
 
     @property
     def uri(self) -> str:
@@ -138,7 +144,7 @@ class ModelSource:
 
     @property
     def file_name(self) -> str:
-        """The last part of a path or URI (no query): what a series calls a checkpoint or ONNX source."""
+        """The last part of a path or URI (no query): what a series calls a checkpoint or exported source."""
         if self.in_registry:
             return self.uri
         path = urlsplit(self.path).path if _REMOTE.match(self.path) else self.path

@@ -21,7 +21,8 @@ RUNTIMES = ("torch", "onnx", "openvino")
 def load_model(task: str, user_config: dict[str, Any]) -> tuple[Any, str, str]:
     """(predictor, label, local checkpoint) of a model deployment's ``user_config``: its ``source``
     (parsed here, where it enters the replica) run by its ``runtime`` (empty: what the source is,
-    ``onnx`` for an ONNX file or registered ONNX variant, else ``torch``)."""
+    ``onnx`` for an ONNX file or registered ONNX variant, ``openvino`` for an IR file or registered
+    OpenVINO variant, else ``torch``)."""
     from montage.core.sources import ModelSource
     from montage.platform.inference import load_onnx_predictor, load_predictor
     from montage.tracking.sources import resolve_source
@@ -32,18 +33,24 @@ def load_model(task: str, user_config: dict[str, Any]) -> tuple[Any, str, str]:
     if runtime not in RUNTIMES:
         raise ValueError(f"{task}.runtime: unknown '{runtime}'; valid: {', '.join(RUNTIMES)}")
     if runtime == "torch":
-        if resolved.onnx is not None:
-            raise ValueError(f"{source} is an ONNX model: runtime torch cannot run it (use onnx or openvino)")
+        if resolved.exported is not None:
+            raise ValueError(
+                f"{source} is an exported model ({resolved.exported.name}): runtime torch cannot run it "
+                f"(use {resolved.runtime})"
+            )
         return load_predictor(resolved.checkpoint, task=task), resolved.label, str(resolved.checkpoint)
-    if resolved.onnx is None:
+    if resolved.exported is None:
         raise ValueError(
-            f"runtime {runtime} serves an ONNX file or a registered ONNX variant (models:/montage-<task>/<version>, "
-            f"made by `montage export`), not {source}"
+            f"runtime {runtime} serves an exported model — an .onnx file, an OpenVINO IR (openvino only) or a "
+            f"registered variant (models:/montage-<task>/<version>, made by `montage export` / `montage optimize`) — "
+            f"not {source}"
         )
-    if runtime == "openvino":  # OpenVINO compiles the ONNX file itself (no IR file to register)
+    if runtime == "openvino":  # an IR, or an ONNX file (OpenVINO reads ONNX directly)
         from montage.platform.ov_runtime import load_openvino_predictor
 
-        predictor = load_openvino_predictor(resolved.onnx, resolved.checkpoint, task=task)
+        predictor = load_openvino_predictor(resolved.exported, resolved.checkpoint, task=task)
+    elif resolved.ir is not None:
+        raise ValueError(f"{source} is an OpenVINO IR: runtime onnx cannot run it (use openvino)")
     else:
         predictor = load_onnx_predictor(resolved.onnx, resolved.checkpoint, task=task)
     return predictor, resolved.label, str(resolved.checkpoint)

@@ -114,8 +114,9 @@ def arm_of(cfg: ModelServeConfig, task: str, tracking_uri: str, arm: str) -> Arm
     """The :class:`Arm` of ``arm`` (champion | challenger); None for an unset challenger or a challenger
     alias that names no version. The runtime is the section's (``runtime``, ``challenger_runtime``) when
     set, else the source's own: ``onnx`` for an ONNX file or a registry version tagged as an ONNX
-    variant, ``torch`` otherwise. A registry version the registry does not hold raises
-    :class:`ReloadError` (nothing is deployed)."""
+    variant, ``openvino`` for an IR file or a version tagged as an OpenVINO variant, ``torch``
+    otherwise. A registry version the registry does not hold raises :class:`ReloadError` (nothing is
+    deployed)."""
     from mlflow.exceptions import MlflowException
 
     from montage.tracking.sources import model_version, source_runtime

@@ -1,7 +1,8 @@
 """A :class:`~montage.core.sources.ModelSource` resolved to files on this machine: registry
 aliases and versions through MLflow (an ONNX variant: its ``.onnx`` and the checkpoint it was
-exported from), remote checkpoints through pyarrow's filesystems (what Ray Train persists with),
-ONNX files through the parent they name in their metadata. The one ``resolve_source`` of montage:
+exported from; an OpenVINO variant: its IR ``.xml`` + ``.bin`` and that checkpoint), remote
+checkpoints through pyarrow's filesystems (what Ray Train persists with), ONNX and IR files through
+the parent they name in their metadata. The one ``resolve_source`` of montage:
 Serve, ``montage evaluate``, ``export``, ``optimize`` and the training launchers use it.
 """
 
@@ -27,14 +28,21 @@ class ResolvedSource:
 
     source: ModelSource  # as given
     pinned: ModelSource  # an alias: the version it names now; every other kind: the source
-    checkpoint: Path  # the checkpoint file (an ONNX source: the one it was exported from: it holds the config)
+    checkpoint: Path  # the checkpoint file (an exported source: the one it was made from: it holds the config)
     onnx: Path | None = None  # the exported network that replaces the checkpoint's, for an ONNX source
     label: str = ""  # what /healthz and the logs call it
+    ir: Path | None = None  # the OpenVINO IR (.xml) that replaces the checkpoint's network, for an OpenVINO source
 
     @property
     def runtime(self) -> str:
-        """``onnx`` for an ONNX file or registered ONNX variant, else ``torch``."""
-        return "onnx" if self.onnx is not None else "torch"
+        """``openvino`` for an IR file or registered OpenVINO variant, ``onnx`` for an ONNX file or
+        registered ONNX variant, else ``torch``."""
+        return "openvino" if self.ir is not None else "onnx" if self.onnx is not None else "torch"
+
+    @property
+    def exported(self) -> Path | None:
+        """The exported network (ONNX or IR) that replaces the checkpoint's, None for a checkpoint."""
+        return self.ir or self.onnx
 
 
 def model_version(source: ModelSource, tracking_uri: str = "") -> Any:
@@ -51,13 +59,19 @@ def is_onnx_variant(version: Any) -> bool:
     return version.tags.get(schema.RUNTIME) == schema.RUNTIME_ONNX
 
 
+def is_openvino_variant(version: Any) -> bool:
+    return version.tags.get(schema.RUNTIME) == schema.RUNTIME_OPENVINO
+
+
 def source_runtime(source: ModelSource, tracking_uri: str = "", version: Any = None) -> str:
     """The runtime a source's own kind asks for, without downloading it: ``onnx`` for an ONNX file
-    or a registry version tagged as an ONNX variant, else ``torch``."""
-    if source.kind == "onnx":
-        return "onnx"
+    or a registry version tagged as an ONNX variant, ``openvino`` for an IR file or a version tagged
+    as an OpenVINO variant, else ``torch``."""
+    if source.kind in ("onnx", "openvino"):
+        return source.kind
     if source.in_registry:
-        return "onnx" if is_onnx_variant(version or model_version(source, tracking_uri)) else "torch"
+        version = version or model_version(source, tracking_uri)
+        return "onnx" if is_onnx_variant(version) else "openvino" if is_openvino_variant(version) else "torch"
     return "torch"
 
 
@@ -71,10 +85,10 @@ def local_checkpoint(path: str) -> Path:
     return resolve_checkpoint_path(_download(path))
 
 
-def _download(uri: str) -> Path:
+def _download(uri: str, into: Path | None = None) -> Path:
     import pyarrow.fs
 
-    local = Path(tempfile.mkdtemp(prefix="montage-download-"))
+    local = into or Path(tempfile.mkdtemp(prefix="montage-download-"))
     try:
         fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
         if fs.get_file_info(inner).type == pyarrow.fs.FileType.File:
@@ -101,7 +115,21 @@ def resolve_source(source: ModelSource | str, tracking_uri: str = "") -> Resolve
         parent = onnx_parent(onnx_path)
         checkpoint = resolve_source(parent, tracking_uri).checkpoint
         return ResolvedSource(src, src, checkpoint, onnx_path, f"{src.path} (onnx of {parent})")
+    if src.kind == "openvino":
+        xml = Path(src.path) if src.local else _download_ir(src.path)
+        if not xml.is_file():
+            raise FileNotFoundError(f"model source not found: {src.path}")
+        parent = ir_parent(xml)
+        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        return ResolvedSource(src, src, checkpoint, label=f"{src.path} (openvino of {parent})", ir=xml)
     return ResolvedSource(src, src, local_checkpoint(src.path), label=src.path)
+
+
+def _download_ir(uri: str) -> Path:
+    """A remote IR: its ``.xml`` and the ``.bin`` beside it, into one local folder."""
+    xml = _download(uri)
+    _download(uri[: -len(".xml")] + ".bin", xml.parent)
+    return xml
 
 
 def onnx_parent(onnx_path: Path) -> ModelSource:
@@ -117,6 +145,19 @@ def onnx_parent(onnx_path: Path) -> ModelSource:
     return ModelSource.parse(parent, f"{onnx_path}'s {schema.PARENT}")
 
 
+def ir_parent(xml: Path) -> ModelSource:
+    """The source an OpenVINO IR was made from (``montage.parent`` in its ``rt_info``)."""
+    from montage.platform.ov_runtime import read_ir_metadata
+
+    parent = read_ir_metadata(xml, schema.PARENT)
+    if not parent:
+        raise ValueError(
+            f"{xml} does not name the checkpoint it was made from (rt_info {schema.PARENT}): make it with "
+            "`montage optimize <task> --method openvino`, or serve its registered variant (models:/<name>/<version>)"
+        )
+    return ModelSource.parse(parent, f"{xml}'s {schema.PARENT}")
+
+
 def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
     mv = model_version(src, tracking_uri)
     pinned = src.at_version(mv.version)
@@ -129,6 +170,14 @@ def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
         checkpoint = resolve_source(parent, tracking_uri).checkpoint
         label = f"{src.name} v{mv.version} ({mv.tags.get(schema.VARIANT)} onnx of {parent})"
         return ResolvedSource(src, pinned, checkpoint, found[0], label)
+    if is_openvino_variant(mv):
+        found = sorted(files.rglob("*.xml"))
+        if not found:
+            raise FileNotFoundError(f"{src} (version {mv.version}) holds no OpenVINO IR (.xml) file")
+        parent = ModelSource.parse(mv.tags.get(schema.PARENT, ""), f"{pinned}'s {schema.PARENT} tag")
+        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        label = f"{src.name} v{mv.version} ({mv.tags.get(schema.VARIANT)} of {parent})"
+        return ResolvedSource(src, pinned, checkpoint, label=label, ir=found[0])
     hits = sorted(files.rglob("*.pt"))
     if not hits:
         raise FileNotFoundError(f"{src} (version {mv.version}) holds no checkpoint artifact")

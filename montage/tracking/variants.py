@@ -1,6 +1,7 @@
 """Deployment variants of a registered model: export a version (or a checkpoint) to ONNX,
 check it, and register the result as a new version of ``montage-<task>`` with tags saying what
-it is (variant, runtime, size, parameters, the largest difference from its parent)."""
+it is (variant, runtime, size, parameters, the largest difference from its parent). The OpenVINO
+variant, built on the same pieces, is :mod:`montage.tracking.ov_variant`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from montage.core import schema
 from montage.core.sources import ModelSource
@@ -29,6 +30,18 @@ class Variant:
     name: str = ""
     version: str = ""
     measurement: Measurement | None = None
+
+
+def validation_specs(inst: Any, nets: dict[str, Any], samples: int) -> list[Any]:
+    """The task's export spec at each of the first ``samples`` validation samples (batch 1): the
+    calibration and check inputs of the INT8 and OpenVINO variants."""
+    from torch.utils.data import DataLoader
+
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1 (the calibration set), got {samples}")
+    validation_batch(inst)  # a clear error when the validation data cannot be built
+    loader = DataLoader(inst.datasets()[1], batch_size=1, shuffle=False)
+    return [inst.export_spec(nets, b) for b, _ in zip(loader, range(samples))]
 
 
 def validation_batch(inst: Any, size: int = 2) -> dict[str, Any]:
@@ -67,7 +80,7 @@ def export_model(
     batch = validation_batch(inst, size=2 if dynamic_batch else 1)  # a static batch is fixed at the example's
     report = export_onnx(inst.export_spec(nets, batch), output, opset=opset, dynamic_batch=dynamic_batch)
     _name_parent(report.path, parent, checkpoint)
-    m = measure(checkpoint, onnx_path=report.path)
+    m = measure(checkpoint, network=report.path)
     if not registers(source, register):
         return Variant(report, parent, measurement=m)
     version = register_onnx(task, Path(report.path), parent, report, tracking_uri, extra_tags=m.tags())
@@ -81,13 +94,12 @@ def registers(source: ModelSource, register: bool | None) -> bool:
 
 def variant_parent(source: ModelSource, tracking_uri: str) -> tuple[str, Path]:
     """(the parent a variant records: models:/name/N for a registry source (an alias: the version it
-    names now), else the checkpoint's path; the local checkpoint). An ONNX source has no weights to
-    make a variant from."""
+    names now), else the checkpoint's path; the local checkpoint). An ONNX or OpenVINO source has no
+    weights to make a variant from."""
     resolved = resolve_source(source, tracking_uri)
-    if resolved.onnx is not None:
-        raise ValueError(
-            f"{source} is an ONNX model already: make the variant from the checkpoint it was exported from"
-        )
+    if resolved.exported is not None:
+        kind = "an OpenVINO" if resolved.ir is not None else "an ONNX"
+        raise ValueError(f"{source} is {kind} model already: make the variant from the checkpoint it was made from")
     return resolved.pinned.uri, resolved.checkpoint
 
 
@@ -113,7 +125,6 @@ def quantize_model(
     registered model) as a variant named after the precision."""
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader
 
     from montage.platform.export import convert_fp16, quantize_int8, run_session, session
     from montage.platform.inference import load_for_inference
@@ -125,9 +136,7 @@ def quantize_model(
     source = ModelSource.parse(source, "--source")
     parent, checkpoint = variant_parent(source, tracking_uri)
     inst, nets = load_for_inference(checkpoint, task=task, device="cpu")
-    validation_batch(inst)  # a clear error when the validation data cannot be built
-    loader = DataLoader(inst.datasets()[1], batch_size=1, shuffle=False)
-    specs = [inst.export_spec(nets, b) for b, _ in zip(loader, range(samples))]
+    specs = validation_specs(inst, nets, samples)
     output = Path(output)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(specs[0], Path(tmp) / "fp32.onnx", dynamic_batch=True)
@@ -163,7 +172,7 @@ def quantize_model(
         worst,
         len(specs),
     )
-    m = measure(checkpoint, onnx_path=output)
+    m = measure(checkpoint, network=output)
     if not registers(source, register):
         return Variant(report, parent, measurement=m)
     return Variant(
@@ -188,6 +197,40 @@ def register_onnx(
     ``montage-<task>`` (no alias moves: promoting stays the user's choice)."""
     import mlflow
     import onnx
+
+    def write(folder: Path) -> None:
+        mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(folder))
+
+    tags = {schema.RUNTIME: schema.RUNTIME_ONNX, **variant_tags(report, parent), **(extra_tags or {})}
+    return register_variant(task, parent, variant, "onnx", tags, write, tracking_uri, f"export-{onnx_path.stem}")
+
+
+def variant_tags(report: ExportReport, parent: str) -> dict[str, str]:
+    """The tags of an exported variant's report (its runtime and measurement are the caller's)."""
+    return {
+        schema.PARENT: parent,
+        schema.OPSET: str(report.opset),
+        schema.SIZE_MB: f"{report.size_mb:.3f}",
+        schema.PARAMS: str(report.params),
+        schema.MAX_ABS_DIFF: f"{report.max_abs_diff:.3g}",
+        schema.DYNAMIC_BATCH: str(report.dynamic_batch).lower(),
+    }
+
+
+def register_variant(
+    task: str,
+    parent: str,
+    variant: str,
+    model_type: str,
+    tags: dict[str, str],
+    write: Callable[[Path], None],
+    tracking_uri: str = "",
+    run_name: str = "",
+) -> str:
+    """Log the files ``write`` puts into a folder as an MLflow logged model (``model_type``) under the
+    parent's run (a registry parent) or an export run of its own (``run_name``), and register it as a
+    new version of ``montage-<task>`` tagged ``variant`` and ``tags`` (no alias moves: promoting stays
+    the user's choice)."""
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
@@ -200,28 +243,18 @@ def register_onnx(
     if run_id is None:
         exp = get_experiment_id(mlc, f"montage-{task}", "mlartifacts", resolve_tracking_uri(tracking_uri))
         run_id = mlc.create_run(
-            exp, run_name=f"export-{onnx_path.stem}", tags={schema.TASK: task, schema.ROLE: "export"}
+            exp, run_name=run_name or f"export-{variant}", tags={schema.TASK: task, schema.ROLE: "export"}
         ).info.run_id
         mlc.set_terminated(run_id, "FINISHED")
-    tags = {
-        schema.VARIANT: variant,
-        schema.RUNTIME: schema.RUNTIME_ONNX,
-        schema.PARENT: parent,
-        schema.OPSET: str(report.opset),
-        schema.SIZE_MB: f"{report.size_mb:.3f}",
-        schema.PARAMS: str(report.params),
-        schema.MAX_ABS_DIFF: f"{report.max_abs_diff:.3g}",
-        schema.DYNAMIC_BATCH: str(report.dynamic_batch).lower(),
-        **(extra_tags or {}),
-    }
+    tags = {schema.VARIANT: variant, **tags}
     run = mlc.get_run(run_id)
     if run.data.tags.get(schema.DATA_DIGEST):  # the parent's training data
         tags[schema.DATA_DIGEST] = run.data.tags[schema.DATA_DIGEST]
     experiment_id = run.info.experiment_id
-    model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type="onnx")
+    model = mlc.create_logged_model(experiment_id, name=variant, source_run_id=run_id, tags=tags, model_type=model_type)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
-        mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(local))
+        write(local)
         mlc.log_model_artifacts(model.model_id, str(local))
     mlc.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     try:
@@ -231,9 +264,10 @@ def register_onnx(
             raise
     mv = mlc.create_model_version(name, source=model.artifact_location, run_id=run_id, tags=tags)
     log.info(
-        "registered %s version %s: ONNX of %s (%s)",
+        "registered %s version %s: %s of %s (%s)",
         name,
         mv.version,
+        variant,
         parent,
         ", ".join(f"{k[8:]}={v}" for k, v in tags.items()),
     )
@@ -278,18 +312,18 @@ class Measurement:
 
 
 def measure(
-    parent: str | Path, checkpoint: str | Path | None = None, onnx_path: str | Path | None = None, runs: int = 20
+    parent: str | Path, checkpoint: str | Path | None = None, network: str | Path | None = None, runs: int = 20
 ) -> Measurement:
-    """Measure a variant — a checkpoint (pruned, student) or an ONNX file exported from
-    ``parent`` — against ``parent``: validation metric, and p50 latency at batch 1 with the two
-    networks run in turns (this machine's speed drifts; turns keep the ratio fair)."""
+    """Measure a variant — a checkpoint (pruned, student), or a ``network`` exported from ``parent``:
+    an ONNX file (run by ONNX Runtime) or an OpenVINO IR ``.xml`` (run by OpenVINO) — against
+    ``parent``: validation metric, and p50 latency at batch 1 with the two networks run in turns
+    (this machine's speed drifts; turns keep the ratio fair)."""
     import torch
 
     from montage.platform.evaluate import evaluation_loop, latency_pair
-    from montage.platform.inference import OnnxNet
 
-    def prepare(ckpt: str | Path, onnx: str | Path | None) -> tuple[float, Any, str, str]:
-        exported = OnnxNet(onnx) if onnx is not None else None
+    def prepare(ckpt: str | Path, path: str | Path | None) -> tuple[float, Any, str, str]:
+        exported = exported_net(path) if path is not None else None
         loop = evaluation_loop(ckpt, exported)
         metric, mode = loop.task.monitor
         spec = loop.task.export_spec(loop.m.nets, validation_batch(loop.task, 1))  # the inputs latency is timed on
@@ -300,7 +334,7 @@ def measure(
         return value, lambda: module(*inputs), metric, mode
 
     parent_value, parent_fn, metric, mode = prepare(parent, None)
-    value, fn, _, _ = prepare(checkpoint or parent, onnx_path)
+    value, fn, _, _ = prepare(checkpoint or parent, network)
     with torch.no_grad():
         parent_ms, ms = latency_pair(parent_fn, fn, runs=runs)
     m = Measurement(metric, mode, value, parent_value, ms, parent_ms)
@@ -315,6 +349,17 @@ def measure(
         parent_ms / ms,
     )
     return m
+
+
+def exported_net(path: str | Path) -> Any:
+    """The network of an exported file in its runtime: an IR ``.xml`` in OpenVINO, an ``.onnx`` in ONNX Runtime."""
+    if Path(path).suffix.lower() == ".xml":
+        from montage.platform.ov_runtime import OpenVINONet
+
+        return OpenVINONet(path)
+    from montage.platform.inference import OnnxNet
+
+    return OnnxNet(path)
 
 
 def tag_version(task: str, version: str, tags: dict[str, str], tracking_uri: str = "") -> None:
