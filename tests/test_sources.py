@@ -201,3 +201,13 @@ def test_a_series_names_a_file_source_by_its_file_name() -> None:
     assert version_tag({"source": "/runs/h/checkpoint_000001", "revision": "1"}) == "checkpoint_000001"
     assert version_tag({"source": "/x/harm2.onnx", "runtime": "onnx"}) == "harm2.onnx-onnx"
     assert version_tag({"source": "s3://b/runs/best.pt?endpoint_override=h:9000", "runtime": "torch"}) == "best.pt"
+
+
+@pytest.mark.parametrize("exported", ["net.onnx", "net.xml"])
+def test_an_exported_network_is_no_teacher_or_init_checkpoint(exported: str, tiny_config) -> None:
+    from montage.tracking.registry import resolve_model_sources
+
+    for key in ("distill.teacher", "init.checkpoint"):
+        cfg = tiny_config("segmentation", f"{key}={exported}")
+        with pytest.raises(ValueError, match=f"{key} .*{exported}: an exported network .* no weights to train from"):
+            resolve_model_sources(cfg)

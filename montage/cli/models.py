@@ -26,7 +26,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for v in st.list_versions(args.task, args.tracking_uri or ""):
         mark = f"@{st.CHAMPION}" if champ is not None and str(champ.version) == str(v.version) else ""
         t = v.tags
-        variant = f"{t.get(schema.VARIANT, 'fp32'):<11} {t.get(schema.RUNTIME, 'torch'):<11}"
+        variant = f"{t.get(schema.VARIANT, 'fp32'):<13} {t.get(schema.RUNTIME, 'torch'):<11}"
         measured = (
             f" params={t[schema.PARAMS]} p50={t[schema.LATENCY_MS]}ms Δ{t[schema.QUALITY_DELTA]}"
             if schema.LATENCY_MS in t

@@ -17,7 +17,7 @@ import yaml
 
 from montage.core import schema
 from montage.core.config import ExperimentConfig
-from montage.core.sources import CHALLENGER, CHAMPION, ModelSource, model_name  # noqa: F401  (re-exported)
+from montage.core.sources import CHALLENGER, CHAMPION, EXPORTED, ModelSource, model_name  # noqa: F401  (re-exported)
 from montage.tracking.runs import log_checkpoint_model, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,11 @@ def resolve_model_sources(cfg: ExperimentConfig) -> None:
         if not text:
             continue
         source = ModelSource.parse(text, f"{section}.{key}")
-        if source.kind == "onnx":
-            raise ValueError(f"{section}.{key} {source}: an ONNX file has no weights to train from; give a checkpoint")
+        if source.kind in EXPORTED:
+            raise ValueError(
+                f"{section}.{key} {source}: an exported network ({source.kind}) has no weights to train from; "
+                "give a checkpoint"
+            )
         if not source.local:
             setattr(getattr(cfg, section), key, str(download_model_checkpoint(source, cfg.tracking.uri)))
 
@@ -142,8 +145,8 @@ def download_model_checkpoint(source: ModelSource | str, tracking_uri: str = "")
     from montage.tracking.sources import resolve_source
 
     resolved = resolve_source(source, tracking_uri)
-    if resolved.onnx is not None:
-        raise ValueError(f"{source} is an ONNX variant: its checkpoint is its parent's; give that instead")
+    if resolved.exported is not None:
+        raise ValueError(f"{source} is an exported variant: its checkpoint is its parent's; give that instead")
     return resolved.checkpoint
 
 
