@@ -57,9 +57,14 @@ def test_two_workers_match_one_worker_at_the_global_batch(ray_session, tiny_conf
         *OPTIM,
         *extra,
     ]
-    # the reference under Ray too: a Ray worker runs torch on its CPU share (1 thread here), and a
-    # different thread count sums convolution gradients in another order
-    one = fit_ray(tiny_config(task, *common, "scaling.workers=1", "train.batch_size=8", "run.name=one"))
+    # the reference in this process on one torch thread, as a Ray worker on its CPU share runs (Ray sets
+    # OMP_NUM_THREADS=1): another thread count sums convolution gradients in another order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = fit_local(tiny_config(task, *common, "scaling.workers=1", "train.batch_size=8", "run.name=one"))
+    finally:
+        torch.set_num_threads(threads)
     two = fit_ray(tiny_config(task, *common, "scaling.workers=2", "train.batch_size=4", "run.name=two"))
     assert one.error is None and two.error is None, (one.error, two.error)
 

@@ -84,56 +84,64 @@ def _runs(uri: str) -> int:
     return len(mlflow.search_runs(experiment_names=["montage-segmentation"]))
 
 
-def test_montage_submit_runs_a_tuning_job(head) -> None:
-    uri = f"sqlite:///{head['tmp'] / 'a.db'}"
-    for _ in range(20):  # the agent may still refuse the very first job
-        rc = main(
-            [
-                "submit",
-                "tune",
-                "tune_configs/segmentation-tiny.yaml",
-                *TINY,
-                f"storage={head['tmp'] / 'tune_a'}",
-                "--address",
-                head["address"],
-                "--tracking-uri",
-                uri,
-                "--python",
-                sys.executable,
-                "--working-dir",
-                str(ROOT),
-            ]
-        )
-        if rc == 0 or _runs(uri):
-            break
-        time.sleep(3)
-    assert rc == 0
-    assert _runs(uri) == 2  # the sweep's parent run and its one trial
-
-
-def test_plain_ray_job_submit(head) -> None:
-    uri = f"sqlite:///{head['tmp'] / 'b.db'}"
+def test_montage_submit_and_plain_ray_job_submit_run_tuning_jobs(head) -> None:
+    """Both ways in at once on the same head (each a one-trial sweep): ``ray job submit`` in the
+    background while ``montage submit`` runs here."""
+    uri_a, uri_b = (f"sqlite:///{head['tmp'] / name}" for name in ("a.db", "b.db"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    cmd = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        head["address"],
-        "--working-dir",
-        str(ROOT),
-        "--runtime-env-json",
-        f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{uri}"}}, "excludes": [".venv", ".git"]}}',
-        "--",
-        sys.executable,
-        "-m",
-        "montage",
-        "tune",
-        "tune_configs/segmentation-tiny.yaml",
-        *TINY,
-        f"storage={head['tmp'] / 'tune_b'}",
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "succeeded" in out.stdout + out.stderr
-    assert _runs(uri) == 2
+    plain = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            head["address"],
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{uri_b}"}}, "excludes": [".venv", ".git"]}}',
+            "--",
+            sys.executable,
+            "-m",
+            "montage",
+            "tune",
+            "tune_configs/segmentation-tiny.yaml",
+            *TINY,
+            f"storage={head['tmp'] / 'tune_b'}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(20):  # the agent may still refuse the very first job
+            rc = main(
+                [
+                    "submit",
+                    "tune",
+                    "tune_configs/segmentation-tiny.yaml",
+                    *TINY,
+                    f"storage={head['tmp'] / 'tune_a'}",
+                    "--address",
+                    head["address"],
+                    "--tracking-uri",
+                    uri_a,
+                    "--python",
+                    sys.executable,
+                    "--working-dir",
+                    str(ROOT),
+                ]
+            )
+            if rc == 0 or _runs(uri_a):
+                break
+            time.sleep(3)
+        out, _ = plain.communicate(timeout=600)
+    finally:
+        if plain.poll() is None:
+            plain.kill()
+    assert rc == 0
+    assert _runs(uri_a) == 2  # the sweep's parent run and its one trial
+    assert plain.returncode == 0, out[-3000:]
+    assert "succeeded" in out
+    assert _runs(uri_b) == 2

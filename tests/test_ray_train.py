@@ -17,7 +17,8 @@ def _staged() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")}
 
 
-def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tmp_path: Path) -> None:
+def test_two_worker_fit_checkpoints_and_logs(ray_session, seg_config, tmp_path: Path) -> None:
+    # (its resume under Ray, one MLflow run for both legs: test_distributed's resume-under-Ray test)
     cfg = seg_config("scaling.workers=2", "train.epochs=1", "train.max_steps=2", "run.name=ddp")
     before = _staged()
     out = fit_ray(cfg)
@@ -37,17 +38,8 @@ def test_two_worker_fit_checkpoints_logs_and_resumes(ray_session, seg_config, tm
     mlflow.set_tracking_uri(cfg.tracking.uri)
     runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
     assert len(runs) == 1  # only rank 0 logs
-    run_id = runs.iloc[0]["run_id"]
     assert runs.iloc[0]["params.scaling.workers"] == "2"
-
-    resumed_cfg = seg_config("scaling.workers=2", "train.epochs=2", "train.max_steps=2")
-    out2 = fit_ray(resumed_cfg, resume=str(tmp_path / "runs" / "ddp"))
-    assert out2.error is None
-    assert out2.metrics["epoch"] == 2  # continued from epoch 1, did not restart
-    runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
-    assert list(runs["run_id"]) == [run_id]  # the same MLflow run continued
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val/iou")]
-    assert steps == [1, 2]
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "val/iou")] == [1]
 
 
 def test_run_resumed_at_its_end_reports_its_final_epoch(ray_session, seg_config, tmp_path: Path) -> None:
