@@ -50,6 +50,17 @@ def no_placement_group_outlives_its_module(request):
         wait_placement_groups_removed(60, request.module.__name__)
 
 
+@pytest.fixture(scope="session")
+def serve_app(ray_session, tmp_path_factory):
+    """The Serve application test_serve and test_serve_hardening share (``serve_helpers.SharedApp``);
+    test_serve_hardening stops it when it is done, else the session's end does."""
+    from serve_helpers import SharedApp
+
+    app = SharedApp(tmp_path_factory.mktemp("serve"))
+    yield app
+    app.stop()
+
+
 @pytest.fixture
 def seg_config(tmp_path: Path):
     """A tiny synthetic segmentation config writing runs and MLflow under tmp_path."""
@@ -109,4 +120,7 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     process starts the shared Ray session (the two would contend for the dashboard agent's
     ports): run them first, whatever the file order."""
     first = {"test_jobs.py": 0, "test_multinode.py": 1}  # own clusters, before the shared session starts
-    items.sort(key=lambda item: first.get(item.path.name, 2))
+    # the shared Serve application (serve_app): test_serve, then test_serve_hardening, which stops it, after
+    # the modules that start an application of their own (Serve runs one HTTP proxy, on one port)
+    last = {"test_serve.py": 3, "test_serve_hardening.py": 4}
+    items.sort(key=lambda item: first.get(item.path.name, last.get(item.path.name, 2)))

@@ -1,4 +1,5 @@
-"""Helpers for the Serve tests that start their own application (hardening, the page)."""
+"""Helpers for the Serve tests: the application test_serve and test_serve_hardening share, images,
+start / stop."""
 
 from __future__ import annotations
 
@@ -137,3 +138,46 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=90)
+
+
+ALLOWED_ORIGIN = "http://allowed.example"
+MAX_BYTES = 300_000
+
+
+class SharedApp:
+    """The Serve application of test_serve and test_serve_hardening (one start-up for both modules):
+    tiny checkpoints of the three tasks, pix2pix on, API keys on (a bearer key in ``session``), a CORS
+    allow-list and small size limits. A test that reconfigures it restores ``overrides`` before it ends
+    (test_serve_hardening's overload test, the last user, excepted)."""
+
+    def __init__(self, tmp: Path) -> None:
+        import requests
+
+        from montage.serve import access
+
+        self.tmp = tmp
+        self.ckpts = checkpoints(tmp, ("segmentation", "harmonization", "pix2pix"))
+        self.key, line = access.new_key()
+        keys = tmp / "serve.keys"
+        keys.write_text(line + "\n")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.overrides = [
+            f"port={port}",
+            "max_side=1024",
+            f"max_bytes={MAX_BYTES}",
+            "pix2pix.enabled=true",
+            f"auth.api_keys_file={keys}",
+            f"cors.allow_origins=[{ALLOWED_ORIGIN}]",
+        ] + [f"{t}.source={p}" for t, p in self.ckpts.items()]
+        start(self.overrides)
+        self.session = requests.Session()
+        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
+        self.session.headers["Authorization"] = f"Bearer {self.key}"
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self.session.close()
+            stop_serve()
+            self.running = False

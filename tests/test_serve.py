@@ -11,50 +11,38 @@ import pytest
 import requests
 from conftest import _tiny
 from serve_helpers import decode as _decode
-from serve_helpers import free_port as _free_port
 from serve_helpers import img as _img
 from serve_helpers import png as _png
-from serve_helpers import stop_serve
+
+# every call carries the shared application's API key (set by the fixture)
+http = requests.Session()
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
-
-    from montage.launch.local import fit_local
-    from montage.serve.app import load_serve_config, run
-
-    tmp = tmp_path_factory.mktemp("serve")
-    ckpts = {}
-    for task in ("segmentation", "harmonization", "pix2pix"):
-        out = fit_local(_tiny(task, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={task}"]))
-        ckpts[task] = out.best_checkpoint
-    port = _free_port()
-    overrides = [f"port={port}", "max_side=1024", "pix2pix.enabled=true"] + [
-        f"{t}.source={p}" for t, p in ckpts.items()
-    ]
-    cfg = load_serve_config(None, overrides)
-    run(cfg)
-    yield {"url": f"http://127.0.0.1:{port}", "ckpts": ckpts, "overrides": overrides, "tmp": tmp}
-    stop_serve()
+def server(serve_app):
+    """The application test_serve_hardening also uses (``serve_app``: API keys on)."""
+    http.headers["Authorization"] = f"Bearer {serve_app.key}"
+    yield {"url": serve_app.url, "ckpts": serve_app.ckpts, "overrides": serve_app.overrides, "tmp": serve_app.tmp}
+    http.close()
 
 
 def test_endpoints_return_images_of_the_input_size(server) -> None:
     url = server["url"]
-    health = requests.get(f"{url}/healthz", timeout=30).json()
+    health = http.get(f"{url}/healthz", timeout=30).json()
     assert health["status"] == "ok" and set(health["models"]) == {"segmentation", "harmonization", "pix2pix"}
-    page = requests.get(url, timeout=30).text  # the page (tests/test_serve_hardening.py drives it in a browser)
-    assert 'id="person"' in page and 'data-auth="0"' in page  # auth off: no key field
+    page = http.get(url, timeout=30).text  # the page (tests/test_serve_hardening.py drives it in a browser)
+    assert 'id="person"' in page
 
-    r = requests.post(f"{url}/v1/segment", files={"image": _png(_img(73, 121))}, params={"refine": "true"}, timeout=60)
+    r = http.post(f"{url}/v1/segment", files={"image": _png(_img(73, 121))}, params={"refine": "true"}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert _decode(r.content).shape == (73, 121, 4)
-    r = requests.post(f"{url}/v1/segment", files={"image": _png(_img(50, 40))}, params={"threshold": 0.5}, timeout=60)
+    r = http.post(f"{url}/v1/segment", files={"image": _png(_img(50, 40))}, params={"threshold": 0.5}, timeout=60)
     assert set(np.unique(_decode(r.content)[..., 3])) <= {0, 255}
 
     comp = _img(90, 70, 1)
     mask = np.zeros((90, 70), np.uint8)
     mask[20:70, 10:50] = 255
-    r = requests.post(
+    r = http.post(
         f"{url}/v1/harmonize", files={"composite": _png(comp), "mask": _png(mask)}, data={"blend": "0.8"}, timeout=60
     )
     assert r.status_code == 200
@@ -63,7 +51,7 @@ def test_endpoints_return_images_of_the_input_size(server) -> None:
     np.testing.assert_array_equal(out[mask == 0], comp[mask == 0])
 
     bg = _img(160, 240, 2)
-    r = requests.post(
+    r = http.post(
         f"{url}/v1/composite",
         files={"person": _png(_img(100, 60, 3)), "background": _png(bg)},
         data={"x": "0.3", "y": "0.5", "scale": "0.5"},
@@ -76,7 +64,7 @@ def test_endpoints_return_images_of_the_input_size(server) -> None:
     outside = np.ones(bg.shape[:2], bool)
     outside[40:120, 48:96] = False
     np.testing.assert_array_equal(res[outside], bg[outside])
-    r = requests.post(
+    r = http.post(
         f"{url}/v1/composite",
         files={"person": _png(_img(100, 60, 3)), "background": _png(bg)},
         params={"return": "layers"},
@@ -90,10 +78,10 @@ def test_endpoints_return_images_of_the_input_size(server) -> None:
     assert _decode(base64.b64decode(layers["composite"])).shape[:2] == (160, 240)
 
     pts = np.random.default_rng(0).uniform(4, 28, (48, 2)).tolist()
-    r = requests.post(f"{url}/v1/pix2pix", data={"landmarks": json.dumps({"labels": pts})}, timeout=60)
+    r = http.post(f"{url}/v1/pix2pix", data={"landmarks": json.dumps({"labels": pts})}, timeout=60)
     assert r.status_code == 200 and _decode(r.content).shape == (32, 32, 3)
     heat = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
-    r = requests.post(f"{url}/v1/pix2pix", files={"heatmap": _png(heat)}, timeout=60)
+    r = http.post(f"{url}/v1/pix2pix", files={"heatmap": _png(heat)}, timeout=60)
     assert r.status_code == 200
 
 
@@ -120,11 +108,11 @@ def test_bad_input_gets_4xx_and_the_service_survives(server) -> None:
         ("/v1/pix2pix", {}, 422, "exactly one"),
     ]
     for path, kwargs, status, text in cases:
-        r = requests.post(f"{url}{path}", timeout=60, **kwargs)
+        r = http.post(f"{url}{path}", timeout=60, **kwargs)
         assert r.status_code == status, (path, kwargs.keys(), r.status_code, r.text)
         assert text in r.json()["detail"], (path, r.json())
-    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
-    assert requests.post(f"{url}/v1/segment", files={"image": good}, timeout=60).status_code == 200
+    assert http.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert http.post(f"{url}/v1/segment", files={"image": good}, timeout=60).status_code == 200
 
 
 def test_sixteen_concurrent_requests(server) -> None:
@@ -132,7 +120,7 @@ def test_sixteen_concurrent_requests(server) -> None:
     bg, person = _png(_img(128, 128, 5)), _png(_img(96, 64, 6))
 
     def call(i: int) -> int:
-        return requests.post(f"{url}/v1/composite", files={"person": person, "background": bg}, timeout=120).status_code
+        return http.post(f"{url}/v1/composite", files={"person": person, "background": bg}, timeout=120).status_code
 
     with ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(call, range(16)))
@@ -148,11 +136,9 @@ def test_reload_switches_the_model_in_place(server) -> None:
         _tiny("segmentation", tmp, ["tracking.enabled=false", "train.max_steps=1", "run.name=seg2"])
     ).best_checkpoint
     run(load_serve_config(None, server["overrides"] + [f"segmentation.source={new}"]))
-    health = requests.get(f"{server['url']}/healthz", timeout=30).json()
+    health = http.get(f"{server['url']}/healthz", timeout=30).json()
     assert health["models"]["segmentation"] == new
-    assert (
-        requests.post(f"{server['url']}/v1/segment", files={"image": _png(_img(30, 30))}, timeout=60).status_code == 200
-    )
+    assert http.post(f"{server['url']}/v1/segment", files={"image": _png(_img(30, 30))}, timeout=60).status_code == 200
 
 
 def test_reload_on_champion_serves_the_promoted_version(server) -> None:
@@ -183,7 +169,7 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
     image = _img(40, 56, seed=5)
 
     def served_alpha() -> np.ndarray:
-        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
+        r = http.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
         assert r.status_code == 200
         return _decode(r.content)[..., 3]
 
@@ -192,13 +178,13 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
 
     assert np.abs(local_alpha(other).astype(int) - local_alpha(first)).max() > 3  # the two models answer differently
     run(load_serve_config(None, overrides))
-    assert "v1" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+    assert "v1" in http.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
     before = served_alpha()
     assert np.abs(before.astype(int) - local_alpha(first)).max() <= 1
 
     reg.promote("segmentation", v2.version, uri)
     run(load_serve_config(None, overrides))  # what `montage serve --reload` does
-    assert "v2" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+    assert "v2" in http.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
     after = served_alpha()
     assert np.abs(after.astype(int) - local_alpha(other)).max() <= 1
     assert np.abs(after.astype(int) - before).max() > 3  # and the service switched
@@ -223,7 +209,7 @@ def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
     image = _img(40, 56, seed=9)
 
     def alpha() -> np.ndarray:
-        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
+        r = http.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
         assert r.status_code == 200
         return _decode(r.content)[..., 3].astype(int)
 
@@ -240,15 +226,13 @@ def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
         )
     )
     try:
-        assert "onnx" in requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+        assert "onnx" in http.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
         assert np.abs(alpha() - torch_alpha).max() <= 1
         with ThreadPoolExecutor(8) as pool:  # batched by @serve.batch through ONNX Runtime
             codes = list(
                 pool.map(
                     lambda _: (
-                        requests.post(
-                            f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60
-                        ).status_code
+                        http.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60).status_code
                     ),
                     range(8),
                 )
@@ -278,7 +262,7 @@ def test_openvino_variant_answers_the_same_endpoint(server) -> None:
     image = _img(40, 56, seed=9)
 
     def segment() -> requests.Response:
-        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
+        r = http.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
         assert r.status_code == 200
         return r
 
@@ -286,7 +270,7 @@ def test_openvino_variant_answers_the_same_endpoint(server) -> None:
     source = f"models:/montage-segmentation/{variant.version}"
     run(load_serve_config(None, server["overrides"] + [f"segmentation.source={source}", f"tracking_uri={uri}"]))
     try:
-        label = requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+        label = http.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
         assert f"v{variant.version} (openvino of models:/montage-segmentation/1)" in label
         r = segment()
         assert f"segmentation=v{variant.version}-openvino" in r.headers[HEADER]
@@ -318,13 +302,13 @@ def test_tta_is_a_request_option(server) -> None:
     image = _img(64, 64, seed=11)
 
     def alpha(img: np.ndarray, tta: str) -> np.ndarray:
-        r = requests.post(f"{server['url']}/v1/segment", files={"image": _png(img)}, params={"tta": tta}, timeout=60)
+        r = http.post(f"{server['url']}/v1/segment", files={"image": _png(img)}, params={"tta": tta}, timeout=60)
         assert r.status_code == 200
         return _decode(r.content)[..., 3].astype(int)
 
     assert np.abs(alpha(image[:, ::-1].copy(), "true") - alpha(image, "true")[:, ::-1]).max() <= 1
     assert alpha(image, "false").shape == (64, 64)
-    r = requests.post(
+    r = http.post(
         f"{server['url']}/v1/composite",
         files={"person": _png(image), "background": _png(_img(80, 90, 3))},
         params={"tta": "true"},
@@ -339,18 +323,18 @@ def test_fused_mode_answers_like_the_graph(server) -> None:
     from montage.serve.app import load_serve_config, run
 
     files = {"person": _png(_img(70, 50, 4)), "background": _png(_img(90, 120, 5))}
-    graph = requests.post(f"{server['url']}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
+    graph = http.post(f"{server['url']}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
     run(load_serve_config(None, server["overrides"] + ["fused=true"]))
     try:
-        fused = requests.post(f"{server['url']}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
+        fused = http.post(f"{server['url']}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
         assert graph.status_code == fused.status_code == 200
         assert np.abs(_decode(graph.content).astype(int) - _decode(fused.content).astype(int)).max() <= 1
-        assert set(requests.get(f"{server['url']}/healthz", timeout=30).json()["models"]) == {
+        assert set(http.get(f"{server['url']}/healthz", timeout=30).json()["models"]) == {
             "segmentation",
             "harmonization",
             "pix2pix",
         }
-        doc = requests.get(f"{server['url']}/v1/monitor", timeout=30).json()
+        doc = http.get(f"{server['url']}/v1/monitor", timeout=30).json()
         assert doc["models"]["segmentation"]["batch_size"]["batches"] >= 1  # the fused model's own monitor
     finally:
         run(load_serve_config(None, server["overrides"]))

@@ -2,8 +2,9 @@
 hand-picked bad-input corpus sent concurrently, schemathesis fuzzing of the OpenAPI surface, and
 the page (``GET /``) driven in a real headless Chromium.
 
-One application for the module (auth on, a CORS allow-list, small size limits: one start-up
-serves every test); the overload test reconfigures it with tiny queues and runs last."""
+The application test_serve also uses (``serve_app``: auth on, a CORS allow-list, small size limits;
+one start-up for both modules); the overload test reconfigures it with tiny queues and runs last,
+and the module stops it."""
 
 from __future__ import annotations
 
@@ -22,12 +23,9 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from serve_helpers import checkpoints, decode, free_port, img, pil_bytes, png, start, stop_serve, wait_healthy
+from serve_helpers import ALLOWED_ORIGIN, MAX_BYTES, decode, img, pil_bytes, png, start, wait_healthy
 
 from montage.serve import access
-
-ALLOWED_ORIGIN = "http://allowed.example"
-MAX_BYTES = 300_000
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 needs_chromium = pytest.mark.skipif(
@@ -214,30 +212,9 @@ def test_exif_orientation_applies_to_masks_too() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
-
-    tmp = tmp_path_factory.mktemp("serve-hardening")
-    ckpts = checkpoints(tmp, ("segmentation", "harmonization", "pix2pix"))
-    key, line = access.new_key()
-    keys = tmp / "serve.keys"
-    keys.write_text(line + "\n")
-    port = free_port()
-    overrides = [
-        f"port={port}",
-        "max_side=1024",
-        f"max_bytes={MAX_BYTES}",
-        "pix2pix.enabled=true",
-        f"auth.api_keys_file={keys}",
-        f"cors.allow_origins=[{ALLOWED_ORIGIN}]",
-    ] + [f"{t}.source={p}" for t, p in ckpts.items()]
-    start(overrides)
-    url = f"http://127.0.0.1:{port}"
-    session = requests.Session()
-    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64))
-    session.headers["Authorization"] = f"Bearer {key}"
-    yield {"url": url, "key": key, "session": session, "overrides": overrides}
-    session.close()
-    stop_serve()
+def server(serve_app):
+    yield {"url": serve_app.url, "key": serve_app.key, "session": serve_app.session, "overrides": serve_app.overrides}
+    serve_app.stop()  # the last module that uses it
 
 
 def _json_detail(r: requests.Response) -> object:
