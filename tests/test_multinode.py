@@ -69,25 +69,9 @@ def _most_nodes(head: AutoscalingHead):
     return stop
 
 
-@pytest.mark.timeout(900)
-def test_a_training_grows_an_autoscaling_cluster_and_an_impossible_trial_fails_at_once(
-    autoscaling, tracking, tmp_path
-) -> None:
-    """A training submitted to the empty cluster gets a worker node and finishes (the node is removed once
-    idle: checked after the sweep that follows, one wait for both). A trial that no node type can ever hold
-    fails at once, naming the resource."""
-    assert autoscaling.worker_nodes() == 0
-    client = mlflow.MlflowClient(tracking.uri)
-    most = _most_nodes(autoscaling)
-    train = ["train", "segmentation", "--config", "segmentation-smoke", "train.epochs=1", "train.max_steps=2",
-             "scaling.cpus_per_worker=0.5", f"run.storage={tmp_path / 'runs'}", "run.name=grown"]  # fmt: skip
-    assert submit(autoscaling, tracking.uri, *train) == 0
-    exp = client.get_experiment_by_name("montage-segmentation")
-    run = client.search_runs([exp.experiment_id], "attributes.run_name = 'grown'")[0]
-    assert run.info.status == "FINISHED" and run.data.metrics["epoch"] == 1
-    assert most() >= 1
-
-    # no node type has a GPU: refused before anything starts (the driver here, on the head's machine)
+def test_a_trial_no_node_type_can_hold_fails_at_once(autoscaling, tracking, tmp_path) -> None:
+    """No node type of the autoscaler has a GPU: a sweep whose trials ask for one is refused before
+    anything starts (the driver here, on the head's machine), naming the resource."""
     started = time.time()
     out = subprocess.run(
         [sys.executable, "-m", "montage", "tune", "tune_configs/segmentation-tiny.yaml", *TINY,
@@ -98,13 +82,14 @@ def test_a_training_grows_an_autoscaling_cluster_and_an_impossible_trial_fails_a
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "no node type of the autoscaler can hold it" in out.stderr and "not enough GPU" in out.stderr
     assert time.time() - started < 60
+    assert autoscaling.worker_nodes() == 0  # nothing was asked of the autoscaler
 
 
 @pytest.mark.timeout(900)
 def test_a_sweep_grows_an_autoscaling_cluster_from_nothing(autoscaling, tracking, tmp_path) -> None:
     """The head can run nothing (0 CPUs): the sweep's trials wait for the autoscaler, which starts worker
-    nodes for them (the training before may have left one, not yet idle long enough) and removes them, and
-    the training's, once idle; the champion is registered once."""
+    nodes for them and removes them once idle; the champion is registered once."""
+    assert autoscaling.worker_nodes() == 0
     most = _most_nodes(autoscaling)
     # FIFO: a trial ASHA stops keeps its node up for 180 s more (below), and ASHA's rung at this sweep's
     # only epoch would stop the worse of the two
@@ -130,10 +115,13 @@ def test_a_sweep_grows_an_autoscaling_cluster_from_nothing(autoscaling, tracking
 
 
 @pytest.mark.timeout(900)
-def test_a_training_that_loses_its_node_gets_a_replacement_from_the_autoscaler(autoscaling, tracking, tmp_path) -> None:
-    """No spare node: the training's only worker node dies (its raylet killed) after the first checkpoint,
-    so the restart must wait for the autoscaler to launch a replacement; the training then finishes from
-    that checkpoint, one FINISHED run with every epoch once."""
+def test_a_training_grows_an_autoscaling_cluster_and_gets_a_replacement_for_its_lost_node(
+    autoscaling, tracking, tmp_path
+) -> None:
+    """``montage submit train`` on the cluster the sweep left empty: the autoscaler launches a worker node
+    for it. No spare node: that node dies (its raylet killed) after the first checkpoint, so the restart
+    must wait for the autoscaler to launch a replacement; the training then finishes from that
+    checkpoint, one FINISHED run with every epoch once."""
     import threading
 
     from cluster_helpers import kill_node, raylet_of_train_worker
@@ -142,6 +130,7 @@ def test_a_training_that_loses_its_node_gets_a_replacement_from_the_autoscaler(a
     train = ["train", "segmentation", "--config", "segmentation-smoke", "train.epochs=4", "train.max_steps=2",
              "scaling.workers=1", "scaling.cpus_per_worker=1", "scaling.max_failures=1", f"run.storage={runs}",
              "run.name=replaced"]  # fmt: skip
+    wait_until(lambda: autoscaling.worker_nodes() == 0, IDLE_REMOVAL_S, "an empty cluster")  # after the sweep's test
     out: dict = {}
     job = threading.Thread(target=lambda: out.update(rc=submit(autoscaling, tracking.uri, *train)))
     job.start()
