@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TextIO
@@ -50,14 +51,18 @@ def command_line() -> str:
 
 
 class Tee(io.TextIOBase):
-    """``with Tee() as out:`` prints as usual and keeps a copy of standard output in ``out.text``."""
+    """``with Tee() as out:`` prints as usual and keeps a copy of what the entering thread writes to
+    standard output in ``out.text`` (not what other threads print there, such as the worker log lines
+    Ray's driver forwards: ``(raylet) ...``)."""
 
     def __init__(self) -> None:
         self._copy = io.StringIO()
         self._stdout: TextIO = sys.stdout
+        self._thread = threading.get_ident()
 
     def __enter__(self) -> Tee:
         self._stdout, sys.stdout = sys.stdout, self
+        self._thread = threading.get_ident()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -65,6 +70,8 @@ class Tee(io.TextIOBase):
 
     def write(self, text: str) -> int:
         self._stdout.write(text)
+        if threading.get_ident() != self._thread:
+            return len(text)
         return self._copy.write(text)
 
     def flush(self) -> None:

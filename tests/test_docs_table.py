@@ -35,6 +35,22 @@ def test_write_block_replaces_only_its_block(tmp_path: Path) -> None:
         dt.write_block(doc, "c", "", "python bench/c.py")
 
 
+def test_tee_keeps_what_the_bench_prints_not_what_other_threads_print(capsys) -> None:
+    """Ray's driver forwards its workers' log lines to standard output from a thread of its own: they
+    reach the terminal but not the docs."""
+    import threading
+
+    dt = _docs_table()
+    with dt.Tee() as out:
+        print("p50  12 ms")
+        t = threading.Thread(target=lambda: print("(raylet) Task ServeController.listen_for_change failed"))
+        t.start()
+        t.join()
+        print("p95  15 ms")
+    assert out.text == "p50  12 ms\np95  15 ms\n"
+    assert "(raylet)" in capsys.readouterr().out
+
+
 def _blocks() -> list[tuple[str, str]]:
     """Every ``<!-- bench:NAME -->`` block of the docs, as (docs file, NAME)."""
     found = []
