@@ -171,3 +171,28 @@ def test_fp16_variant_runs_and_stays_near_fp32(tiny_config, tmp_path: Path) -> N
     (ours,), (ref,) = run_session(sess, inputs)[:1], run_session(session(fp32.report.path), inputs)[:1]
     # near fp32 (10 % of the transform's size), and the transform is not a zero one
     assert np.abs(ours - ref).max() < 0.1 * np.abs(ref).max() and np.abs(ref).max() > 0.05
+
+
+def test_a_dynamic_batch_export_from_one_sample_takes_any_batch(tmp_path: Path) -> None:
+    """INT8 and OpenVINO variants export from one validation sample: harmonization's global colour head
+    (the tiny recipe's) exported from a batch of one took a batch of one only, and ONNX Runtime refused
+    the check at a batch of two."""
+    from montage.platform.export import ExportSpec, export_onnx
+    from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet
+    from montage.tasks.harmonization.task import TransformOnly
+
+    torch.manual_seed(0)
+    net = HarmonizationUNet(HarmModelConfig(widths=[8, 16, 32], head="global")).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # off the zero-initialised heads: outputs that can differ
+    one = {"composite": torch.rand(1, 3, 64, 64), "mask": (torch.rand(1, 1, 64, 64) > 0.5).float()}
+    report = export_onnx(ExportSpec(TransformOnly(net), one, ["transform"], multiple=4), tmp_path / "g.onnx",
+                         dynamic_batch=True)  # fmt: skip
+    assert report.max_abs_diff < 1e-4
+    three = {"composite": torch.rand(3, 3, 64, 64), "mask": (torch.rand(3, 1, 64, 64) > 0.5).float()}
+    (out,) = run_session(session(report.path), three)[:1]
+    with torch.no_grad():
+        ref = TransformOnly(net)(*three.values())
+    assert out.shape == tuple(ref.shape) and float(np.abs(out - ref.numpy()).max()) < 1e-4
+    assert float(np.abs(out).max()) > 1e-2

@@ -158,6 +158,11 @@ def export_onnx(
     :class:`ExportError` when the outputs differ from PyTorch by more than ``tolerance``)."""
     module = spec.module.eval().cpu()
     inputs = {k: _at_least_two_strides(v.detach().cpu().float(), spec.multiple) for k, v in spec.inputs.items()}
+    if dynamic_batch:
+        # torch.export may specialise a dimension whose example is 1 (harmonization's global colour
+        # head came out taking a batch of 1 only, and ONNX Runtime refused a batch of 2): export from
+        # a batch of at least two
+        inputs = {k: v.repeat(2, *([1] * (v.ndim - 1))) if v.shape[0] == 1 else v for k, v in inputs.items()}
     spec = ExportSpec(module, inputs, spec.outputs, spec.multiple)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
