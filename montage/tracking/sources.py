@@ -158,26 +158,32 @@ def ir_parent(xml: Path) -> ModelSource:
     return ModelSource.parse(parent, f"{xml}'s {schema.PARENT}")
 
 
+def _exported_network(
+    src: ModelSource, mv: Any, pinned: ModelSource, files: Path, pattern: str, what: str, tracking_uri: str
+) -> tuple[Path, Path, ModelSource]:
+    """An exported variant's network file among its ``files``, its parent's checkpoint (from the
+    version's parent tag) and that parent."""
+    found = sorted(files.rglob(pattern))
+    if not found:
+        raise FileNotFoundError(f"{src} (version {mv.version}) holds no {what}")
+    parent = ModelSource.parse(mv.tags.get(schema.PARENT, ""), f"{pinned}'s {schema.PARENT} tag")
+    return found[0], resolve_source(parent, tracking_uri).checkpoint, parent
+
+
 def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
     mv = model_version(src, tracking_uri)
     pinned = src.at_version(mv.version)
     files = _download_version(mv, tracking_uri)
     if is_onnx_variant(mv):
-        found = sorted(files.rglob("*.onnx"))
-        if not found:
-            raise FileNotFoundError(f"{src} (version {mv.version}) holds no .onnx file")
-        parent = ModelSource.parse(mv.tags.get(schema.PARENT, ""), f"{pinned}'s {schema.PARENT} tag")
-        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        network, checkpoint, parent = _exported_network(src, mv, pinned, files, "*.onnx", ".onnx file", tracking_uri)
         label = f"{src.name} v{mv.version} ({mv.tags.get(schema.VARIANT)} onnx of {parent})"
-        return ResolvedSource(src, pinned, checkpoint, found[0], label)
+        return ResolvedSource(src, pinned, checkpoint, network, label)
     if is_openvino_variant(mv):
-        found = sorted(files.rglob("*.xml"))
-        if not found:
-            raise FileNotFoundError(f"{src} (version {mv.version}) holds no OpenVINO IR (.xml) file")
-        parent = ModelSource.parse(mv.tags.get(schema.PARENT, ""), f"{pinned}'s {schema.PARENT} tag")
-        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        ir, checkpoint, parent = _exported_network(
+            src, mv, pinned, files, "*.xml", "OpenVINO IR (.xml) file", tracking_uri
+        )
         label = f"{src.name} v{mv.version} ({mv.tags.get(schema.VARIANT)} of {parent})"
-        return ResolvedSource(src, pinned, checkpoint, label=label, ir=found[0])
+        return ResolvedSource(src, pinned, checkpoint, label=label, ir=ir)
     hits = sorted(files.rglob("*.pt"))
     if not hits:
         raise FileNotFoundError(f"{src} (version {mv.version}) holds no checkpoint artifact")
