@@ -207,10 +207,17 @@ def test_metrics_count_requests_stages_and_errors(mon) -> None:
     ep = {"endpoint": "/v1/composite"}
 
     def complete() -> bool:
+        # every process exports its own series on its own interval: wait for the ingress's and for each
+        # model replica's last one (the Segmenter's count once lagged the ingress's by one request)
         s = scrape(port)
-        return _total(s, "ray_montage_stage_latency_ms_count", stage="encode", **ep) == N_COMPOSITE and _total(
-            s, "ray_montage_errors_total", endpoint="/v1/harmonize"
-        ) == sum(HARMONIZE_ERRORS.values())
+        seg = {"model": "segmentation", "version": f"v{mon['version']}"}
+        return (
+            _total(s, "ray_montage_stage_latency_ms_count", stage="encode", **ep) == N_COMPOSITE
+            and _total(s, "ray_montage_errors_total", endpoint="/v1/harmonize") == sum(HARMONIZE_ERRORS.values())
+            and _total(s, "ray_montage_images_total", **seg) == N_COMPOSITE
+            and _total(s, "ray_montage_output_quality_count", metric="colour_change", model="harmonization")
+            == N_COMPOSITE + N_HARMONIZE_OK
+        )
 
     _wait(complete, what="the montage series on Ray's metrics port")
     s = scrape(port)
