@@ -18,7 +18,7 @@ import yaml
 from montage.core import schema
 from montage.core.config import ExperimentConfig
 from montage.core.sources import CHALLENGER, CHAMPION, EXPORTED, ModelSource, model_name  # noqa: F401  (re-exported)
-from montage.tracking.runs import log_checkpoint_model, resolve_tracking_uri
+from montage.tracking.runs import client, log_checkpoint_model, resolve_tracking_uri  # noqa: F401  (client re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,6 @@ class Registration:
     promoted: bool  # the champion alias moved to it
     metric: str
     value: float
-
-
-def client(uri: str = "") -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 
 def resolve_version(source: ModelSource, uri: str = "") -> str:

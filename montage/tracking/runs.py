@@ -40,6 +40,13 @@ def resolve_tracking_uri(uri: str = "") -> str:
     return uri
 
 
+def client(uri: str = "") -> Any:
+    """An MLflow client bound to ``uri`` (resolved as above)."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
 def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:"))
 

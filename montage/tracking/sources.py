@@ -12,12 +12,11 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from montage.core import schema
 from montage.core.sources import ModelSource, logged_model_uri
-from montage.tracking.registry import client
-from montage.tracking.runs import resolve_tracking_uri
+from montage.tracking.runs import client, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +108,24 @@ def resolve_source(source: ModelSource | str, tracking_uri: str = "") -> Resolve
     if src.in_registry:
         return _resolve_registered(src, tracking_uri)
     if src.kind == "onnx":
-        onnx_path = Path(src.path) if src.local else _download(src.path)
-        if not onnx_path.is_file():
-            raise FileNotFoundError(f"model source not found: {src.path}")
-        parent = onnx_parent(onnx_path)
-        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        onnx_path, checkpoint, parent = _exported_file(src, _download, onnx_parent, tracking_uri)
         return ResolvedSource(src, src, checkpoint, onnx_path, f"{src.path} (onnx of {parent})")
     if src.kind == "openvino":
-        xml = Path(src.path) if src.local else _download_ir(src.path)
-        if not xml.is_file():
-            raise FileNotFoundError(f"model source not found: {src.path}")
-        parent = ir_parent(xml)
-        checkpoint = resolve_source(parent, tracking_uri).checkpoint
+        xml, checkpoint, parent = _exported_file(src, _download_ir, ir_parent, tracking_uri)
         return ResolvedSource(src, src, checkpoint, label=f"{src.path} (openvino of {parent})", ir=xml)
     return ResolvedSource(src, src, local_checkpoint(src.path), label=src.path)
+
+
+def _exported_file(
+    src: ModelSource, fetch: Callable[[str], Path], parent_of: Callable[[Path], ModelSource], tracking_uri: str
+) -> tuple[Path, Path, ModelSource]:
+    """An exported network named by path (fetched first when remote), its parent's checkpoint (read from
+    the file's own metadata by ``parent_of``) and that parent."""
+    path = Path(src.path) if src.local else fetch(src.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model source not found: {src.path}")
+    parent = parent_of(path)
+    return path, resolve_source(parent, tracking_uri).checkpoint, parent
 
 
 def _download_ir(uri: str) -> Path:
