@@ -104,7 +104,9 @@ def test_a_sweep_grows_an_autoscaling_cluster_from_nothing(autoscaling, tracking
     assert client.get_model_version_by_alias("montage-segmentation", "champion").version == versions[0].version
     exp = client.get_experiment_by_name("montage-segmentation")
     trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("montage.sweep") == "grow"]
-    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)  # the parent and 2 trials
+    ended = [(r.info.run_name, r.info.status, r.data.tags.get("montage.trial_status"), r.data.tags.get("montage.error"))
+             for r in trials]  # fmt: skip
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials), ended  # the parent and 2 trials
     assert most() >= 1  # the autoscaler started worker nodes for the trials
     # the idle timeout is 6 s, but a node stays while anything asks for it: Ray Train asks the autoscaler
     # for each trial's workers and withdraws the request when the trial's controller shuts down; a trial

@@ -26,7 +26,7 @@ from montage.launch.tune import (
     run_sweep,
     trial_concurrency,
 )
-from montage.launch.tune_results import best_trial, trial_status, trials_ended
+from montage.launch.tune_results import best_trial, trial_status, trials_ended, trials_ended_before
 from montage.platform.checkpoint import load_checkpoint
 from montage.platform.runner import WorkerEnv, build_loop, config_from_tree
 from montage.tracking import registry as st
@@ -286,6 +286,29 @@ def test_a_trial_stopped_by_the_interrupt_has_not_ended(ray_session, tmp_path: P
     grid = fit(interrupts_its_driver, "interrupted", driver=os.getpid())
     assert grid.num_terminated == 1  # Tune's count: the stopped trial looks finished
     assert trials_ended(grid) == 0
+
+
+def test_a_trial_that_ended_before_a_resume_counts_as_ended(ray_session, tmp_path: Path, monkeypatch) -> None:
+    """The cause of a resumed sweep ending "interrupted: 1 of 2 trials ended" after its last trial
+    finished: a trial that returned while a snapshot of the sweep held its last report comes back from the
+    saved sweep TERMINATED but without Tune's ``done``; the saved sweep's trial states say it ended."""
+    from ray import tune
+
+    # a snapshot at every step of Tune's loop: one lands between the trial's report and its return
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+
+    def logs_its_model_after_its_last_report(config):
+        tune.report({"epoch": 1})
+        time.sleep(1.0)
+
+    trainable = tune.with_resources(logs_its_model_after_its_last_report, {"cpu": 0.01})
+    run = tune.RunConfig(name="ended", storage_path=str(tmp_path), verbose=0)
+    assert trials_ended(tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1), run_config=run).fit()) == 1
+    path = str(tmp_path / "ended")
+    before = trials_ended_before(path)
+    grid = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
+    assert len(before) == 1 and trials_ended(grid) == 0  # the restored last result: done false
+    assert trials_ended(grid, before) == 1
 
 
 def _interrupt_when(proc: subprocess.Popen, trials: Path, trial: int, sig: signal.Signals) -> str:

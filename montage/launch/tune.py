@@ -28,7 +28,13 @@ from montage.core.tune_sections import (  # noqa: F401  (SchedulerConfig, TrialR
 )
 from montage.launch.session import Capacity
 from montage.launch.tune_cv import best_fold_checkpoint, cv_trial, fits_at_once
-from montage.launch.tune_results import best_checkpoint, best_trial, trial_status, trials_ended
+from montage.launch.tune_results import (
+    best_checkpoint,
+    best_trial,
+    trial_status,
+    trials_ended,
+    trials_ended_before,
+)
 from montage.launch.tune_space import Param, load_tune_config, parse_space  # noqa: F401  (re-exported)
 from montage.tracking.registry import Registration
 from montage.tracking.sweeps import TrialRecord
@@ -204,10 +210,12 @@ def run_sweep(
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base_tree=to_dict(base), sweep=sweep), TRIAL_FUNCTION_RESOURCES
     )
+    ended_before: set[str] = set()
     if resume:
         where = {"path": sweep_storage.path, "storage_filesystem": sweep_storage.filesystem}
         if not tune.Tuner.can_restore(**where):
             raise FileNotFoundError(f"no sweep to resume at {sweep_dir}")
+        ended_before = trials_ended_before(sweep_storage.path, sweep_storage.filesystem)
         tuner = tune.Tuner.restore(**where, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         points = [
@@ -250,7 +258,7 @@ def run_sweep(
             ),
         )
     grid = tuner.fit()
-    ended = trials_ended(grid)
+    ended = trials_ended(grid, ended_before)
     if ended < tcfg.num_samples:  # Tune returns early on SIGINT, its state saved: nothing is registered
         st.interrupt_sweep(base, parent_id, f"{ended} of {tcfg.num_samples} trials ended")
         raise SweepInterrupted(

@@ -13,15 +13,33 @@ from montage.tracking.sweeps import TrialRecord, TrialStatus
 log = logging.getLogger(__name__)
 
 
-def trials_ended(results: Any) -> int:
-    """How many trials of a sweep's results ended: failed, returned, or stopped by the scheduler.
+def trials_ended(results: Any, ended_before: frozenset[str] | set[str] = frozenset()) -> int:
+    """How many trials of a sweep's results ended: failed, returned, stopped by the scheduler, or had ended
+    before this session (``ended_before``, :func:`trials_ended_before`, for a resumed sweep).
 
     Not ``ResultGrid.num_terminated``: on SIGINT Tune saves its state with the running trials still
     running (a resumed sweep continues them) and then stops their actors, which marks them TERMINATED in
     the grid it returns, so a sweep interrupted during its last trials would count as complete. Tune
     adds ``done`` to a trial's last result when the trial returns and when the scheduler stops it, never
-    when the interrupt's clean-up does."""
-    return sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    when the interrupt's clean-up does; but a trial restored from a saved sweep may have lost it (see
+    :func:`trials_ended_before`)."""
+    return sum(
+        1
+        for r in results
+        if r.error is not None or (r.metrics or {}).get("done") or (r.metrics or {}).get("trial_id") in ended_before
+    )
+
+
+def trials_ended_before(path: str, filesystem: Any = None) -> set[str]:
+    """The ids of the trials a saved sweep (Tune's experiment folder ``path``) holds as ended, read before
+    it is resumed. Their restored last result cannot say so: Tune adds ``done`` to a returning trial's last
+    result in place, and a snapshot of the sweep taken between the trial's last report and its return keeps
+    serving the result without it (Ray 2.60), so a trial that finished while its model was being logged
+    comes back TERMINATED with ``done`` false."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(path, storage_filesystem=filesystem).trials
+    return {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
 
 
 def trial_status(epochs: int, budget: int, stopped_itself: bool, failed: bool) -> TrialStatus:
