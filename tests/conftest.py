@@ -5,9 +5,20 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Everything the run's processes put in the temp folder lands in one folder of its own, removed at the end:
+# what libraries leave there (multiprocessing's pymp-*, MLflow's db_init_lock-*, the folders of a process a
+# test kills on purpose) never stays in /tmp. Ray keeps its session folder in /tmp (RAY_TMPDIR): its
+# socket paths must stay short, and a `ray start` head of a test outlives no run but owns its folder there.
+RUN_TMP = tempfile.mkdtemp(prefix="montage-tests-")
+os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
+os.environ["TMPDIR"] = RUN_TMP
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -21,6 +32,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients of a `ray start` head
 # session) refuses to start without one, and only ray.init makes one, in ~/.ray/auth_token. One token for the
 # run, in the environment that every head, client and worker of the run inherits; nothing written to the home
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(RUN_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
