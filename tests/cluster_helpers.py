@@ -211,9 +211,15 @@ class AutoscalingHead:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         kill_cluster_processes(self.gcs)
-        record = Path("/tmp/ray/ray_current_cluster")  # `ray start` leaves its address behind
-        if record.is_file() and str(self.port) in record.read_text():
-            record.unlink()
+        forget_head(self.port)
+
+
+def forget_head(port: int) -> None:
+    """Remove the address a `ray start` head on ``port`` left behind (Ray's ``ray_current_cluster`` in its
+    temp folder, the run's own: conftest), so nothing later in the run tries to join that stopped head."""
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    if record.is_file() and str(port) in record.read_text():
+        record.unlink()
 
 
 def parent_pid(pid: int) -> int:

@@ -13,11 +13,10 @@ import pytest
 
 # Everything the run's processes put in the temp folder lands in one folder of its own, removed at the end:
 # what libraries leave there (multiprocessing's pymp-*, MLflow's db_init_lock-*, the folders of a process a
-# test kills on purpose) never stays in /tmp. Ray keeps its session folder in /tmp (RAY_TMPDIR): its
-# socket paths must stay short, and a `ray start` head of a test outlives no run but owns its folder there.
+# test kills on purpose) and the session folders of every Ray the run starts (Ray keeps them forever, a few
+# hundred MB a run) never stay in /tmp. Ray's socket paths stay under Linux's 107 characters (≤ 97 here).
 RUN_TMP = tempfile.mkdtemp(prefix="montage-tests-")
-os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
-os.environ["TMPDIR"] = RUN_TMP
+os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = RUN_TMP
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from cluster_helpers import BIN, HEAD_ENV, free_port
+from cluster_helpers import BIN, HEAD_ENV, forget_head, free_port
 
 from montage.cli import main
 
@@ -74,9 +74,7 @@ def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):  # noqa:
     finally:  # only this head's processes: never `ray stop`, which would end every Ray here
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-        record = Path("/tmp/ray/ray_current_cluster")  # `ray start` leaves its address behind
-        if record.is_file() and str(gcs) in record.read_text():
-            record.unlink()
+        forget_head(gcs)
 
 
 def _runs(uri: str) -> int:

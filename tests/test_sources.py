@@ -3,6 +3,8 @@ test_export, test_serve and test_rollout)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,17 @@ def test_a_remote_checkpoint_is_downloaded(tmp_path: Path, monkeypatch) -> None:
         assert folder.checkpoint.name == "checkpoint.pt" and folder.checkpoint.read_bytes() == b"folder weights"
         with pytest.raises(FileNotFoundError, match="cannot download s3://models/runs/none.pt"):
             resolve_source(f"s3://{bucket}/runs/none.pt{where}")
+
+        # resolved again (a Serve replica's reloads): the newest copy, and never more than two of one source
+        put(Bucket=bucket, Key="runs/seg/best.pt", Body=b"new weights")
+        again = [resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}").checkpoint for _ in range(3)]
+        assert again[-1].read_bytes() == b"new weights"
+        assert len(list(again[-1].parent.parent.iterdir())) == 2 and not again[0].exists()
+        # a process's downloads leave with it
+        code = f"from montage.tracking.sources import resolve_source; print(resolve_source('s3://{bucket}/runs/seg/best.pt{where}').checkpoint)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        downloaded = Path(out.stdout.strip().splitlines()[-1])
+        assert downloaded.name == "best.pt" and not downloaded.exists() and not downloaded.parents[2].exists()
     finally:
         s3.stop()
 

@@ -8,7 +8,10 @@ Serve, ``montage evaluate``, ``export``, ``optimize`` and the training launchers
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +87,33 @@ def local_checkpoint(path: str) -> Path:
     return resolve_checkpoint_path(_download(path))
 
 
+_downloads: Path | None = None  # this process's download folder, removed when it exits
+
+
+def _download_folder(uri: str) -> Path:
+    """A new, empty folder for a download of ``uri``, in this process's own download folder (removed when
+    the process exits). Each download of a URI gets its own folder (a source resolved again, as a Serve
+    replica's reload does, may have changed), and only the newest two of a URI are kept: the one being
+    made and the one that may still serve until it replaces it. Copies never pile up in a long-lived
+    process."""
+    global _downloads
+    if _downloads is None or not _downloads.is_dir():
+        _downloads = Path(tempfile.mkdtemp(prefix="montage-download-"))
+        atexit.register(shutil.rmtree, _downloads, True)
+    key = _downloads / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    key.mkdir(exist_ok=True)
+    copies = sorted((int(p.name) for p in key.iterdir() if p.name.isdigit()), reverse=True)
+    for old in copies[1:]:
+        shutil.rmtree(key / str(old), ignore_errors=True)
+    folder = key / str((copies[0] + 1) if copies else 0)
+    folder.mkdir()
+    return folder
+
+
 def _download(uri: str, into: Path | None = None) -> Path:
     import pyarrow.fs
 
-    local = into or Path(tempfile.mkdtemp(prefix="montage-download-"))
+    local = into or _download_folder(uri)
     try:
         fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
         if fs.get_file_info(inner).type == pyarrow.fs.FileType.File:
@@ -198,15 +224,21 @@ def _resolve_registered(src: ModelSource, tracking_uri: str) -> ResolvedSource:
 
 def _download_version(mv: Any, tracking_uri: str) -> Path:
     """A registry version's artifacts, fetched from where they are stored."""
+    from urllib.parse import urlparse
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
     location = mv.source
     if mv.model_id and location == logged_model_uri(mv.model_id):  # registered from a logged model by id
         location = client(tracking_uri).get_logged_model(mv.model_id).artifact_location
+    # a local store's files are used where they are; a remote one's are copied into a folder of ours
+    into = None if urlparse(location).scheme in ("", "file") else str(_download_folder(location))
     try:
         return Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=resolve_tracking_uri(tracking_uri))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=into, tracking_uri=resolve_tracking_uri(tracking_uri)
+            )
         )
     except (OSError, MlflowException) as exc:  # deleted ("No such artifact") or an unreachable store
         raise FileNotFoundError(
