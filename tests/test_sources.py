@@ -156,6 +156,14 @@ def test_a_remote_checkpoint_is_downloaded(tmp_path: Path, monkeypatch) -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
         downloaded = Path(out.stdout.strip().splitlines()[-1])
         assert downloaded.name == "best.pt" and not downloaded.exists() and not downloaded.parents[2].exists()
+        # while the source is gone, failed reloads keep the copy that serves
+        boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1").delete_object(
+            Bucket=bucket, Key="runs/seg/best.pt"
+        )
+        for _ in range(2):
+            with pytest.raises(FileNotFoundError, match="cannot download"):
+                resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}")
+        assert again[-1].read_bytes() == b"new weights"
     finally:
         s3.stop()
 

@@ -122,6 +122,8 @@ def _download(uri: str, into: Path | None = None) -> Path:
             return target
         pyarrow.fs.copy_files(uri, str(local))
     except (OSError, ValueError) as exc:
+        if into is None:  # a failed download leaves no copy that would count as the newest
+            shutil.rmtree(local, ignore_errors=True)
         raise FileNotFoundError(f"cannot download {uri}: {exc}") from exc
     return local
 
@@ -241,6 +243,8 @@ def _download_version(mv: Any, tracking_uri: str) -> Path:
             )
         )
     except (OSError, MlflowException) as exc:  # deleted ("No such artifact") or an unreachable store
+        if into is not None:
+            shutil.rmtree(into, ignore_errors=True)
         raise FileNotFoundError(
             f"{mv.name} version {mv.version}: its artifacts cannot be fetched from {location}: {exc}"
         ) from exc
