@@ -21,19 +21,18 @@ QUICK = ["tracking.retries=0", "tracking.retry_s=0.5", "tracking.retry_max_s=2",
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = MlflowServer(tmp_path / "mlflow").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def down_server(tmp_path):
     """A server that is down when the test starts (its port refuses; ``start`` brings it up): the same
     as one stopped, without the seconds an MLflow server takes to start."""
     s = MlflowServer(tmp_path / "mlflow")
     yield s
     s.stop()
+
+
+@pytest.fixture
+def server(down_server):
+    """A server that answers when the test starts (stopped by ``down_server``'s teardown)."""
+    return down_server.start()
 
 
 class Outage(Hook):
