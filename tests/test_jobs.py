@@ -47,6 +47,7 @@ def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):  # noqa:
             f"--port={gcs}",
             f"--dashboard-port={dash}",
             "--dashboard-host=127.0.0.1",
+            f"--dashboard-agent-listen-port={free_port()}",  # not Ray's fixed default: the shared session's may hold it
             "--num-cpus=2",
             "--include-dashboard=true",
             "--disable-usage-stats",
