@@ -21,6 +21,24 @@ def _trial_dirs(trials: Path) -> list[Path]:
     return sorted((p for p in trials.glob("trial_*") if p.is_dir()), key=lambda p: p.stat().st_ctime)
 
 
+def _trainable(fn):
+    from ray import tune
+
+    return tune.with_resources(fn, {"cpu": 0.01})  # a tiny CPU reservation, as montage's trials have
+
+
+def _tuner(fn, tmp_path: Path, name: str, **space):
+    """A plain Tune experiment of one trial of ``fn`` saved under tmp_path."""
+    from ray import tune
+
+    return tune.Tuner(
+        _trainable(fn),
+        param_space=space,
+        tune_config=tune.TuneConfig(num_samples=1),
+        run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0),
+    )
+
+
 def test_a_trial_stopped_by_the_interrupt_has_not_ended(ray_session, tmp_path: Path) -> None:
     """The cause of a sweep interrupted during its last trial registering a champion: on SIGINT Tune
     stops the running trial after saving it as running, and its ResultGrid counts it TERMINATED."""
@@ -36,16 +54,8 @@ def test_a_trial_stopped_by_the_interrupt_has_not_ended(ray_session, tmp_path: P
                 os.kill(config["driver"], signal.SIGINT)
             time.sleep(0.05)
 
-    def fit(fn, name: str, **space):
-        return tune.Tuner(
-            tune.with_resources(fn, {"cpu": 0.01}),
-            param_space=space,
-            tune_config=tune.TuneConfig(num_samples=1),
-            run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0),
-        ).fit()
-
-    assert trials_ended(fit(returns, "returns")) == 1
-    grid = fit(interrupts_its_driver, "interrupted", driver=os.getpid())
+    assert trials_ended(_tuner(returns, tmp_path, "returns").fit()) == 1
+    grid = _tuner(interrupts_its_driver, tmp_path, "interrupted", driver=os.getpid()).fit()
     assert grid.num_terminated == 1  # Tune's count: the stopped trial looks finished
     assert trials_ended(grid) == 0
 
@@ -63,11 +73,10 @@ def test_a_trial_that_ended_before_a_resume_counts_as_ended(ray_session, tmp_pat
         tune.report({"epoch": 1})
         time.sleep(1.0)
 
-    trainable = tune.with_resources(logs_its_model_after_its_last_report, {"cpu": 0.01})
-    run = tune.RunConfig(name="ended", storage_path=str(tmp_path), verbose=0)
-    assert trials_ended(tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1), run_config=run).fit()) == 1
+    assert trials_ended(_tuner(logs_its_model_after_its_last_report, tmp_path, "ended").fit()) == 1
     path = str(tmp_path / "ended")
     before = trials_ended_before(path)
+    trainable = _trainable(logs_its_model_after_its_last_report)
     grid = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
     assert len(before) == 1 and trials_ended(grid) == 0  # the restored last result: done false
     assert trials_ended(grid, before) == 1
