@@ -6,7 +6,7 @@ worker group from that checkpoint), against the same fit undisturbed, in one run
 
 Prints wall time of both fits and their ratio, the restart time (kill → the restarted group's
 first finished epoch, minus one undisturbed epoch), the training lost (kill − last checkpoint),
-and the epochs each fit logged to MLflow (each epoch once). Linux (finds the worker in /proc).
+and the epochs each fit logged to MLflow (each epoch once). POSIX (SIGKILLs the worker, found through Ray's State API).
 """
 
 from __future__ import annotations

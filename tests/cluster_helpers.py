@@ -280,11 +280,23 @@ def kill_cluster_processes(gcs_address: str) -> None:
                 pass
 
 
+def train_worker_processes() -> list[int]:
+    """PIDs of every Ray Train worker process on this machine, of any cluster (Linux: their process
+    title names the ``RayTrainWorker`` actor); callers keep those of their cluster by its raylets."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
 def raylet_of_train_worker(gcs_address: str) -> int | None:
     """The raylet of a node of the cluster at ``gcs_address`` that runs a live Ray Train worker."""
-    from montage.launch.session import train_worker_pids
-
-    return next((r for pid in train_worker_pids() if (r := raylet_of(pid, gcs_address))), None)
+    return next((r for pid in train_worker_processes() if (r := raylet_of(pid, gcs_address))), None)
 
 
 def submit(head: AutoscalingHead, tracking_uri: str, *command: str) -> int:

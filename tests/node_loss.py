@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import requests
-from cluster_helpers import free_port, parent_pid, wait_until
+from cluster_helpers import free_port, parent_pid, train_worker_processes, wait_until
 
 # a dead node is noticed within ~2 s (Ray's defaults take 30 s)
 FAST_HEALTH_CHECKS = {
@@ -26,7 +26,14 @@ def lost_node_cluster(nodes: int = 3, **init):
     import ray
     from ray.cluster_utils import Cluster
 
-    head = {"num_cpus": 0, "dashboard_agent_listen_port": free_port(), "_system_config": FAST_HEALTH_CHECKS}
+    # free ports, not Ray's fixed defaults (8265, 52365): another Ray on the machine may hold them, and a head
+    # whose dashboard cannot bind its port runs without one (no State API, no Ray Train clean-up)
+    head = {
+        "num_cpus": 0,
+        "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port(),
+        "_system_config": FAST_HEALTH_CHECKS,
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     ray.init(address=cluster.address, **init)
     for _ in range(nodes):
@@ -43,9 +50,7 @@ def add_worker_node(cluster) -> None:
 def node_of_train_worker(cluster):
     """The worker node of ``cluster`` whose raylet started a live Ray Train worker (any of them: ranks
     are not visible from outside); None when no worker node runs one."""
-    from montage.launch.session import train_worker_pids
-
-    pids = train_worker_pids()
+    pids = train_worker_processes()
     for node in cluster.list_all_nodes():
         raylet = node.all_processes["raylet"][0].process.pid
         if not node.head and any(parent_pid(pid) == raylet for pid in pids):
@@ -78,7 +83,8 @@ def node_of_replica(cluster, deployment_class: str = "Segmenter"):
     """The node of ``cluster`` that runs a live replica of the deployment of that class."""
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    # the cluster's own address: without one, Ray's State API picks the newest Ray it finds on the machine
+    alive = list_actors(cluster.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     node_id = next(a.node_id for a in alive if deployment_class in (a.class_name or ""))
     return next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
 

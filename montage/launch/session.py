@@ -35,17 +35,19 @@ def storage_path(storage: str) -> str:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train worker processes on this machine (Linux: their process title
-    names the ``RayTrainWorker`` actor), for fault-injection tests and drills."""
-    pids = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if entry.name.isdigit():
-            try:
-                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return sorted(pids)
+    """PIDs of the live Ray Train worker processes of the connected cluster (Ray's State API, which
+    the cluster's dashboard serves), for fault-injection tests and drills. Only this cluster's: other
+    Rays on the same machine (a test cluster, a second session) keep theirs."""
+    import ray
+    from ray.util.state import list_actors
+
+    # the connected cluster's address: without one, the State API asks the newest Ray on the machine
+    alive = list_actors(
+        ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )
+    return sorted(actor.pid for actor in alive if actor.pid)
 
 
 def autoscaling() -> bool:
