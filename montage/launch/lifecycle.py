@@ -22,8 +22,8 @@ from montage.platform.hooks import CheckpointHook
 from montage.platform.loop import Hook
 from montage.platform.runner import default_run_name
 from montage.tracking.outbox import OUTBOX, unreachable
+from montage.tracking.run_hook import MlflowHook
 from montage.tracking.runs import (
-    MlflowHook,
     end_failed_run,
     open_run,
     prepare_tracking,
