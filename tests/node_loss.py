@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import requests
-from cluster_helpers import free_port, parent_pid, train_worker_processes, wait_until
+from cluster_helpers import free_port, wait_until
 
 # a dead node is noticed within ~2 s (Ray's defaults take 30 s)
 FAST_HEALTH_CHECKS = {
@@ -47,15 +47,20 @@ def add_worker_node(cluster) -> None:
     cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
 
 
+def node_of_actor(cluster, class_name: str):
+    """The node of ``cluster`` that runs a live actor whose class name contains ``class_name`` (a Ray
+    Train worker, a Serve replica: ranks are not visible from outside, any of them), None when none runs.
+    Asks Ray's State API at the cluster's own address: without one it picks the newest Ray on the machine."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(cluster.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    node_id = next((a.node_id for a in alive if class_name in (a.class_name or "")), None)
+    return next((n for n in cluster.list_all_nodes() if n.node_id == node_id), None)
+
+
 def node_of_train_worker(cluster):
-    """The worker node of ``cluster`` whose raylet started a live Ray Train worker (any of them: ranks
-    are not visible from outside); None when no worker node runs one."""
-    pids = train_worker_processes()
-    for node in cluster.list_all_nodes():
-        raylet = node.all_processes["raylet"][0].process.pid
-        if not node.head and any(parent_pid(pid) == raylet for pid in pids):
-            return node
-    return None
+    """The node of ``cluster`` that runs a live Ray Train worker; None when none runs."""
+    return node_of_actor(cluster, "RayTrainWorker")
 
 
 def remove_train_node(cluster, timeout: float = 60) -> float:
@@ -81,12 +86,9 @@ def serve_segmentation(checkpoint: str, port: int) -> str:
 
 def node_of_replica(cluster, deployment_class: str = "Segmenter"):
     """The node of ``cluster`` that runs a live replica of the deployment of that class."""
-    from ray.util.state import list_actors
-
-    # the cluster's own address: without one, Ray's State API picks the newest Ray it finds on the machine
-    alive = list_actors(cluster.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-    node_id = next(a.node_id for a in alive if deployment_class in (a.class_name or ""))
-    return next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+    node = node_of_actor(cluster, deployment_class)
+    assert node is not None, f"no live replica of {deployment_class} on the cluster"
+    return node
 
 
 @dataclass

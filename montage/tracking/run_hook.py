@@ -15,7 +15,7 @@ from montage.core.config import ExperimentConfig
 from montage.platform.loop import Hook, Loop
 from montage.tracking.datasets import log_data_input, split_sizes
 from montage.tracking.outbox import OUTBOX, Backoff, Mirror, Outbox, unreachable
-from montage.tracking.runs import create_run, log_checkpoint_model, run_client, run_dir_of
+from montage.tracking.runs import create_run, log_checkpoint_model, mark_failed, run_client, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,8 @@ class MlflowHook(Hook):
     def on_error(self, loop: Loop, exc: BaseException) -> None:
         if self.client is None or self.run_id is None:
             return
-        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
         try:
-            self.client.set_tag(self.run_id, schema.ERROR, repr(exc)[:4000])
-            self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
+            mark_failed(self.client, self.run_id, exc)
         except Exception as err:  # noqa: BLE001 - the training's own error is what matters here
             log.warning("could not mark MLflow run %s failed: %s", self.run_id, err)
 

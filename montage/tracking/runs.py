@@ -201,7 +201,12 @@ def starts(cfg: ExperimentConfig, run_id: str) -> int:
 def end_failed_run(cfg: ExperimentConfig, run_id: str, error: BaseException | str) -> None:
     """Driver side, after a failed fit: its workers may have been killed before they could say
     so. Mark the run FAILED (KILLED for an interrupt) with the error as a tag."""
-    client = run_client(cfg)
+    mark_failed(run_client(cfg), run_id, error)
+
+
+def mark_failed(client: Any, run_id: str, error: BaseException | str) -> None:
+    """End ``run_id`` FAILED (KILLED for an interrupt) with the error as a tag: the driver's
+    :func:`end_failed_run` and the worker's hook (``MlflowHook.on_error``) both end a run this way."""
     interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
     client.set_tag(run_id, schema.ERROR, repr(error)[:4000])
     client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
