@@ -43,11 +43,31 @@ def ray_session():
     montage starts or joins has: Ray Train's ``PlacementGroupCleaner`` asks the dashboard's State API
     whether a training's controller still lives, and without one it never removes the placement group
     of a training that died ungracefully (a trial Tune stopped, a killed sweep), so their CPUs stay
-    reserved for the rest of the session and later fits, sweeps and Serve replicas wait forever."""
+    reserved for the rest of the session and later fits, sweeps and Serve replicas wait forever.
+
+    The cleaner asks the State API without an address, and with another Ray on the machine (a test
+    cluster, a job-submission head) that lookup fails ("Found multiple active Ray instances"), the
+    cleaner's thread dies and the group stays. So the session's processes (its raylet, and through it
+    every worker and job driver it starts) are told their own dashboard (``RAY_API_SERVER_ADDRESS``,
+    which the State API reads first); this process is not, so that a test's subprocess starting a Ray
+    of its own does not inherit it."""
     import ray
+    from cluster_helpers import free_port
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", log_to_driver=False)
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=True,
+                dashboard_port=port,
+                logging_level="WARNING",
+                log_to_driver=False,
+            )
+        finally:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
     yield ray
     ray.shutdown()
 
