@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +16,15 @@ import pytest
 # what libraries leave there (multiprocessing's pymp-*, MLflow's db_init_lock-*, the folders of a process a
 # test kills on purpose) and the session folders of every Ray the run starts (Ray keeps them forever, a few
 # hundred MB a run) never stay in /tmp. Ray's socket paths stay under Linux's 107 characters (≤ 97 here).
-RUN_TMP = tempfile.mkdtemp(prefix="montage-tests-")
+# Under pytest-xdist each worker process gets a folder of its own inside the run's (``gw0``, ``gw1``): the
+# ``ray_current_cluster`` file a `ray start` head writes there is then seen by that worker's processes only.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and os.environ.get("MONTAGE_TESTS_TMP"):
+    RUN_TMP = os.path.join(os.environ["MONTAGE_TESTS_TMP"], _WORKER)
+    os.makedirs(RUN_TMP, exist_ok=True)
+else:
+    RUN_TMP = tempfile.mkdtemp(prefix="montage-tests-")
+    os.environ["MONTAGE_TESTS_TMP"] = RUN_TMP
 os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = RUN_TMP
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
@@ -26,6 +35,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Ray Train's controller polls its workers every 2 s, so every fit's tear-down waits up to that
 # long; a faster poll saves ~1 s per Ray fit and changes nothing a test checks
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray runs its workers at nice 15: beside the other pytest-xdist worker's in-process training (nice 0) they
+# would get a few percent of a core, and every Ray test would wait on them
+os.environ.setdefault("RAY_worker_niceness", "0")
+# Under pytest-xdist each worker gets its share of the cores for torch's (OpenMP) threads: two workers
+# each running two spinning threads on two cores made the in-process trainings 3-5x slower than alone
+if _WORKER:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(_threads)
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # clients of a `ray start` head (Ray reads it at import)
 # Token auth needs a token: `ray start` (the job-submission and multi-node heads, which start before the shared
 # session) refuses to start without one, and only ray.init makes one, in ~/.ray/auth_token. One token for the
@@ -149,12 +168,64 @@ def recipe_config(tmp_path: Path):
     return make
 
 
+# the modules that start Ray clusters of their own (`ray start` heads, Ray's multi-node test clusters): never
+# in a process that holds the shared session (the two would contend for the dashboard agent's ports)
+OWN_CLUSTERS = {"test_jobs.py": 0, "test_multinode.py": 1}
+# the shared Serve application (serve_app): test_serve, then test_serve_hardening, which stops it, after
+# the modules that start an application of their own (Serve runs one HTTP proxy, on one port)
+LAST = {"test_serve.py": 3, "test_serve_hardening.py": 4}
+# the modules on the shared Ray session (ray_session, serve_app): one pytest-xdist worker runs them all
+ON_SESSION = {
+    "test_data_check_ray.py", "test_distributed.py", "test_faults.py", "test_monitoring.py", "test_ray_train.py",
+    "test_report.py", "test_rollout.py", "test_serve.py", "test_serve_hardening.py", "test_toolbox_ray.py",
+    "test_tune.py", "test_tune_resume.py",
+}  # fmt: skip
+
+
+def _worker_group(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: ``ray`` (the shared session's modules, one worker, in
+    order), ``clusters`` (the modules with clusters of their own, the other worker, first), or the
+    test alone (it starts no Ray: whichever worker is free)."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "ray" if module in ON_SESSION else "clusters" if module in OWN_CLUSTERS else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's loadscope scheduling over ``_worker_group`` (its own ``--dist loadgroup`` sets a node
+    id attribute that pytest 9 no longer reads, so its groups are ignored)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _worker_group(nodeid)
+
+    return ByGroup(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The job-submission tests start their own `ray start` head, which must come up before this
-    process starts the shared Ray session (the two would contend for the dashboard agent's
-    ports): run them first, whatever the file order."""
-    first = {"test_jobs.py": 0, "test_multinode.py": 1}  # own clusters, before the shared session starts
-    # the shared Serve application (serve_app): test_serve, then test_serve_hardening, which stops it, after
-    # the modules that start an application of their own (Serve runs one HTTP proxy, on one port)
-    last = {"test_serve.py": 3, "test_serve_hardening.py": 4}
-    items.sort(key=lambda item: first.get(item.path.name, last.get(item.path.name, 2)))
+    """The order of the tests, and a check that ``ON_SESSION`` names every module on the shared session.
+    On one process (``pytest -n 0``) the own-cluster modules run first, before the shared session starts."""
+    items.sort(key=lambda item: OWN_CLUSTERS.get(item.path.name, LAST.get(item.path.name, 2)))
+    on_session = {item.path.name for item in items if {"ray_session", "serve_app"} & set(item.fixturenames)}
+    if on_session - ON_SESSION:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(on_session - ON_SESSION)} to ON_SESSION")
+    for item in items:
+        if item.path.name not in ON_SESSION:
+            item.add_marker(pytest.mark.no_ray_in_process)
+
+
+@pytest.fixture(autouse=True)
+def _starts_no_ray_in_process(request):
+    """A test outside the shared session's modules must not start Ray in the test process (under
+    pytest-xdist it may run in the worker that starts clusters of its own, and clash with them)."""
+
+    def running() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = running()
+    yield
+    if request.node.get_closest_marker("no_ray_in_process") and running() and not before:
+        sys.modules["ray"].shutdown()
+        pytest.fail(f"{request.node.path.name} started Ray in the test process: use the ray_session fixture")
