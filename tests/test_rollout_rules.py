@@ -60,14 +60,32 @@ def test_sticky_assignment_by_key_or_client_header() -> None:
         RolloutConfig(mode="split")
 
 
-class _Fake:
-    """A stand-in deployment handle: ``handle.infer.remote(x)`` → (version, f(x))."""
+# The ingress's latency clock in these tests: it moves only when a fake model works, so the latencies the
+# arms record are the fakes' own, not how busy the machine is (two identical fakes timed for real once
+# differed enough in p95 on a loaded machine to be rolled back)
+_NOW = [0.0]
 
-    def __init__(self, version: str, fn, fail: bool = False) -> None:
-        self.version, self.fn, self.fail = version, fn, fail
+
+@pytest.fixture(autouse=True)
+def _test_clock(monkeypatch) -> None:
+    import time
+    import types
+
+    import montage.serve.rollout as rollout
+
+    monkeypatch.setattr(rollout, "time", types.SimpleNamespace(perf_counter=lambda: _NOW[0], time=time.time))
+
+
+class _Fake:
+    """A stand-in deployment handle: ``handle.infer.remote(x)`` → (version, f(x)), taking ``ms`` on
+    the test clock."""
+
+    def __init__(self, version: str, fn, fail: bool = False, ms: float = 10.0) -> None:
+        self.version, self.fn, self.fail, self.ms = version, fn, fail, ms
         self.infer = self
 
     async def remote(self, *args):
+        _NOW[0] += self.ms / 1000
         if self.fail:
             raise RuntimeError("boom")
         return self.version, self.fn(*args)
@@ -100,6 +118,12 @@ def test_canary_shadow_verdict_and_automatic_rollback() -> None:
     assert 0.2 < answered.count("challenger") / 400 < 0.4
     doc = arms.compare()
     assert doc["arms"]["challenger"]["version"] == "v2" and doc["verdict"] == "promote"
+    # the same challenger three times slower breaks the p95 rule
+    arms = Arms("segmentation", _Fake("v1", same), _Fake("v2", same, ms=30.0))
+    arms.configure({"mode": "canary", "traffic": 0.3, "rules": {"min_requests": 20}}, salt="s")
+    _run(arms, 400, client="user")
+    doc = arms.compare()
+    assert doc["verdict"] == "rollback" and doc["reasons"] == ["p95 ratio 3.00 > 1.5"], doc["reasons"]
 
     # shadow: the champion answers everything; the challenger's disagreement is measured and breaks the rule
     arms = Arms("segmentation", _Fake("v1", same), _Fake("v2", lambda x: 255 - x))
