@@ -172,8 +172,10 @@ class AutoscalingHead:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "autoscaling.yaml"
         path.write_text(json.dumps(self.config))
+        # every node's processes are told the head's dashboard (Ray Train's placement-group cleaner asks the
+        # State API without an address, which fails with another Ray on the machine: see tests/conftest.py)
         full = {**os.environ, **HEAD_ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                **(env or {})}  # fmt: skip
+                "RAY_API_SERVER_ADDRESS": self.dashboard, **(env or {})}  # fmt: skip
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", f"--node-ip-address={self.ip}",
                f"--num-cpus={self.config['available_node_types']['ray.head.default']['resources']['CPU']:g}",
                f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",

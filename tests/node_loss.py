@@ -28,10 +28,14 @@ def lost_node_cluster(nodes: int = 3, **init):
 
     # free ports, not Ray's fixed defaults (8265, 52365): another Ray on the machine may hold them, and a head
     # whose dashboard cannot bind its port runs without one (no State API, no Ray Train clean-up)
+    # and every node's processes are told the head's dashboard: Ray Train's placement-group cleaner asks the
+    # State API without an address, which fails with another Ray on the machine (see tests/conftest.py)
+    dashboard_port = free_port()
     head = {
         "num_cpus": 0,
-        "dashboard_port": free_port(),
+        "dashboard_port": dashboard_port,
         "dashboard_agent_listen_port": free_port(),
+        "env_vars": api_server_env(f"127.0.0.1:{dashboard_port}"),
         "_system_config": FAST_HEALTH_CHECKS,
     }
     cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -44,7 +48,12 @@ def lost_node_cluster(nodes: int = 3, **init):
 
 def add_worker_node(cluster) -> None:
     """One more 1-CPU worker node: the spare a lost node used up, or the replacement a cluster brings."""
-    cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
+    cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port(), env_vars=api_server_env(cluster.webui_url))
+
+
+def api_server_env(dashboard: str) -> dict[str, str]:
+    """The environment that points a node's processes at their own cluster's dashboard (``host:port``)."""
+    return {"RAY_API_SERVER_ADDRESS": dashboard if "://" in dashboard else f"http://{dashboard}"}
 
 
 def node_of_actor(cluster, class_name: str):
