@@ -113,16 +113,16 @@ def breakdown(url: str, client_p50: float) -> str:
 
 
 def settled(url: str, timeout: float = 900) -> None:
-    """Wait until no model is still computing its drift reference (a replica serving a checkpoint
-    without a stored one computes it in the background at start: minutes of CPU for the
-    production networks, which would be measured as Serve's cost)."""
+    """Wait until no model, champion or challenger, is still computing its drift reference (a replica
+    serving a checkpoint without a stored one computes it in the background at start: minutes of
+    CPU for the production networks, which would be measured as Serve's cost)."""
     import requests
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        states = {
-            t: m.get("reference") for t, m in requests.get(f"{url}/v1/monitor", timeout=30).json()["models"].items()
-        }
+        doc = requests.get(f"{url}/v1/monitor", timeout=30).json()
+        states = {t: m.get("reference") for t, m in doc["models"].items()}
+        states.update({f"{t} challenger": r["reference"]["challenger"] for t, r in doc.get("rollout", {}).items()})
         if "pending" not in states.values():
             return
         time.sleep(2)

@@ -160,6 +160,8 @@ def test_monitor_compares_the_arms_and_measures_the_shadow(app, capsys) -> None:
     assert sum(q["n"]) >= 36 and q["p_value"] is not None and isinstance(q["significant"], bool)
     assert seg["latency"]["n"][0] == arms["champion"]["requests"] and seg["verdict"] in ("promote", "rollback")
     assert set(seg["drift"]) == {"champion", "challenger"}
+    states = {"none", "off", "pending", "stored", "computed", "unavailable"}  # each arm's drift reference
+    assert set(seg["reference"]) == {"champion", "challenger"} and set(seg["reference"].values()) <= states
     assert doc["models"]["segmentation"]["arm"] == "champion"
 
     assert main(["rollout", "status", "segmentation", "--url", url]) == 0

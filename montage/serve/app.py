@@ -154,10 +154,10 @@ class Ingress:
                 "challenger": await arms.challenger.quality_samples.remote(),
             }
             side = arms.compare(quality)
-            side["drift"] = {
-                "champion": doc["models"].get(task, {}).get("drift"),
-                "challenger": (await arms.challenger.monitor_summary.remote()).get("drift"),
-            }
+            champion, challenger = doc["models"].get(task, {}), await arms.challenger.monitor_summary.remote()
+            side["drift"] = {"champion": champion.get("drift"), "challenger": challenger.get("drift")}
+            # whether each arm's drift reference is ready (a checkpoint computes its own at start: minutes of CPU)
+            side["reference"] = {"champion": champion.get("reference"), "challenger": challenger.get("reference")}
             arms.judge(side)
             doc["rollout"][task] = side
         return doc
