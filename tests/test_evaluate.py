@@ -137,3 +137,14 @@ def test_evaluate_reproduces_the_validation_of_harmonization_and_pix2pix(
     table = (out / "comparison.md").read_text()
     assert all(f" {b} " in table.splitlines()[0] for b in baselines)
     assert len(list(csv.DictReader((out / "per_image.csv").open()))) == 8 and len(report["worst"]) == 2
+
+    # the same model exported to ONNX (the file names its checkpoint): ONNX Runtime's numbers, the same baselines
+    from montage.tracking.variants import export_model
+
+    onnx = export_model(task, summary.best_checkpoint, tmp_path / f"{task}.onnx", dynamic_batch=True, register=False)
+    argv = ["evaluate", task, "--source", str(onnx.report.path), "--out", str(tmp_path / "onnx"), "--no-track"]
+    assert main(argv) == 0
+    exported = json.loads((tmp_path / "onnx" / "metrics.json").read_text())
+    assert exported["baselines"] == report["baselines"]
+    for k, v in reference.items():
+        assert exported["metrics"][k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
