@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import requests
@@ -96,3 +97,42 @@ def test_a_training_or_sweep_on_unusable_storage_fails_before_any_worker(s3, key
     )
     with pytest.raises(StorageError, match="refused the credentials"):
         tune.run_sweep(tcfg, base, params)
+
+
+def test_a_version_registered_with_its_artifacts_on_object_storage_is_what_serve_loads(
+    s3, seg_config, tmp_path, monkeypatch
+) -> None:
+    """The head's MLflow server keeps artifacts in a bucket (``--artifacts-destination s3://…``,
+    ``MLFLOW_S3_ENDPOINT_URL``): a trained checkpoint registered through it lands in the bucket, and
+    ``resolve_source`` (what a Serve replica calls) loads that version from there into a predictor."""
+    import mlflow
+    import numpy as np
+    from cluster_helpers import MlflowServer
+
+    from montage.launch.local import fit_local
+    from montage.platform.inference import load_predictor
+    from montage.tracking.runs import log_checkpoint_model
+    from montage.tracking.sources import resolve_source
+
+    s3.bucket("mlflow")
+    env = {**s3.env, "MLFLOW_S3_ENDPOINT_URL": s3.url, "MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE": "path"}
+    server = MlflowServer(tmp_path / "mlflow", artifacts="s3://mlflow/artifacts", env=env).start()
+    try:
+        over = ["train.epochs=1", "tracking.log_model=false", "loss.perceptual=0", f"tracking.uri={server.uri}"]
+        summary = fit_local(seg_config(*over))
+        ckpt = Path(summary.best_checkpoint)
+        info = log_checkpoint_model(server.uri, summary.mlflow_run_id, ckpt, "segmentation", {}, "montage-segmentation")
+        stored = [k for k in s3.keys("mlflow") if k.endswith(ckpt.name)]
+        assert stored, s3.keys("mlflow")  # the checkpoint went through the server into the bucket
+        assert not (tmp_path / "mlflow" / "artifacts").exists()  # and nowhere on the server's disk
+
+        resolved = resolve_source(f"models:/montage-segmentation/{info.registered_model_version}", server.uri)
+        assert resolved.checkpoint.read_bytes() == ckpt.read_bytes()
+        image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        served, local = load_predictor(resolved.checkpoint, device="cpu"), load_predictor(ckpt, device="cpu")
+        assert np.array_equal(served([image])[0], local([image])[0])  # the same model answers
+        assert mlflow.MlflowClient(server.uri).get_model_version("montage-segmentation", "1").run_id == (
+            summary.mlflow_run_id
+        )
+    finally:
+        server.stop()
