@@ -67,7 +67,9 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.artifacts = artifacts or (root / "artifacts").as_uri()
-        self.env = {**os.environ, **(env or {})}
+        # no job execution: montage runs no MLflow jobs, and the server would start six huey consumers that
+        # poll all the time (~8 % of a core) and leave a folder in /dev/shm each
+        self.env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> MlflowServer:

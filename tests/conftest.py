@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from stores import mlflow_store
 
 # Everything the run's processes put in the temp folder lands in one folder of its own, removed at the end:
 # what libraries leave there (multiprocessing's pymp-*, MLflow's db_init_lock-*, the folders of a process a
@@ -35,6 +36,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Ray Train's controller polls its workers every 2 s, so every fit's tear-down waits up to that
 # long; a faster poll saves ~1 s per Ray fit and changes nothing a test checks
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a preemption watcher actor per fit (a process that imports Ray Train, ~1.5 s of CPU) to
+# notice nodes being drained; no test drains a node (the lost-node tests kill or remove theirs at once)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Ray runs its workers at nice 15: beside the other pytest-xdist worker's in-process training (nice 0) they
 # would get a few percent of a core, and every Ray test would wait on them
 os.environ.setdefault("RAY_worker_niceness", "0")
@@ -136,7 +140,7 @@ def _tiny(task: str, tmp_path: Path, overrides, recipe: str = "smoke"):
         packaged_config(f"{task}-{recipe}"),
         [
             f"run.storage={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}",
+            f"tracking.uri={mlflow_store(tmp_path)}",
             f"tracking.artifacts={tmp_path / 'mlartifacts'}",
             *overrides,
         ],

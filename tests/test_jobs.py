@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from cluster_helpers import BIN, HEAD_ENV, forget_head, free_port
+from stores import mlflow_store
 
 from montage.cli import main
 
@@ -86,7 +87,7 @@ def _runs(uri: str) -> int:
 def test_montage_submit_and_plain_ray_job_submit_run_tuning_jobs(head) -> None:
     """Both ways in at once on the same head (each a one-trial sweep): ``ray job submit`` in the
     background while ``montage submit`` runs here."""
-    uri_a, uri_b = (f"sqlite:///{head['tmp'] / name}" for name in ("a.db", "b.db"))
+    uri_a, uri_b = (mlflow_store(head["tmp"], name) for name in ("a.db", "b.db"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     plain = subprocess.Popen(
         [

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stores import mlflow_store
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -220,7 +221,7 @@ class Crash(Hook):
 def test_a_crashed_training_marks_its_mlflow_run_failed(tmp_path: Path) -> None:
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store(tmp_path)
     cfg = toy_cfg(
         tmp_path,
         "train.epochs=4",

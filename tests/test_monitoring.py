@@ -22,6 +22,7 @@ from serve_helpers import free_port as _free_port
 from serve_helpers import img as _img
 from serve_helpers import png as _png
 from serve_helpers import scrape, stop_serve
+from stores import mlflow_store
 
 APP = "montage-mon"
 N_COMPOSITE = 5
@@ -76,7 +77,7 @@ def _registry(tmp: Path) -> tuple[str, Any]:
     from montage.core.registry import TASKS
     from montage.tracking.runs import prepare_tracking
 
-    uri = f"sqlite:///{tmp / 'mon.db'}"
+    uri = mlflow_store(tmp, "mon.db")
     tracking = [f"tracking.uri={uri}", f"tracking.artifacts={tmp / 'mon-artifacts'}"]
     base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
     prepare_tracking(base)

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from stores import mlflow_store
 
 from montage.cli import main
 from montage.tracking import report as rd
@@ -26,7 +27,7 @@ def sweep(ray_session, tmp_path_factory):
     from montage.launch.tune import load_tune_config, run_sweep
 
     tmp = tmp_path_factory.mktemp("report")
-    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    uri = mlflow_store(tmp)
     cfg = {
         "task": "harmonization",
         "base": "harmonization-smoke",

@@ -14,6 +14,7 @@ import pytest
 import requests
 from conftest import _tiny
 from serve_helpers import Load, decode, free_port, img, png, scrape, stop_serve, wait_until
+from stores import mlflow_store
 
 from montage.core import schema
 
@@ -44,7 +45,7 @@ def app(ray_session, tmp_path_factory):
         "harm1": _fit(tmp, "harmonization", "harm1", 0),
         "harm2": _fit(tmp, "harmonization", "harm2", 7),
     }
-    uri = f"sqlite:///{tmp / 'reg.db'}"
+    uri = mlflow_store(tmp, "reg.db")
     base = load_config(
         "segmentation",
         TASKS.get("segmentation").spec,

@@ -7,6 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from stores import mlflow_store
 
 from montage.serve import compare
 from montage.serve.rollout import _CALL, Arms, RolloutConfig, RolloutRules, bucket, caller_key, verdict
@@ -153,7 +154,7 @@ def test_the_registry_step_of_a_decision(tmp_path) -> None:
     from montage.core import schema
     from montage.serve.rollout import registry_step
 
-    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    uri = mlflow_store(tmp_path, "reg.db")
     mlc = mlflow.MlflowClient(tracking_uri=uri)
     for name in ("montage-segmentation", "montage-harmonization"):
         mlc.create_registered_model(name)

@@ -13,6 +13,7 @@ from conftest import _tiny
 from serve_helpers import decode as _decode
 from serve_helpers import img as _img
 from serve_helpers import png as _png
+from stores import mlflow_store
 
 # every call carries the shared application's API key (set by the fixture)
 http = requests.Session()
@@ -289,7 +290,7 @@ def _registry(tmp, name: str):
     from montage.core.registry import TASKS
     from montage.tracking.runs import prepare_tracking
 
-    uri = f"sqlite:///{tmp / f'{name}.db'}"
+    uri = mlflow_store(tmp, f"{name}.db")
     tracking = [f"tracking.uri={uri}", f"tracking.artifacts={tmp / f'{name}-artifacts'}"]
     base = load_config("segmentation", TASKS.get("segmentation").spec, packaged_config("segmentation-smoke"), tracking)
     prepare_tracking(base)

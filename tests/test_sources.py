@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stores import mlflow_store
 
 from montage.core.sources import ModelSource
 
@@ -177,7 +178,7 @@ def test_each_arm_runs_the_runtime_its_source_asks_for(tmp_path: Path) -> None:
     from montage.core.serve_sections import load_serve_config
     from montage.serve.graph import Arm, ReloadError, arm_of
 
-    uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    uri = mlflow_store(tmp_path, "reg.db")
     mlc = mlflow.MlflowClient(tracking_uri=uri)
     mlc.create_registered_model("m")
     mlc.create_model_version("m", source=str(tmp_path), tags={schema.RUNTIME: schema.RUNTIME_TORCH})  # v1

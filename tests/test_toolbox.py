@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from stores import mlflow_store
 from toolbox_task import one_thread, pic_cfg, search  # noqa: F401  (one_thread: the module's fixture)
 from torch import nn
 
@@ -72,7 +73,7 @@ def test_montage_check_exits_by_its_result_and_logs_to_mlflow(tmp_path: Path, mo
     from montage.cli import main
 
     monkeypatch.chdir(tmp_path)
-    track = [f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", f"tracking.artifacts={tmp_path / 'art'}"]
+    track = [f"tracking.uri={mlflow_store(tmp_path)}", f"tracking.artifacts={tmp_path / 'art'}"]
     assert main(["check", "pictures", *track, "--steps", "40", "--out", "ok"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("PASS") == 3 and "train + validation step" in printed
@@ -114,7 +115,7 @@ def test_lr_find_logs_its_curve_and_suggestion_to_mlflow(tmp_path: Path, monkeyp
     from montage.cli import main
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store(tmp_path)
     track = [f"tracking.uri={uri}", f"tracking.artifacts={tmp_path / 'art'}", "loss.aux=0"]
     assert main(["lr-find", "pictures", *track, "--steps", "30", "--lo", "1e-4", "--hi", "10", "--out", "lrf"]) == 0
     printed = capsys.readouterr().out

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from stores import mlflow_store
 from toolbox_task import one_thread, pic_cfg, search  # noqa: F401  (one_thread: the module's fixture)
 
 from montage.launch.cv import run_cv
@@ -31,7 +32,7 @@ def test_kfold_folds_are_disjoint_and_cover_the_data() -> None:
 
 
 def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store(tmp_path)
     cfg = pic_cfg(tmp_path, "cv.folds=3", "train.epochs=1", "tracking.enabled=true", f"tracking.uri={uri}")
     cfg.tracking.artifacts = str(tmp_path / "art")
     task = make_task(pic_cfg(tmp_path, "cv.folds=3", "cv.fold=1"))

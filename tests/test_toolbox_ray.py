@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
+from stores import mlflow_store
 
 from montage.launch.cv import run_cv
 from montage.launch.tune import load_tune_config, run_sweep
@@ -58,7 +59,7 @@ def test_parallel_ray_folds_log_their_mean_and_std_on_the_parent(ray_session, se
 
 
 def test_a_cv_sweep_optimises_the_cross_validated_mean(ray_session, tmp_path: Path, monkeypatch) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     path = tmp_path / "cv.yaml"
     space = {"optim.lr": {"type": "loguniform", "low": 0.001, "high": 0.01}}

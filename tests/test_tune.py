@@ -10,6 +10,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from stores import mlflow_store
 
 from montage.core.config import ConfigError
 from montage.core.sources import ModelSource
@@ -146,7 +147,7 @@ def test_best_trial_is_chosen_among_trials_of_the_full_budget() -> None:
 
 
 def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     tcfg, base, params = load_tune_config(write_tune(tmp_path), ["name=sw"])
     staged = {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")}
     result = run_sweep(tcfg, base, params)
@@ -203,7 +204,7 @@ def test_a_trial_ends_its_run_as_a_training_does(tmp_path: Path, monkeypatch) ->
     from montage.launch import train, tune
     from montage.tracking.runs import prepare_tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     base = load_tune_config(write_tune(tmp_path))[1]
     prepare_tracking(base)
     client = mlflow.MlflowClient(base.tracking.uri)

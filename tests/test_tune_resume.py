@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from stores import mlflow_store
 from test_tune import write_tune
 
 from montage.launch.tune_results import trials_ended, trials_ended_before
@@ -103,7 +104,7 @@ def test_interrupted_sweep_resumes_every_trial_once(ray_session, tmp_path: Path)
     stopped by SIGINT during its last trial (no trial left pending, which once let an interrupted sweep
     pass for a finished one) and resumed again: every trial ends, none runs again once it ended, one
     MLflow child per trial with every epoch once, the champion registered once."""
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = mlflow_store(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     path = write_tune(tmp_path, max_concurrent=1, num_samples=2, scheduler={"name": "none"})
     cmd = [sys.executable, "-m", "montage.cli", "tune", str(path), "name=intr"]
