@@ -105,8 +105,11 @@ class S3Endpoint:
     """moto's S3 server (the S3 HTTP protocol) on a loopback port, in this process."""
 
     def __init__(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # its server logs every request
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()

@@ -1,16 +1,19 @@
 """Failures under Ray Train: a worker process SIGKILLed mid-run. With ``scaling.max_failures=1``
 the worker group restarts from the latest checkpoint, finishes every epoch and keeps one MLflow
 run (FINISHED, each epoch once in the history); with ``max_failures=0`` the fit fails with a
-message that says what to do, and its MLflow run is FAILED."""
+message that says what to do, its MLflow run is FAILED, and doing what it says (``montage train
+--resume s3://...``, the run on object storage) finishes the run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import pytest
@@ -27,26 +30,26 @@ log = logging.getLogger(__name__)
 
 
 class Killer(threading.Thread):
-    """SIGKILLs one training worker as soon as the run's first checkpoint is on storage."""
+    """SIGKILLs one training worker as soon as the run's first checkpoint is on storage (``stored()``)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, stored: Callable[[], bool], every: float) -> None:
         super().__init__(daemon=True)
-        self.run_dir, self.killed_at, self.pid, self.stop = run_dir, 0.0, 0, threading.Event()
+        self.stored, self.every, self.killed_at, self.pid, self.stop = stored, every, 0.0, 0, threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            if any(self.run_dir.glob("checkpoint_*")):
+            if self.stored():
                 pids = train_worker_pids()
                 if pids:
                     self.pid = pids[-1]
                     os.kill(self.pid, signal.SIGKILL)
                     self.killed_at = time.time()
                     return
-            time.sleep(0.05)
+            time.sleep(self.every)
 
 
-def _fit_killed(cfg, run_dir: Path):
-    killer = Killer(run_dir)
+def _fit_killed(cfg, stored: Callable[[], bool], every: float = 0.05):
+    killer = Killer(stored, every)
     killer.start()
     try:
         out = fit_ray(cfg)
@@ -68,7 +71,7 @@ def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(ray_session,
     cfg = seg_config(
         "scaling.workers=2", "scaling.max_failures=1", "train.epochs=4", "data.synthetic_train=384", "run.name=kill"
     )
-    out, killer = _fit_killed(cfg, tmp_path / "runs" / "kill")
+    out, killer = _fit_killed(cfg, lambda: any((tmp_path / "runs" / "kill").glob("checkpoint_*")))
     assert out.error is None, out.error
     assert out.restarts == 1
     assert out.metrics["epoch"] == 4
@@ -84,18 +87,48 @@ def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(ray_session,
     log.warning("restart: first epoch after the kill done %.1f s later", min(after) - killer.killed_at)
 
 
-def test_killed_worker_without_restarts_fails_clearly_and_marks_the_run_failed(
-    ray_session, seg_config, tmp_path: Path
+def test_killed_worker_without_restarts_fails_clearly_and_resumes_from_the_bucket(
+    ray_session, seg_config, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    cfg = seg_config(
-        "scaling.workers=2", "scaling.max_failures=0", "train.epochs=4", "data.synthetic_train=384", "run.name=dead"
-    )
-    out, _ = _fit_killed(cfg, tmp_path / "runs" / "dead")
-    assert out.error is not None
-    assert (
-        "worker process was lost" in out.error
-        and "max_failures=0" in out.error
-        and f"--resume {tmp_path / 'runs' / 'dead'}" in out.error
-    )
-    _, run = _one_run(cfg)
-    assert run.info.status == "FAILED" and "montage.error" in run.data.tags
+    """The run on object storage (moto's S3 server): without restarts the fit fails, its MLflow run is
+    FAILED and the error says ``--resume s3://...``; ``montage train --resume s3://...`` then finishes the
+    run from the bucket's latest checkpoint, into the same MLflow run, and the bucket keeps
+    ``scaling.keep_checkpoints`` (2) best checkpoints by the task's metric plus the latest."""
+    from cluster_helpers import S3Endpoint
+
+    from montage.cli import main
+
+    s3 = S3Endpoint()
+    try:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        bucket = s3.bucket("faults")
+        overrides = ["scaling.workers=2", "train.epochs=4", "data.synthetic_train=384", f"run.storage=s3://{bucket}/runs",
+                     f"run.storage_endpoint={s3.url}"]  # fmt: skip
+        cfg = seg_config(*overrides, "scaling.max_failures=0", "run.name=dead")
+        # registered: Ray Train writes its checkpoint list once a checkpoint is complete on the bucket
+        snapshot = "runs/dead/checkpoint_manager_snapshot.json"
+        out, _ = _fit_killed(cfg, lambda: bool(s3.keys(bucket, snapshot)), every=0.3)
+        assert out.error is not None
+        assert "worker process was lost" in out.error and "max_failures=0" in out.error
+        assert f"--resume s3://{bucket}/runs/dead" in out.error
+        _, run = _one_run(cfg)
+        assert run.info.status == "FAILED" and "montage.error" in run.data.tags
+
+        capsys.readouterr()
+        args = ["train", "segmentation", "--config", "segmentation-smoke", *overrides,
+                f"tracking.uri={cfg.tracking.uri}", f"tracking.artifacts={cfg.tracking.artifacts}"]  # fmt: skip
+        assert main([*args, "--resume", f"s3://{bucket}/runs/dead"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        client, run = _one_run(cfg)
+        assert run.info.status == "FINISHED" and run.data.tags["montage.starts"] == "2"
+        assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
+        iou = {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, "val/iou")}
+        best_two = set(sorted(iou, key=lambda e: -iou[e])[:2])
+        kept = {c["epoch"]: c["path"] for c in shown["checkpoints"]}
+        assert set(kept) == best_two | {4}, (iou, kept)
+        in_bucket = {k.split("/")[2] for k in s3.keys(bucket, "runs/dead/checkpoint_") if k.count("/") > 2}
+        assert in_bucket == {p.rstrip("/").rsplit("/", 1)[-1] for p in kept.values()}, (in_bucket, kept)
+        assert all(p.startswith(f"s3://{bucket}/runs/dead/checkpoint_") for p in kept.values())
+    finally:
+        s3.stop()

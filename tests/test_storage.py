@@ -4,7 +4,6 @@ credentials (a local S3 endpoint: moto's server, with its IAM checks switched on
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from montage.launch.storage import Storage, StorageError
 
 @pytest.fixture(scope="module")
 def s3():
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
     endpoint = S3Endpoint()
     endpoint.bucket("runs")
     yield endpoint
