@@ -184,6 +184,16 @@ def test_pretrained_offline_fails_clearly_and_local_path_works(monkeypatch, tmp_
     assert torch.equal(loaded.conv1.weight, ref.conv1.weight)
     with pytest.raises(PretrainedWeightsError, match="not found"):
         _load_resnet("resnet18", pretrained=True, weights_path=str(tmp_path / "nope.pth"))
+    # a VGG16 state_dict file (torchvision's layout, classifier included): the taps are torchvision's layers
+    vgg = torchvision.models.vgg16(weights=None).eval()
+    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    taps = VGGFeatures(["relu2_2", "relu4_3"], str(tmp_path / "vgg16.pth"))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = vgg.features[:23]((x - taps.mean) / taps.std)
+        assert torch.equal(taps(x)[-1], ref) and len(taps.features) == 23
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        VGGFeatures(weights=str(tmp_path / "nope.pth"))
 
 
 def test_random_vgg_is_deterministic_and_frozen() -> None:

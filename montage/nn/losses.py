@@ -20,6 +20,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# torchvision's VGG16 configuration "D": output channels of each 3x3 convolution, "M" a 2x2 max-pool
+VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16_features(depth: int) -> nn.Sequential:
+    """The first ``depth`` layers of torchvision's ``vgg16().features``, with the same indices (so a VGG16
+    ``state_dict``'s ``features.<i>.*`` entries load into it): the network without its classifier, whose
+    102M parameters a perceptual loss never uses and would spend ~1.5 s of CPU and ~1 GB initialising."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for v in VGG16_CONFIG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, int(v), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = int(v)
+    return nn.Sequential(*layers[:depth])
+
+
 class VGGFeatures(nn.Module):
     """Frozen VGG16 feature taps for perceptual and style losses.
 
@@ -32,36 +51,26 @@ class VGGFeatures(nn.Module):
         self, layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"), weights: str = "imagenet"
     ) -> None:
         super().__init__()
-        import torchvision
-
         unknown = [name for name in layers if name not in VGG16_LAYERS]
         if unknown or not layers:
             raise ValueError(f"unknown VGG16 layers {unknown}; valid: {', '.join(VGG16_LAYERS)}")
-        if weights == "imagenet":
-            w = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-            try:
-                vgg = torchvision.models.vgg16(weights=w)
-            except Exception as exc:
-                raise PretrainedWeightsError(
-                    f"cannot fetch VGG16 ImageNet weights ({w.url}): {exc}. Offline? Put the file at "
-                    f"{Path(torch.hub.get_dir()) / 'checkpoints' / Path(w.url).name}, or set the loss's "
-                    f"vgg_weights=/path/to/vgg16.pth, or vgg_weights=random for offline tests"
-                ) from exc
-        elif weights == "random":
+        self.taps = sorted(VGG16_LAYERS[name] for name in layers)
+        depth = self.taps[-1] + 1
+        if weights == "random":
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(0)  # the same "random VGG" on every rank and run
-            vgg = torchvision.models.vgg16(weights=None)
+            self.features = vgg16_features(depth)
+            for m in self.features.modules():
+                if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.constant_(m.bias, 0)
             torch.random.set_rng_state(gen_state)
         else:
-            path = Path(weights)
-            if not path.is_file():
-                raise PretrainedWeightsError(
-                    f"VGG16 weights file not found: {path} (vgg_weights: imagenet | random | a path)"
-                )
-            vgg = torchvision.models.vgg16(weights=None)
-            vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.taps = sorted(VGG16_LAYERS[name] for name in layers)
-        self.features = vgg.features[: self.taps[-1] + 1].eval()
+            self.features = vgg16_features(depth)
+            state = _vgg16_state_dict(weights)
+            features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+            self.features.load_state_dict({k: v for k, v in features.items() if int(k.split(".")[0]) < depth})
+        self.features.eval()
         for p in self.features.parameters():
             p.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -78,6 +87,26 @@ class VGGFeatures(nn.Module):
             if i in self.taps:
                 out.append(x)
         return out
+
+
+def _vgg16_state_dict(weights: str) -> dict[str, torch.Tensor]:
+    """A VGG16 ``state_dict``: torchvision's ImageNet weights (``"imagenet"``: download or cache) or a file."""
+    if weights == "imagenet":
+        import torchvision
+
+        w = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+        try:
+            return w.get_state_dict(progress=False)
+        except Exception as exc:
+            raise PretrainedWeightsError(
+                f"cannot fetch VGG16 ImageNet weights ({w.url}): {exc}. Offline? Put the file at "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints' / Path(w.url).name}, or set the loss's "
+                f"vgg_weights=/path/to/vgg16.pth, or vgg_weights=random for offline tests"
+            ) from exc
+    path = Path(weights)
+    if not path.is_file():
+        raise PretrainedWeightsError(f"VGG16 weights file not found: {path} (vgg_weights: imagenet | random | a path)")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def perceptual_loss(fa: list[torch.Tensor], fb: list[torch.Tensor]) -> torch.Tensor:
