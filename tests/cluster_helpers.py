@@ -28,6 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def api_server_env(dashboard: str) -> dict[str, str]:
+    """The environment that points a Ray node's processes at their own cluster's dashboard (``host:port`` or a
+    URL): Ray Train's placement-group cleaner asks the State API without an address, which with another Ray
+    on the machine fails ("Found multiple active Ray instances") unless this names the dashboard to ask."""
+    return {"RAY_API_SERVER_ADDRESS": dashboard if "://" in dashboard else f"http://{dashboard}"}
+
+
 def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -177,10 +184,9 @@ class AutoscalingHead:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "autoscaling.yaml"
         path.write_text(json.dumps(self.config))
-        # every node's processes are told the head's dashboard (Ray Train's placement-group cleaner asks the
-        # State API without an address, which fails with another Ray on the machine: see tests/conftest.py)
+        # every node's processes are told the head's dashboard (api_server_env)
         full = {**os.environ, **HEAD_ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-                "RAY_API_SERVER_ADDRESS": self.dashboard, **(env or {})}  # fmt: skip
+                **api_server_env(self.dashboard), **(env or {})}  # fmt: skip
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", f"--node-ip-address={self.ip}",
                f"--num-cpus={self.config['available_node_types']['ray.head.default']['resources']['CPU']:g}",
                f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",

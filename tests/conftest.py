@@ -75,11 +75,12 @@ def ray_session():
     which the State API reads first); this process is not, so that a test's subprocess starting a Ray
     of its own does not inherit it."""
     import ray
-    from cluster_helpers import free_port
+    from cluster_helpers import api_server_env, free_port
 
     if not ray.is_initialized():
         port = free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        env = api_server_env(f"127.0.0.1:{port}")
+        os.environ.update(env)
         try:
             ray.init(
                 address="local",
@@ -90,7 +91,8 @@ def ray_session():
                 log_to_driver=False,
             )
         finally:
-            del os.environ["RAY_API_SERVER_ADDRESS"]
+            for name in env:
+                del os.environ[name]
     yield ray
     ray.shutdown()
 

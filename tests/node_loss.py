@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import requests
-from cluster_helpers import free_port, wait_until
+from cluster_helpers import api_server_env, free_port, wait_until
 
 # a dead node is noticed within ~2 s (Ray's defaults take 30 s)
 FAST_HEALTH_CHECKS = {
@@ -49,11 +49,6 @@ def lost_node_cluster(nodes: int = 3, **init):
 def add_worker_node(cluster) -> None:
     """One more 1-CPU worker node: the spare a lost node used up, or the replacement a cluster brings."""
     cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port(), env_vars=api_server_env(cluster.webui_url))
-
-
-def api_server_env(dashboard: str) -> dict[str, str]:
-    """The environment that points a node's processes at their own cluster's dashboard (``host:port``)."""
-    return {"RAY_API_SERVER_ADDRESS": dashboard if "://" in dashboard else f"http://{dashboard}"}
 
 
 def node_of_actor(cluster, class_name: str):
