@@ -186,6 +186,7 @@ def test_a_local_tracking_store_is_refused_on_a_cluster_of_several_nodes(cluster
     monkeypatch.setattr(train, "make_trainer", lambda *a, **k: pytest.fail("a trainer was made"))
     refused = r"tracking URI sqlite:///\S+/mlruns\.db is a local file, but this Ray cluster has 4 nodes.*mlflow server"
     cfg = tiny_config("segmentation", "tracking.uri=sqlite:///mlruns.db", "run.name=refused")
+    (tmp_path / "mlruns.db").unlink()  # the store tiny_config made for its own URI, which the override replaced
     with pytest.raises(ConfigError, match=refused + r".*MLFLOW_TRACKING_URI=http://<head-ip>:5000"):
         train.fit_ray(cfg)
     tcfg, base, params = load_tune_config(
