@@ -118,7 +118,8 @@ def test_killed_worker_without_restarts_fails_clearly_and_resumes_from_the_bucke
         capsys.readouterr()
         args = ["train", "segmentation", "--config", "segmentation-smoke", *overrides,
                 f"tracking.uri={cfg.tracking.uri}", f"tracking.artifacts={cfg.tracking.artifacts}"]  # fmt: skip
-        assert main([*args, "--resume", f"s3://{bucket}/runs/dead"]) == 0
+        # the resumed epochs at 2 steps each: what is checked is where they land, not what they learn
+        assert main([*args, "train.max_steps=2", "--resume", f"s3://{bucket}/runs/dead"]) == 0
         shown = json.loads(capsys.readouterr().out)
         client, run = _one_run(cfg)
         assert run.info.status == "FINISHED" and run.data.tags["montage.starts"] == "2"
