@@ -109,6 +109,18 @@ def no_placement_group_outlives_its_module(request):
         wait_placement_groups_removed(60, request.module.__name__)
 
 
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """moto's S3 server for one test (``cluster_helpers.S3Endpoint``), its credentials in the environment."""
+    from cluster_helpers import S3Endpoint
+
+    endpoint = S3Endpoint()
+    for k, v in endpoint.env.items():
+        monkeypatch.setenv(k, v)
+    yield endpoint
+    endpoint.stop()
+
+
 @pytest.fixture(scope="session")
 def serve_app(ray_session, tmp_path_factory):
     """The Serve application test_serve and test_serve_hardening share (``serve_helpers.SharedApp``);

@@ -88,48 +88,40 @@ def test_killed_worker_restarts_from_checkpoint_into_one_mlflow_run(ray_session,
 
 
 def test_killed_worker_without_restarts_fails_clearly_and_resumes_from_the_bucket(
-    ray_session, seg_config, tmp_path: Path, monkeypatch, capsys
+    ray_session, seg_config, tmp_path: Path, s3_endpoint, capsys
 ) -> None:
     """The run on object storage (moto's S3 server): without restarts the fit fails, its MLflow run is
     FAILED and the error says ``--resume s3://...``; ``montage train --resume s3://...`` then finishes the
     run from the bucket's latest checkpoint, into the same MLflow run, and the bucket keeps
     ``scaling.keep_checkpoints`` (2) best checkpoints by the task's metric plus the latest."""
-    from cluster_helpers import S3Endpoint
-
     from montage.cli import main
 
-    s3 = S3Endpoint()
-    try:
-        for k, v in s3.env.items():
-            monkeypatch.setenv(k, v)
-        bucket = s3.bucket("faults")
-        overrides = ["scaling.workers=2", "train.epochs=4", "data.synthetic_train=384", f"run.storage=s3://{bucket}/runs",
-                     f"run.storage_endpoint={s3.url}"]  # fmt: skip
-        cfg = seg_config(*overrides, "scaling.max_failures=0", "run.name=dead")
-        # registered: Ray Train writes its checkpoint list once a checkpoint is complete on the bucket
-        snapshot = "runs/dead/checkpoint_manager_snapshot.json"
-        out, _ = _fit_killed(cfg, lambda: bool(s3.keys(bucket, snapshot)), every=0.3)
-        assert out.error is not None
-        assert "worker process was lost" in out.error and "max_failures=0" in out.error
-        assert f"--resume s3://{bucket}/runs/dead" in out.error
-        _, run = _one_run(cfg)
-        assert run.info.status == "FAILED" and "montage.error" in run.data.tags
+    bucket = s3_endpoint.bucket("faults")
+    overrides = ["scaling.workers=2", "train.epochs=4", "data.synthetic_train=384", f"run.storage=s3://{bucket}/runs",
+                 f"run.storage_endpoint={s3_endpoint.url}"]  # fmt: skip
+    cfg = seg_config(*overrides, "scaling.max_failures=0", "run.name=dead")
+    # registered: Ray Train writes its checkpoint list once a checkpoint is complete on the bucket
+    snapshot = "runs/dead/checkpoint_manager_snapshot.json"
+    out, _ = _fit_killed(cfg, lambda: bool(s3_endpoint.keys(bucket, snapshot)), every=0.3)
+    assert out.error is not None
+    assert "worker process was lost" in out.error and "max_failures=0" in out.error
+    assert f"--resume s3://{bucket}/runs/dead" in out.error
+    _, run = _one_run(cfg)
+    assert run.info.status == "FAILED" and "montage.error" in run.data.tags
 
-        capsys.readouterr()
-        args = ["train", "segmentation", "--config", "segmentation-smoke", *overrides,
-                f"tracking.uri={cfg.tracking.uri}", f"tracking.artifacts={cfg.tracking.artifacts}"]  # fmt: skip
-        # the resumed epochs at 2 steps each: what is checked is where they land, not what they learn
-        assert main([*args, "train.max_steps=2", "--resume", f"s3://{bucket}/runs/dead"]) == 0
-        shown = json.loads(capsys.readouterr().out)
-        client, run = _one_run(cfg)
-        assert run.info.status == "FINISHED" and run.data.tags["montage.starts"] == "2"
-        assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
-        iou = {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, "val/iou")}
-        best_two = set(sorted(iou, key=lambda e: -iou[e])[:2])
-        kept = {c["epoch"]: c["path"] for c in shown["checkpoints"]}
-        assert set(kept) == best_two | {4}, (iou, kept)
-        in_bucket = {k.split("/")[2] for k in s3.keys(bucket, "runs/dead/checkpoint_") if k.count("/") > 2}
-        assert in_bucket == {p.rstrip("/").rsplit("/", 1)[-1] for p in kept.values()}, (in_bucket, kept)
-        assert all(p.startswith(f"s3://{bucket}/runs/dead/checkpoint_") for p in kept.values())
-    finally:
-        s3.stop()
+    capsys.readouterr()
+    args = ["train", "segmentation", "--config", "segmentation-smoke", *overrides,
+            f"tracking.uri={cfg.tracking.uri}", f"tracking.artifacts={cfg.tracking.artifacts}"]  # fmt: skip
+    # the resumed epochs at 2 steps each: what is checked is where they land, not what they learn
+    assert main([*args, "train.max_steps=2", "--resume", f"s3://{bucket}/runs/dead"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    client, run = _one_run(cfg)
+    assert run.info.status == "FINISHED" and run.data.tags["montage.starts"] == "2"
+    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
+    iou = {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, "val/iou")}
+    best_two = set(sorted(iou, key=lambda e: -iou[e])[:2])
+    kept = {c["epoch"]: c["path"] for c in shown["checkpoints"]}
+    assert set(kept) == best_two | {4}, (iou, kept)
+    in_bucket = {k.split("/")[2] for k in s3_endpoint.keys(bucket, "runs/dead/checkpoint_") if k.count("/") > 2}
+    assert in_bucket == {p.rstrip("/").rsplit("/", 1)[-1] for p in kept.values()}, (in_bucket, kept)
+    assert all(p.startswith(f"s3://{bucket}/runs/dead/checkpoint_") for p in kept.values())

@@ -124,49 +124,42 @@ def test_local_sources_resolve_or_say_what_is_missing(tmp_path: Path) -> None:
     assert resolved.pinned == resolved.source and resolved.label == str(tmp_path / "ckpt")
 
 
-def test_a_remote_checkpoint_is_downloaded(tmp_path: Path, monkeypatch) -> None:
+def test_a_remote_checkpoint_is_downloaded(tmp_path: Path, s3_endpoint) -> None:
     """``s3://`` sources (a local S3 endpoint): a checkpoint file, and a Ray checkpoint folder."""
     import boto3
-    from cluster_helpers import S3Endpoint
 
     from montage.tracking.sources import resolve_source
 
-    s3 = S3Endpoint()
-    try:
-        for k, v in s3.env.items():
-            monkeypatch.setenv(k, v)
-        bucket = s3.bucket("models")
-        put = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1").put_object
-        put(Bucket=bucket, Key="runs/seg/best.pt", Body=b"weights")
-        put(Bucket=bucket, Key="runs/seg/checkpoint_000002/checkpoint.pt", Body=b"folder weights")
-        where = f"?endpoint_override={s3.url.removeprefix('http://')}&scheme=http"
-        file = resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}")
-        assert file.source.kind == "remote" and file.checkpoint.read_bytes() == b"weights"
-        folder = resolve_source(f"s3://{bucket}/runs/seg/checkpoint_000002{where}")
-        assert folder.checkpoint.name == "checkpoint.pt" and folder.checkpoint.read_bytes() == b"folder weights"
-        with pytest.raises(FileNotFoundError, match="cannot download s3://models/runs/none.pt"):
-            resolve_source(f"s3://{bucket}/runs/none.pt{where}")
+    bucket = s3_endpoint.bucket("models")
+    put = boto3.client("s3", endpoint_url=s3_endpoint.url, region_name="us-east-1").put_object
+    put(Bucket=bucket, Key="runs/seg/best.pt", Body=b"weights")
+    put(Bucket=bucket, Key="runs/seg/checkpoint_000002/checkpoint.pt", Body=b"folder weights")
+    where = f"?endpoint_override={s3_endpoint.url.removeprefix('http://')}&scheme=http"
+    file = resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}")
+    assert file.source.kind == "remote" and file.checkpoint.read_bytes() == b"weights"
+    folder = resolve_source(f"s3://{bucket}/runs/seg/checkpoint_000002{where}")
+    assert folder.checkpoint.name == "checkpoint.pt" and folder.checkpoint.read_bytes() == b"folder weights"
+    with pytest.raises(FileNotFoundError, match="cannot download s3://models/runs/none.pt"):
+        resolve_source(f"s3://{bucket}/runs/none.pt{where}")
 
-        # resolved again (a Serve replica's reloads): the newest copy, and never more than two of one source
-        put(Bucket=bucket, Key="runs/seg/best.pt", Body=b"new weights")
-        again = [resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}").checkpoint for _ in range(3)]
-        assert again[-1].read_bytes() == b"new weights"
-        assert len(list(again[-1].parent.parent.iterdir())) == 2 and not again[0].exists()
-        # a process's downloads leave with it
-        code = f"from montage.tracking.sources import resolve_source; print(resolve_source('s3://{bucket}/runs/seg/best.pt{where}').checkpoint)"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        downloaded = Path(out.stdout.strip().splitlines()[-1])
-        assert downloaded.name == "best.pt" and not downloaded.exists() and not downloaded.parents[2].exists()
-        # while the source is gone, failed reloads keep the copy that serves
-        boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1").delete_object(
-            Bucket=bucket, Key="runs/seg/best.pt"
-        )
-        for _ in range(2):
-            with pytest.raises(FileNotFoundError, match="cannot download"):
-                resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}")
-        assert again[-1].read_bytes() == b"new weights"
-    finally:
-        s3.stop()
+    # resolved again (a Serve replica's reloads): the newest copy, and never more than two of one source
+    put(Bucket=bucket, Key="runs/seg/best.pt", Body=b"new weights")
+    again = [resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}").checkpoint for _ in range(3)]
+    assert again[-1].read_bytes() == b"new weights"
+    assert len(list(again[-1].parent.parent.iterdir())) == 2 and not again[0].exists()
+    # a process's downloads leave with it
+    code = f"from montage.tracking.sources import resolve_source; print(resolve_source('s3://{bucket}/runs/seg/best.pt{where}').checkpoint)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    downloaded = Path(out.stdout.strip().splitlines()[-1])
+    assert downloaded.name == "best.pt" and not downloaded.exists() and not downloaded.parents[2].exists()
+    # while the source is gone, failed reloads keep the copy that serves
+    boto3.client("s3", endpoint_url=s3_endpoint.url, region_name="us-east-1").delete_object(
+        Bucket=bucket, Key="runs/seg/best.pt"
+    )
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError, match="cannot download"):
+            resolve_source(f"s3://{bucket}/runs/seg/best.pt{where}")
+    assert again[-1].read_bytes() == b"new weights"
 
 
 def test_each_arm_runs_the_runtime_its_source_asks_for(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def test_a_server_down_at_the_start_is_refused_at_once_unless_not_required(down_
 
 
 def test_the_outbox_of_a_run_on_object_storage_outlives_its_worker(
-    down_server, tiny_config, monkeypatch, tmp_path
+    down_server, tiny_config, s3_endpoint, tmp_path
 ) -> None:
     """run.storage on S3 (nodes share no disk): a worker that trains while the server is away keeps its
     outbox in the run folder on the bucket; its own staging folder goes when it ends. A worker elsewhere
@@ -113,51 +113,44 @@ def test_the_outbox_of_a_run_on_object_storage_outlives_its_worker(
     import tempfile
 
     import torch
-    from cluster_helpers import S3Endpoint
 
     from montage.launch.lifecycle import rank_hooks
     from montage.platform.runner import WorkerEnv, build_loop
 
-    s3 = S3Endpoint()
-    try:
-        for k, v in s3.env.items():
-            monkeypatch.setenv(k, v)
-        bucket = s3.bucket("outbox")
-        server = down_server
-        cfg = tiny_config("segmentation", "train.epochs=2", f"tracking.uri={server.uri}", *QUICK,
-                          "tracking.required=false", "tracking.drain_s=0.5", f"run.storage=s3://{bucket}/runs",
-                          f"run.storage_endpoint={s3.url}", "run.name=away")  # fmt: skip
+    bucket = s3_endpoint.bucket("outbox")
+    server = down_server
+    cfg = tiny_config("segmentation", "train.epochs=2", f"tracking.uri={server.uri}", *QUICK,
+                      "tracking.required=false", "tracking.drain_s=0.5", f"run.storage=s3://{bucket}/runs",
+                      f"run.storage_endpoint={s3_endpoint.url}", "run.name=away")  # fmt: skip
 
-        def worker(state: dict | None = None):
-            """Rank 0 of a Ray Train worker group, as train_loop_per_worker builds it: its own staging folder."""
-            with tempfile.TemporaryDirectory(dir=tmp_path) as staging:
-                loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), rank_hooks(cfg, 0, staging, False))
-                if state is not None:
-                    loop.load_state_dict(state)
-                loop.fit()
-            assert not Path(staging).exists()
-            return loop
+    def worker(state: dict | None = None):
+        """Rank 0 of a Ray Train worker group, as train_loop_per_worker builds it: its own staging folder."""
+        with tempfile.TemporaryDirectory(dir=tmp_path) as staging:
+            loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), rank_hooks(cfg, 0, staging, False))
+            if state is not None:
+                loop.load_state_dict(state)
+            loop.fit()
+        assert not Path(staging).exists()
+        return loop
 
-        first = worker()
-        queued = s3.keys(bucket, "runs/away/tracking-outbox/")
-        records = [k for k in queued if k.endswith("records.jsonl")]
-        assert len(records) == 1 and len(queued) == 4, queued  # the records, 2 sample grids, the model's weights
-        assert sum(k.endswith(".png") for k in queued) == 2 and sum(k.endswith("best.pt") for k in queued) == 1
+    first = worker()
+    queued = s3_endpoint.keys(bucket, "runs/away/tracking-outbox/")
+    records = [k for k in queued if k.endswith("records.jsonl")]
+    assert len(records) == 1 and len(queued) == 4, queued  # the records, 2 sample grids, the model's weights
+    assert sum(k.endswith(".png") for k in queued) == 2 and sum(k.endswith("best.pt") for k in queued) == 1
 
-        server.start()
-        worker(first.state_dict())  # continues at its end: sends what waits, adds nothing
-        client = mlflow.MlflowClient(server.uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("montage-segmentation").experiment_id])
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["montage.run_dir"] == f"s3://{bucket}/runs/away"  # a later resume finds it
-        assert _epochs(server.uri, run.info.run_id) == [1, 2]
-        samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-        assert samples == {"samples/epoch_001.png", "samples/epoch_002.png"}
-        assert len(client.search_logged_models([run.info.experiment_id])) == 1
-        left = s3.keys(bucket, "runs/away/tracking-outbox/")
-        assert [k for k in left if not k.endswith("/")] == []  # all sent (pyarrow may leave a folder marker)
-    finally:
-        s3.stop()
+    server.start()
+    worker(first.state_dict())  # continues at its end: sends what waits, adds nothing
+    client = mlflow.MlflowClient(server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("montage-segmentation").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["montage.run_dir"] == f"s3://{bucket}/runs/away"  # a later resume finds it
+    assert _epochs(server.uri, run.info.run_id) == [1, 2]
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert samples == {"samples/epoch_001.png", "samples/epoch_002.png"}
+    assert len(client.search_logged_models([run.info.experiment_id])) == 1
+    left = s3_endpoint.keys(bucket, "runs/away/tracking-outbox/")
+    assert [k for k in left if not k.endswith("/")] == []  # all sent (pyarrow may leave a folder marker)
 
 
 def test_the_outbox_is_bounded_sample_grids_first() -> None:
