@@ -1,7 +1,8 @@
 """Distributed training computes what one process computes: 2 DDP workers at batch b reach
 the weights of 1 worker at batch 2b on the same samples in the same order (every task, pix2pix's
 D and G included), all ranks hold identical weights after every optimizer step, and validation
-counts every sample exactly once (an odd-sized set: no padded duplicates)."""
+counts every sample exactly once (an odd-sized set: no padded duplicates); a 2-worker run paused and
+resumed under Ray ends where the uninterrupted one does (in one process: test_resume)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from test_resume import RESUME, assert_resumed_like_straight
 
 from montage.launch.local import fit_local
 from montage.launch.train import fit_ray
@@ -116,50 +118,6 @@ def test_replica_check_catches_diverged_ranks(tmp_path: Path) -> None:
     assert not torch.equal(before, replica_fingerprint(m))
 
 
-def _state(path: str, task: str) -> dict:
-    return load_checkpoint(path, task=task)
-
-
-def _assert_same(a, b, where: str = "") -> None:
-    """Bit-identical nested state (tensors with torch.equal)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"differs at {where}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {where}"
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"length differs at {where}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{a!r} != {b!r} at {where}"
-
-
-RESUME = ["train.batch_size=4", "train.epochs=2", "sched.name=onecycle"]
-
-
-def _assert_resumed_like_straight(straight, resumed, task: str) -> None:
-    a, b = _state(straight.checkpoint, task), _state(resumed.checkpoint, task)
-    assert a["epoch"] == b["epoch"] == 2
-    for part in ("nets", "optimizers", "schedulers", "scalers"):
-        _assert_same(a[part], b[part], part)
-    assert resumed.metrics[straight.best_metric] == straight.metrics[straight.best_metric]
-
-
-@pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
-def test_resume_in_one_process_matches_the_uninterrupted_run(tiny_config, tmp_path: Path, task: str) -> None:
-    # every task's state (pix2pix: both nets, optimizers, schedulers and scalers), augmentation and
-    # dropout as configured, a per-step one-cycle schedule whose learning rate changes across the pause
-    common = [*RESUME, "tracking.enabled=false"]
-    straight = fit_local(tiny_config(task, *common, "run.name=straight"))
-    paused = fit_local(tiny_config(task, *common, "run.name=paused", "train.pause_after=1"))
-    assert paused.metrics["epoch"] == 1
-    resumed = fit_local(tiny_config(task, *common), resume=tmp_path / "runs" / "paused")
-    assert resumed.metrics["epoch"] == 2
-    _assert_resumed_like_straight(straight, resumed, task)
-
-
 def test_resume_under_ray_matches_the_uninterrupted_run(ray_session, tiny_config, tmp_path: Path) -> None:
     # the same under Ray Train with 2 DDP workers, and one MLflow run for both legs
     task = "segmentation"
@@ -170,7 +128,7 @@ def test_resume_under_ray_matches_the_uninterrupted_run(ray_session, tiny_config
     assert paused.metrics["epoch"] == 1
     resumed = fit_ray(tiny_config(task, *common), resume=str(tmp_path / "runs" / "paused"))
     assert resumed.error is None and resumed.metrics["epoch"] == 2
-    _assert_resumed_like_straight(straight, resumed, task)
+    assert_resumed_like_straight(straight, resumed, task)
     lrs = [c.metrics["lr"] for c in straight.checkpoints]
     assert lrs[0] != lrs[1]  # the schedule moved across the resume point
 
