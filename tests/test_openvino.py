@@ -123,3 +123,15 @@ def test_bad_openvino_requests_get_one_clear_line(tiny_config, tmp_path: Path, c
     caplog.clear()
     args = ["optimize", "harmonization", "--method", "openvino", "--source", harm, "--precision", "fp16"]
     assert main(args) == 2 and "unknown 'fp16' for OpenVINO; valid: fp32, int8" in caplog.text
+
+
+def test_the_int8_bound_widens_on_cpus_without_vnni(tmp_path: Path) -> None:
+    from montage.tracking.ov_variant import INT8_FACTOR, cpu_has_vnni
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert not cpu_has_vnni(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert cpu_has_vnni(str(info))
+    assert not cpu_has_vnni(str(tmp_path / "missing"))  # cannot tell: the wider bound
+    assert INT8_FACTOR["other"] > INT8_FACTOR["vnni"]

@@ -213,8 +213,8 @@ def register(sub: Any) -> None:
     op.add_argument(
         "--tolerance",
         type=float,
-        help="openvino: the largest |OpenVINO − PyTorch| accepted (default 1e-3 for fp32; for int8 twice ONNX "
-        "Runtime's own error on the same model, +1e-3)",
+        help="openvino: the largest |OpenVINO − PyTorch| accepted (default 1e-3 for fp32; for int8 2× ONNX "
+        "Runtime's own error on the same model, 8× on a CPU without VNNI, +1e-3)",
     )
     op.add_argument(
         "--output",
