@@ -32,7 +32,8 @@ PRECISIONS = ("fp32", "int8")
 FP32_TOLERANCE = 1e-3  # as the ONNX export's check
 # x86 CPUs without VNNI multiply u8 x s8 pairs into saturating 16-bit sums (OpenVINO's docs: "saturation
 # issue"), so OpenVINO's int8 kernels there stray further from PyTorch than ONNX Runtime's on the same QDQ
-# model: 5.3x ONNX Runtime's error measured on an AMD EPYC with AVX2 only, within 2x on CPUs with VNNI
+# model: 5.3x ONNX Runtime's error measured on an AMD EPYC with AVX2 only (within 2x on the Intel Xeons the
+# tests ran on before)
 INT8_FACTOR = {"vnni": 2.0, "other": 8.0}
 
 
