@@ -1,18 +1,24 @@
 """Distributed training computes what one process computes: 2 DDP workers at batch b reach
 the weights of 1 worker at batch 2b on the same samples in the same order (every task, pix2pix's
 D and G included), all ranks hold identical weights after every optimizer step, and validation
-counts every sample exactly once (an odd-sized set: no padded duplicates); a 2-worker run paused and
-resumed under Ray ends where the uninterrupted one does (in one process: test_resume)."""
+counts every sample exactly once (an odd-sized set: no padded duplicates); a 2-worker run checkpoints
+and logs from rank 0 only, and paused and resumed under Ray ends where the uninterrupted one does (in one
+process: test_resume), and resumed once more at its end reports its final epoch again."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
+from conftest import _tiny
 from test_resume import RESUME, assert_resumed_like_straight
 
+from montage.cli.training import _summary
 from montage.launch.local import fit_local
 from montage.launch.train import fit_ray
 from montage.platform.checkpoint import load_checkpoint
@@ -120,21 +126,81 @@ def test_replica_check_catches_diverged_ranks(tmp_path: Path) -> None:
     assert not torch.equal(before, replica_fingerprint(m))
 
 
-def test_resume_under_ray_matches_the_uninterrupted_run(ray_session, tiny_config, tmp_path: Path) -> None:
-    # the same under Ray Train with 2 DDP workers, and one MLflow run for both legs
-    task = "segmentation"
-    common = ["scaling.workers=2", *RESUME]
-    straight = fit_ray(tiny_config(task, *common, "run.name=straight", "tracking.enabled=false"))
-    paused = fit_ray(tiny_config(task, *common, "run.name=paused", "train.pause_after=1"))
-    assert straight.error is None and paused.error is None
-    assert paused.metrics["epoch"] == 1
-    resumed = fit_ray(tiny_config(task, *common), resume=str(tmp_path / "runs" / "paused"))
-    assert resumed.error is None and resumed.metrics["epoch"] == 2
-    assert_resumed_like_straight(straight, resumed, task)
+@pytest.fixture(scope="module")
+def ddp_runs(ray_session, tmp_path_factory):
+    """Three 2-worker segmentation runs under Ray that the tests below share (every Ray fit costs seconds
+    of start-up): ``straight`` (2 epochs, untracked), ``paused`` after its first epoch (tracked in
+    MLflow), and ``resumed``, the paused run resumed to its end."""
+    tmp = tmp_path_factory.mktemp("ddp")
+
+    def config(*overrides: str):
+        return _tiny("segmentation", tmp, ["scaling.workers=2", *RESUME, *overrides])
+
+    staged = _staged()
+    straight = fit_ray(config("run.name=straight", "tracking.enabled=false"))
+    paused = fit_ray(config("run.name=paused", "train.pause_after=1"))
+    resumed = fit_ray(config(), resume=str(tmp / "runs" / "paused"))
+    assert straight.error is None and paused.error is None and resumed.error is None
+    return SimpleNamespace(tmp=tmp, config=config, straight=straight, paused=paused, resumed=resumed,
+                           staged_in_tmp=_staged() - staged)  # fmt: skip
+
+
+def _staged() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")}
+
+
+def test_two_worker_fit_checkpoints_and_logs(ddp_runs) -> None:
+    """The paused run: what a 2-worker fit reports, keeps and logs."""
+    out = ddp_runs.paused
+    assert not ddp_runs.staged_in_tmp  # rank 0 staged its best checkpoint in the run folder, not in /tmp
+    assert not (ddp_runs.tmp / "runs" / "paused" / ".montage-best").exists()  # and removed it at the end
+    assert out.metrics["epoch"] == 1
+    assert 0 < out.metrics["time/startup_s"] < 300  # launch → rank 0's first step
+    assert out.metrics["mem/peak_rss_mb"] > 50 and out.metrics["time/train_s"] > 0
+    assert [c.metrics["epoch"] for c in out.checkpoints] == [1]
+    shown = _summary(out)["checkpoints"][0]  # what `montage train` prints per kept checkpoint
+    assert shown["epoch"] == 1 and shown["metrics"]["time/train_s"] > 0 and "train/total" in shown["metrics"]
+    state = load_checkpoint(out.checkpoint, task="segmentation")
+    assert state["epoch"] == 1 and "net" in state["nets"]
+    assert not any(k.startswith("module.") for k in state["nets"]["net"])  # saved unwrapped from DDP
+
+    client = mlflow.MlflowClient(ddp_runs.config().tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("montage-segmentation").experiment_id])
+    assert len(runs) == 1  # only rank 0 logs (and the resumed run went on in the same MLflow run)
+    assert runs[0].data.params["scaling.workers"] == "2"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/iou")] == [1, 2]
+
+
+def test_resume_under_ray_matches_the_uninterrupted_run(ddp_runs) -> None:
+    # the in-process comparison (test_resume) under Ray Train with 2 DDP workers, one MLflow run for both legs
+    straight, resumed = ddp_runs.straight, ddp_runs.resumed
+    assert ddp_runs.paused.metrics["epoch"] == 1 and resumed.metrics["epoch"] == 2
+    assert_resumed_like_straight(straight, resumed, "segmentation")
     lrs = [c.metrics["lr"] for c in straight.checkpoints]
     assert lrs[0] != lrs[1]  # the schedule moved across the resume point
 
-    client = mlflow.MlflowClient(tiny_config(task).tracking.uri)
+    client = mlflow.MlflowClient(ddp_runs.config().tracking.uri)
     run = client.get_run(resumed.mlflow_run_id)
-    assert resumed.mlflow_run_id == paused.mlflow_run_id and run.info.status == "FINISHED"
+    assert resumed.mlflow_run_id == ddp_runs.paused.mlflow_run_id and run.info.status == "FINISHED"
     assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]
+
+
+def test_run_resumed_at_its_end_reports_its_final_epoch(ddp_runs) -> None:
+    """The cause of a resumed sweep's trial shown as stopped after 1 of 2 epochs: its TorchTrainer had
+    checkpointed epoch 2 in the moment between Tune's SIGINT and its death, so the resumed trainer found
+    nothing to do and reported nothing; Tune kept epoch 1 as the trial's last result. A run resumed at
+    its end must report its final metrics again, to whoever listens (Tune's callback, here a recorder)."""
+    import ray.train
+
+    from montage.launch.train import make_trainer
+
+    reports = ddp_runs.tmp / "reports.jsonl"
+
+    class Recorder(ray.train.UserCallback):  # runs in the trainer's controller actor: records to a file
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with open(reports, "a") as fh:
+                fh.write(json.dumps({"epoch": metrics[0]["epoch"], "checkpoint": checkpoint is not None}) + "\n")
+
+    cfg = ddp_runs.config("run.name=straight", "tracking.enabled=false")  # ended at its last epoch
+    assert make_trainer(cfg, callbacks=[Recorder()]).fit().error is None
+    assert [json.loads(line) for line in reports.read_text().splitlines()] == [{"epoch": 2, "checkpoint": False}]

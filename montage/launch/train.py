@@ -8,6 +8,7 @@ worker restores model, optimizers, schedulers, scalers, epoch and best-so-far.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import tempfile
@@ -140,14 +141,13 @@ def make_trainer(
     ``launched_at`` (``time.time()`` when the user's command or the Tune trial started) makes
     rank 0 report ``time/startup_s``, the seconds until its first train step."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     metric, mode = _monitor(cfg)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.gpus:
         resources["GPU"] = sc.gpus_per_worker
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "tags": tags or {}, "launched_at": launched_at},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.workers, use_gpu=sc.gpus, resources_per_worker=resources),
@@ -161,6 +161,32 @@ def make_trainer(
             callbacks=callbacks or [],
         ),
     )
+
+
+@functools.cache
+def _trainer_class() -> type:
+    """``TorchTrainer`` without the Ray Data plumbing montage does not use.
+
+    Ray Train 2.x starts a ``DatasetManager`` actor for every fit, datasets or not (its
+    ``DatasetsCallback``): one more process that imports Ray Train (~2.5 s of CPU, and one of five
+    processes a 1-worker fit starts). montage reads its data in the workers and passes no
+    ``datasets``, so that callback is left out. Should a Ray release drop the hook overridden here,
+    the plain trainer runs as before."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:  # another layout of Ray Train's internals: keep its default callbacks
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
 
 
 def fit_ray(
