@@ -20,6 +20,9 @@ BIN = Path(sys.executable).parent
 # on SIGTERM (the head's processes get it together when the test stops it, and Ray's 30 s drain of the
 # node would wait for a GCS that is already gone)
 HEAD_ENV = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+# the heads' log monitors would forward the workers' output to drivers that print none of it, rescanning the
+# growing log folder ten times a second (seconds of CPU a minute)
+NO_LOG_MONITOR = ["--include-log-monitor=false"]
 
 
 def free_port() -> int:
@@ -191,7 +194,7 @@ class AutoscalingHead:
                f"--num-cpus={self.config['available_node_types']['ray.head.default']['resources']['CPU']:g}",
                f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                f"--dashboard-agent-listen-port={free_port()}",
-               f"--autoscaling-config={path}", "--disable-usage-stats"]  # fmt: skip
+               f"--autoscaling-config={path}", "--disable-usage-stats", *NO_LOG_MONITOR]  # fmt: skip
         log = open(self.root / "head.log", "a")
         self.proc = subprocess.Popen(cmd, env=full, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)  # fmt: skip

@@ -37,6 +37,7 @@ def lost_node_cluster(nodes: int = 3, **init):
         "dashboard_agent_listen_port": free_port(),
         "env_vars": api_server_env(f"127.0.0.1:{dashboard_port}"),
         "_system_config": FAST_HEALTH_CHECKS,
+        "include_log_monitor": False,  # as the other test heads (cluster_helpers.NO_LOG_MONITOR)
     }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     ray.init(address=cluster.address, **init)

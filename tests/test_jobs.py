@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from cluster_helpers import BIN, HEAD_ENV, forget_head, free_port
+from cluster_helpers import BIN, HEAD_ENV, NO_LOG_MONITOR, forget_head, free_port
 from stores import mlflow_store
 
 from montage.cli import main
@@ -52,6 +52,7 @@ def _run_head(tmp: Path, gcs: int, dash: int, env: dict, ray_bin: str):  # noqa:
             "--num-cpus=2",
             "--include-dashboard=true",
             "--disable-usage-stats",
+            *NO_LOG_MONITOR,
         ],
         cwd=tmp,
         env=env,
