@@ -204,11 +204,17 @@ ON_SESSION = {
 }  # fmt: skip
 
 
+# modules whose tests share what a module-scoped fixture made once (ONNX exports): one worker runs them all
+TOGETHER = {"test_export.py"}
+
+
 def _worker_group(nodeid: str) -> str:
     """The pytest-xdist work unit of a test: ``ray`` (the shared session's modules, one worker, in
-    order), ``clusters`` (the modules with clusters of their own, the other worker, first), or the
-    test alone (it starts no Ray: whichever worker is free)."""
+    order), ``clusters`` (the modules with clusters of their own, the other worker, first), its module
+    (``TOGETHER``), or the test alone (it starts no Ray: whichever worker is free)."""
     module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    if module in TOGETHER:
+        return module
     return "ray" if module in ON_SESSION else "clusters" if module in OWN_CLUSTERS else nodeid
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import _tiny
 
 from montage.launch.local import fit_local
 from montage.platform.checkpoint import CheckpointError
@@ -17,13 +18,27 @@ from montage.tracking import registry as reg
 from montage.tracking.variants import export_model
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(task)``: a one-step checkpoint of ``task`` with its near-zero weights perturbed, and its
+    dynamic-batch export, made once for the tests below that need them (an export is seconds of torch.export;
+    conftest keeps this module on one pytest-xdist worker)."""
+    made: dict = {}
+
+    def get(task: str):
+        if task not in made:
+            tmp = tmp_path_factory.mktemp(f"export-{task}")
+            fit = fit_local(_tiny(task, tmp, ["tracking.enabled=false", "train.max_steps=1", f"run.name={task}"]))
+            ckpt = _perturbed(fit.best_checkpoint, tmp)
+            made[task] = ckpt, export_model(task, ckpt, tmp / f"{task}.onnx", dynamic_batch=True)
+        return made[task]
+
+    return get
+
+
 @pytest.mark.parametrize("task", ["segmentation", "harmonization", "pix2pix"])
-def test_export_round_trips_at_any_batch_and_size(tiny_config, tmp_path: Path, task: str) -> None:
-    ckpt = _perturbed(
-        fit_local(tiny_config(task, "tracking.enabled=false", "train.max_steps=1", f"run.name={task}")).best_checkpoint,
-        tmp_path,
-    )
-    variant = export_model(task, ckpt, tmp_path / f"{task}.onnx", dynamic_batch=True)
+def test_export_round_trips_at_any_batch_and_size(exported, task: str) -> None:
+    _, variant = exported(task)
     report = variant.report
     assert not variant.version  # a checkpoint file is not registered unless asked
     assert report.max_abs_diff < 1e-4
@@ -80,21 +95,19 @@ def test_export_of_a_registered_version_becomes_a_tagged_variant(tiny_config, tm
     assert str(reg.champion("segmentation", cfg.tracking.uri).version) == "1"  # promoting stays the user's choice
 
 
-def test_bad_sources_get_clear_errors(tiny_config, tmp_path: Path) -> None:
+def test_bad_sources_get_clear_errors(exported, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         export_model("segmentation", str(tmp_path / "missing.pt"), tmp_path / "x.onnx")
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
     with pytest.raises(CheckpointError):
         export_model("segmentation", str(junk), tmp_path / "x.onnx")
-    ckpt = fit_local(
-        tiny_config("pix2pix", "tracking.enabled=false", "train.max_steps=1", "run.name=p")
-    ).best_checkpoint
+    ckpt, _ = exported("pix2pix")
     with pytest.raises(CheckpointError, match="pix2pix"):
         export_model("segmentation", ckpt, tmp_path / "x.onnx")  # a checkpoint of another task
 
 
-def test_onnx_predictors_answer_like_the_torch_ones(tiny_config, tmp_path: Path) -> None:
+def test_onnx_predictors_answer_like_the_torch_ones(exported) -> None:
     """The task predictors with their exported network in ONNX Runtime (what Serve's ``runtime: onnx``
     runs): same outputs as PyTorch at an arbitrary image size. The weights are perturbed and the answers
     checked to be far from what a graph of zeros gives (a 0.5 alpha; the composite unchanged), so a
@@ -107,13 +120,8 @@ def test_onnx_predictors_answer_like_the_torch_ones(tiny_config, tmp_path: Path)
     mask = np.zeros((45, 70), np.uint8)
     mask[10:35, 20:50] = 255
     for task, args in (("segmentation", ([image],)), ("harmonization", ([image], [mask]))):
-        ckpt = _perturbed(
-            fit_local(
-                tiny_config(task, "tracking.enabled=false", "train.max_steps=2", f"run.name=p-{task}")
-            ).best_checkpoint,
-            tmp_path / task,
-        )
-        onnx_path = export_model(task, ckpt, tmp_path / f"{task}.onnx").report.path
+        ckpt, variant = exported(task)
+        onnx_path = variant.report.path
         ours = np.asarray(load_onnx_predictor(onnx_path, ckpt, task=task)(*args)[0], np.float64)
         ref = np.asarray(load_predictor(ckpt, task=task, device="cpu")(*args)[0], np.float64)
         tolerance = 1e-4 if task == "segmentation" else 1  # alpha in [0, 1]; uint8 levels
@@ -123,7 +131,7 @@ def test_onnx_predictors_answer_like_the_torch_ones(tiny_config, tmp_path: Path)
         assert resolve_source(onnx_path).checkpoint == Path(ckpt).resolve()
 
 
-def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Path) -> None:
+def test_int8_calibrates_stays_near_fp32_and_registers(exported, tiny_config, tmp_path: Path) -> None:
     from montage.tracking.variants import quantize_model
 
     cfg = tiny_config("segmentation", "train.max_steps=2", "run.name=q", "tracking.log_model=false")
@@ -136,7 +144,7 @@ def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Pa
         samples=8,
         tracking_uri=cfg.tracking.uri,
     )
-    fp32 = export_model("segmentation", fit.best_checkpoint, tmp_path / "seg.onnx", dynamic_batch=True)
+    _, fp32 = exported("segmentation")  # the same network's float32 export
     report = variant.report
     assert report.size_mb < fp32.report.size_mb  # 8-bit weights
     # logits of the INT8 model within a bound of the fp32 PyTorch network on the calibration samples
@@ -149,17 +157,11 @@ def test_int8_calibrates_stays_near_fp32_and_registers(tiny_config, tmp_path: Pa
         quantize_model("segmentation", fit.best_checkpoint, tmp_path / "x.onnx", precision="int4")
 
 
-def test_fp16_variant_runs_and_stays_near_fp32(tiny_config, tmp_path: Path) -> None:
+def test_fp16_variant_runs_and_stays_near_fp32(exported, tmp_path: Path) -> None:
     """fp16 (for GPU providers) runs in ONNX Runtime here too, float32 in and out, its weights half the size."""
     from montage.tracking.variants import quantize_model
 
-    ckpt = _perturbed(  # the head starts at zero: perturbed, the transform is far from a graph of zeros
-        fit_local(
-            tiny_config("harmonization", "tracking.enabled=false", "train.max_steps=1", "run.name=h16")
-        ).best_checkpoint,
-        tmp_path,
-    )
-    fp32 = export_model("harmonization", ckpt, tmp_path / "h.onnx", dynamic_batch=True)
+    ckpt, fp32 = exported("harmonization")  # perturbed: the transform is far from a graph of zeros
     half = quantize_model("harmonization", ckpt, tmp_path / "h16.onnx", samples=2, precision="fp16")
     saved_mb = fp32.report.size_mb - half.report.size_mb  # 2 bytes a weight, beside the graph's own structure
     assert saved_mb > 0.8 * fp32.report.params * 2 / 2**20 and 0 <= half.report.max_abs_diff < 0.05
