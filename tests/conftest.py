@@ -208,6 +208,14 @@ ON_SESSION = {
 TOGETHER = {"test_export.py"}
 
 
+def _rank(module: str) -> int:
+    """Where a module's tests go in the run's order: the own-cluster modules, the shared session's, the
+    session's last two (``LAST``), then every other module."""
+    if module in OWN_CLUSTERS:
+        return OWN_CLUSTERS[module]
+    return LAST.get(module, 2 if module in ON_SESSION else 5)
+
+
 def _worker_group(nodeid: str) -> str:
     """The pytest-xdist work unit of a test: ``ray`` (the shared session's modules, one worker, in
     order), ``clusters`` (the modules with clusters of their own, the other worker, first), its module
@@ -220,8 +228,14 @@ def _worker_group(nodeid: str) -> str:
 
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's loadscope scheduling over ``_worker_group`` (its own ``--dist loadgroup`` sets a node
-    id attribute that pytest 9 no longer reads, so its groups are ignored)."""
+    id attribute that pytest 9 no longer reads, so its groups are ignored). Its work units are taken in the
+    collection's order (``_rank``), not largest first: the first two, ``clusters`` and ``ray``, go to the
+    two workers at the start, and neither worker asks for another unit while more than two of its tests
+    are pending, so the two never share a process (largest first, a ``TOGETHER`` module of more tests
+    than ``clusters`` went ahead of it)."""
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -233,8 +247,9 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items) -> None:
     """The order of the tests, and a check that ``ON_SESSION`` names every module on the shared session.
-    On one process (``pytest -n 0``) the own-cluster modules run first, before the shared session starts."""
-    items.sort(key=lambda item: OWN_CLUSTERS.get(item.path.name, LAST.get(item.path.name, 2)))
+    On one process (``pytest -n 0``) the own-cluster modules run first, before the shared session starts;
+    under pytest-xdist this order makes ``clusters`` and ``ray`` the first two work units (``ByGroup``)."""
+    items.sort(key=lambda item: _rank(item.path.name))
     on_session = {item.path.name for item in items if {"ray_session", "serve_app"} & set(item.fixturenames)}
     if on_session - ON_SESSION:
         raise pytest.UsageError(f"tests/conftest.py: add {sorted(on_session - ON_SESSION)} to ON_SESSION")
