@@ -7,10 +7,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from montage.platform.imaging import ImageError, letterbox, restore
+from montage.platform.imaging import ImageError, image_grid, letterbox, restore, to_uint8_image
 from montage.platform.masks import CocoPersons, ImageMaskFolder, SuperviselyPersons, SyntheticPersons
 from montage.tasks.segmentation.data import SegDataConfig, SegmentationDataset, build_datasets
 
@@ -213,3 +214,16 @@ def test_letterbox_restores_exact_size() -> None:
     back = restore(padded, box)
     assert back.shape == img.shape
     assert np.abs(back.astype(int) - img.astype(int)).mean() < 3  # same picture, resampled
+
+
+@pytest.mark.parametrize("batch,columns,max_rows,pad", [(5, 4, 4, 2), (3, 3, 4, 2), (1, 1, 4, 2), (2, 1, 4, 0)])
+def test_sample_grids_are_laid_out_as_torchvisions_make_grid(batch: int, columns: int, max_rows: int, pad: int) -> None:
+    from torchvision.utils import make_grid
+
+    g = torch.Generator().manual_seed(batch)
+    cols = [torch.rand(batch, 1 if c == 1 else 3, 6, 5, generator=g) for c in range(columns)]
+    tiles = [to_uint8_image(col[i]) for i in range(min(max_rows, batch)) for col in cols]
+    want = make_grid(torch.stack(tiles), nrow=columns, padding=pad, pad_value=255).permute(1, 2, 0).numpy()
+    got = image_grid(cols, max_rows=max_rows, pad=pad)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert np.array_equal(got, want)

@@ -203,3 +203,27 @@ def test_random_vgg_is_deterministic_and_frozen() -> None:
     assert not any(p.requires_grad for p in a.parameters())
     with pytest.raises(ValueError, match="unknown VGG16 layers"):
         VGGFeatures(["relu9_9"], "random")
+
+
+@pytest.mark.parametrize("stride,cin,cout", [(1, 8, 8), (2, 8, 16)])
+def test_the_tiny_encoders_basic_block_is_torchvisions(stride: int, cin: int, cout: int) -> None:
+    """Same seed, same weights and keys, same output as torchvision's BasicBlock (train and eval mode)."""
+    from torchvision.models.resnet import BasicBlock
+
+    from montage.nn.unet import _BasicBlock
+
+    def down() -> nn.Module | None:
+        if stride == 1 and cin == cout:
+            return None
+        return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    torch.manual_seed(0)
+    ours = _BasicBlock(cin, cout, stride, down(), nn.BatchNorm2d)
+    torch.manual_seed(0)
+    theirs = BasicBlock(cin, cout, stride, down())
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, cin, 16, 16)
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6)

@@ -256,12 +256,38 @@ ENCODERS.register("resnet34")(_torchvision_encoder("resnet34", [64, 64, 128, 256
 ENCODERS.register("resnet50")(_torchvision_encoder("resnet50", [64, 256, 512, 1024, 2048]))
 
 
+class _BasicBlock(nn.Module):
+    """ResNet's basic block (two 3x3 convs and a shortcut), laid out as torchvision's ``BasicBlock``.
+
+    The same submodules in the same order, so the same seed gives the same weights and the same
+    ``state_dict`` keys. Written here because importing torchvision (whose ``ops`` import
+    ``torch._dynamo``) costs ~2.4 s of CPU in every training worker and Serve replica that builds
+    a tiny encoder; the torchvision encoders still use torchvision's own.
+    """
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, downsample: nn.Module | None, make_norm: Callable[[int], nn.Module]
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = make_norm(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = make_norm(cout)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
 class _TinyResNet(nn.Module):
-    """A ResNet of torchvision BasicBlocks at tiny widths (tests, CPU demos)."""
+    """A ResNet of basic blocks at tiny widths (tests, CPU demos)."""
 
     def __init__(self, widths: Sequence[int], norm: str = "batch") -> None:
         super().__init__()
-        from torchvision.models.resnet import BasicBlock
 
         def make_norm(ch: int) -> nn.Module:
             return norm_layer(norm, ch)
@@ -276,7 +302,7 @@ class _TinyResNet(nn.Module):
             down = None
             if stride != 1 or cin != w:
                 down = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), make_norm(w))
-            setattr(self, f"layer{i}", BasicBlock(cin, w, stride, down, norm_layer=make_norm))
+            setattr(self, f"layer{i}", _BasicBlock(cin, w, stride, down, make_norm))
             cin = w
 
 
