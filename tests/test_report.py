@@ -10,8 +10,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
-from stores import mlflow_store
 
 from montage.cli import main
 from montage.tracking import report as rd
@@ -21,34 +19,11 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tmp_path_factory):
-    """Two trials one after the other: the recipe's learning rate for 3 epochs, then a learning rate
-    that wrecks the model, which ASHA stops at its first rung (epoch 1) for being worse than the first."""
-    from montage.launch.tune import load_tune_config, run_sweep
-
-    tmp = tmp_path_factory.mktemp("report")
-    uri = mlflow_store(tmp)
-    cfg = {
-        "task": "harmonization",
-        "base": "harmonization-smoke",
-        "overrides": ["train.epochs=3", f"tracking.artifacts={tmp / 'mlartifacts'}", f"tracking.uri={uri}"],
-        "num_samples": 2,
-        "search_space": {
-            "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 10.0},
-            "loss.mse": {"type": "uniform", "low": 0.5, "high": 1.5},
-        },
-        "points_to_evaluate": [{"optim.lr": 0.003, "loss.mse": 1.0}, {"optim.lr": 10.0, "loss.mse": 1.5}],
-        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-        "resources": {"workers": 1, "cpus_per_worker": 0.5},
-        "storage": str(tmp / "tune"),
-        "max_concurrent": 1,
-        "name": "rep",
-    }
-    (tmp / "t.yaml").write_text(yaml.safe_dump(cfg))
+def sweep(harmonization_sweep):
+    """conftest's sweep: two harmonization trials, the second stopped early by ASHA."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        result = run_sweep(*load_tune_config(tmp / "t.yaml"))
-        yield tmp, uri, result
+        mp.setenv("MLFLOW_TRACKING_URI", harmonization_sweep.uri)
+        yield harmonization_sweep.tmp, harmonization_sweep.uri, harmonization_sweep.result
 
 
 def test_sweep_report_shows_every_trial(sweep, capsys) -> None:

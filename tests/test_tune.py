@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -20,7 +18,6 @@ from montage.launch.tune import (
     TuneConfig,
     asha_max_t,
     load_tune_config,
-    run_sweep,
     trial_concurrency,
 )
 from montage.launch.tune_results import best_trial, trial_status
@@ -146,50 +143,57 @@ def test_best_trial_is_chosen_among_trials_of_the_full_budget() -> None:
     assert best_trial([failed], "val/iou", "max") is None
 
 
-def test_sweep_tracks_registers_and_promotes(ray_session, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-    tcfg, base, params = load_tune_config(write_tune(tmp_path), ["name=sw"])
-    staged = {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")}
-    result = run_sweep(tcfg, base, params)
+def test_sweep_tracks_registers_and_promotes(harmonization_sweep, monkeypatch) -> None:
+    """conftest's sweep (two harmonization trials, ASHA stopping the second) tracked, registered, promoted."""
+    uri, result = harmonization_sweep.uri, harmonization_sweep.result
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert len(result.table) == 2 and not result.errors
     # trials stage their best checkpoint in their own run folder: even one ASHA stops leaves nothing in /tmp
-    assert {p.name for p in Path(tempfile.gettempdir()).glob("montage-best-*")} == staged
+    assert harmonization_sweep.staged_after == harmonization_sweep.staged_before
     assert all(0 < t.metrics["time/startup_s"] < 300 for t in result.table)  # trial start → first step
-    assert result.table[0].params == {"loss.dice": 1.0, "optim.lr": 0.003}  # points_to_evaluate first
+    assert result.table[0].params == {"loss.mse": 1.0, "optim.lr": 0.003}  # points_to_evaluate first
 
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["montage-segmentation"])
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["montage-harmonization"])
     parent = runs[runs["tags.montage.role"] == "sweep"]
     children = runs[runs["tags.mlflow.parentRunId"] == result.parent_run_id]
     assert len(parent) == 1 and len(children) == 2
-    assert parent.iloc[0]["params.space.loss.dice"] == "uniform(0.5, 1.5)"
-    assert set(children["tags.montage.trial_status"]) <= {"finished", "stopped early"}
-    assert children["metrics.val/iou"].notna().all()
+    assert parent.iloc[0]["params.space.loss.mse"] == "uniform(0.5, 1.5)"
+    assert set(children["tags.montage.trial_status"]) == {"finished", "stopped early"}
+    assert children["metrics.val/fmse"].notna().all()
     client = mlflow.MlflowClient()
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"trials.csv", "tune_config.yaml", "optuna"} <= parent_artifacts
 
     assert result.registered and result.registered.promoted and result.registered.version == "1"
-    champ = st.champion("segmentation")
-    assert str(champ.version) == "1" and champ.tags["montage.metric"] == "val/iou"
+    champ = st.champion("harmonization", uri)
+    assert str(champ.version) == "1" and champ.tags["montage.metric"] == "val/fmse"
     # the champion's weights reproduce the best trial's val metric
-    state = load_checkpoint(st.download_model_checkpoint(ModelSource.champion("segmentation")), task="segmentation")
+    checkpoint = st.download_model_checkpoint(ModelSource.champion("harmonization"), uri)
+    state = load_checkpoint(checkpoint, task="harmonization")
     cfg = config_from_tree(state["config"])
     cfg.tracking.enabled = False
     loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), hooks=[])
     loop.load_state_dict(state)
-    assert loop.evaluate()["val/iou"] == pytest.approx(float(champ.tags["montage.value"]), abs=1e-5)
-    assert float(champ.tags["montage.value"]) == pytest.approx(result.best.best("val/iou"))
+    assert loop.evaluate()["val/fmse"] == pytest.approx(float(champ.tags["montage.value"]), rel=1e-5)
+    assert float(champ.tags["montage.value"]) == pytest.approx(result.best.best("val/fmse"))
 
-    # a worse registration leaves the champion alone; promote by hand moves it
-    reg = st.register_checkpoint(
-        base, result.best.checkpoint, result.best.mlflow_run_id, "val/iou", "max", 0.0, "manual", {}, "better"
-    )
-    assert reg.version == "2" and not reg.promoted
-    assert str(st.champion("segmentation").version) == "1"
-    st.promote("segmentation", "2")
-    assert str(st.champion("segmentation").version) == "2"
-    assert [str(v.version) for v in st.list_versions("segmentation")] == ["1", "2"]
+    # a worse registration leaves the champion alone; promote by hand moves it (in a store of its own:
+    # test_report reads the sweep's registry, version 1 alone)
+    from montage.tracking.runs import create_run, prepare_tracking
+
+    manual = harmonization_sweep.tmp / "manual"
+    cfg.tracking.uri, cfg.tracking.artifacts = mlflow_store(manual), str(manual / "mlartifacts")
+    cfg.tracking.parent_run_id = ""
+    prepare_tracking(cfg)
+    run_id = create_run(cfg)
+    first = st.register_checkpoint(cfg, str(checkpoint), run_id, "val/fmse", "min", 300.0, "manual", {}, "better")
+    worse = st.register_checkpoint(cfg, str(checkpoint), run_id, "val/fmse", "min", 400.0, "manual", {}, "better")
+    assert first.promoted and worse.version == "2" and not worse.promoted
+    assert str(st.champion("harmonization", cfg.tracking.uri).version) == "1"
+    st.promote("harmonization", "2", cfg.tracking.uri)
+    assert str(st.champion("harmonization", cfg.tracking.uri).version) == "2"
+    assert [str(v.version) for v in st.list_versions("harmonization", cfg.tracking.uri)] == ["1", "2"]
 
 
 def test_a_trial_ends_its_run_as_a_training_does(tmp_path: Path, monkeypatch) -> None:
