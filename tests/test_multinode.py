@@ -35,7 +35,7 @@ def tracking(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def autoscaling(tmp_path_factory):
     """A head with 0 CPUs and one worker type of 1 CPU, at most 2 nodes, none at the start."""
     head = AutoscalingHead(tmp_path_factory.mktemp("autoscaling"), {"cpu": {"resources": {"CPU": 1}, "max_workers": 2}})
@@ -69,85 +69,91 @@ def _most_nodes(head: AutoscalingHead):
     return stop
 
 
-def test_a_trial_no_node_type_can_hold_fails_at_once(autoscaling, tracking, tmp_path) -> None:
-    """No node type of the autoscaler has a GPU: a sweep whose trials ask for one is refused before
-    anything starts (the driver here, on the head's machine), naming the resource."""
-    started = time.time()
-    out = subprocess.run(
-        [sys.executable, "-m", "montage", "tune", "tune_configs/segmentation-tiny.yaml", *TINY,
-         "resources.gpus=true", f"storage={tmp_path / 'tune'}", "--address", autoscaling.gcs],
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking.uri}, cwd=ROOT,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "no node type of the autoscaler can hold it" in out.stderr and "not enough GPU" in out.stderr
-    assert time.time() - started < 60
-    assert autoscaling.worker_nodes() == 0  # nothing was asked of the autoscaler
+class TestAutoscaling:
+    """The autoscaling head's tests (its fixture is class-scoped: the head, idle ~8 % of a core with its
+    once-a-second autoscaler, stops before the lost-node tests instead of at the module's end)."""
 
+    def test_a_trial_no_node_type_can_hold_fails_at_once(self, autoscaling, tracking, tmp_path) -> None:
+        """No node type of the autoscaler has a GPU: a sweep whose trials ask for one is refused before
+        anything starts (the driver here, on the head's machine), naming the resource."""
+        started = time.time()
+        out = subprocess.run(
+            [sys.executable, "-m", "montage", "tune", "tune_configs/segmentation-tiny.yaml", *TINY,
+             "resources.gpus=true", f"storage={tmp_path / 'tune'}", "--address", autoscaling.gcs],
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking.uri}, cwd=ROOT,
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        assert "no node type of the autoscaler can hold it" in out.stderr and "not enough GPU" in out.stderr
+        assert time.time() - started < 60
+        assert autoscaling.worker_nodes() == 0  # nothing was asked of the autoscaler
 
-@pytest.mark.timeout(900)
-def test_a_sweep_grows_an_autoscaling_cluster_from_nothing(autoscaling, tracking, tmp_path) -> None:
-    """The head can run nothing (0 CPUs): the sweep's trials wait for the autoscaler, which starts worker
-    nodes for them and removes them once idle; the champion is registered once."""
-    assert autoscaling.worker_nodes() == 0
-    most = _most_nodes(autoscaling)
-    # FIFO: a trial ASHA stops keeps its node up for 180 s more (below), and ASHA's rung at this sweep's
-    # only epoch would stop the worse of the two
-    sweep = [
-        "tune", str(ROOT / "tune_configs" / "segmentation-tiny.yaml"), *TINY, "num_samples=2", "max_concurrent=2",
-        "scheduler.name=none", f"storage={tmp_path / 'tune'}", "name=grow",
-    ]  # fmt: skip
-    assert submit(autoscaling, tracking.uri, *sweep) == 0
-    client = mlflow.MlflowClient(tracking.uri)
-    versions = client.search_model_versions("name = 'montage-segmentation'")
-    assert len(versions) == 1  # the champion, once
-    assert client.get_model_version_by_alias("montage-segmentation", "champion").version == versions[0].version
-    exp = client.get_experiment_by_name("montage-segmentation")
-    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("montage.sweep") == "grow"]
-    ended = [(r.info.run_name, r.info.status, r.data.tags.get("montage.trial_status"), r.data.tags.get("montage.error"))
-             for r in trials]  # fmt: skip
-    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials), ended  # the parent and 2 trials
-    assert most() >= 1  # the autoscaler started worker nodes for the trials
-    # the idle timeout is 6 s, but a node stays while anything asks for it: Ray Train asks the autoscaler
-    # for each trial's workers and withdraws the request when the trial's controller shuts down; a trial
-    # that ASHA stops is ended with its controller, and its request stands until it expires (180 s)
-    started = time.time()
-    wait_until(lambda: autoscaling.worker_nodes() == 0, IDLE_REMOVAL_S, "idle worker nodes to be removed")
-    print(f"worker nodes removed {time.time() - started:.0f} s after the sweep")
+    @pytest.mark.timeout(900)
+    def test_a_sweep_grows_an_autoscaling_cluster_from_nothing(self, autoscaling, tracking, tmp_path) -> None:
+        """The head can run nothing (0 CPUs): the sweep's trials wait for the autoscaler, which starts worker
+        nodes for them and removes them once idle; the champion is registered once."""
+        assert autoscaling.worker_nodes() == 0
+        most = _most_nodes(autoscaling)
+        # FIFO: a trial ASHA stops keeps its node up for 180 s more (below), and ASHA's rung at this sweep's
+        # only epoch would stop the worse of the two
+        sweep = [
+            "tune", str(ROOT / "tune_configs" / "segmentation-tiny.yaml"), *TINY, "num_samples=2", "max_concurrent=2",
+            "scheduler.name=none", f"storage={tmp_path / 'tune'}", "name=grow",
+        ]  # fmt: skip
+        assert submit(autoscaling, tracking.uri, *sweep) == 0
+        client = mlflow.MlflowClient(tracking.uri)
+        versions = client.search_model_versions("name = 'montage-segmentation'")
+        assert len(versions) == 1  # the champion, once
+        assert client.get_model_version_by_alias("montage-segmentation", "champion").version == versions[0].version
+        exp = client.get_experiment_by_name("montage-segmentation")
+        trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("montage.sweep") == "grow"]
+        tags = ("montage.trial_status", "montage.error")
+        ended = [(r.info.run_name, r.info.status, *(r.data.tags.get(t) for t in tags)) for r in trials]
+        assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials), ended  # the parent and 2 trials
+        assert most() >= 1  # the autoscaler started worker nodes for the trials
+        # the idle timeout is 6 s, but a node stays while anything asks for it: Ray Train asks the autoscaler
+        # for each trial's workers and withdraws the request when the trial's controller shuts down; a trial
+        # that ASHA stops is ended with its controller, and its request stands until it expires (180 s)
+        started = time.time()
+        wait_until(lambda: autoscaling.worker_nodes() == 0, IDLE_REMOVAL_S, "idle worker nodes to be removed")
+        print(f"worker nodes removed {time.time() - started:.0f} s after the sweep")
 
+    @pytest.mark.timeout(900)
+    def test_a_training_grows_an_autoscaling_cluster_and_gets_a_replacement_for_its_lost_node(
+        self, autoscaling, tracking, tmp_path
+    ) -> None:
+        """``montage submit train`` on the cluster the sweep left empty: the autoscaler launches a worker node
+        for it. No spare node: that node dies (its raylet killed) after the first checkpoint, so the restart
+        must wait for the autoscaler to launch a replacement; the training then finishes from that
+        checkpoint, one FINISHED run with every epoch once."""
+        import threading
 
-@pytest.mark.timeout(900)
-def test_a_training_grows_an_autoscaling_cluster_and_gets_a_replacement_for_its_lost_node(
-    autoscaling, tracking, tmp_path
-) -> None:
-    """``montage submit train`` on the cluster the sweep left empty: the autoscaler launches a worker node
-    for it. No spare node: that node dies (its raylet killed) after the first checkpoint, so the restart
-    must wait for the autoscaler to launch a replacement; the training then finishes from that
-    checkpoint, one FINISHED run with every epoch once."""
-    import threading
+        from cluster_helpers import kill_node, raylet_of_train_worker
 
-    from cluster_helpers import kill_node, raylet_of_train_worker
+        runs = tmp_path / "runs"
+        train = ["train", "segmentation", "--config", "segmentation-smoke", "train.epochs=4", "train.max_steps=2",
+                 "scaling.workers=1", "scaling.cpus_per_worker=1", "scaling.max_failures=1", f"run.storage={runs}",
+                 "run.name=replaced"]  # fmt: skip
+        wait_until(
+            lambda: autoscaling.worker_nodes() == 0, IDLE_REMOVAL_S, "an empty cluster"
+        )  # after the sweep's test
+        out: dict = {}
+        job = threading.Thread(target=lambda: out.update(rc=submit(autoscaling, tracking.uri, *train)))
+        job.start()
+        wait_until(lambda: any((runs / "replaced").glob("checkpoint_*")), 600, "the first checkpoint")
 
-    runs = tmp_path / "runs"
-    train = ["train", "segmentation", "--config", "segmentation-smoke", "train.epochs=4", "train.max_steps=2",
-             "scaling.workers=1", "scaling.cpus_per_worker=1", "scaling.max_failures=1", f"run.storage={runs}",
-             "run.name=replaced"]  # fmt: skip
-    wait_until(lambda: autoscaling.worker_nodes() == 0, IDLE_REMOVAL_S, "an empty cluster")  # after the sweep's test
-    out: dict = {}
-    job = threading.Thread(target=lambda: out.update(rc=submit(autoscaling, tracking.uri, *train)))
-    job.start()
-    wait_until(lambda: any((runs / "replaced").glob("checkpoint_*")), 600, "the first checkpoint")
-
-    raylet = wait_until(lambda: raylet_of_train_worker(autoscaling.gcs), 60, "the raylet of the training's worker node")
-    kill_node(raylet)
-    job.join(timeout=780)
-    assert out.get("rc") == 0
-    client = mlflow.MlflowClient(tracking.uri)
-    exp = client.get_experiment_by_name("montage-segmentation")
-    (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'replaced'")
-    assert run.info.status == "FINISHED"
-    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
-    assert int(run.data.tags["montage.starts"]) == 2  # the first start and the restart on the new node
+        raylet = wait_until(
+            lambda: raylet_of_train_worker(autoscaling.gcs), 60, "the raylet of the training's worker node"
+        )
+        kill_node(raylet)
+        job.join(timeout=780)
+        assert out.get("rc") == 0
+        client = mlflow.MlflowClient(tracking.uri)
+        exp = client.get_experiment_by_name("montage-segmentation")
+        (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'replaced'")
+        assert run.info.status == "FINISHED"
+        assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
+        assert int(run.data.tags["montage.starts"]) == 2  # the first start and the restart on the new node
 
 
 # ------------------------------------------------------------------------------ a cluster that loses nodes
