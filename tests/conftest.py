@@ -250,16 +250,12 @@ OWN_CLUSTERS = {"test_jobs.py": 0, "test_multinode.py": 1}
 # the shared Serve application (serve_app): test_serve, then test_serve_hardening, which stops it, after
 # the modules that start an application of their own (Serve runs one HTTP proxy, on one port)
 LAST = {"test_serve.py": 3, "test_serve_hardening.py": 4}
-# the modules on the shared Ray session (ray_session, serve_app): one pytest-xdist worker runs most of them
+# the modules on the shared Ray session (ray_session, serve_app): one pytest-xdist worker runs them all
 ON_SESSION = {
     "test_data_check_ray.py", "test_distributed.py", "test_faults.py", "test_monitoring.py", "test_ray_train.py",
     "test_report.py", "test_rollout.py", "test_serve.py", "test_serve_hardening.py", "test_toolbox_ray.py",
     "test_tune.py", "test_tune_resume.py",
 }  # fmt: skip
-# session modules that start no Serve (one HTTP proxy port per machine), handed out after the shared session's
-# unit: the worker that ran the own-cluster modules takes them once those are done and starts a Ray session of
-# its own for them, so the two workers carry about as much (the shared session's worker was ~150 s longer)
-SECOND_SESSION = {"test_faults.py", "test_toolbox_ray.py", "test_tune_resume.py"}
 
 
 # modules whose tests share what a module-scoped fixture made once (ONNX exports): one worker runs them all
@@ -268,24 +264,19 @@ TOGETHER = {"test_export.py"}
 
 def _rank(module: str) -> int:
     """Where a module's tests go in the run's order: the own-cluster modules, the shared session's, the
-    session's last two (``LAST``), the second session's, then every other module."""
+    session's last two (``LAST``), then every other module."""
     if module in OWN_CLUSTERS:
         return OWN_CLUSTERS[module]
-    if module in SECOND_SESSION:
-        return 5
-    return LAST.get(module, 2 if module in ON_SESSION else 6)
+    return LAST.get(module, 2 if module in ON_SESSION else 5)
 
 
 def _worker_group(nodeid: str) -> str:
     """The pytest-xdist work unit of a test: ``ray`` (the shared session's modules, one worker, in
-    order), ``clusters`` (the modules with clusters of their own, the other worker, first), ``ray-2``
-    (``SECOND_SESSION``: the next unit, which the clusters' worker takes when they are done), its module
+    order), ``clusters`` (the modules with clusters of their own, the other worker, first), its module
     (``TOGETHER``), or the test alone (it starts no Ray: whichever worker is free)."""
     module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
     if module in TOGETHER:
         return module
-    if module in SECOND_SESSION:
-        return "ray-2"
     return "ray" if module in ON_SESSION else "clusters" if module in OWN_CLUSTERS else nodeid
 
 
@@ -294,8 +285,7 @@ def pytest_xdist_make_scheduler(config, log):
     id attribute that pytest 9 no longer reads, so its groups are ignored). Its work units are taken in the
     collection's order (``_rank``), not largest first: the first two, ``clusters`` and ``ray``, go to the
     two workers at the start, and neither worker asks for another unit while more than two of its tests
-    are pending, so the two never share a process (and ``ray-2``, next in line, goes to the clusters'
-    worker, whose unit is the shorter one) (largest first, a ``TOGETHER`` module of more tests
+    are pending, so the two never share a process (largest first, a ``TOGETHER`` module of more tests
     than ``clusters`` went ahead of it)."""
     from xdist.scheduler import LoadScopeScheduling
 
