@@ -148,7 +148,7 @@ class SharedApp:
     """The Serve application of test_serve and test_serve_hardening (one start-up for both modules):
     tiny checkpoints of the three tasks, pix2pix on, API keys on (a bearer key in ``session``), a CORS
     allow-list and small size limits. A test that reconfigures it restores ``overrides`` before it ends
-    (test_serve_hardening's overload test, the last user, excepted)."""
+    (test_serve_hardening's last two, the overload and fused-mode tests, excepted)."""
 
     def __init__(self, tmp: Path) -> None:
         import requests

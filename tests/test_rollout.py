@@ -284,7 +284,9 @@ def test_a_good_reload_under_load_fails_no_request(app, replicas: int) -> None:
         assert _champions([v for t, _, v in load.calls if moved < t < moving_back]) == {"v2"}
         assert _champions(load.answered_since(back)) == {"v1"}
     finally:
-        run(load_serve_config(None, app["overrides"]))
+        # two replicas stay for the next test, which runs with two (scaling down and up again would stop and
+        # start a replica process); it restores the app's overrides
+        run(load_serve_config(None, app["overrides"] + (over[-1:] if replicas == 2 else [])))
 
 
 def test_a_failed_reload_keeps_both_replicas_serving(app, caplog) -> None:
@@ -299,7 +301,7 @@ def test_a_failed_reload_keeps_both_replicas_serving(app, caplog) -> None:
     url, garbage = app["url"], app["tmp"] / "garbage-2.pt"
     garbage.write_bytes(np.random.default_rng(1).bytes(8192))
     over = app["overrides"] + ["segmentation.num_replicas=2"]
-    run(load_serve_config(None, over))
+    run(load_serve_config(None, over))  # already so after the previous test
     try:
         with Load(url) as load:
             load.wait_for(4)

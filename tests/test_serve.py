@@ -316,26 +316,3 @@ def test_tta_is_a_request_option(server) -> None:
         timeout=60,
     )
     assert r.status_code == 200 and _decode(r.content).shape[:2] == (80, 90)
-
-
-def test_fused_mode_answers_like_the_graph(server) -> None:
-    """``fused: true`` runs the models inside the ingress replica (no handle hops): the same
-    answers, the same /healthz and /v1/monitor."""
-    from montage.serve.app import load_serve_config, run
-
-    files = {"person": _png(_img(70, 50, 4)), "background": _png(_img(90, 120, 5))}
-    graph = http.post(f"{server['url']}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
-    run(load_serve_config(None, server["overrides"] + ["fused=true"]))
-    try:
-        fused = http.post(f"{server['url']}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
-        assert graph.status_code == fused.status_code == 200
-        assert np.abs(_decode(graph.content).astype(int) - _decode(fused.content).astype(int)).max() <= 1
-        assert set(http.get(f"{server['url']}/healthz", timeout=30).json()["models"]) == {
-            "segmentation",
-            "harmonization",
-            "pix2pix",
-        }
-        doc = http.get(f"{server['url']}/v1/monitor", timeout=30).json()
-        assert doc["models"]["segmentation"]["batch_size"]["batches"] >= 1  # the fused model's own monitor
-    finally:
-        run(load_serve_config(None, server["overrides"]))

@@ -631,3 +631,21 @@ def test_overload_burst_gets_200_or_503_with_retry_after(server) -> None:
     assert max(took for _, took in answers) < 45 and total < 60, (total, kinds)
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
     assert s.post(f"{url}/v1/composite", files={"person": person, "background": bg}, timeout=60).status_code == 200
+
+
+def test_fused_mode_answers_like_the_graph(server) -> None:
+    """``fused: true`` runs the models inside the ingress replica (no handle hops): the same
+    answers, the same /healthz and /v1/monitor. Last of the shared application's tests: it leaves the
+    application fused (restoring the graph would start its three model replicas and its ingress again)."""
+    from montage.serve.app import load_serve_config, run
+
+    url, s = server["url"], server["session"]
+    files = {"person": png(img(70, 50, 4)), "background": png(img(90, 120, 5))}
+    graph = s.post(f"{url}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)  # (the overload limits)
+    run(load_serve_config(None, server["overrides"] + ["fused=true"]))
+    fused = s.post(f"{url}/v1/composite", files=files, data={"x": "0.4"}, timeout=60)
+    assert graph.status_code == fused.status_code == 200
+    assert np.abs(decode(graph.content).astype(int) - decode(fused.content).astype(int)).max() <= 1
+    assert set(s.get(f"{url}/healthz", timeout=30).json()["models"]) == {"segmentation", "harmonization", "pix2pix"}
+    doc = s.get(f"{url}/v1/monitor", timeout=30).json()
+    assert doc["models"]["segmentation"]["batch_size"]["batches"] >= 1  # the fused model's own monitor
