@@ -3,15 +3,21 @@ side, pad to a square) that a sample cache stores, and uint8 image → float ten
 
 from __future__ import annotations
 
-import albumentations as A
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # imported where a dataset is built (~0.7 s of CPU): serving and the CLI need not pay it
+    import albumentations as A
 
 
 def letterbox_ops(size: int) -> list[A.BasicTransform]:
     """Resize the long side to ``size`` and pad to size×size: deterministic, so a cache can
     store the result and augmentation runs on it."""
+    import albumentations as A
+
     return [
         A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_LINEAR),
         A.PadIfNeeded(
