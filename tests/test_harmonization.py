@@ -13,9 +13,9 @@ from montage.nn.colour import rgb_to_lab
 from montage.platform.imaging import ImageError
 from montage.platform.metrics import fmse_255, mse_255, psnr
 from montage.platform.runner import WorkerEnv, build_loop
-from montage.tasks.harmonization.data import IHarmony4, PerturbConfig, SyntheticPairs, make_composite
 from montage.tasks.harmonization.losses import HarmLossConfig, HarmonizationLoss, foreground_mse, lab_colour_loss
 from montage.tasks.harmonization.model import HarmModelConfig, HarmonizationUNet
+from montage.tasks.harmonization.sources import IHarmony4, PerturbConfig, SyntheticPairs, make_composite
 from montage.tasks.harmonization.task import HarmonizationPredictor
 
 
@@ -186,7 +186,7 @@ def test_the_recipe_starts_at_the_colour_transfer_and_training_beats_it(recipe_c
 def test_cutouts_source_and_predict_cli(tiny_config, tmp_path: Path) -> None:
     from montage.cli import main
     from montage.launch.local import fit_local
-    from montage.tasks.harmonization.data import CutoutsOnBackgrounds
+    from montage.tasks.harmonization.sources import CutoutsOnBackgrounds
 
     rng = np.random.default_rng(0)
     rgba = np.zeros((20, 10, 4), np.uint8)

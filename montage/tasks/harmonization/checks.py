@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from montage.platform.datacheck import Probe
-from montage.tasks.harmonization.data import CutoutsOnBackgrounds, HarmDataConfig, PairSource, pair_source
+from montage.tasks.harmonization.data import HarmDataConfig, pair_source
+from montage.tasks.harmonization.sources import CutoutsOnBackgrounds, PairSource
 
 
 class PairCheck:
