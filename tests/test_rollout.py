@@ -286,7 +286,7 @@ def test_a_good_reload_under_load_fails_no_request(app, replicas: int) -> None:
     finally:
         # two replicas stay for the next test, which runs with two (scaling down and up again would stop and
         # start a replica process); it restores the app's overrides
-        run(load_serve_config(None, app["overrides"] + (over[-1:] if replicas == 2 else [])))
+        run(load_serve_config(None, over if replicas == 2 else app["overrides"]))
 
 
 def test_a_failed_reload_keeps_both_replicas_serving(app, caplog) -> None:

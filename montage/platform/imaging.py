@@ -166,6 +166,7 @@ def image_grid(columns: Sequence[torch.Tensor], max_rows: int = 4, pad: int = 2)
     rows = -(-len(tiles) // cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for k, tile in enumerate(tiles):
-        y, x = divmod(k, cols)
-        grid[y * (h + pad) + pad : y * (h + pad) + pad + h, x * (w + pad) + pad : x * (w + pad) + pad + w] = tile
+        row, col = divmod(k, cols)
+        top, left = pad + row * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = tile
     return grid
