@@ -57,3 +57,13 @@ print(sorted(m for m in ("torchvision", "albumentations") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:2] == ["[]", "['albumentations']"], out.stdout
+
+
+def test_serves_ingress_imports_no_torch() -> None:
+    """Serve's ingress replica (``montage.serve.app``: HTTP, decoding, routing, monitoring) runs no
+    network, so it imports no torch (~2 s of CPU and ~0.5 GB of memory per replica, paid again at every
+    reload and every replica the autoscaler adds); the model deployments import it when they load one."""
+    code = "import sys, montage.serve.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False", "montage.serve.app imports torch"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch  # imported where a grid is drawn: Serve's ingress decodes and encodes images without torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -144,6 +146,8 @@ def restore(arr: np.ndarray, box: Letterbox, interpolation: int = cv2.INTER_LINE
 
 def to_uint8_image(t: torch.Tensor) -> torch.Tensor:
     """(C, H, W) or (B, C, H, W) float in [0, 1] with C in {1, 3} → 3-channel uint8."""
+    import torch
+
     t = t.detach().float().clamp(0, 1)
     if t.shape[-3] == 1:
         t = t.expand(*t.shape[:-3], 3, *t.shape[-2:])

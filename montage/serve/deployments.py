@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 from ray import serve
 
 from montage.serve.monitoring import ModelMonitor, version_tag
@@ -100,6 +99,8 @@ class _ModelDeployment:
         # replicas share them under load (tiny models at 16 clients: 13.6 → 6.3 req/s with 2 threads each)
         threads = int(user_config.get("threads", 0))
         if threads > 0:
+            import torch  # here, not at the top: the ingress imports this module and runs no network
+
             torch.set_num_threads(threads)
         for batched in (self.run_batch, getattr(self, "run_batch_tta", None)):
             if batched is not None:
