@@ -107,11 +107,13 @@ def test_bad_sources_get_clear_errors(exported, tmp_path: Path) -> None:
         export_model("segmentation", ckpt, tmp_path / "x.onnx")  # a checkpoint of another task
 
 
-def test_onnx_predictors_answer_like_the_torch_ones(exported, tmp_path: Path) -> None:
+def test_onnx_predictors_answer_like_the_torch_ones(exported) -> None:
     """The task predictors with their exported network in ONNX Runtime (what Serve's ``runtime: onnx``
     runs): same outputs as PyTorch at an arbitrary image size. The weights are perturbed and the answers
     checked to be far from what a graph of zeros gives (a 0.5 alpha; the composite unchanged), so a
-    broken export cannot pass. The .onnx file alone is a model source: it names its checkpoint."""
+    broken export cannot pass. The .onnx file alone is a model source: it names its checkpoint. The files are
+    the module's dynamic-batch exports (a fixed-batch one, ``montage export``'s default, is the
+    registered-variant test's): an export is seconds of torch.export."""
     from montage.platform.inference import load_onnx_predictor, load_predictor
     from montage.tracking.sources import resolve_source
 
@@ -120,8 +122,8 @@ def test_onnx_predictors_answer_like_the_torch_ones(exported, tmp_path: Path) ->
     mask = np.zeros((45, 70), np.uint8)
     mask[10:35, 20:50] = 255
     for task, args in (("segmentation", ([image],)), ("harmonization", ([image], [mask]))):
-        ckpt, _ = exported(task)
-        onnx_path = export_model(task, ckpt, tmp_path / f"{task}.onnx").report.path  # `montage export`'s default
+        ckpt, variant = exported(task)
+        onnx_path = variant.report.path
         ours = np.asarray(load_onnx_predictor(onnx_path, ckpt, task=task)(*args)[0], np.float64)
         ref = np.asarray(load_predictor(ckpt, task=task, device="cpu")(*args)[0], np.float64)
         tolerance = 1e-4 if task == "segmentation" else 1  # alpha in [0, 1]; uint8 levels
