@@ -128,12 +128,24 @@ def s3_endpoint(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def serve_app(ray_session, tmp_path_factory):
+def serve_port(ray_session):
+    """The HTTP port of the run's one Serve instance (its controller and proxy) on the shared session. The
+    modules that deploy an application (test_monitoring, test_rollout, and ``serve_app``) deploy it on this
+    port and delete it when they are done (``serve_helpers.delete_app``) instead of starting and shutting down
+    Serve each time (a cycle of ~6 s here); the session's end shuts Serve down."""
+    from serve_helpers import free_port, stop_serve
+
+    yield free_port()
+    stop_serve()
+
+
+@pytest.fixture(scope="session")
+def serve_app(serve_port, tmp_path_factory):
     """The Serve application test_serve and test_serve_hardening share (``serve_helpers.SharedApp``);
-    test_serve_hardening stops it when it is done, else the session's end does."""
+    test_serve_hardening deletes it when it is done, else the session's end does."""
     from serve_helpers import SharedApp
 
-    app = SharedApp(tmp_path_factory.mktemp("serve"))
+    app = SharedApp(tmp_path_factory.mktemp("serve"), serve_port)
     yield app
     app.stop()
 
@@ -247,8 +259,8 @@ def recipe_config(tmp_path: Path):
 # the modules that start Ray clusters of their own (`ray start` heads, Ray's multi-node test clusters): never
 # in a process that holds the shared session (the two would contend for the dashboard agent's ports)
 OWN_CLUSTERS = {"test_jobs.py": 0, "test_multinode.py": 1}
-# the shared Serve application (serve_app): test_serve, then test_serve_hardening, which stops it, after
-# the modules that start an application of their own (Serve runs one HTTP proxy, on one port)
+# the shared Serve application (serve_app): test_serve, then test_serve_hardening, which deletes it, after
+# the modules that deploy an application of their own (one at a time on the run's Serve: each takes the route /)
 LAST = {"test_serve.py": 3, "test_serve_hardening.py": 4}
 # the modules on the shared Ray session (ray_session, serve_app): one pytest-xdist worker runs them all
 ON_SESSION = {

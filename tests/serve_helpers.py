@@ -80,6 +80,14 @@ def stop_serve(timeout: float = 120) -> None:
         wait_until(lambda: not left(), timeout, f"Serve's actors {left()} to go after ray.kill")
 
 
+def delete_app(name: str = "montage") -> None:
+    """Delete one application from the run's Serve instance (``serve_port``): its replicas are gone and its
+    route is free when this returns; Serve's controller and proxy stay for the next module's application."""
+    from ray import serve
+
+    serve.delete(name)
+
+
 def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
     """``(name, labels, value)`` of every sample on Ray's metrics port (what Prometheus scrapes)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -150,7 +158,7 @@ class SharedApp:
     allow-list and small size limits. A test that reconfigures it restores ``overrides`` before it ends
     (test_serve_hardening's last two, the overload and fused-mode tests, excepted)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, port: int) -> None:
         import requests
 
         from montage.serve import access
@@ -160,7 +168,6 @@ class SharedApp:
         self.key, line = access.new_key()
         keys = tmp / "serve.keys"
         keys.write_text(line + "\n")
-        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.overrides = [
             f"port={port}",
@@ -179,5 +186,5 @@ class SharedApp:
     def stop(self) -> None:
         if self.running:
             self.session.close()
-            stop_serve()
+            delete_app()
             self.running = False

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import requests
 from conftest import _tiny
+from serve_helpers import delete_app, scrape
 from serve_helpers import free_port as _free_port
 from serve_helpers import img as _img
 from serve_helpers import png as _png
-from serve_helpers import scrape, stop_serve
 from stores import mlflow_store
 
 APP = "montage-mon"
@@ -85,7 +85,7 @@ def _registry(tmp: Path) -> tuple[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def mon(ray_session, tmp_path_factory):
+def mon(ray_session, serve_port, tmp_path_factory):
     """Segmentation served from a registered version (its stored drift reference), harmonization
     from a plain checkpoint (reference computed on the fly)."""
 
@@ -107,7 +107,7 @@ def mon(ray_session, tmp_path_factory):
     ).best_checkpoint
     uri, base = _registry(tmp)
     reg = register_checkpoint(base, seg, create_run(base), "val/iou", "max", 0.5, "manual", {}, "always")
-    port = _free_port()
+    port = serve_port
     run(
         load_serve_config(
             None,
@@ -133,7 +133,7 @@ def mon(ray_session, tmp_path_factory):
         "tmp": tmp,
         "metrics_port": ray_session.nodes()[0]["MetricsExportPort"],
     }
-    stop_serve()
+    delete_app(APP)
 
 
 def _total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:

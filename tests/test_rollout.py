@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import _tiny
-from serve_helpers import Load, decode, free_port, img, png, scrape, stop_serve, wait_until
+from serve_helpers import Load, decode, delete_app, img, png, scrape, wait_until
 from stores import mlflow_store
 
 from montage.core import schema
@@ -29,7 +29,7 @@ def _fit(tmp, task: str, name: str, seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def app(ray_session, tmp_path_factory):
+def app(ray_session, serve_port, tmp_path_factory):
 
     from montage.core.config import load_config
     from montage.core.paths import packaged_config
@@ -56,7 +56,7 @@ def app(ray_session, tmp_path_factory):
     for key, value in (("seg1", 0.5), ("seg2", 0.4)):
         reg.register_checkpoint(base, ck[key], create_run(base), "val/iou", "max", value, "manual", {}, "better")
     reg.client(uri).set_registered_model_alias(SEG, "challenger", "2")
-    port = free_port()
+    port = serve_port
     overrides = [
         f"port={port}",
         f"tracking_uri={uri}",
@@ -78,7 +78,7 @@ def app(ray_session, tmp_path_factory):
         "tmp": tmp,
         "metrics_port": ray_session.nodes()[0]["MetricsExportPort"],
     }
-    stop_serve()
+    delete_app()
 
 
 def _versions(r: requests.Response) -> dict[str, tuple[str, str]]:
