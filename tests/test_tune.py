@@ -206,13 +206,16 @@ def test_a_trial_ends_its_run_as_a_training_does(tmp_path: Path, monkeypatch) ->
 
     from montage.core.config import to_dict
     from montage.launch import train, tune
-    from montage.tracking.runs import prepare_tracking
+    from montage.tracking.runs import get_experiment_id, prepare_tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     base = load_tune_config(write_tune(tmp_path))[1]
     prepare_tracking(base)
     client = mlflow.MlflowClient(base.tracking.uri)
-    parent = client.create_run(client.create_experiment("montage-segmentation")).info.run_id
+    # the experiment as montage makes it, its artifacts under tmp_path (MLflow's default is ./mlruns: the repo)
+    exp = get_experiment_id(client, base.tracking.experiment, base.tracking.artifacts, base.tracking.uri)
+    assert client.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
+    parent = client.create_run(exp).info.run_id
     sweep = {"name": "fails", "parent_run_id": parent, "trials_storage": str(tmp_path / "tune" / "fails" / "trials")}
 
     class Trainer:
