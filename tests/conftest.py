@@ -324,6 +324,23 @@ def pytest_collection_modifyitems(session, config, items) -> None:
             item.add_marker(pytest.mark.no_ray_in_process)
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _writes_nothing_into_the_repository(request):
+    """What a test writes goes under tmp_path: a new top-level entry of the repository (MLflow's default
+    ``./mlruns``, a ``runs/`` folder, ...) fails the test that was running when it appeared."""
+    before = set(os.listdir(REPO))
+    yield
+    new = sorted(n for n in set(os.listdir(REPO)) - before if not n.startswith("."))
+    if new:
+        pytest.fail(
+            f"{new} appeared in the repository ({REPO}) while this test ran (under pytest-xdist it may be the "
+            "other worker's test): write under tmp_path"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _starts_no_ray_in_process(request):
     """A test outside the shared session's modules must not start Ray in the test process (under
