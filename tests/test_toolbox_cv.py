@@ -51,6 +51,46 @@ def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_pat
     assert len(search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 3
 
 
+def test_parallel_folds_under_ray_are_fitted_at_once_under_one_parent(tmp_path: Path, monkeypatch) -> None:
+    """``montage cv`` on Ray with cv.parallel (the default): the driver joins the cluster at the address it
+    was given and starts the K folds' fits together, from K threads, not one after another; the parent run
+    gets the mean ± std of the folds' bests. The fits here are this process's (a fold's Ray fit is
+    ``fit_ray``, the same as every training's; test_toolbox_ray's cross-validated sweep runs a trial's folds
+    as Ray fits at once)."""
+    import threading
+
+    from montage.launch import session, train
+    from montage.launch.local import fit_local
+
+    uri = mlflow_store(tmp_path)
+    cfg = pic_cfg(tmp_path, "cv.folds=3", "cv.parallel=true", "train.epochs=1", "tracking.enabled=true",
+                  f"tracking.uri={uri}")  # fmt: skip
+    cfg.tracking.artifacts = str(tmp_path / "art")
+    joined: list = []
+    started = threading.Barrier(3, timeout=30)  # a fit that starts alone breaks it: BrokenBarrierError
+    one_at_a_time, threads = threading.Lock(), set()
+
+    def fit_ray(c, launched_at=None):
+        threads.add(threading.current_thread().name)
+        started.wait()
+        with one_at_a_time:
+            return fit_local(c, launched_at=launched_at)
+
+    monkeypatch.setattr(session, "ensure_ray", joined.append)
+    monkeypatch.setattr(train, "fit_ray", fit_ray)
+    result = run_cv(cfg, use_ray=True, address="ray://head:10001")
+    assert joined == ["ray://head:10001"]
+    assert len(threads) == 3 and all(t.startswith("cv-fold") for t in threads)
+    assert result.error is None and sorted(s.metrics["val/samples"] for s in result.folds) == [8, 8, 8]
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    per_fold = [s.best_metrics["val/mse"] for s in result.folds]
+    assert parent.data.metrics["cv/mse_mean"] == pytest.approx(np.mean(per_fold))
+    assert parent.data.metrics["cv/mse_std"] == pytest.approx(np.std(per_fold, ddof=1))
+    folds = search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(folds) == 3
+
+
 def test_fold_curves_report_an_epoch_once_every_fold_reached_it() -> None:
     from montage.launch.tune_cv import FoldCurves
 

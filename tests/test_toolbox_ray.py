@@ -1,5 +1,6 @@
-"""K-fold cross-validation under Ray on the session's Ray: the parallel folds of ``montage cv`` and a
-sweep whose trials optimise the cross-validated mean (segmentation smoke config, a few steps)."""
+"""K-fold cross-validation under Ray on the session's Ray: a sweep whose trials fit their folds at once
+and optimise the cross-validated mean (segmentation smoke config, a few steps). ``montage cv``'s own
+parallel folds: test_toolbox_cv.py."""
 
 from __future__ import annotations
 
@@ -38,24 +39,6 @@ def assert_disjoint_folds(folds: list, k: int) -> None:
     assert sum(f.data.metrics["val/samples"] for f in folds) == POOL
     vals = [set(kfold_split(POOL, k, int(f.data.params["cv.fold"]), 0)[1]) for f in folds]
     assert set.union(*vals) == set(range(POOL)) and sum(map(len, vals)) == POOL
-
-
-def test_parallel_ray_folds_log_their_mean_and_std_on_the_parent(ray_session, seg_config) -> None:
-    cfg = seg_config("cv.folds=2", "cv.parallel=true", "train.epochs=1", "run.name=cv")
-    result = run_cv(cfg, use_ray=True)
-    assert result.error is None and len(result.folds) == 2
-
-    client = mlflow.MlflowClient(cfg.tracking.uri)
-    parent = client.get_run(result.parent_run_id)
-    folds = nested(client, parent)
-    assert len(folds) == 2 and all(f.info.status == "FINISHED" for f in folds)
-    assert_disjoint_folds(folds, 2)
-    ious = [f.data.metrics["val/iou"] for f in folds]  # one epoch: the best is the last
-    assert parent.data.metrics["cv/iou_mean"] == pytest.approx(np.mean(ious))
-    assert parent.data.metrics["cv/iou_std"] == pytest.approx(np.std(ious, ddof=1))
-    # parallel: the two fits overlapped in time
-    (a0, a1), (b0, b1) = [(f.info.start_time, f.info.end_time) for f in folds]
-    assert a0 < b1 and b0 < a1
 
 
 def test_a_cv_sweep_optimises_the_cross_validated_mean(ray_session, tmp_path: Path, monkeypatch) -> None:
