@@ -12,7 +12,6 @@ import pytest
 import yaml
 from stores import mlflow_store
 
-from montage.launch.cv import run_cv
 from montage.launch.tune import load_tune_config, run_sweep
 from montage.platform.sampling import kfold_split
 from montage.tracking import registry as reg

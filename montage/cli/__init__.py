@@ -42,10 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from montage.core.config import ConfigError
+    from montage.core.errors import CheckpointError, ExportError
     from montage.core.registry import UnknownNameError
-    from montage.platform.checkpoint import CheckpointError
-    from montage.platform.export import ExportError
-    from montage.platform.imaging import ImageError
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -63,10 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConfigError,
         UnknownNameError,
         CheckpointError,
-        ImageError,
         FileNotFoundError,
         FileExistsError,
-        ValueError,
+        ValueError,  # ImageError and the other bad-input errors among them
         ExportError,
     ) as exc:
         log.error("%s", exc)

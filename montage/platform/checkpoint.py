@@ -10,12 +10,10 @@ from typing import Any
 
 import torch
 
+from montage.core.errors import CheckpointError  # defined in core: the CLI catches it without importing torch
+
 FORMAT = "montage-checkpoint/1"
 FILENAME = "checkpoint.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or belongs to another task or model."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

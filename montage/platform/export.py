@@ -20,11 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from montage.core.errors import ExportError  # defined in core: the CLI catches it without importing torch
+
 log = logging.getLogger(__name__)
-
-
-class ExportError(RuntimeError):
-    """The network could not be exported, or its export does not match PyTorch."""
 
 
 @dataclass
