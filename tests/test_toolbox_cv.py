@@ -31,41 +31,25 @@ def test_kfold_folds_are_disjoint_and_cover_the_data() -> None:
         kfold_split(2, 3, 0, 0)
 
 
-def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_path: Path) -> None:
-    uri = mlflow_store(tmp_path)
-    cfg = pic_cfg(tmp_path, "cv.folds=3", "train.epochs=1", "tracking.enabled=true", f"tracking.uri={uri}")
-    cfg.tracking.artifacts = str(tmp_path / "art")
-    task = make_task(pic_cfg(tmp_path, "cv.folds=3", "cv.fold=1"))
-    train, val = fold_datasets(task)
-    assert len(train) + len(val) == 24 and not set(train.indices) & set(val.indices)
-
-    result = run_cv(cfg, use_ray=False)
-    assert result.error is None and len(result.folds) == 3
-    assert sum(s.metrics["val/samples"] for s in result.folds) == 24  # each sample validated exactly once
-    per_fold = [s.best_metrics["val/mse"] for s in result.folds]
-    assert result.mean["val/mse"] == pytest.approx(np.mean(per_fold))
-    assert result.std["val/mse"] == pytest.approx(np.std(per_fold, ddof=1)) and result.std["val/mse"] > 0
-    client = mlflow.MlflowClient(uri)
-    parent = client.get_run(result.parent_run_id)
-    assert parent.data.metrics["cv/mse_mean"] == pytest.approx(result.mean["val/mse"])
-    assert len(search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 3
-
-
-def test_parallel_folds_under_ray_are_fitted_at_once_under_one_parent(tmp_path: Path, monkeypatch) -> None:
-    """``montage cv`` on Ray with cv.parallel (the default): the driver joins the cluster at the address it
-    was given and starts the K folds' fits together, from K threads, not one after another; the parent run
-    gets the mean ± std of the folds' bests. The fits here are this process's (a fold's Ray fit is
-    ``fit_ray``, the same as every training's; test_toolbox_ray's cross-validated sweep runs a trial's folds
-    as Ray fits at once)."""
+@pytest.mark.parametrize("on_ray", [False, True], ids=["in-process", "ray-parallel"])
+def test_cross_validation_runs_k_fits_under_one_parent_with_mean_and_std(tmp_path: Path, monkeypatch, on_ray) -> None:
+    """K folds, each validated on its own share, under one parent run with their mean ± std. On Ray with
+    cv.parallel (the default, ``montage cv``'s), the driver joins the cluster at the address it was given and
+    starts the K folds' fits together, from K threads, not one after another. The fits here are this
+    process's (a fold's Ray fit is ``fit_ray``, the same as every training's; test_toolbox_ray's
+    cross-validated sweep runs a trial's folds as Ray fits at once)."""
     import threading
 
     from montage.launch import session, train
     from montage.launch.local import fit_local
 
     uri = mlflow_store(tmp_path)
-    cfg = pic_cfg(tmp_path, "cv.folds=3", "cv.parallel=true", "train.epochs=1", "tracking.enabled=true",
-                  f"tracking.uri={uri}")  # fmt: skip
+    cfg = pic_cfg(tmp_path, "cv.folds=3", "train.epochs=1", "tracking.enabled=true", f"tracking.uri={uri}")
     cfg.tracking.artifacts = str(tmp_path / "art")
+    task = make_task(pic_cfg(tmp_path, "cv.folds=3", "cv.fold=1"))
+    train_set, val = fold_datasets(task)
+    assert len(train_set) + len(val) == 24 and not set(train_set.indices) & set(val.indices)
+
     joined: list = []
     started = threading.Barrier(3, timeout=30)  # a fit that starts alone breaks it: BrokenBarrierError
     one_at_a_time, threads = threading.Lock(), set()
@@ -76,19 +60,25 @@ def test_parallel_folds_under_ray_are_fitted_at_once_under_one_parent(tmp_path: 
         with one_at_a_time:
             return fit_local(c, launched_at=launched_at)
 
-    monkeypatch.setattr(session, "ensure_ray", joined.append)
-    monkeypatch.setattr(train, "fit_ray", fit_ray)
-    result = run_cv(cfg, use_ray=True, address="ray://head:10001")
-    assert joined == ["ray://head:10001"]
-    assert len(threads) == 3 and all(t.startswith("cv-fold") for t in threads)
-    assert result.error is None and sorted(s.metrics["val/samples"] for s in result.folds) == [8, 8, 8]
+    if on_ray:
+        monkeypatch.setattr(session, "ensure_ray", joined.append)
+        monkeypatch.setattr(train, "fit_ray", fit_ray)
+        result = run_cv(cfg, use_ray=True, address="ray://head:10001")
+        assert joined == ["ray://head:10001"]
+        assert len(threads) == 3 and all(t.startswith("cv-fold") for t in threads)
+    else:
+        result = run_cv(cfg, use_ray=False)
+    assert result.error is None and len(result.folds) == 3
+    # each sample validated exactly once, 8 per fold
+    assert sorted(s.metrics["val/samples"] for s in result.folds) == [8, 8, 8]
+    per_fold = [s.best_metrics["val/mse"] for s in result.folds]
+    assert result.mean["val/mse"] == pytest.approx(np.mean(per_fold))
+    assert result.std["val/mse"] == pytest.approx(np.std(per_fold, ddof=1)) and result.std["val/mse"] > 0
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
-    per_fold = [s.best_metrics["val/mse"] for s in result.folds]
-    assert parent.data.metrics["cv/mse_mean"] == pytest.approx(np.mean(per_fold))
-    assert parent.data.metrics["cv/mse_std"] == pytest.approx(np.std(per_fold, ddof=1))
-    folds = search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert len(folds) == 3
+    assert parent.data.metrics["cv/mse_mean"] == pytest.approx(result.mean["val/mse"])
+    assert parent.data.metrics["cv/mse_std"] == pytest.approx(result.std["val/mse"])
+    assert len(search(uri, f"tags.mlflow.parentRunId = '{result.parent_run_id}'")) == 3
 
 
 def test_fold_curves_report_an_epoch_once_every_fold_reached_it() -> None:
