@@ -131,19 +131,26 @@ class S3Endpoint:
         }
 
     def bucket(self, name: str) -> str:
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket=name)  # fmt: skip
+        self.client().create_bucket(Bucket=name)
         return name
 
-    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+    def client(self):
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing")  # fmt: skip
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="testing",
+                            aws_secret_access_key="testing")  # fmt: skip
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def read(self, bucket: str, key: str) -> bytes | None:
+        """The object's content, None when there is none."""
+        client = self.client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
 
     def stop(self) -> None:
         self.server.stop()
@@ -212,12 +219,16 @@ class AutoscalingHead:
         wait_until(up, timeout, "the autoscaling Ray head", every=1)
         return self
 
-    def worker_nodes(self) -> int:
-        """Alive nodes other than the head, as the dashboard's state API reports them."""
+    def worker_node_ids(self) -> set[str]:
+        """The IDs of the alive nodes other than the head, as the dashboard's state API reports them."""
         from ray.util.state import list_nodes
 
         nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-        return sum(1 for n in nodes if not n.is_head_node)
+        return {n.node_id for n in nodes if not n.is_head_node}
+
+    def worker_nodes(self) -> int:
+        """How many nodes other than the head are alive."""
+        return len(self.worker_node_ids())
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
