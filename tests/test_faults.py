@@ -39,7 +39,8 @@ class Killer(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set() and len(self.killed) < self.kills:
             if self.stored(len(self.killed) + 1):
-                pids = [p for p in train_worker_pids() if p not in {k for k, _ in self.killed}]
+                dead = {pid for pid, _ in self.killed}
+                pids = [p for p in train_worker_pids() if p not in dead]
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     self.killed.append((pids[-1], time.time()))
@@ -89,9 +90,10 @@ def test_killed_workers_restart_once_then_fail_clearly_and_resume_from_the_bucke
     client, run = _one_run(cfg)
     assert run.info.status == "FAILED" and "montage.error" in run.data.tags
     assert run.data.tags["montage.starts"] == "2" and run.info.run_id == out.mlflow_run_id
-    # the figure docs/reliability.md quotes: kill → first epoch finished after the restart
-    restarted = [m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "epoch")]
-    after = [t for t in restarted if killer.killed[0][1] < t < killer.killed[1][1]]
+    # the restarted group trained: an epoch ended between the first kill and the second (what a restart costs is
+    # measured by bench/restart_bench.py, against an undisturbed fit)
+    ends = [m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "epoch")]
+    after = [t for t in ends if killer.killed[0][1] < t < killer.killed[1][1]]
     assert after, "no epoch ended between the restart and the second kill"
     log.warning("restart: first epoch after the kill done %.1f s later", min(after) - killer.killed[0][1])
 

@@ -112,8 +112,7 @@ class TestAutoscaling:
         sweep = [
             "tune", str(ROOT / "tune_configs" / "segmentation-tiny.yaml"), *TINY, "base.train.epochs=4",
             "base.scaling.max_failures=1", "resources.cpus_per_worker=1", "num_samples=2", "max_concurrent=1",
-            "scheduler.name=none",
-            f"storage={tmp_path / 'tune'}", "name=grow",
+            "scheduler.name=none", f"storage={tmp_path / 'tune'}", "name=grow",
         ]  # fmt: skip
         out: dict = {}
         job = threading.Thread(target=lambda: out.update(rc=submit(autoscaling, tracking.uri, *sweep)))
