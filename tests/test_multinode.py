@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from cluster_helpers import AutoscalingHead, MlflowServer, submit, wait_until
-from node_loss import add_worker_node, lost_node_cluster, remove_train_node
+from node_loss import add_worker_node, lost_node_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -35,12 +35,22 @@ def tracking(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def s3():
+    from cluster_helpers import S3Endpoint
+
+    endpoint = S3Endpoint()
+    yield endpoint
+    endpoint.stop()
+
+
 @pytest.fixture(scope="class")
-def autoscaling(tmp_path_factory):
+def autoscaling(tmp_path_factory, s3):
     """A head with 0 CPUs and one worker type of 1 CPU, at most 3 nodes, none at the start (Ray's fake
-    provider keeps counting a node whose raylet was killed as one still starting)."""
+    provider keeps counting a node whose raylet was killed as one still starting). Its processes hold the
+    credentials of ``s3`` (moto's S3 server), as a cluster's nodes hold those of their bucket."""
     head = AutoscalingHead(tmp_path_factory.mktemp("autoscaling"), {"cpu": {"resources": {"CPU": 1}, "max_workers": 3}})
-    head.start()
+    head.start(env=s3.env)
     yield head
     head.stop()
 
@@ -92,33 +102,38 @@ class TestAutoscaling:
         assert autoscaling.worker_nodes() == 0  # nothing was asked of the autoscaler
 
     @pytest.mark.timeout(900)
-    def test_a_sweep_grows_an_autoscaling_cluster_and_gets_a_replacement_for_a_lost_node(
-        self, autoscaling, tracking, tmp_path
+    def test_a_sweep_on_object_storage_grows_an_autoscaling_cluster_and_gets_a_replacement_for_a_lost_node(
+        self, autoscaling, tracking, s3
     ) -> None:
         """The head can run nothing (0 CPUs): the sweep's trials (one at a time, each a fit of one 1-CPU
         worker with ``base.scaling.max_failures=1``) wait for the autoscaler, which starts worker nodes for
-        them (a trial's Tune actor and its worker cannot share a 1-CPU node). No spare node: the node of the
-        first trial's worker dies (its raylet killed) after its first checkpoint, so its restart waits for
-        the autoscaler to launch a replacement; the trial then finishes from that checkpoint (one FINISHED
-        run, every epoch once, two starts), the second trial runs, the champion is registered once, and the
-        autoscaler removes the nodes once idle."""
+        them (a trial's Tune actor and its worker cannot share a 1-CPU node). The sweep's state, its trials'
+        run folders and checkpoints live on S3 (as on a cluster whose nodes share no disk but the bucket). No
+        spare node: the node of the first trial's worker dies (its raylet killed) after its first checkpoint,
+        so its restart waits for the autoscaler to launch a replacement; the trial then finishes from that
+        checkpoint on the bucket (one FINISHED run, every epoch once, two starts), the second trial runs, the
+        best trial's model is registered from the bucket as the champion, once, and the autoscaler removes
+        the nodes once idle. (A plain fit takes the same path: a trial is a ``TorchTrainer`` fit with
+        montage's failure config and resume; test_faults kills the workers of a 2-worker fit.)"""
         import threading
 
         from cluster_helpers import kill_node, raylet_of_train_worker
 
         assert autoscaling.worker_nodes() == 0
         seen = _nodes_seen(autoscaling)
+        bucket = s3.bucket("grow")
         # FIFO: a trial ASHA stops keeps its node up for 180 s more (below)
         sweep = [
             "tune", str(ROOT / "tune_configs" / "segmentation-tiny.yaml"), *TINY, "base.train.epochs=4",
             "base.scaling.max_failures=1", "resources.cpus_per_worker=1", "num_samples=2", "max_concurrent=1",
-            "scheduler.name=none", f"storage={tmp_path / 'tune'}", "name=grow",
+            "scheduler.name=none", f"storage=s3://{bucket}/sweeps", f"storage_endpoint={s3.url}", "name=grow",
         ]  # fmt: skip
         out: dict = {}
         job = threading.Thread(target=lambda: out.update(rc=submit(autoscaling, tracking.uri, *sweep)))
         job.start()
-        trials = tmp_path / "tune" / "grow" / "trials"
-        wait_until(lambda: any(trials.glob("trial_*/checkpoint_*")), 600, "the first trial's first checkpoint")
+        wait_until(
+            lambda: any("/checkpoint_" in k for k in s3.keys(bucket, "sweeps/grow/")), 600, "the first checkpoint"
+        )
         raylet = wait_until(
             lambda: raylet_of_train_worker(autoscaling.gcs), 60, "the raylet of the training's worker node"
         )
@@ -143,6 +158,8 @@ class TestAutoscaling:
         assert sorted(r.data.tags["montage.starts"] for r in trial_runs) == ["1", "2"], ended  # one restart
         for run in trial_runs:
             assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2, 3, 4]
+            assert run.data.tags["montage.run_dir"].startswith(f"s3://{bucket}/sweeps/grow/")  # its folder: the bucket
+        assert versions[0].run_id in {r.info.run_id for r in trial_runs}  # registered from a trial's checkpoint
         # the idle timeout is 6 s, but a node stays while anything asks for it: Ray Train asks the autoscaler
         # for each trial's workers and withdraws the request when the trial's controller shuts down; a trial
         # that ASHA stops is ended with its controller, and its request stands until it expires (180 s)
@@ -164,15 +181,6 @@ def cluster(tmp_path_factory):
     yield c
     ray.shutdown()
     c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from cluster_helpers import S3Endpoint
-
-    endpoint = S3Endpoint()
-    yield endpoint
-    endpoint.stop()
 
 
 def test_a_local_tracking_store_is_refused_on_a_cluster_of_several_nodes(cluster, tiny_config, monkeypatch, tmp_path):
@@ -197,49 +205,6 @@ def test_a_local_tracking_store_is_refused_on_a_cluster_of_several_nodes(cluster
         run_sweep(tcfg, base, params)
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "runs" / "refused").exists()
     assert not (tmp_path / "tune" / "refused").exists()
-
-
-def test_a_sweep_on_object_storage_survives_a_lost_node(cluster, tracking, s3, monkeypatch) -> None:
-    """A one-trial sweep (2 DDP workers, base.scaling.max_failures=1) whose trial, checkpoints and sweep
-    state live on S3 (the nodes share no storage but the bucket): the node of a worker is removed after
-    the first checkpoint; the trial's fit restarts once from that checkpoint on the spare node, its MLflow
-    run gets epochs 1–4 each once, the sweep finishes, and its model is registered from the bucket.
-    (A plain fit takes the same path: a trial is a ``TorchTrainer`` fit with montage's failure config and
-    resume; test_faults kills workers of a plain fit on one node, the autoscaling test a trial's node.)"""
-    import threading
-
-    from montage.launch.tune import load_tune_config, run_sweep
-
-    for k, v in s3.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.uri)
-    bucket = s3.bucket("lost-trial")
-    tcfg, base, params = load_tune_config(
-        ROOT / "tune_configs" / "segmentation-tiny.yaml",
-        [*TINY, "base.train.epochs=4", "num_samples=1", "scheduler.name=none", "resources.workers=2",
-         "base.scaling.max_failures=1", f"storage=s3://{bucket}/sweeps", f"storage_endpoint={s3.url}", "name=lost"],
-    )  # fmt: skip
-    out: dict = {}
-    sweep = threading.Thread(target=lambda: out.update(result=run_sweep(tcfg, base, params)))
-    started = time.time()
-    sweep.start()
-    wait_until(lambda: any("/checkpoint_" in k for k in s3.keys(bucket, "sweeps/lost/")), 300, "the first checkpoint")
-    remove_train_node(cluster)
-    sweep.join(timeout=600)
-    result = out["result"]
-    assert not result.errors, result.errors
-    (trial,) = result.table
-    assert trial.status == "finished" and trial.epochs == 4
-    client = mlflow.MlflowClient(tracking.uri)
-    assert sorted(int(m.step) for m in client.get_metric_history(trial.mlflow_run_id, "epoch")) == [1, 2, 3, 4]
-    run = client.get_run(trial.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["montage.starts"] == "2"  # started, restarted once
-    # registered from the bucket (the module's server also holds the autoscaling sweep's champion, which the
-    # alias stays on unless this model beats it)
-    assert result.registered is not None
-    assert client.get_model_version("montage-segmentation", result.registered.version).run_id == trial.mlflow_run_id
-    print(f"lost node: sweep of one 4-epoch trial finished in {time.time() - started:.0f} s")
-    add_worker_node(cluster)
 
 
 def test_serve_replicas_on_worker_nodes_survive_a_lost_node(cluster, tmp_path) -> None:
