@@ -85,9 +85,10 @@ def _runs(uri: str) -> int:
     return len(mlflow.search_runs(experiment_names=["montage-segmentation"]))
 
 
-def test_montage_submit_and_plain_ray_job_submit_run_tuning_jobs(head) -> None:
-    """Both ways in at once on the same head (each a one-trial sweep): ``ray job submit`` in the
-    background while ``montage submit`` runs here."""
+def test_montage_submit_and_plain_ray_job_submit_run_jobs(head) -> None:
+    """Both ways in at once on the same head, each uploading this working dir: ``ray job submit`` of a
+    one-trial sweep in the background while ``montage submit`` runs a training here (``montage submit
+    tune`` is test_multinode's, on an autoscaling cluster)."""
     uri_a, uri_b = (mlflow_store(head["tmp"], name) for name in ("a.db", "b.db"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     plain = subprocess.Popen(
@@ -120,10 +121,15 @@ def test_montage_submit_and_plain_ray_job_submit_run_tuning_jobs(head) -> None:
             rc = main(
                 [
                     "submit",
-                    "tune",
-                    "tune_configs/segmentation-tiny.yaml",
-                    *TINY,
-                    f"storage={head['tmp'] / 'tune_a'}",
+                    "train",
+                    "segmentation",
+                    "--config",
+                    "segmentation-smoke",
+                    "train.epochs=1",
+                    "train.max_steps=2",
+                    "scaling.workers=1",
+                    f"run.storage={head['tmp'] / 'runs'}",
+                    "run.name=submitted",
                     "--address",
                     head["address"],
                     "--tracking-uri",
@@ -142,7 +148,8 @@ def test_montage_submit_and_plain_ray_job_submit_run_tuning_jobs(head) -> None:
         if plain.poll() is None:
             plain.kill()
     assert rc == 0
-    assert _runs(uri_a) == 2  # the sweep's parent run and its one trial
+    assert _runs(uri_a) == 1  # the training's run
+    assert any((head["tmp"] / "runs" / "submitted").glob("checkpoint_*"))
     assert plain.returncode == 0, out[-3000:]
     assert "succeeded" in out
     assert _runs(uri_b) == 2
