@@ -192,72 +192,27 @@ def test_reload_on_champion_serves_the_promoted_version(server) -> None:
     run(load_serve_config(None, server["overrides"]))  # back to the module's checkpoints
 
 
-def test_onnx_runtime_answers_the_same_endpoint(server) -> None:
-    """``segmentation.runtime=onnx`` on a registered ONNX variant (``montage export``): the same
-    HTTP API, the answers of the PyTorch model it was exported from."""
-    from montage.serve.app import load_serve_config, run
-    from montage.tracking import registry as reg
-    from montage.tracking.runs import create_run
-    from montage.tracking.variants import export_model
-
-    tmp = server["tmp"]
-    uri, base = _registry(tmp, "onnx-registry")
-    ckpt = server["ckpts"]["segmentation"]
-    reg.register_checkpoint(base, ckpt, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
-    variant = export_model(
-        "segmentation", "models:/montage-segmentation/1", tmp / "seg.onnx", dynamic_batch=True, tracking_uri=uri
-    )
-    image = _img(40, 56, seed=9)
-
-    def alpha() -> np.ndarray:
-        r = http.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60)
-        assert r.status_code == 200
-        return _decode(r.content)[..., 3].astype(int)
-
-    torch_alpha = alpha()  # the module's server runs this checkpoint in PyTorch
-    run(
-        load_serve_config(
-            None,
-            server["overrides"]
-            + [
-                f"segmentation.source=models:/montage-segmentation/{variant.version}",
-                "segmentation.runtime=onnx",
-                f"tracking_uri={uri}",
-            ],
-        )
-    )
-    try:
-        assert "onnx" in http.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
-        assert np.abs(alpha() - torch_alpha).max() <= 1
-        with ThreadPoolExecutor(8) as pool:  # batched by @serve.batch through ONNX Runtime
-            codes = list(
-                pool.map(
-                    lambda _: (
-                        http.post(f"{server['url']}/v1/segment", files={"image": _png(image)}, timeout=60).status_code
-                    ),
-                    range(8),
-                )
-            )
-        assert codes == [200] * 8
-    finally:
-        run(load_serve_config(None, server["overrides"]))
-
-
-def test_openvino_variant_answers_the_same_endpoint(server) -> None:
-    """A registered OpenVINO variant (``montage optimize --method openvino``) as the source, no runtime
-    named: its ``montage.runtime`` tag makes the replica run the IR in OpenVINO; the same HTTP API, the
-    answers of the PyTorch model it was made from, batched requests included."""
+def test_onnx_and_openvino_variants_answer_the_same_endpoint(server) -> None:
+    """Registered variants of the module's segmentation checkpoint, one reload after the other: an ONNX
+    variant (``montage export``) with ``segmentation.runtime=onnx``, then an OpenVINO variant (``montage
+    optimize --method openvino``) with no runtime named, whose ``montage.runtime`` tag makes the replica run
+    the IR in OpenVINO. Each: the same HTTP API, the answers of the PyTorch model it was made from, batched
+    requests (``@serve.batch`` through the variant's dynamic batch dimension) included."""
     from montage.serve.app import load_serve_config, run
     from montage.serve.rollout import HEADER
     from montage.tracking import registry as reg
     from montage.tracking.ov_variant import openvino_model
     from montage.tracking.runs import create_run
+    from montage.tracking.variants import export_model
 
     tmp = server["tmp"]
-    uri, base = _registry(tmp, "openvino-registry")
+    uri, base = _registry(tmp, "variants-registry")
     ckpt = server["ckpts"]["segmentation"]
     reg.register_checkpoint(base, ckpt, create_run(base), "val/iou", "max", 0.5, "manual", {}, "better")
-    variant = openvino_model(
+    onnx = export_model(
+        "segmentation", "models:/montage-segmentation/1", tmp / "seg.onnx", dynamic_batch=True, tracking_uri=uri
+    )
+    ov = openvino_model(
         "segmentation", "models:/montage-segmentation/1", tmp / "seg-openvino.xml", samples=2, tracking_uri=uri
     )
     image = _img(40, 56, seed=9)
@@ -267,18 +222,29 @@ def test_openvino_variant_answers_the_same_endpoint(server) -> None:
         assert r.status_code == 200
         return r
 
-    torch_alpha = _decode(segment().content)[..., 3].astype(int)  # the module's server runs the checkpoint in PyTorch
-    source = f"models:/montage-segmentation/{variant.version}"
-    run(load_serve_config(None, server["overrides"] + [f"segmentation.source={source}", f"tracking_uri={uri}"]))
+    def alpha(content: bytes) -> np.ndarray:
+        return _decode(content)[..., 3].astype(int)
+
+    def batched() -> list[bytes]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda _: segment().content, range(8)))
+
+    torch_alpha = alpha(segment().content)  # the module's server runs this checkpoint in PyTorch
+    over = server["overrides"] + [f"tracking_uri={uri}"]
     try:
+        run(load_serve_config(None, over + [f"segmentation.source=models:/montage-segmentation/{onnx.version}",
+                                            "segmentation.runtime=onnx"]))  # fmt: skip
+        assert "onnx" in http.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
+        assert np.abs(alpha(segment().content) - torch_alpha).max() <= 1
+        assert all(np.abs(alpha(a) - torch_alpha).max() <= 1 for a in batched())  # through ONNX Runtime
+
+        run(load_serve_config(None, over + [f"segmentation.source=models:/montage-segmentation/{ov.version}"]))
         label = http.get(f"{server['url']}/healthz", timeout=30).json()["models"]["segmentation"]
-        assert f"v{variant.version} (openvino of models:/montage-segmentation/1)" in label
+        assert f"v{ov.version} (openvino of models:/montage-segmentation/1)" in label
         r = segment()
-        assert f"segmentation=v{variant.version}-openvino" in r.headers[HEADER]
-        assert np.abs(_decode(r.content)[..., 3].astype(int) - torch_alpha).max() <= 1
-        with ThreadPoolExecutor(8) as pool:  # batched by @serve.batch through the IR's dynamic batch dimension
-            answers = list(pool.map(lambda _: segment().content, range(8)))
-        assert all(np.abs(_decode(a)[..., 3].astype(int) - torch_alpha).max() <= 1 for a in answers)
+        assert f"segmentation=v{ov.version}-openvino" in r.headers[HEADER]
+        assert np.abs(alpha(r.content) - torch_alpha).max() <= 1
+        assert all(np.abs(alpha(a) - torch_alpha).max() <= 1 for a in batched())  # through the IR
     finally:
         run(load_serve_config(None, server["overrides"]))
 
