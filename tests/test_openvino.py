@@ -34,7 +34,7 @@ VARIANT_TAGS = (
 )
 
 
-def test_a_registered_version_becomes_a_tagged_openvino_variant(tiny_config, tmp_path: Path) -> None:
+def test_a_registered_version_becomes_a_tagged_openvino_variant_and_int8_quantizes(tiny_config, tmp_path: Path) -> None:
     from montage.platform.inference import load_predictor
     from montage.platform.ov_runtime import load_openvino_predictor
 
@@ -90,20 +90,15 @@ def test_a_registered_version_becomes_a_tagged_openvino_variant(tiny_config, tmp
     assert not list(tmp_path.glob("refused.*"))
     assert [str(v.version) for v in reg.list_versions("segmentation", uri)] == ["1", "2"]
 
-
-def test_int8_runs_the_quantized_model_in_openvino(tiny_config, tmp_path: Path) -> None:
-    ckpt = fit_local(
-        tiny_config("segmentation", "tracking.enabled=false", "train.max_steps=2", "run.name=q")
-    ).best_checkpoint
-    fp32 = openvino_model("segmentation", ckpt, tmp_path / "fp32.xml", samples=2)
-    int8 = openvino_model("segmentation", ckpt, tmp_path / "int8.xml", precision="int8", samples=4)
-    assert not fp32.version and not int8.version  # a checkpoint source is not registered unless asked
-    weights = {v: Path(m.report.path).with_suffix(".bin").stat().st_size for v, m in (("fp32", fp32), ("int8", int8))}
+    # INT8 runs the quantized model, from the checkpoint file: not registered unless asked
+    int8 = openvino_model("segmentation", fit.best_checkpoint, tmp_path / "int8.xml", precision="int8", samples=4)
+    assert not int8.version and [str(v.version) for v in reg.list_versions("segmentation", uri)] == ["1", "2"]
+    weights = {v: Path(m.report.path).with_suffix(".bin").stat().st_size for v, m in (("fp32", made), ("int8", int8))}
     assert weights["int8"] < 0.5 * weights["fp32"], weights  # 8-bit weights in the IR
-    assert fp32.report.max_abs_diff < 1e-4 < int8.report.max_abs_diff < 0.5  # quantized, and still near
+    assert made.report.max_abs_diff < 1e-4 < int8.report.max_abs_diff < 0.5  # quantized, and still near
     assert abs(int8.measurement.delta) < 0.05 and int8.measurement.latency_ms > 0
     resolved = resolve_source(int8.report.path)  # names its checkpoint (a local one by its absolute path)
-    assert resolved.runtime == "openvino" and resolved.checkpoint == Path(ckpt).resolve()
+    assert resolved.runtime == "openvino" and resolved.checkpoint == Path(fit.best_checkpoint).resolve()
 
 
 def test_bad_openvino_requests_get_one_clear_line(tiny_config, tmp_path: Path, caplog) -> None:
