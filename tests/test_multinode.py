@@ -207,6 +207,27 @@ def test_a_local_tracking_store_is_refused_on_a_cluster_of_several_nodes(cluster
     assert not (tmp_path / "tune" / "refused").exists()
 
 
+def test_a_training_that_dies_ungracefully_gives_its_cpus_back(cluster, tiny_config, tmp_path) -> None:
+    """A training whose driver dies mid-run (as a trial Tune stops, or a killed sweep's) leaves its
+    placement group to Ray Train's ``PlacementGroupCleaner``, which asks the dashboard's State API
+    whether the controller lives: on a Ray without a dashboard it never answers, the group keeps its
+    CPUs for as long as the cluster lives, and the next sweep waits for them forever. (Every Ray montage
+    starts or joins has its dashboard, this cluster's head too; with other Rays on the machine the nodes
+    are told which dashboard is theirs.)"""
+    import ray
+    from cluster_helpers import live_placement_groups, wait_placement_groups_removed
+
+    from montage.launch.train import fit_ray
+
+    cfg = tiny_config("harmonization", "train.epochs=200", "train.max_steps=2", "run.name=dies",
+                      "tracking.enabled=false")  # fmt: skip
+    driver = ray.remote(num_cpus=0)(fit_ray).remote(cfg)  # the training's driver, in a Ray worker process
+    wait_until(lambda: any((tmp_path / "runs" / "dies").glob("checkpoint_*")), 180, "the first checkpoint")
+    assert live_placement_groups()  # its workers hold their CPUs
+    ray.cancel(driver, force=True)  # the driver's process dies; the controller it owns dies with it
+    wait_placement_groups_removed(60, "a training whose driver was killed")
+
+
 def test_serve_replicas_on_worker_nodes_survive_a_lost_node(cluster, tmp_path) -> None:
     """The Serve application with two segmentation replicas (and its ingress) on worker nodes, under a
     steady stream of requests from one client: the node of a replica is removed. Serve replaces what ran

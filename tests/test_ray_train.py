@@ -1,6 +1,6 @@
-"""Runs under Ray Train: refusals, a training whose driver dies, the trainer montage makes (kept checkpoints).
-(The 2-worker DDP runs — checkpoints, MLflow, resume, a resume with nothing left to do — are
-test_distributed's, which shares three of them between its tests.)"""
+"""Runs under Ray Train: refusals, the trainer montage makes (kept checkpoints). (The 2-worker DDP runs —
+checkpoints, MLflow, resume, a resume with nothing left to do — are test_distributed's, which shares three
+of them between its tests; a training whose driver dies is test_multinode's, on a cluster of several nodes.)"""
 
 from __future__ import annotations
 
@@ -34,22 +34,6 @@ def test_the_trainer_keeps_the_k_best_checkpoints_by_the_tasks_metric(tiny_confi
     kept = run.checkpoint_config
     assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (3, metric, order)
     assert run.failure_config.max_failures == 2 and run.name == "keep"
-
-
-def test_a_training_that_dies_ungracefully_gives_its_cpus_back(ray_session, tiny_config, tmp_path: Path) -> None:
-    """A training whose driver dies mid-run (as a trial Tune stops, or a killed sweep's) leaves its
-    placement group to Ray Train's ``PlacementGroupCleaner``, which asks the dashboard's State API
-    whether the controller lives: on a Ray without a dashboard it never answers, the group keeps its
-    CPUs for the rest of the session, and the next sweep waits for them forever."""
-    import ray
-    from cluster_helpers import live_placement_groups, wait_placement_groups_removed, wait_until
-
-    cfg = tiny_config("harmonization", "train.epochs=200", "train.max_steps=2", "run.name=dies")
-    driver = ray.remote(num_cpus=0)(fit_ray).remote(cfg)  # the training's driver, in a Ray worker process
-    wait_until(lambda: any((tmp_path / "runs" / "dies").glob("checkpoint_*")), 180, "the first checkpoint")
-    assert live_placement_groups()  # its workers hold their CPUs
-    ray.cancel(driver, force=True)  # the driver's process dies; the controller it owns dies with it
-    wait_placement_groups_removed(60, "a training whose driver was killed")
 
 
 def test_the_trainer_starts_no_ray_data_actor_without_datasets() -> None:
