@@ -7,7 +7,6 @@ process: test_resume), and resumed once more at its end reports its final epoch 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ from test_resume import RESUME, assert_resumed_like_straight
 from montage.cli.training import _summary
 from montage.launch.local import fit_local
 from montage.launch.train import fit_ray
-from montage.platform.checkpoint import load_checkpoint
+from montage.platform.checkpoint import FILENAME, load_checkpoint
 from montage.platform.sampling import ShardSampler
 
 # batch-size-independent settings: group/instance norm (batch norm sees per-worker statistics on
@@ -185,23 +184,28 @@ def test_resume_under_ray_matches_the_uninterrupted_run(ddp_runs) -> None:
     assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2]
 
 
-def test_run_resumed_at_its_end_reports_its_final_epoch(ddp_runs) -> None:
+def test_run_resumed_at_its_end_reports_its_final_epoch(ddp_runs, monkeypatch) -> None:
     """The cause of a resumed sweep's trial shown as stopped after 1 of 2 epochs: its TorchTrainer had
     checkpointed epoch 2 in the moment between Tune's SIGINT and its death, so the resumed trainer found
     nothing to do and reported nothing; Tune kept epoch 1 as the trial's last result. A run resumed at
-    its end must report its final metrics again, to whoever listens (Tune's callback, here a recorder)."""
+    its end must report its final metrics again, to whoever listens: the hook every Ray Train worker runs
+    (``RayReportHook``), here in this process on the straight run's last checkpoint, with Ray Train's
+    ``report`` recorded (nothing is left to train, so no worker group is started for it)."""
+    import shutil
+
     import ray.train
 
-    from montage.launch.train import make_trainer
+    from montage.launch.train import RayReportHook
 
-    reports = ddp_runs.tmp / "reports.jsonl"
-
-    class Recorder(ray.train.UserCallback):  # runs in the trainer's controller actor: records to a file
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            with open(reports, "a") as fh:
-                fh.write(json.dumps({"epoch": metrics[0]["epoch"], "checkpoint": checkpoint is not None}) + "\n")
-
-    # ended at its last epoch; resumed on one worker (nothing is left to train: what is checked is the report)
-    cfg = ddp_runs.config("run.name=straight", "tracking.enabled=false", "scaling.workers=1")
-    assert make_trainer(cfg, callbacks=[Recorder()]).fit().error is None
-    assert [json.loads(line) for line in reports.read_text().splitlines()] == [{"epoch": 2, "checkpoint": False}]
+    reports: list[dict] = []
+    monkeypatch.setattr(
+        ray.train, "report", lambda metrics, checkpoint=None: reports.append({**metrics, "ckpt": checkpoint})
+    )
+    run = ddp_runs.tmp / "runs" / "at-end"
+    run.mkdir()
+    # what the 2-worker run checkpointed at its end (Ray keeps each checkpoint as a folder)
+    shutil.copy(Path(ddp_runs.straight.checkpoint) / FILENAME, run / "latest.pt")
+    summary = fit_local(ddp_runs.config("tracking.enabled=false"), resume=run, extra_hooks=[RayReportHook()])
+    assert summary.metrics["epoch"] == 2
+    assert [(r["epoch"], r["ckpt"]) for r in reports] == [(2.0, None)]  # once, the final epoch, no checkpoint
+    assert reports[0]["val/iou"] == pytest.approx(ddp_runs.straight.metrics["val/iou"])
