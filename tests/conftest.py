@@ -264,7 +264,7 @@ OWN_CLUSTERS = {"test_jobs.py": 0, "test_multinode.py": 1}
 LAST = {"test_serve.py": 3, "test_serve_hardening.py": 4}
 # the modules on the shared Ray session (ray_session, serve_app): one pytest-xdist worker runs them all
 ON_SESSION = {
-    "test_data_check_ray.py", "test_distributed.py", "test_faults.py", "test_monitoring.py", "test_ray_train.py",
+    "test_data_check_ray.py", "test_distributed.py", "test_monitoring.py", "test_ray_train.py",
     "test_report.py", "test_rollout.py", "test_serve.py", "test_serve_hardening.py", "test_toolbox_ray.py",
     "test_tune.py", "test_tune_resume.py",
 }  # fmt: skip
