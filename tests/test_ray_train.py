@@ -25,8 +25,8 @@ def test_fresh_run_refuses_to_overwrite(ray_session, seg_config, tmp_path: Path)
 def test_the_trainer_keeps_the_k_best_checkpoints_by_the_tasks_metric(tiny_config, task, metric, order) -> None:
     """``scaling.keep_checkpoints=K`` and the task's monitored metric and mode become Ray Train's checkpoint
     config: the K best epochs stay on storage, plus the latest (Ray keeps it for resuming). What stays on
-    storage after a real fit is test_faults' (a killed run on S3, resumed: the 2 best by IoU and the
-    last epoch are the bucket's checkpoints, every other one deleted)."""
+    storage after a real fit is test_multinode's killed-workers test (a killed run on S3, resumed: the 2 best
+    by IoU and the last epoch are the bucket's checkpoints, every other one deleted)."""
     from montage.launch.train import make_trainer
 
     cfg = tiny_config(task, "scaling.keep_checkpoints=3", "scaling.max_failures=2", "run.name=keep")
