@@ -1,12 +1,14 @@
 """Distributed training computes what one process computes: 2 DDP workers at batch b reach
-the weights of 1 worker at batch 2b on the same samples in the same order (every task, pix2pix's
-D and G included), all ranks hold identical weights after every optimizer step, and validation
+the weights of 1 worker at batch 2b on the same samples in the same order (under Ray for segmentation
+and pix2pix, whose D and G steps take the same path; harmonization's steps are checked to split over two
+ranks in this process), all ranks hold identical weights after every optimizer step, and validation
 counts every sample exactly once (an odd-sized set: no padded duplicates); a 2-worker run checkpoints
 and logs from rank 0 only, and paused and resumed under Ray ends where the uninterrupted one does (in one
 process: test_resume), and resumed once more at its end reports its final epoch again."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,7 +53,6 @@ def _weights(path: str, task: str) -> dict[str, torch.Tensor]:
         # 3.5e-4 at lr 0.003, and 2 workers drifted 1.9e-3 from one at lr 0.01. At lr 0.001: 1.3e-7 between
         # thread counts, while a wrong split (one process at batch 4 instead of 8) is 6.1e-2 away
         pytest.param("segmentation", ["data.scales=[32,64]", "optim.lr=0.001"], id="segmentation-multiscale"),
-        ("harmonization", []),
         ("pix2pix", []),
     ],
 )
@@ -96,6 +97,61 @@ def test_two_workers_match_one_worker_at_the_global_batch(ray_session, tiny_conf
     assert one.metrics["val/samples"] == VAL and two.metrics["val/samples"] == VAL
     metric = one.best_metric
     assert two.metrics[metric] == pytest.approx(one.metrics[metric], rel=1e-4, abs=1e-6)
+
+
+class _Backward:
+    """A stepper that only backpropagates: the gradients a step would apply, to compare."""
+
+    def optimize(self, loss: torch.Tensor, name: str = "main") -> None:
+        loss.backward()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def _grads(loop, batch) -> dict[str, torch.Tensor | None]:
+    for net in loop.m.nets.values():
+        net.train()
+        net.zero_grad(set_to_none=True)
+    loop.task.train_step(loop.m, batch, _Backward())
+    params = [(f"{n}.{k}", p) for n, net in loop.m.nets.items() for k, p in net.named_parameters() if p.requires_grad]
+    return {k: None if p.grad is None else p.grad.clone() for k, p in params}
+
+
+def test_harmonization_steps_split_over_two_ranks(tiny_config) -> None:
+    """What the Ray check above proves for segmentation and pix2pix, for harmonization's own steps and with
+    the platform's DDP path left out (it is the same for every task): every parameter gets a gradient in a
+    train step (DDP, which does not search for unused parameters, needs each one reduced every step), the
+    gradient of a global batch of 8 is the mean of its two halves' (what DDP's averaging computes), and
+    the validation values of 9 samples are those of 5 and 4 summed (what the loop sums over the ranks)."""
+    from torch.utils.data import default_collate
+
+    from montage.platform.runner import WorkerEnv, build_loop
+
+    cfg = tiny_config(
+        "harmonization",
+        *EQUIVALENT["harmonization"],
+        "tracking.enabled=false",
+        "train.batch_size=8",
+        f"data.synthetic_val={VAL}",
+    )
+    loop = build_loop(cfg, WorkerEnv(device=torch.device("cpu")), [])
+    batch = next(iter(loop.train_loader))
+    whole = _grads(loop, batch)
+    assert [k for k, g in whole.items() if g is None] == []
+    halves = [_grads(loop, {k: v[i * 4 : i * 4 + 4] for k, v in batch.items()}) for i in (0, 1)]
+    for k, g in whole.items():
+        mean = (halves[0][k] + halves[1][k]) / 2
+        drift = ((g - mean).abs().max() / g.abs().max().clamp(min=1e-8)).item()
+        assert drift < 1e-4, f"{k}: the global batch's gradient is {drift:.1e} away from its halves' mean"
+
+    val = default_collate([loop.val_loader.dataset[i] for i in range(VAL)])
+    with torch.no_grad():
+        one = loop.task.eval_step(loop.m, val)
+        ranks = [loop.task.eval_step(loop.m, {k: v[a:b] for k, v in val.items()}) for a, b in ((0, 5), (5, VAL))]
+    for k, v in one.items():
+        assert v.numel() == VAL, f"val {k}: {v.numel()} values for {VAL} samples"  # one per sample
+        assert (ranks[0][k].sum() + ranks[1][k].sum()).item() == pytest.approx(v.sum().item(), rel=1e-5, abs=1e-6), k
 
 
 def test_shard_sampler_splits_each_global_batch_and_shards_validation_once() -> None:
