@@ -282,7 +282,13 @@ def test_killed_workers_restart_once_then_fail_clearly_and_resume_from_the_bucke
         monkeypatch.setenv(k, v)
     tracked = [f"tracking.uri={tracking.uri}", "tracking.experiment=montage-faults"]  # the server's own experiment
     cfg = tiny_config(
-        "segmentation", *overrides, *tracked, "scaling.workers=2", "scaling.max_failures=1", "run.name=dead"
+        "segmentation",
+        *overrides,
+        *tracked,
+        "scaling.workers=2",
+        "scaling.cpus_per_worker=1",  # on 1-CPU nodes beside a head of none: the group spans two nodes
+        "scaling.max_failures=1",
+        "run.name=dead",
     )
 
     def stored(n: int) -> bool:
