@@ -124,8 +124,6 @@ class TestAutoscaling:
         best trial's model is registered from the bucket as the champion, once, and the autoscaler removes
         the nodes once idle. (A plain fit takes the same path: a trial is a ``TorchTrainer`` fit with
         montage's failure config and resume; a 2-worker fit on the cluster below loses worker processes.)"""
-        import threading
-
         from cluster_helpers import kill_node, raylet_of_train_worker
 
         assert autoscaling.worker_nodes() == 0
@@ -317,8 +315,7 @@ def test_killed_workers_restart_once_then_fail_clearly_and_resume_from_the_bucke
     log.warning("restart: first epoch after the kill done %.1f s later", min(after) - killer.killed[0][1])
 
     capsys.readouterr()
-    args = ["train", "segmentation", "--config", "segmentation-smoke", *overrides,
-            *tracked]  # fmt: skip
+    args = ["train", "segmentation", "--config", "segmentation-smoke", *overrides, *tracked]
     # resumed on one worker (fewer than it started with, as after losing capacity), the resumed epochs at 2 steps
     # each: what is checked is where they land, not what they learn
     assert main([*args, "scaling.workers=1", "train.max_steps=2", "--resume", f"s3://{bucket}/runs/dead"]) == 0
