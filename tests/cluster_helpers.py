@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import requests
+from stores import mlflow_store
 
 BIN = Path(sys.executable).parent
 # the environment of a test head started with `ray start --head --block`: no uv runtime env, and no drain
@@ -83,7 +84,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> MlflowServer:
-        self.root.mkdir(parents=True, exist_ok=True)
+        mlflow_store(self.root, "mlflow.db")  # a new store is a copy of the process's template (no migrations)
         cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                "--artifacts-destination", self.artifacts, "--workers", "1"]  # fmt: skip
