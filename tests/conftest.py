@@ -41,6 +41,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Train starts a preemption watcher actor per fit (a process that imports Ray Train, ~1.5 s of CPU) to
 # notice nodes being drained; no test drains a node (the lost-node tests kill or remove theirs at once)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's own Prometheus metrics (controller state, workers' report times: two callbacks per fit that
+# record and push them); no test reads them (montage's monitoring is Serve's), and off a fit costs ~1.5 CPU-s less
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 # Ray runs its workers at nice 15: beside the other pytest-xdist worker's in-process training (nice 0) they
 # would get a few percent of a core, and every Ray test would wait on them
 os.environ.setdefault("RAY_worker_niceness", "0")
