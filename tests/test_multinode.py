@@ -67,8 +67,6 @@ def autoscaling(tmp_path_factory, s3):
 def _nodes_seen(head: AutoscalingHead):
     """Watch the alive worker nodes in the background; calling the result stops and returns the IDs of
     every worker node seen alive."""
-    import threading
-
     seen: set[str] = set()
     done = threading.Event()
 

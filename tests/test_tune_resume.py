@@ -81,7 +81,9 @@ def test_a_trial_that_ended_before_a_resume_counts_as_ended(ray_session, tmp_pat
     assert trials_ended(grid, before) == 1
 
 
-def _interrupt_when(proc: subprocess.Popen, trials: Path, sig: signal.Signals, old: set[str] = frozenset()) -> str:
+def _interrupt_when(
+    proc: subprocess.Popen, trials: Path, sig: signal.Signals, old: frozenset[str] = frozenset()
+) -> str:
     """Send ``sig`` to the sweep once its trial has a checkpoint not in ``old``; its output."""
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -94,8 +96,8 @@ def _interrupt_when(proc: subprocess.Popen, trials: Path, sig: signal.Signals, o
     return out
 
 
-def _checkpoints(trials: Path) -> set[str]:
-    return {p.name for d in _trial_dirs(trials) for p in d.glob("checkpoint_*")}
+def _checkpoints(trials: Path) -> frozenset[str]:
+    return frozenset(p.name for d in _trial_dirs(trials) for p in d.glob("checkpoint_*"))
 
 
 @pytest.mark.slow
